@@ -1,0 +1,74 @@
+"""Settings from arguments and the environment, and the API-key fingerprint.
+
+The key itself is never stored or logged; the fingerprint is what ties a recorded call
+to the key that may deliver it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import platformdirs
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "ENV_API_KEY",
+    "ENV_BASE_URL",
+    "ENV_DIR",
+    "key_fingerprint",
+    "resolve_api_key",
+    "resolve_base_url",
+    "resolve_dir",
+]
+
+DEFAULT_BASE_URL = "https://api.roark.ai"
+ENV_API_KEY = "ROARK_API_KEY"
+ENV_BASE_URL = "ROARK_BASE_URL"
+ENV_DIR = "PIPECAT_ROARK_DIR"
+
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def resolve_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The data directory: the argument, else ``PIPECAT_ROARK_DIR``, else the user state dir."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get(ENV_DIR)
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_state_dir("pipecat-roark", appauthor=False))
+
+
+def resolve_api_key(explicit: str | None = None) -> str | None:
+    """The argument, else ``ROARK_API_KEY``; blank counts as missing."""
+    key = explicit if explicit is not None else os.environ.get(ENV_API_KEY)
+    key = (key or "").strip()
+    return key or None
+
+
+def resolve_base_url(explicit: str | None = None) -> str:
+    """The Roark base URL; plain http is allowed only for loopback hosts."""
+    url = (explicit or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL).strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{ENV_BASE_URL}={url!r} is not an http(s) URL: set it to e.g. {DEFAULT_BASE_URL}"
+        )
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"{ENV_BASE_URL}={url!r} uses plain http to a non-loopback host: use https "
+            "(plain http is allowed only for localhost / 127.0.0.1 / ::1)"
+        )
+    return url
+
+
+def key_fingerprint(key: str | None) -> str | None:
+    """A short, non-reversible tag of the key, safe for disk and logs."""
+    if not key:
+        return None
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]

@@ -1,0 +1,147 @@
+"""The Roark wire contract as msgspec Structs.
+
+One place owns the camelCase names, the field order and which fields are omitted,
+so the observer, the drainer, the dev server and the tests cannot drift apart.
+Fields that default to ``None`` are left out of the JSON (roark-api.md: "omitted when
+not set"), never sent as ``null``.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "CallEnded",
+    "CallStarted",
+    "ChunkUploadUrl",
+    "ChunkUploadUrlRequest",
+    "ToolCallEntry",
+    "ToolEntry",
+    "ToolResultEntry",
+    "TranscriptEntry",
+    "decode_chunk_upload_url",
+    "encode",
+]
+
+PCM_CONTENT_TYPE = "audio/pcm"
+
+
+class TranscriptEntry(msgspec.Struct, rename="camel", omit_defaults=True, frozen=True):
+    """One turn of the conversation, as heard."""
+
+    role: str
+    content: str
+    timestamp: str
+    audio_offset_ms: int | None = None
+    end_timestamp: str | None = None
+    end_audio_offset_ms: int | None = None
+    user_id: str | None = None
+    language: str | None = None
+
+
+class ToolCallEntry(
+    msgspec.Struct,
+    tag_field="kind",
+    tag="tool_call",
+    rename="camel",
+    omit_defaults=True,
+    frozen=True,
+):
+    """The LLM asked for a function call; ``arguments`` is already a JSON string."""
+
+    tool_call_id: str
+    name: str
+    arguments: str
+    timestamp: str
+    audio_offset_ms: int | None = None
+
+
+class ToolResultEntry(
+    msgspec.Struct,
+    tag_field="kind",
+    tag="tool_result",
+    rename="camel",
+    omit_defaults=True,
+    frozen=True,
+):
+    """The function's result; ``content`` is a string (JSON for dicts and lists)."""
+
+    tool_call_id: str
+    content: str
+    timestamp: str
+    audio_offset_ms: int | None = None
+
+
+ToolEntry = ToolCallEntry | ToolResultEntry
+
+
+class CallStarted(
+    msgspec.Struct,
+    tag_field="event",
+    tag="call-started",
+    rename="camel",
+    omit_defaults=True,
+    frozen=True,
+):
+    pipecat_call_id: str
+    event_timestamp: str
+    agent_id: str
+    agent_name: str | None = None
+    agent_prompt: str | None = None
+
+
+class CallEnded(
+    msgspec.Struct,
+    tag_field="event",
+    tag="call-ended",
+    rename="camel",
+    omit_defaults=True,
+    frozen=True,
+):
+    pipecat_call_id: str
+    event_timestamp: str
+    call_started_at: str
+    call_ended_at: str
+    call_ended_reason: str
+    agent_spoke_first: bool | None = None
+    recording_sample_rate: int | None = None
+    recording_num_channels: int | None = None
+    transcript: list[TranscriptEntry] | None = None
+    tool_calls: list[ToolEntry] | None = None
+
+
+class ChunkUploadUrlRequest(msgspec.Struct, rename="camel", frozen=True):
+    pipecat_call_id: str
+    chunk_index: int
+    content_type: str = PCM_CONTENT_TYPE
+
+
+class ChunkUploadUrl(msgspec.Struct, rename="camel", frozen=True):
+    """Roark's answer to a chunk-upload-url request (bare or inside ``{"data": …}``)."""
+
+    upload_url: str
+    s3_key: str | None = None
+    chunk_index: int | None = None
+    expires_in_seconds: float | None = None
+    method: str = "PUT"
+    content_type: str = PCM_CONTENT_TYPE
+
+
+class _Envelope(msgspec.Struct):
+    data: ChunkUploadUrl
+
+
+def decode_chunk_upload_url(body: bytes) -> ChunkUploadUrl:
+    """Accept both the bare and the ``{"data": …}`` shapes; raise msgspec.DecodeError/ValidationError otherwise."""
+    raw = msgspec.json.decode(body)
+    if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+        return msgspec.convert(raw["data"], ChunkUploadUrl)
+    return msgspec.convert(raw, ChunkUploadUrl)
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(payload: msgspec.Struct) -> bytes:
+    """Compact JSON bytes of a wire Struct."""
+    return _encoder.encode(payload)
