@@ -34,29 +34,29 @@ class _Base(msgspec.Struct, tag_field="k", omit_defaults=True, frozen=True):
     """Wall-clock microseconds since the Unix epoch (UTC)."""
 
 
-class CallOpened(_Base, tag="open"):
+class CallOpened(_Base, tag="open", frozen=True):
     agent_id: str
     agent_name: str | None = None
     agent_prompt: str | None = None
 
 
-class UserSpeech(_Base, tag="us"):
+class UserSpeech(_Base, tag="us", frozen=True):
     """UserStartedSpeakingFrame (started=True) / UserStoppedSpeakingFrame."""
 
     started: bool
 
 
-class BotSpeech(_Base, tag="bs"):
+class BotSpeech(_Base, tag="bs", frozen=True):
     """BotStartedSpeakingFrame (started=True) / BotStoppedSpeakingFrame."""
 
     started: bool
 
 
-class Interruption(_Base, tag="int"):
+class Interruption(_Base, tag="int", frozen=True):
     """An InterruptionFrame: the bot's turn in progress was cut here."""
 
 
-class UserText(_Base, tag="ut"):
+class UserText(_Base, tag="ut", frozen=True):
     """A final TranscriptionFrame."""
 
     text: str
@@ -64,7 +64,7 @@ class UserText(_Base, tag="ut"):
     language: str | None = None
 
 
-class BotText(_Base, tag="bt"):
+class BotText(_Base, tag="bt", frozen=True):
     """Assistant text.
 
     ``source`` is ``"tts"`` for TTSTextFrame and ``"llm"`` for LLMTextFrame (used only
@@ -79,24 +79,24 @@ class BotText(_Base, tag="bt"):
     played: bool = False
 
 
-class ToolCall(_Base, tag="tc"):
+class ToolCall(_Base, tag="tc", frozen=True):
     tool_call_id: str
     name: str
     arguments: str
     """Already a JSON string (dicts compact-encoded, strings verbatim, None → "{}")."""
 
 
-class ToolResult(_Base, tag="tr"):
+class ToolResult(_Base, tag="tr", frozen=True):
     tool_call_id: str
     name: str
     content: str
 
 
-class RecordingStarted(_Base, tag="rec"):
+class RecordingStarted(_Base, tag="rec", frozen=True):
     """Wall time of the recording's sample 0 (first audio frame the buffer processor took)."""
 
 
-class ChunkRecorded(_Base, tag="chunk"):
+class ChunkRecorded(_Base, tag="chunk", frozen=True):
     """A recording chunk is durable on disk (written in the same transaction as its row)."""
 
     index: int
@@ -105,7 +105,7 @@ class ChunkRecorded(_Base, tag="chunk"):
     num_channels: int
 
 
-class CallClosed(_Base, tag="end"):
+class CallClosed(_Base, tag="end", frozen=True):
     """The call ended (End/Cancel/Stop frame, aflush, or finalization of an orphan)."""
 
     reason: str

@@ -1,0 +1,74 @@
+"""Turning Pipecat frame fields into clean event values.
+
+Frames come from third-party services: text may be huge, not a string, or hold lone
+surrogates that no encoder accepts; tool arguments may not be JSON-serialisable. Each
+helper returns something storable instead of raising.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+__all__ = ["MAX_TEXT_CHARS", "arguments_json", "clean_text", "resolve_call_id", "result_text"]
+
+MAX_TEXT_CHARS = 100_000
+"""Longer text is cut (with a trailing "…"): no spoken turn is that long, a runaway one is a bug."""
+
+
+def clean_text(raw: Any) -> str:
+    """A str that UTF-8 can encode, at most MAX_TEXT_CHARS long."""
+    value: str = raw if isinstance(raw, str) else ("" if raw is None else str(raw))
+    if len(value) > MAX_TEXT_CHARS:
+        value = value[: MAX_TEXT_CHARS - 1] + "…"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def arguments_json(value: Any) -> str:
+    """Tool-call arguments as Roark wants them: JSON text; strings verbatim, None → "{}"."""
+    if value is None:
+        return "{}"
+    if isinstance(value, str):
+        return clean_text(value)
+    try:
+        return clean_text(_compact(value))
+    except (TypeError, ValueError):
+        return clean_text(repr(value))
+
+
+def result_text(value: Any) -> str:
+    """Tool results: strings verbatim, dicts/lists compact JSON, other scalars str(), None → ""."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, (dict, list, tuple)):
+        try:
+            return clean_text(_compact(value))
+        except (TypeError, ValueError):
+            return clean_text(repr(value))
+    return clean_text(value)
+
+
+def resolve_call_id(explicit: str | None, runner_args: Any) -> str:
+    """``pipecat_call_id``, else SmallWebRTC's ``pc_id``, else Pipecat Cloud's ``session_id``, else a UUID."""
+    if explicit:
+        return str(explicit)
+    if runner_args is not None:
+        connection = getattr(runner_args, "webrtc_connection", None)
+        pc_id = getattr(connection, "pc_id", None)
+        if pc_id:
+            return str(pc_id)
+        session_id = getattr(runner_args, "session_id", None)
+        if session_id:
+            return str(session_id)
+    return str(uuid.uuid4())

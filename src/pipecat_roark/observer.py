@@ -1,0 +1,652 @@
+"""RoarkObserver: records one Pipecat call into the local WAL.
+
+The observer never talks to the network and never awaits disk on the frame path:
+``on_push_frame`` looks the frame's class up in a per-instance table (audio exits
+first), turns the few frames that matter into small event structs and hands them to
+the process's writer thread. Pipecat drops whatever is still queued for an observer
+at teardown, so being cheap here is what makes the end of the call arrive at all.
+
+The default ``audio_processor`` does the time-critical parts inline, in the pipeline
+itself: it arms recording on the StartFrame, notes the recording's sample 0, and sees
+End/Cancel/Stop frames even when the observer lags or was never attached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from pipecat.frames.frames import (
+    AudioRawFrame,
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    CancelFrame,
+    EndFrame,
+    Frame,
+    FunctionCallInProgressFrame,
+    FunctionCallResultFrame,
+    InputAudioRawFrame,
+    InterimTranscriptionFrame,
+    InterruptionFrame,
+    LLMTextFrame,
+    OutputAudioRawFrame,
+    StartFrame,
+    StopFrame,
+    TranscriptionFrame,
+    TTSTextFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.transports.base_output import BaseOutputTransport
+
+from . import config
+from .capture import arguments_json, clean_text, resolve_call_id, result_text
+from .errors import PipecatRoarkError
+from .events import (
+    BotSpeech,
+    BotText,
+    CallClosed,
+    CallOpened,
+    Event,
+    Interruption,
+    RecordingStarted,
+    ToolCall,
+    ToolResult,
+    UserSpeech,
+    UserText,
+)
+from .writer import (
+    DEFAULT_MAX_SPOOL_BYTES,
+    OP_CHUNK,
+    OP_EVENT,
+    OP_FINALIZE,
+    OP_OPEN,
+    Writer,
+    writer_for,
+)
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "RoarkAudioBufferProcessor", "RoarkObserver"]
+
+DEFAULT_CHUNK_BYTES = 256 * 1024
+"""Bytes of one stereo recording chunk (AudioBufferProcessor counts one mono track)."""
+
+TAIL_WAIT_S = 2.0
+"""How long the end of a call waits for the recording's last chunk handler."""
+
+FLUSH_WAIT_S = 5.0
+"""How long the end of a call waits for its records to be committed."""
+
+NOT_ATTACHED_CHECK_S = 5.0
+
+_missing_key_warned = False
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _reason(frame: Frame, default: str) -> str:
+    reason = getattr(frame, "reason", None)
+    if reason is None or reason == "":
+        return default
+    return clean_text(reason)
+
+
+Handler = Callable[[FramePushed, Any], None]
+
+
+class RoarkAudioBufferProcessor(AudioBufferProcessor):
+    """An AudioBufferProcessor that arms itself on the StartFrame and reports to its observer.
+
+    Observer callbacks lag behind the pipeline, so recording is armed here, inline,
+    before the first greeting audio can pass; and it is never re-armed (that would
+    wipe the buffer).
+    """
+
+    def __init__(self, owner: RoarkObserver, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._roark = owner
+        self._awaiting_sample_zero = True
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        roark = self._roark
+        if isinstance(frame, StartFrame):
+            roark._guard(roark._processor_saw_start)
+        elif isinstance(frame, (EndFrame, CancelFrame, StopFrame)):
+            roark._guard(roark._terminal_frame, frame)
+        elif (
+            self._awaiting_sample_zero
+            and self._recording
+            and isinstance(frame, (InputAudioRawFrame, OutputAudioRawFrame))
+            and frame.audio
+        ):
+            self._awaiting_sample_zero = False
+            roark._guard(roark._recording_started)
+        await super().process_frame(frame, direction)
+        if isinstance(frame, StartFrame) and not self._recording:
+            await self.start_recording()
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        await self._roark._processor_cleanup()
+
+
+class RoarkObserver(BaseObserver):
+    """Records a Pipecat call (lifecycle, transcript, tool calls, stereo audio) durably.
+
+    Create one per call and pass it to ``PipelineWorker(pipeline, observers=[roark])``
+    (or ``PipelineTask(..., observers=[roark])``), and put ``roark.audio_processor``
+    in the pipeline after ``transport.output()``. Nothing here raises into the
+    pipeline: every failure is logged once and the call goes on.
+
+    Args:
+        api_key: Roark API key; falls back to ``ROARK_API_KEY``. Without one the call
+            is still recorded, and a later ``pipecat-roark drain`` with a key delivers it.
+        agent_id: Your stable identifier for the agent (Roark registers it on first sight).
+        agent_name: Human-readable agent name.
+        agent_prompt: The system prompt, stored by Roark as the agent's prompt revision.
+        audio_buffer_processor: Your own AudioBufferProcessor to take the recording
+            from (you arm it). By default the observer makes a stereo one that arms itself.
+        pipecat_call_id: The call's id; by default derived from ``runner_args``, else a UUID.
+        runner_args: Pipecat runner arguments (SmallWebRTC ``pc_id``, Pipecat Cloud ``session_id``).
+        data_dir: Where the WAL lives; falls back to ``PIPECAT_ROARK_DIR``, then the user state dir.
+        base_url: Roark base URL; falls back to ``ROARK_BASE_URL``, then https://api.roark.ai.
+        deliver: Start this process's background drainer (default True).
+        chunk_bytes: Size of one stereo recording chunk of the default audio processor.
+        max_spool_bytes: Cap on undelivered audio on disk; past it new audio is not
+            recorded (events still are), with a loud warning.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        agent_id: str,
+        agent_name: str | None = None,
+        agent_prompt: str | None = None,
+        audio_buffer_processor: AudioBufferProcessor | None = None,
+        pipecat_call_id: str | None = None,
+        runner_args: Any = None,
+        data_dir: str | Path | None = None,
+        base_url: str | None = None,
+        deliver: bool = True,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
+    ) -> None:
+        super().__init__()
+        self._call_id = resolve_call_id(pipecat_call_id, runner_args)
+        self._agent_id = clean_text(agent_id)
+        self._agent_name = None if agent_name is None else clean_text(agent_name)
+        self._agent_prompt = None if agent_prompt is None else clean_text(agent_prompt)
+        self._api_key = config.resolve_api_key(api_key)
+        self._key_fp = config.key_fingerprint(self._api_key)
+        self._directory = config.resolve_dir(data_dir)
+        self._base_url = base_url
+        self._deliver = deliver
+        self._writer: Writer | None = None
+        try:
+            self._writer = writer_for(self._directory, max_spool_bytes=max_spool_bytes)
+        except PipecatRoarkError as exc:
+            logger.error(f"{self}: call {self._call_id} will not be recorded: {exc}")
+        self._warn_if_no_key()
+
+        if audio_buffer_processor is None:
+            num_channels = 2
+            self._audio_processor: AudioBufferProcessor = RoarkAudioBufferProcessor(
+                self, num_channels=num_channels, buffer_size=max(2, chunk_bytes // num_channels)
+            )
+            self._own_processor = True
+        else:
+            self._audio_processor = audio_buffer_processor
+            self._own_processor = False
+        self._audio_processor.add_event_handler("on_audio_data", self._on_audio_data)
+
+        # Call state, touched only from the event loop.
+        self._opened = False
+        self._attached = False
+        self._closed: tuple[int, str] | None = None
+        self._finalized = False
+        self._finish_task: asyncio.Task[None] | None = None
+        self._next_chunk = 0
+        # With a processor of the user's, sample 0 is seen from here (ours reports it inline).
+        self._sample_zero_pending = not self._own_processor
+        self._sample_zero_recorded = False
+        self._user_speaking = False
+        self._bot_speaking = False
+        self._saw_text = False
+        self._tool_calls_seen: set[str] = set()
+        self._tool_results_seen: set[str] = set()
+        self._recent_ids: deque[int] = deque(maxlen=256)
+        self._played_ids: deque[int] = deque(maxlen=256)
+        self._seen_ids: set[int] = set()
+        self._seen_order: deque[int] = deque()
+        self._hook_errors: set[str] = set()
+        self._not_attached_warned = False
+        self._dispatch: dict[type, Handler | None] = {}
+        self._rules: list[tuple[type | tuple[type, ...], Handler | None]] = [
+            (AudioRawFrame, self._on_audio if self._sample_zero_pending else None),
+            (StartFrame, self._on_start),
+            ((EndFrame, CancelFrame, StopFrame), self._on_terminal),
+            (InterimTranscriptionFrame, None),
+            (TranscriptionFrame, self._on_transcription),
+            (TTSTextFrame, self._on_tts_text),
+            (LLMTextFrame, self._on_llm_text),
+            ((UserStartedSpeakingFrame, UserStoppedSpeakingFrame), self._on_user_speech),
+            ((BotStartedSpeakingFrame, BotStoppedSpeakingFrame), self._on_bot_speech),
+            (InterruptionFrame, self._on_interruption),
+            (FunctionCallInProgressFrame, self._on_tool_call),
+            (FunctionCallResultFrame, self._on_tool_result),
+        ]
+
+    # ---- public API ----
+
+    @property
+    def pipecat_call_id(self) -> str:
+        return self._call_id
+
+    @property
+    def audio_processor(self) -> AudioBufferProcessor:
+        """Put this in the pipeline after ``transport.output()`` to record both sides."""
+        return self._audio_processor
+
+    @property
+    def data_dir(self) -> Path:
+        return self._directory
+
+    async def aflush(self, reason: str = "client-disconnected") -> None:
+        """End the call now (e.g. on client disconnect) and make it durable. Idempotent.
+
+        Flushes the recording's tail, records the end with ``reason`` (unless the call
+        already ended) and waits, bounded, until the WAL holds it. Never raises.
+        """
+        try:
+            self._close(_now_us(), clean_text(reason))
+            processor = self._audio_processor
+            if getattr(processor, "_recording", False):
+                await processor.stop_recording()
+            await self._finish("unknown")
+        except Exception as exc:
+            self._hook_failed("aflush", exc)
+
+    # ---- BaseObserver hooks (each wrapped: an exception would silence us for good) ----
+
+    async def on_push_frame(self, data: FramePushed) -> None:
+        try:
+            frame = data.frame
+            cls = frame.__class__
+            handler = self._dispatch.get(cls, _UNSEEN)
+            if handler is None:
+                return
+            if handler is _UNSEEN:
+                handler = self._resolve(cls)
+                if handler is None:
+                    return
+            handler(data, frame)
+        except Exception as exc:
+            self._hook_failed("on_push_frame", exc)
+
+    async def on_pipeline_started(self) -> None:
+        try:
+            self._attached = True
+            self._open(_now_us())
+        except Exception as exc:
+            self._hook_failed("on_pipeline_started", exc)
+
+    async def cleanup(self) -> None:
+        try:
+            await super().cleanup()
+        except Exception as exc:
+            self._hook_failed("cleanup", exc)
+        try:
+            await self._finish("unknown")
+        except Exception as exc:
+            self._hook_failed("cleanup", exc)
+
+    # ---- frame handlers (event loop; must stay cheap) ----
+
+    def _resolve(self, cls: type) -> Handler | None:
+        self._attached = True
+        handler: Handler | None = None
+        for types, candidate in self._rules:
+            if issubclass(cls, types):
+                handler = candidate
+                break
+        self._dispatch[cls] = handler
+        return handler
+
+    def _first(self, data: FramePushed, frame: Frame) -> bool:
+        first = getattr(data, "first_push", None)
+        if first is not None:
+            return bool(first)
+        # Pipecat 0.0.x has no first_push: remember recent ids ourselves (bounded).
+        frame_id = frame.id
+        if frame_id in self._seen_ids:
+            return False
+        self._seen_ids.add(frame_id)
+        self._seen_order.append(frame_id)
+        if len(self._seen_order) > 4096:
+            self._seen_ids.discard(self._seen_order.popleft())
+        return True
+
+    def _emit(self, event: Event) -> None:
+        if self._writer is not None and self._opened and not self._finalized:
+            self._writer.submit((OP_EVENT, self._call_id, event))
+
+    def _on_audio(self, data: FramePushed, frame: Frame) -> None:
+        processor = self._audio_processor
+        if (
+            data.destination is processor
+            and getattr(processor, "_recording", True)
+            and getattr(frame, "audio", b"")
+        ):
+            self._recording_started()
+
+    def _on_start(self, data: FramePushed, frame: Frame) -> None:
+        self._open(_now_us())
+
+    def _on_terminal(self, data: FramePushed, frame: Frame) -> None:
+        self._terminal_frame(frame)
+
+    def _on_transcription(self, data: FramePushed, frame: Frame) -> None:
+        if not self._first(data, frame):
+            return
+        text = clean_text(getattr(frame, "text", ""))
+        if not text.strip():
+            return
+        self._saw_text = True
+        language = getattr(frame, "language", None)
+        self._emit(
+            UserText(
+                at=_now_us(),
+                text=text,
+                user_id=clean_text(getattr(frame, "user_id", "")) or None,
+                language=None
+                if language is None
+                else clean_text(getattr(language, "value", language)),
+            )
+        )
+
+    def _on_tts_text(self, data: FramePushed, frame: Frame) -> None:
+        played = isinstance(data.source, BaseOutputTransport) and (
+            data.direction == FrameDirection.DOWNSTREAM
+        )
+        first = self._first(data, frame)
+        if played:
+            if frame.id in self._played_ids:
+                return
+            self._played_ids.append(frame.id)
+        elif not first:
+            return
+        text = clean_text(getattr(frame, "text", ""))
+        if not text:
+            return
+        self._saw_text = True
+        self._emit(
+            BotText(
+                at=_now_us(),
+                text=text,
+                spaced=bool(getattr(frame, "includes_inter_frame_spaces", False)),
+                source="tts",
+                played=played,
+            )
+        )
+
+    def _on_llm_text(self, data: FramePushed, frame: Frame) -> None:
+        if not self._first(data, frame):
+            return
+        text = clean_text(getattr(frame, "text", ""))
+        if text:
+            self._emit(
+                BotText(
+                    at=_now_us(),
+                    text=text,
+                    spaced=bool(getattr(frame, "includes_inter_frame_spaces", True)),
+                    source="llm",
+                )
+            )
+
+    def _on_user_speech(self, data: FramePushed, frame: Frame) -> None:
+        # Edge-triggered: broadcast copies and repeats from several processors collapse.
+        started = isinstance(frame, UserStartedSpeakingFrame)
+        if started == self._user_speaking:
+            return
+        self._user_speaking = started
+        self._emit(UserSpeech(at=_now_us(), started=started))
+
+    def _on_bot_speech(self, data: FramePushed, frame: Frame) -> None:
+        started = isinstance(frame, BotStartedSpeakingFrame)
+        if started == self._bot_speaking:
+            return
+        self._bot_speaking = started
+        self._emit(BotSpeech(at=_now_us(), started=started))
+
+    def _on_interruption(self, data: FramePushed, frame: Frame) -> None:
+        if not self._first(data, frame):
+            return
+        sibling = getattr(frame, "broadcast_sibling_id", None)
+        if sibling is not None and sibling in self._recent_ids:
+            return
+        self._recent_ids.append(frame.id)
+        self._emit(Interruption(at=_now_us()))
+
+    def _on_tool_call(self, data: FramePushed, frame: Frame) -> None:
+        tool_call_id = clean_text(getattr(frame, "tool_call_id", ""))
+        if tool_call_id in self._tool_calls_seen:
+            return
+        self._tool_calls_seen.add(tool_call_id)
+        self._emit(
+            ToolCall(
+                at=_now_us(),
+                tool_call_id=tool_call_id,
+                name=clean_text(getattr(frame, "function_name", "")),
+                arguments=arguments_json(getattr(frame, "arguments", None)),
+            )
+        )
+
+    def _on_tool_result(self, data: FramePushed, frame: Frame) -> None:
+        tool_call_id = clean_text(getattr(frame, "tool_call_id", ""))
+        if tool_call_id in self._tool_results_seen:
+            return
+        self._tool_results_seen.add(tool_call_id)
+        result = getattr(frame, "result", None)
+        if result is None and getattr(frame, "error", None):
+            result = frame.error  # type: ignore[attr-defined]
+        self._emit(
+            ToolResult(
+                at=_now_us(),
+                tool_call_id=tool_call_id,
+                name=clean_text(getattr(frame, "function_name", "")),
+                content=result_text(result),
+            )
+        )
+
+    # ---- call lifecycle ----
+
+    def _open(self, at: int) -> None:
+        if self._opened or self._writer is None:
+            return
+        self._opened = True
+        opened = CallOpened(
+            at=at,
+            agent_id=self._agent_id,
+            agent_name=self._agent_name,
+            agent_prompt=self._agent_prompt,
+        )
+        self._writer.submit((OP_OPEN, self._call_id, opened, self._key_fp))
+        self._start_delivery()
+
+    def _recording_started(self) -> None:
+        if self._sample_zero_recorded:
+            return
+        self._sample_zero_recorded = True
+        self._sample_zero_pending = False
+        self._open(_now_us())
+        self._emit(RecordingStarted(at=_now_us()))
+        for cls, handler in list(self._dispatch.items()):
+            if handler == self._on_audio:
+                self._dispatch[cls] = None
+        self._rules[0] = (AudioRawFrame, None)
+
+    def _processor_saw_start(self) -> None:
+        self._open(_now_us())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.call_later(NOT_ATTACHED_CHECK_S, self._guard, self._check_attached)
+
+    def _terminal_frame(self, frame: Frame) -> None:
+        reason = "unknown" if isinstance(frame, StopFrame) else _reason(frame, "agent-ended")
+        self._open(_now_us())
+        self._close(_now_us(), reason)
+
+    def _close(self, at: int, reason: str) -> None:
+        if self._closed is not None:
+            return
+        self._closed = (at, reason)
+        if self._opened and self._writer is not None and not self._finalized:
+            self._writer.submit((OP_EVENT, self._call_id, CallClosed(at=at, reason=reason)))
+
+    async def _on_audio_data(
+        self, processor: Any, audio: bytes, sample_rate: int, num_channels: int
+    ) -> None:
+        # Runs as a Pipecat background task; it must enqueue before its first await so
+        # chunks keep the order the processor emitted them in.
+        try:
+            if not audio or self._writer is None or self._finalized:
+                return
+            self._open(_now_us())
+            index = self._next_chunk
+            self._next_chunk += 1
+            self._writer.submit(
+                (
+                    OP_CHUNK,
+                    self._call_id,
+                    index,
+                    bytes(audio),
+                    int(sample_rate),
+                    int(num_channels),
+                    _now_us(),
+                )
+            )
+        except Exception as exc:
+            self._hook_failed("on_audio_data", exc)
+
+    async def _finish(self, default_reason: str) -> None:
+        """Close, wait for the tail chunk, finalize, make durable. Safe to call repeatedly."""
+        if self._finish_task is None:
+            self._finish_task = asyncio.ensure_future(self._finish_once(default_reason))
+        # Shielded: a host cancelling its task mid-end must not cancel the finalization.
+        await asyncio.shield(self._finish_task)
+
+    async def _finish_once(self, default_reason: str) -> None:
+        if not self._opened:
+            return
+        self._close(_now_us(), default_reason)
+        try:
+            await self._wait_for_tail()
+        finally:
+            self._finalize()
+        if self._writer is not None and not await self._writer.flush(FLUSH_WAIT_S):
+            logger.warning(
+                f"{self}: call {self._call_id} was not committed within {FLUSH_WAIT_S:.0f} s; "
+                "it is still queued and will be written when the disk allows"
+            )
+
+    async def _wait_for_tail(self) -> None:
+        """Wait (bounded) for the recording's last chunk: Pipecat hands it to a background task."""
+        processor = self._audio_processor
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TAIL_WAIT_S
+        stopped_it = False
+        while loop.time() < deadline:
+            pending = [
+                task
+                for name, task in list(getattr(processor, "_event_tasks", ()))
+                if name == "on_audio_data" and not task.done()
+            ]
+            if pending:
+                await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+                continue
+            if not getattr(processor, "_recording", False):
+                return
+            if not stopped_it and loop.time() > deadline - TAIL_WAIT_S / 2:
+                # The processor will not stop by itself (e.g. StopFrame): flush its tail.
+                stopped_it = True
+                await processor.stop_recording()
+                continue
+            await asyncio.sleep(0.01)
+
+    def _finalize(self) -> None:
+        if self._finalized or not self._opened or self._writer is None:
+            return
+        self._finalized = True
+        at, reason = self._closed or (_now_us(), "unknown")
+        self._writer.submit((OP_FINALIZE, self._call_id, at, reason, False))
+        if not self._saw_text:
+            logger.warning(
+                f"{self}: call-ended with empty transcript for call {self._call_id}: no "
+                "TranscriptionFrame or TTSTextFrame was seen. Check that STT/TTS services "
+                "are in the pipeline and the observer is attached"
+            )
+
+    async def _processor_cleanup(self) -> None:
+        """The pipeline is tearing down. If we were never attached, finish the call from here."""
+        self._check_attached()
+        if not self._attached and self._opened:
+            await self._finish("unknown")
+
+    def _check_attached(self) -> None:
+        if self._attached or self._not_attached_warned:
+            return
+        self._not_attached_warned = True
+        logger.warning(
+            f"{self}: the audio processor started but RoarkObserver received no frames: it is "
+            "not attached. Pass it as PipelineWorker(pipeline, observers=[roark]) (or "
+            "PipelineTask(pipeline, observers=[roark])); PipelineParams(observers=...) is "
+            "silently ignored by Pipecat 1.x. Only audio is recorded for this call"
+        )
+
+    # ---- delivery ----
+
+    def _start_delivery(self) -> None:
+        """Hook for the background drainer; delivery is wired in by drain.py."""
+
+    # ---- failure handling ----
+
+    def _guard(self, function: Callable[..., None], *args: Any) -> None:
+        try:
+            function(*args)
+        except Exception as exc:
+            self._hook_failed(getattr(function, "__name__", "callback"), exc)
+
+    def _hook_failed(self, where: str, exc: BaseException) -> None:
+        key = f"{where}:{type(exc).__name__}"
+        if key in self._hook_errors:
+            return
+        self._hook_errors.add(key)
+        logger.opt(exception=exc).error(
+            f"{self}: {where} failed ({type(exc).__name__}: {exc}); that frame was skipped and "
+            f"call {self._call_id} goes on. Please report this with the traceback"
+        )
+
+    def _warn_if_no_key(self) -> None:
+        global _missing_key_warned
+        if self._api_key is None and not _missing_key_warned:
+            _missing_key_warned = True
+            logger.warning(
+                f"pipecat-roark: no Roark API key (api_key= or {config.ENV_API_KEY}); calls are "
+                f"recorded in {self._directory} and will be delivered by "
+                "`ROARK_API_KEY=... pipecat-roark drain`"
+            )
+
+
+_UNSEEN: Any = object()

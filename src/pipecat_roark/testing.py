@@ -1,0 +1,319 @@
+"""Scripted Pipecat calls: real pipelines fed synthetic audio and text, no services.
+
+Used by our tests, the offline demo, the benchmarks and the crash harness, and
+usable by anyone who wants to check their wiring without STT/LLM/TTS keys. A script
+is a list of steps; ``ScriptedCall`` pushes them from the head of a real pipeline the
+way a transport and services would (speaking edges, 20 ms audio ticks, transcription,
+TTS words, tool-call frames, interruptions), then asks the worker to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    Frame,
+    FunctionCallInProgressFrame,
+    FunctionCallResultFrame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    LLMTextFrame,
+    OutputAudioRawFrame,
+    StartFrame,
+    TranscriptionFrame,
+    TTSTextFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.task import PipelineParams
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+try:  # Pipecat 1.4+
+    from pipecat.frames.frames import CancelWorkerFrame as _CancelFrame
+    from pipecat.frames.frames import EndWorkerFrame as _EndFrame
+    from pipecat.frames.frames import StopWorkerFrame as _StopFrame
+except ImportError:  # pragma: no cover - Pipecat 0.0.x
+    from pipecat.frames.frames import CancelTaskFrame as _CancelFrame  # type: ignore[no-redef]
+    from pipecat.frames.frames import EndTaskFrame as _EndFrame  # type: ignore[no-redef]
+    from pipecat.frames.frames import StopTaskFrame as _StopFrame  # type: ignore[no-redef]
+
+__all__ = [
+    "Bot",
+    "Pause",
+    "Realtime",
+    "ScriptedCall",
+    "Tool",
+    "User",
+    "default_script",
+    "run_pipeline",
+    "tone",
+]
+
+SAMPLE_RATE = 16000
+TICK_MS = 20
+
+
+def tone(freq: float, ms: int, sample_rate: int = SAMPLE_RATE, start: int = 0) -> bytes:
+    """Mono s16le sine samples: a stand-in for speech that is easy to recognise in a WAV."""
+    count = sample_rate * ms // 1000
+    return b"".join(
+        struct.pack("<h", int(8000 * math.sin(2 * math.pi * freq * (start + i) / sample_rate)))
+        for i in range(count)
+    )
+
+
+@dataclass(frozen=True)
+class User:
+    """The caller speaks ``text`` for ``ms`` (a 450 Hz tone); the STT result follows the stop."""
+
+    text: str | Sequence[str]
+    ms: int = 400
+    language: str | None = "en-US"
+
+
+@dataclass(frozen=True)
+class Bot:
+    """The bot speaks ``words`` (TTS words interleaved with 650 Hz audio).
+
+    ``interrupt_after`` cuts the turn after that many words with an InterruptionFrame;
+    the remaining words are generated (pushed as TTS text) but, without an output
+    transport, a test decides what counts as played.
+    """
+
+    words: Sequence[str]
+    ms_per_word: int = 100
+    interrupt_after: int | None = None
+    spaced: bool = False
+
+
+@dataclass(frozen=True)
+class Realtime:
+    """A speech-to-speech service's spaced text deltas (``includes_inter_frame_spaces``)."""
+
+    deltas: Sequence[str]
+
+
+@dataclass(frozen=True)
+class Tool:
+    tool_call_id: str
+    name: str
+    arguments: Any
+    result: Any
+
+
+@dataclass(frozen=True)
+class Pause:
+    ms: int
+
+
+Step = User | Bot | Realtime | Tool | Pause
+
+
+def default_script() -> list[Step]:
+    """Bot speaks first, the user asks, a tool runs, the bot answers and is interrupted."""
+    return [
+        Bot(["Hi,", "how", "can", "I", "help?"]),
+        Pause(100),
+        User(["My order", "is late."]),
+        Tool("call_1", "lookup_order", {"id": "42"}, {"status": "shipped"}),
+        Bot(["It", "shipped", "yesterday", "and", "arrives", "tomorrow."], interrupt_after=3),
+        User("Thanks, bye."),
+        Bot(["Goodbye!"]),
+    ]
+
+
+@dataclass
+class ScriptStats:
+    """What the script pushed: the tests compare the recording against it."""
+
+    user_audio: bytearray = field(default_factory=bytearray)
+    bot_audio: bytearray = field(default_factory=bytearray)
+    steps_done: int = 0
+
+
+class ScriptedCall(FrameProcessor):
+    """Sits at the head of a pipeline and plays a script after the StartFrame.
+
+    ``pace`` 1.0 is real time, 0 as fast as the pipeline takes it. ``end`` is how
+    the call ends: "end" (EndWorkerFrame), "cancel", "stop", or "hang" (never:
+    for crash tests that kill the process). ``on_step`` is awaited after each step.
+    """
+
+    def __init__(
+        self,
+        script: Sequence[Step] | None = None,
+        *,
+        pace: float = 0.0,
+        end: str = "end",
+        on_step: Callable[[int], Awaitable[None]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.script = list(default_script() if script is None else script)
+        self.pace = pace
+        self.end = end
+        self.on_step = on_step
+        self.stats = ScriptStats()
+        self._task: asyncio.Task[None] | None = None
+        self._user_phase = 0
+        self._bot_phase = 0
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+        if isinstance(frame, StartFrame) and self._task is None:
+            self._task = self.create_task(self._play())
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        if self._task is not None and not self._task.done():
+            await self.cancel_task(self._task)
+
+    async def _tick(self) -> None:
+        await asyncio.sleep(TICK_MS / 1000 * self.pace)
+
+    async def _user_audio(self, ms: int, voiced: bool) -> None:
+        for _ in range(max(1, ms // TICK_MS)):
+            if voiced:
+                chunk = tone(450, TICK_MS, start=self._user_phase)
+            else:
+                chunk = bytes(SAMPLE_RATE * TICK_MS // 1000 * 2)
+            self._user_phase += SAMPLE_RATE * TICK_MS // 1000
+            self.stats.user_audio.extend(chunk)
+            await self.push_frame(InputAudioRawFrame(audio=chunk, sample_rate=SAMPLE_RATE, num_channels=1))
+            await self._tick()
+
+    async def _bot_audio(self, ms: int) -> None:
+        for _ in range(max(1, ms // TICK_MS)):
+            chunk = tone(650, TICK_MS, start=self._bot_phase)
+            self._bot_phase += SAMPLE_RATE * TICK_MS // 1000
+            self.stats.bot_audio.extend(chunk)
+            await self.push_frame(OutputAudioRawFrame(audio=chunk, sample_rate=SAMPLE_RATE, num_channels=1))
+            await self._tick()
+
+    async def _play(self) -> None:
+        for number, step in enumerate(self.script, start=1):
+            await self._play_step(step)
+            self.stats.steps_done = number
+            if self.on_step is not None:
+                await self.on_step(number)
+        if self.end == "end":
+            await self.push_frame(_EndFrame(), FrameDirection.UPSTREAM)
+        elif self.end == "cancel":
+            await self.push_frame(_CancelFrame(), FrameDirection.UPSTREAM)
+        elif self.end == "stop":
+            await self.push_frame(_StopFrame(), FrameDirection.UPSTREAM)
+
+    async def _play_step(self, step: Step) -> None:
+        if isinstance(step, Pause):
+            await self._user_audio(step.ms, voiced=False)
+        elif isinstance(step, User):
+            await self.push_frame(UserStartedSpeakingFrame())
+            await self._user_audio(step.ms, voiced=True)
+            await self.push_frame(UserStoppedSpeakingFrame())
+            parts = [step.text] if isinstance(step, User) and isinstance(step.text, str) else step.text
+            for part in parts:
+                await self.push_frame(
+                    TranscriptionFrame(
+                        text=part, user_id="caller", timestamp="", language=step.language  # type: ignore[arg-type]
+                    )
+                )
+        elif isinstance(step, Bot):
+            await self._play_bot(step)
+        elif isinstance(step, Realtime):
+            await self.push_frame(BotStartedSpeakingFrame())
+            for delta in step.deltas:
+                frame = LLMTextFrame(text=delta)
+                await self.push_frame(frame)
+                tts = _tts_frame(delta)
+                tts.includes_inter_frame_spaces = True
+                await self.push_frame(tts)
+                await self._bot_audio(TICK_MS)
+            await self.push_frame(BotStoppedSpeakingFrame())
+        elif isinstance(step, Tool):
+            await self.push_frame(
+                FunctionCallInProgressFrame(
+                    function_name=step.name, tool_call_id=step.tool_call_id, arguments=step.arguments
+                )
+            )
+            await self._user_audio(TICK_MS * 2, voiced=False)
+            await self.push_frame(
+                FunctionCallResultFrame(
+                    function_name=step.name,
+                    tool_call_id=step.tool_call_id,
+                    arguments=step.arguments,
+                    result=step.result,
+                )
+            )
+
+    async def _play_bot(self, step: Bot) -> None:
+        await self.push_frame(BotStartedSpeakingFrame())
+        for number, word in enumerate(step.words):
+            if step.interrupt_after is not None and number == step.interrupt_after:
+                await self.push_frame(InterruptionFrame())
+                return
+            tts = _tts_frame(word)
+            tts.includes_inter_frame_spaces = step.spaced
+            await self.push_frame(tts)
+            await self._bot_audio(step.ms_per_word)
+        await self.push_frame(BotStoppedSpeakingFrame())
+
+
+def _tts_frame(text: str) -> TTSTextFrame:
+    try:
+        return TTSTextFrame(text=text, text_type="sentence")  # type: ignore[call-arg]
+    except TypeError:  # pragma: no cover - Pipecat < 1.13 named it aggregated_by
+        return TTSTextFrame(text=text, aggregated_by="sentence")  # type: ignore[call-arg]
+
+
+async def run_pipeline(
+    processors: Sequence[FrameProcessor],
+    *,
+    observers: Sequence[Any] = (),
+    sample_rate: int = SAMPLE_RATE,
+    legacy: bool = False,
+    handle_sigint: bool = False,
+) -> None:
+    """Run processors in a real pipeline until it ends.
+
+    ``legacy`` uses PipelineTask + PipelineRunner (deprecated in 1.3, the only names in
+    0.0.x); otherwise PipelineWorker + WorkerRunner.
+    """
+    pipeline = Pipeline(list(processors))
+    params = PipelineParams(audio_in_sample_rate=sample_rate, audio_out_sample_rate=sample_rate)
+    common: dict[str, Any] = {
+        "params": params,
+        "observers": list(observers),
+        "idle_timeout_secs": None,
+        "enable_rtvi": False,
+        "enable_turn_tracking": False,
+    }
+    try:
+        from pipecat.pipeline.worker import PipelineWorker
+        from pipecat.workers.runner import WorkerRunner
+    except ImportError:  # pragma: no cover - Pipecat 0.0.x
+        legacy = True
+    if legacy:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from pipecat.pipeline.runner import PipelineRunner
+            from pipecat.pipeline.task import PipelineTask
+
+            task = PipelineTask(pipeline, **common)
+            runner = PipelineRunner(handle_sigint=handle_sigint)
+        await runner.run(task)
+        return
+    worker = PipelineWorker(pipeline, **common)
+    worker_runner = WorkerRunner(handle_sigint=handle_sigint)
+    await worker_runner.add_workers(worker)
+    await worker_runner.run()
