@@ -435,6 +435,7 @@ class RoarkObserver(BaseObserver):
         if sibling is not None and sibling in self._recent_ids:
             return
         self._recent_ids.append(frame.id)
+        self._bot_speaking = False  # the bot's turn is cut; its next start is a new turn
         self._emit(Interruption(at=_now_us()))
 
     def _on_tool_call(self, data: FramePushed, frame: Frame) -> None:

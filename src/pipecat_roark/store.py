@@ -29,6 +29,7 @@ __all__ = [
     "ensure_dir",
     "load_migrations",
     "now_us",
+    "quarantine",
     "transaction",
 ]
 
@@ -235,6 +236,26 @@ def _statements(sql: str) -> Iterator[str]:
             buffer = ""
     if buffer.strip() and not buffer.strip().startswith("--"):
         yield buffer
+
+
+def quarantine(directory: Path) -> Path:
+    """Move a damaged ``wal.sqlite`` (and its -wal/-shm) aside; never delete it.
+
+    Returns the new path of the main file, ``wal.sqlite.corrupt-<UTC timestamp>``, kept
+    so its data can still be salvaged (``sqlite3 … .recover``).
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    db = directory / DB_NAME
+    target = db.with_name(f"{DB_NAME}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = db.with_name(f"{DB_NAME}.corrupt-{stamp}-{n}")
+    for suffix in ("-wal", "-shm", ""):
+        source = db.with_name(db.name + suffix)
+        if source.exists():
+            source.rename(target.with_name(target.name + suffix))
+    return target
 
 
 @contextmanager

@@ -144,7 +144,8 @@ class ScriptedCall(FrameProcessor):
 
     ``pace`` 1.0 is real time, 0 as fast as the pipeline takes it. ``end`` is how
     the call ends: "end" (EndWorkerFrame), "cancel", "stop", or "hang" (never:
-    for crash tests that kill the process). ``on_step`` is awaited after each step.
+    for crash tests that kill the process), with ``end_reason`` on End/Cancel.
+    ``on_step`` is awaited after each step.
     """
 
     def __init__(
@@ -154,9 +155,11 @@ class ScriptedCall(FrameProcessor):
         pace: float = 0.0,
         end: str = "end",
         on_step: Callable[[int], Awaitable[None]] | None = None,
+        end_reason: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.end_reason = end_reason
         self.script = list(default_script() if script is None else script)
         self.pace = pace
         self.end = end
@@ -176,6 +179,14 @@ class ScriptedCall(FrameProcessor):
         await super().cleanup()
         if self._task is not None and not self._task.done():
             await self.cancel_task(self._task)
+
+    async def _broadcast(self, frame_cls: type[Frame], **kwargs: Any) -> None:
+        """Push both directions with sibling ids, as transports and LLM services do (1.x)."""
+        broadcast = getattr(self, "broadcast_frame", None)
+        if broadcast is None:  # pragma: no cover - Pipecat 0.0.x
+            await self.push_frame(frame_cls(**kwargs))
+        else:
+            await broadcast(frame_cls, **kwargs)
 
     async def _tick(self) -> None:
         await asyncio.sleep(TICK_MS / 1000 * self.pace)
@@ -206,9 +217,9 @@ class ScriptedCall(FrameProcessor):
             if self.on_step is not None:
                 await self.on_step(number)
         if self.end == "end":
-            await self.push_frame(_EndFrame(), FrameDirection.UPSTREAM)
+            await self.push_frame(_EndFrame(reason=self.end_reason), FrameDirection.UPSTREAM)
         elif self.end == "cancel":
-            await self.push_frame(_CancelFrame(), FrameDirection.UPSTREAM)
+            await self.push_frame(_CancelFrame(reason=self.end_reason), FrameDirection.UPSTREAM)
         elif self.end == "stop":
             await self.push_frame(_StopFrame(), FrameDirection.UPSTREAM)
 
@@ -216,9 +227,9 @@ class ScriptedCall(FrameProcessor):
         if isinstance(step, Pause):
             await self._user_audio(step.ms, voiced=False)
         elif isinstance(step, User):
-            await self.push_frame(UserStartedSpeakingFrame())
+            await self._broadcast(UserStartedSpeakingFrame)
             await self._user_audio(step.ms, voiced=True)
-            await self.push_frame(UserStoppedSpeakingFrame())
+            await self._broadcast(UserStoppedSpeakingFrame)
             parts = [step.text] if isinstance(step, User) and isinstance(step.text, str) else step.text
             for part in parts:
                 await self.push_frame(
@@ -229,7 +240,7 @@ class ScriptedCall(FrameProcessor):
         elif isinstance(step, Bot):
             await self._play_bot(step)
         elif isinstance(step, Realtime):
-            await self.push_frame(BotStartedSpeakingFrame())
+            await self._broadcast(BotStartedSpeakingFrame)
             for delta in step.deltas:
                 frame = LLMTextFrame(text=delta)
                 await self.push_frame(frame)
@@ -237,34 +248,36 @@ class ScriptedCall(FrameProcessor):
                 tts.includes_inter_frame_spaces = True
                 await self.push_frame(tts)
                 await self._bot_audio(TICK_MS)
-            await self.push_frame(BotStoppedSpeakingFrame())
+            await self._broadcast(BotStoppedSpeakingFrame)
         elif isinstance(step, Tool):
-            await self.push_frame(
-                FunctionCallInProgressFrame(
-                    function_name=step.name, tool_call_id=step.tool_call_id, arguments=step.arguments
-                )
+            await self._broadcast(
+                FunctionCallInProgressFrame,
+                function_name=step.name,
+                tool_call_id=step.tool_call_id,
+                arguments=step.arguments,
             )
             await self._user_audio(TICK_MS * 2, voiced=False)
-            await self.push_frame(
-                FunctionCallResultFrame(
-                    function_name=step.name,
-                    tool_call_id=step.tool_call_id,
-                    arguments=step.arguments,
-                    result=step.result,
-                )
+            await self._broadcast(
+                FunctionCallResultFrame,
+                function_name=step.name,
+                tool_call_id=step.tool_call_id,
+                arguments=step.arguments,
+                result=step.result,
             )
 
     async def _play_bot(self, step: Bot) -> None:
-        await self.push_frame(BotStartedSpeakingFrame())
+        await self._broadcast(BotStartedSpeakingFrame)
         for number, word in enumerate(step.words):
             if step.interrupt_after is not None and number == step.interrupt_after:
-                await self.push_frame(InterruptionFrame())
+                # As the output transport does: interruption, then the bot stops speaking.
+                await self._broadcast(InterruptionFrame)
+                await self._broadcast(BotStoppedSpeakingFrame)
                 return
             tts = _tts_frame(word)
             tts.includes_inter_frame_spaces = step.spaced
             await self.push_frame(tts)
             await self._bot_audio(step.ms_per_word)
-        await self.push_frame(BotStoppedSpeakingFrame())
+        await self._broadcast(BotStoppedSpeakingFrame)
 
 
 def _tts_frame(text: str) -> TTSTextFrame:
@@ -311,7 +324,8 @@ async def run_pipeline(
 
             task = PipelineTask(pipeline, **common)
             runner = PipelineRunner(handle_sigint=handle_sigint)
-        await runner.run(task)
+            # The old spelling, on purpose: this path exists to prove it still records.
+            await runner.run(task)
         return
     worker = PipelineWorker(pipeline, **common)
     worker_runner = WorkerRunner(handle_sigint=handle_sigint)

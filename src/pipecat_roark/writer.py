@@ -24,9 +24,10 @@ from typing import Any
 from loguru import logger
 
 from . import spool
+from .errors import StoreCorrupt
 from .events import CallClosed, CallOpened, ChunkRecorded, encode_event
 from .owner import Owner, current_owner
-from .store import connect, now_us, transaction
+from .store import connect, now_us, quarantine, transaction
 
 __all__ = ["Writer", "WriterStats", "close_all_writers", "writer_for"]
 
@@ -75,7 +76,7 @@ class Writer:
         self.max_spool_bytes = max_spool_bytes
         self.stats = WriterStats()
         self.sample_latency = False
-        self._conn = connect(directory)
+        self._conn = _connect_or_quarantine(directory)
         self._queue: queue.SimpleQueue[Op] = queue.SimpleQueue()
         self._listeners: list[Callable[[], None]] = []
         self._open_calls: set[str] = set()
@@ -406,6 +407,19 @@ class Writer:
     def _measure_spool(self) -> int:
         row = self._conn.execute("SELECT COALESCE(SUM(size), 0) FROM chunks").fetchone()
         return int(row[0])
+
+
+def _connect_or_quarantine(directory: Path) -> sqlite3.Connection:
+    """A bot must keep recording: a damaged database is moved aside and a fresh one started."""
+    try:
+        return connect(directory)
+    except StoreCorrupt as exc:
+        moved = quarantine(directory)
+        logger.error(
+            f"pipecat-roark: {exc}. It was moved to {moved} (not deleted) and a fresh database "
+            "was started; undelivered calls in the old file can be salvaged with sqlite3 .recover"
+        )
+        return connect(directory)
 
 
 _OP_NAMES = {OP_OPEN: "call-open", OP_EVENT: "event", OP_CHUNK: "chunk", OP_FINALIZE: "call-end"}

@@ -1,0 +1,36 @@
+"""Shared fixtures: a private data directory per test, and captured log lines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import LogCapture
+from loguru import logger
+
+from pipecat_roark.writer import close_all_writers
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh data directory; no ambient key or base URL leaks in from the environment."""
+    directory = tmp_path / "roark"
+    monkeypatch.delenv("ROARK_API_KEY", raising=False)
+    monkeypatch.delenv("ROARK_BASE_URL", raising=False)
+    monkeypatch.setenv("PIPECAT_ROARK_DIR", str(directory))
+    yield directory
+    close_all_writers()
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    capture = LogCapture()
+    sink = logger.add(capture, level="DEBUG")
+    yield capture
+    logger.remove(sink)
