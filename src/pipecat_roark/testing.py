@@ -324,7 +324,11 @@ async def run_pipeline(
 
             task = PipelineTask(pipeline, **common)
             runner = PipelineRunner(handle_sigint=handle_sigint)
-            # The old spelling, on purpose: this path exists to prove it still records.
+        # The old names, on purpose: this path exists to prove they still record.
+        if hasattr(runner, "add_workers"):
+            await runner.add_workers(task)
+            await runner.run()
+        else:  # pragma: no cover - Pipecat 0.0.x
             await runner.run(task)
         return
     worker = PipelineWorker(pipeline, **common)
