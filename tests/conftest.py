@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import LogCapture
 from loguru import logger
 
+from helpers import LogCapture
 from pipecat_roark.writer import close_all_writers
 
 

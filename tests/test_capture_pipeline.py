@@ -10,30 +10,41 @@ from pathlib import Path
 import pytest
 from pipecat.pipeline.task import PipelineParams
 
+from helpers import LogCapture, stored_events, without_times
 from pipecat_roark import RoarkObserver
 from pipecat_roark.events import ChunkRecorded, RecordingStarted
 from pipecat_roark.testing import Bot, Pause, Realtime, ScriptedCall, Tool, User, run_pipeline
 from pipecat_roark.writer import writer_for
-
-from helpers import LogCapture, stored_events, without_times
 
 pytestmark = pytest.mark.anyio
 
 AGENT = {"agent_id": "support-bot", "agent_name": "Support Bot", "agent_prompt": "You are kind."}
 
 EXPECTED_DEFAULT_CALL = [
-    ("CallOpened", {"agent_id": "support-bot", "agent_name": "Support Bot", "agent_prompt": "You are kind."}),
+    (
+        "CallOpened",
+        {"agent_id": "support-bot", "agent_name": "Support Bot", "agent_prompt": "You are kind."},
+    ),
     ("BotSpeech", {"started": True}),
-    *[("BotText", {"text": w, "spaced": False, "source": "tts", "played": False}) for w in ["Hi,", "how", "can", "I", "help?"]],
+    *[
+        ("BotText", {"text": w, "spaced": False, "source": "tts", "played": False})
+        for w in ["Hi,", "how", "can", "I", "help?"]
+    ],
     ("BotSpeech", {"started": False}),
     ("UserSpeech", {"started": True}),
     ("UserSpeech", {"started": False}),
     ("UserText", {"text": "My order", "user_id": "caller", "language": "en-US"}),
     ("UserText", {"text": "is late.", "user_id": "caller", "language": "en-US"}),
     ("ToolCall", {"tool_call_id": "call_1", "name": "lookup_order", "arguments": '{"id":"42"}'}),
-    ("ToolResult", {"tool_call_id": "call_1", "name": "lookup_order", "content": '{"status":"shipped"}'}),
+    (
+        "ToolResult",
+        {"tool_call_id": "call_1", "name": "lookup_order", "content": '{"status":"shipped"}'},
+    ),
     ("BotSpeech", {"started": True}),
-    *[("BotText", {"text": w, "spaced": False, "source": "tts", "played": False}) for w in ["It", "shipped", "yesterday"]],
+    *[
+        ("BotText", {"text": w, "spaced": False, "source": "tts", "played": False})
+        for w in ["It", "shipped", "yesterday"]
+    ],
     ("Interruption", {}),
     ("UserSpeech", {"started": True}),
     ("UserSpeech", {"started": False}),
@@ -47,18 +58,23 @@ EXPECTED_DEFAULT_CALL = [
 
 def timeline_without_audio(directory: Path, call_id: str) -> list[tuple[str, dict[str, object]]]:
     events = stored_events(directory, call_id)
-    return without_times([e for e in events if not isinstance(e, (ChunkRecorded, RecordingStarted))])
+    return without_times(
+        [e for e in events if not isinstance(e, (ChunkRecorded, RecordingStarted))]
+    )
 
 
 def deliveries(directory: Path, call_id: str) -> list[tuple[str, str]]:
     with sqlite3.connect(directory / "wal.sqlite") as conn:
         return conn.execute(
-            "SELECT idempotency_key, state FROM deliveries WHERE call_id = ? ORDER BY id", (call_id,)
+            "SELECT idempotency_key, state FROM deliveries WHERE call_id = ? ORDER BY id",
+            (call_id,),
         ).fetchall()
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["PipelineWorker", "PipelineTask"])
-async def test_a_scripted_call_is_recorded_frame_by_frame_in_order(data_dir: Path, legacy: bool) -> None:
+async def test_a_scripted_call_is_recorded_frame_by_frame_in_order(
+    data_dir: Path, legacy: bool
+) -> None:
     roark = RoarkObserver(**AGENT, pipecat_call_id="call-1", deliver=False)
     await run_pipeline([ScriptedCall(), roark.audio_processor], observers=[roark], legacy=legacy)
 
@@ -71,7 +87,9 @@ async def test_a_scripted_call_is_recorded_frame_by_frame_in_order(data_dir: Pat
         ]
 
 
-async def test_chunk_files_concatenated_equal_the_bytes_the_audio_processor_emitted(data_dir: Path) -> None:
+async def test_chunk_files_concatenated_equal_the_bytes_the_audio_processor_emitted(
+    data_dir: Path,
+) -> None:
     roark = RoarkObserver(**AGENT, pipecat_call_id="call-1", deliver=False, chunk_bytes=16000)
     emitted: list[bytes] = []
 
@@ -97,8 +115,12 @@ async def test_chunk_files_concatenated_equal_the_bytes_the_audio_processor_emit
     stereo = b"".join(emitted)
     left = b"".join(stereo[i : i + 2] for i in range(0, len(stereo), 4))
     right = b"".join(stereo[i + 2 : i + 4] for i in range(0, len(stereo), 4))
-    assert left.replace(b"\x00\x00", b"") == bytes(script.stats.user_audio).replace(b"\x00\x00", b"")
-    assert right.replace(b"\x00\x00", b"") == bytes(script.stats.bot_audio).replace(b"\x00\x00", b"")
+    assert left.replace(b"\x00\x00", b"") == bytes(script.stats.user_audio).replace(
+        b"\x00\x00", b""
+    )
+    assert right.replace(b"\x00\x00", b"") == bytes(script.stats.bot_audio).replace(
+        b"\x00\x00", b""
+    )
 
     chunk_events = [e for e in stored_events(data_dir, "call-1") if isinstance(e, ChunkRecorded)]
     assert [(e.index, e.size, e.sample_rate, e.num_channels) for e in chunk_events] == [
@@ -106,7 +128,9 @@ async def test_chunk_files_concatenated_equal_the_bytes_the_audio_processor_emit
     ]
     keys = [k for k, _ in deliveries(data_dir, "call-1")]
     assert keys == (
-        ["call-1:call-started"] + [f"call-1:chunk:{i}" for i in range(len(rows))] + ["call-1:call-ended"]
+        ["call-1:call-started"]
+        + [f"call-1:chunk:{i}" for i in range(len(rows))]
+        + ["call-1:call-ended"]
     )
     assert {state for _, state in deliveries(data_dir, "call-1")} == {"pending"}
 
@@ -114,7 +138,9 @@ async def test_chunk_files_concatenated_equal_the_bytes_the_audio_processor_emit
 async def test_files_and_folders_are_private(data_dir: Path) -> None:
     roark = RoarkObserver(**AGENT, pipecat_call_id="call-1", deliver=False, chunk_bytes=16000)
     await run_pipeline([ScriptedCall(), roark.audio_processor], observers=[roark])
-    modes = {p.relative_to(data_dir).as_posix(): p.stat().st_mode & 0o777 for p in data_dir.rglob("*")}
+    modes = {
+        p.relative_to(data_dir).as_posix(): p.stat().st_mode & 0o777 for p in data_dir.rglob("*")
+    }
     modes["."] = data_dir.stat().st_mode & 0o777
     assert {m for p, m in modes.items() if (data_dir / p).is_dir()} == {0o700}
     assert {m for p, m in modes.items() if (data_dir / p).is_file()} == {0o600}
@@ -138,7 +164,9 @@ async def test_end_reason_follows_the_frame_that_ended_the_call(
     script = ScriptedCall([Bot(["Hello."]), User("Hi.")], end=end, end_reason=end_reason)
     await run_pipeline([script, roark.audio_processor], observers=[roark])
     with sqlite3.connect(data_dir / "wal.sqlite") as conn:
-        assert conn.execute("SELECT state, end_reason FROM calls").fetchall() == [("ended", expected)]
+        assert conn.execute("SELECT state, end_reason FROM calls").fetchall() == [
+            ("ended", expected)
+        ]
     assert [k for k, _ in deliveries(data_dir, "call-1")][-1] == "call-1:call-ended"
 
 
@@ -159,7 +187,9 @@ async def test_aflush_ends_the_call_with_its_reason_and_is_idempotent(data_dir: 
         assert conn.execute(
             "SELECT count(*) FROM deliveries WHERE kind = 'call-ended'"
         ).fetchone() == (1,)
-    texts = [f.get("text") for name, f in timeline_without_audio(data_dir, "call-1") if name == "BotText"]
+    texts = [
+        f.get("text") for name, f in timeline_without_audio(data_dir, "call-1") if name == "BotText"
+    ]
     assert texts == ["Hello."], "nothing after the end is recorded"
 
 
@@ -180,7 +210,9 @@ async def test_realtime_spaced_deltas_are_stored_with_their_spacing_flag(data_di
     ]
 
 
-async def test_broadcast_tool_calls_and_speaking_frames_are_recorded_once_across_hops(data_dir: Path) -> None:
+async def test_broadcast_tool_calls_and_speaking_frames_are_recorded_once_across_hops(
+    data_dir: Path,
+) -> None:
     from pipecat.processors.frame_processor import FrameProcessor
 
     class PassThrough(FrameProcessor):
@@ -189,22 +221,34 @@ async def test_broadcast_tool_calls_and_speaking_frames_are_recorded_once_across
             await self.push_frame(frame, direction)
 
     roark = RoarkObserver(**AGENT, pipecat_call_id="call-1", deliver=False)
-    script = ScriptedCall([Tool("t1", "f", {"a": 1}, [1, 2]), Tool("t2", "g", "raw-args", None), Bot(["ok"])])
+    script = ScriptedCall(
+        [Tool("t1", "f", {"a": 1}, [1, 2]), Tool("t2", "g", "raw-args", None), Bot(["ok"])]
+    )
     hops = [PassThrough() for _ in range(4)]
     await run_pipeline([script, *hops, roark.audio_processor], observers=[roark])
-    names = [(n, f.get("tool_call_id"), f.get("arguments"), f.get("content")) for n, f in timeline_without_audio(data_dir, "call-1") if n.startswith("Tool")]
+    names = [
+        (n, f.get("tool_call_id"), f.get("arguments"), f.get("content"))
+        for n, f in timeline_without_audio(data_dir, "call-1")
+        if n.startswith("Tool")
+    ]
     assert names == [
         ("ToolCall", "t1", '{"a":1}', None),
         ("ToolResult", "t1", None, "[1,2]"),
         ("ToolCall", "t2", "raw-args", None),
         ("ToolResult", "t2", None, ""),
     ]
-    speech = [(n, f["started"]) for n, f in timeline_without_audio(data_dir, "call-1") if n == "BotSpeech"]
+    speech = [
+        (n, f["started"]) for n, f in timeline_without_audio(data_dir, "call-1") if n == "BotSpeech"
+    ]
     assert speech == [("BotSpeech", True), ("BotSpeech", False)]
 
 
-async def test_concurrent_calls_in_one_process_share_one_writer_and_stay_apart(data_dir: Path) -> None:
-    observers = [RoarkObserver(**AGENT, pipecat_call_id=f"call-{i}", deliver=False) for i in range(12)]
+async def test_concurrent_calls_in_one_process_share_one_writer_and_stay_apart(
+    data_dir: Path,
+) -> None:
+    observers = [
+        RoarkObserver(**AGENT, pipecat_call_id=f"call-{i}", deliver=False) for i in range(12)
+    ]
     assert len({id(writer_for(o.data_dir)) for o in observers}) == 1
     await asyncio.gather(
         *(run_pipeline([ScriptedCall(), o.audio_processor], observers=[o]) for o in observers)
@@ -222,7 +266,9 @@ async def test_an_observer_left_in_pipeline_params_is_reported_and_audio_still_r
     from pipecat.workers.runner import WorkerRunner
 
     roark = RoarkObserver(**AGENT, pipecat_call_id="call-1", deliver=False, chunk_bytes=16000)
-    params = PipelineParams(audio_in_sample_rate=16000, audio_out_sample_rate=16000, observers=[roark])  # type: ignore[call-arg]
+    params = PipelineParams(
+        audio_in_sample_rate=16000, audio_out_sample_rate=16000, observers=[roark]
+    )  # type: ignore[call-arg]
     worker = PipelineWorker(
         Pipeline([ScriptedCall(), roark.audio_processor]),
         params=params,
@@ -239,11 +285,15 @@ async def test_an_observer_left_in_pipeline_params_is_reported_and_audio_still_r
     assert "PipelineWorker(pipeline, observers=[roark])" in warnings[0]
     assert "PipelineParams(observers=...) is silently ignored" in warnings[0]
     with sqlite3.connect(data_dir / "wal.sqlite") as conn:
-        assert conn.execute("SELECT state, end_reason FROM calls").fetchall() == [("ended", "agent-ended")]
+        assert conn.execute("SELECT state, end_reason FROM calls").fetchall() == [
+            ("ended", "agent-ended")
+        ]
         assert conn.execute("SELECT count(*) FROM chunks").fetchone()[0] >= 3
 
 
-async def test_cancelling_the_host_task_during_the_end_still_records_the_end(data_dir: Path) -> None:
+async def test_cancelling_the_host_task_during_the_end_still_records_the_end(
+    data_dir: Path,
+) -> None:
     """The host cancels while the end is being committed (the DB is held locked): no loss."""
     roark = RoarkObserver(**AGENT, pipecat_call_id="call-1", deliver=False)
     await writer_for(data_dir).flush(5)
@@ -268,23 +318,33 @@ async def test_cancelling_the_host_task_during_the_end_still_records_the_end(dat
     await roark._finish_task
     assert await writer_for(data_dir).flush(10)
     with sqlite3.connect(data_dir / "wal.sqlite") as conn:
-        assert conn.execute("SELECT state, end_reason FROM calls").fetchall() == [("ended", "agent-ended")]
-        assert conn.execute("SELECT count(*) FROM deliveries WHERE kind = 'call-ended'").fetchone() == (1,)
+        assert conn.execute("SELECT state, end_reason FROM calls").fetchall() == [
+            ("ended", "agent-ended")
+        ]
+        assert conn.execute(
+            "SELECT count(*) FROM deliveries WHERE kind = 'call-ended'"
+        ).fetchone() == (1,)
     names = [n for n, _ in timeline_without_audio(data_dir, "call-1")]
     assert names[-3:] == ["UserSpeech", "UserText", "CallClosed"]
 
 
-async def test_a_call_with_no_text_warns_about_the_empty_transcript(data_dir: Path, logs: LogCapture) -> None:
+async def test_a_call_with_no_text_warns_about_the_empty_transcript(
+    data_dir: Path, logs: LogCapture
+) -> None:
     roark = RoarkObserver(**AGENT, pipecat_call_id="call-1", deliver=False)
     await run_pipeline([ScriptedCall([Pause(100)]), roark.audio_processor], observers=[roark])
     assert len(logs.matching("call-ended with empty transcript")) == 1
 
 
-async def test_a_user_supplied_audio_processor_is_recorded_from_without_rearming(data_dir: Path) -> None:
+async def test_a_user_supplied_audio_processor_is_recorded_from_without_rearming(
+    data_dir: Path,
+) -> None:
     from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
 
     processor = AudioBufferProcessor(num_channels=2, buffer_size=8000, auto_start_recording=True)
-    roark = RoarkObserver(**AGENT, pipecat_call_id="call-1", deliver=False, audio_buffer_processor=processor)
+    roark = RoarkObserver(
+        **AGENT, pipecat_call_id="call-1", deliver=False, audio_buffer_processor=processor
+    )
     assert roark.audio_processor is processor
     emitted: list[bytes] = []
 

@@ -41,9 +41,9 @@ try:  # Pipecat 1.4+
     from pipecat.frames.frames import EndWorkerFrame as _EndFrame
     from pipecat.frames.frames import StopWorkerFrame as _StopFrame
 except ImportError:  # pragma: no cover - Pipecat 0.0.x
-    from pipecat.frames.frames import CancelTaskFrame as _CancelFrame  # type: ignore[no-redef]
-    from pipecat.frames.frames import EndTaskFrame as _EndFrame  # type: ignore[no-redef]
-    from pipecat.frames.frames import StopTaskFrame as _StopFrame  # type: ignore[no-redef]
+    from pipecat.frames.frames import CancelTaskFrame as _CancelFrame
+    from pipecat.frames.frames import EndTaskFrame as _EndFrame
+    from pipecat.frames.frames import StopTaskFrame as _StopFrame
 
 __all__ = [
     "Bot",
@@ -199,7 +199,9 @@ class ScriptedCall(FrameProcessor):
                 chunk = bytes(SAMPLE_RATE * TICK_MS // 1000 * 2)
             self._user_phase += SAMPLE_RATE * TICK_MS // 1000
             self.stats.user_audio.extend(chunk)
-            await self.push_frame(InputAudioRawFrame(audio=chunk, sample_rate=SAMPLE_RATE, num_channels=1))
+            await self.push_frame(
+                InputAudioRawFrame(audio=chunk, sample_rate=SAMPLE_RATE, num_channels=1)
+            )
             await self._tick()
 
     async def _bot_audio(self, ms: int) -> None:
@@ -207,7 +209,9 @@ class ScriptedCall(FrameProcessor):
             chunk = tone(650, TICK_MS, start=self._bot_phase)
             self._bot_phase += SAMPLE_RATE * TICK_MS // 1000
             self.stats.bot_audio.extend(chunk)
-            await self.push_frame(OutputAudioRawFrame(audio=chunk, sample_rate=SAMPLE_RATE, num_channels=1))
+            await self.push_frame(
+                OutputAudioRawFrame(audio=chunk, sample_rate=SAMPLE_RATE, num_channels=1)
+            )
             await self._tick()
 
     async def _play(self) -> None:
@@ -230,11 +234,16 @@ class ScriptedCall(FrameProcessor):
             await self._broadcast(UserStartedSpeakingFrame)
             await self._user_audio(step.ms, voiced=True)
             await self._broadcast(UserStoppedSpeakingFrame)
-            parts = [step.text] if isinstance(step, User) and isinstance(step.text, str) else step.text
+            parts = (
+                [step.text] if isinstance(step, User) and isinstance(step.text, str) else step.text
+            )
             for part in parts:
                 await self.push_frame(
                     TranscriptionFrame(
-                        text=part, user_id="caller", timestamp="", language=step.language  # type: ignore[arg-type]
+                        text=part,
+                        user_id="caller",
+                        timestamp="",
+                        language=step.language,  # type: ignore[arg-type]
                     )
                 )
         elif isinstance(step, Bot):
@@ -282,7 +291,7 @@ class ScriptedCall(FrameProcessor):
 
 def _tts_frame(text: str) -> TTSTextFrame:
     try:
-        return TTSTextFrame(text=text, text_type="sentence")  # type: ignore[call-arg]
+        return TTSTextFrame(text=text, text_type="sentence")
     except TypeError:  # pragma: no cover - Pipecat < 1.13 named it aggregated_by
         return TTSTextFrame(text=text, aggregated_by="sentence")  # type: ignore[call-arg]
 
