@@ -65,6 +65,7 @@ from .events import (
 )
 from .writer import (
     DEFAULT_MAX_SPOOL_BYTES,
+    DEFAULT_MIN_FREE_BYTES,
     OP_CHUNK,
     OP_EVENT,
     OP_FINALIZE,
@@ -163,6 +164,8 @@ class RoarkObserver(BaseObserver):
         chunk_bytes: Size of one stereo recording chunk of the default audio processor.
         max_spool_bytes: Cap on undelivered audio on disk; past it new audio is not
             recorded (events still are), with a loud warning.
+        min_free_bytes: Free disk space to leave alone; below it new audio is not
+            recorded either, so the events of every call still fit.
     """
 
     def __init__(
@@ -180,6 +183,7 @@ class RoarkObserver(BaseObserver):
         deliver: bool = True,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
+        min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
     ) -> None:
         super().__init__()
         self._call_id = resolve_call_id(pipecat_call_id, runner_args)
@@ -193,7 +197,9 @@ class RoarkObserver(BaseObserver):
         self._deliver = deliver
         self._writer: Writer | None = None
         try:
-            self._writer = writer_for(self._directory, max_spool_bytes=max_spool_bytes)
+            self._writer = writer_for(
+                self._directory, max_spool_bytes=max_spool_bytes, min_free_bytes=min_free_bytes
+            )
         except PipecatRoarkError as exc:
             logger.error(f"{self}: call {self._call_id} will not be recorded: {exc}")
         self._warn_if_no_key()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import errno
+import os
 import queue
 import sqlite3
 import threading
@@ -33,6 +35,7 @@ __all__ = ["Writer", "WriterStats", "close_all_writers", "writer_for"]
 
 HEARTBEAT_INTERVAL_S = 10.0
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # 1 GiB
+DEFAULT_MIN_FREE_BYTES = 64 << 20  # keep 64 MiB free so events can still commit
 
 # Queue items are plain tuples: the hot path builds them without any allocation but the tuple.
 OP_OPEN = 0  # (OP_OPEN, call_id, CallOpened, key_fp)
@@ -41,6 +44,9 @@ OP_CHUNK = 2  # (OP_CHUNK, call_id, index, data, sample_rate, num_channels, at)
 OP_FINALIZE = 3  # (OP_FINALIZE, call_id, at, reason, add_closed_event)
 OP_BARRIER = 4  # (OP_BARRIER, callback) - called once everything queued before it is committed
 OP_STOP = 5  # (OP_STOP,)
+OP_CHUNK_READY = (
+    6  # OP_CHUNK after its file is durable: (…, call_id, index, SpooledChunk, rate, channels, at)
+)
 
 Op = tuple[Any, ...]
 
@@ -56,7 +62,8 @@ class WriterStats:
     max_batch: int = 0
     failed_batches: int = 0
     dropped_ops: int = 0
-    chunks_skipped_for_cap: int = 0
+    chunks_skipped: int = 0
+    """Chunks not recorded: spool cap, free-space floor or a full disk."""
     commit_latency_us: list[int] = field(default_factory=list)
     """Queue-to-commit latency of sampled ops (µs), when ``Writer.sample_latency`` is on."""
 
@@ -69,11 +76,13 @@ class Writer:
         directory: Path,
         *,
         max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
+        min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         owner: Owner | None = None,
     ) -> None:
         self.directory = directory
         self.owner = owner or current_owner()
         self.max_spool_bytes = max_spool_bytes
+        self.min_free_bytes = min_free_bytes
         self.stats = WriterStats()
         self.sample_latency = False
         self._conn = _connect_or_quarantine(directory)
@@ -187,10 +196,15 @@ class Writer:
     def _commit_with_retry(self, work: list[Op]) -> bool:
         """Commit ``work`` as one transaction; on a transient failure keep it and retry.
 
-        Transient (disk full, I/O error, locked) failures keep the batch in memory and
-        retry with backoff, logging once per streak. Any other error means one op is
-        bad: fall back to one transaction per op and drop only the ops that fail.
+        Chunk files are written first (outside the transaction). If the commit then
+        fails because the disk is full, the batch's new chunk files are removed (their
+        rows never existed), those calls stop recording audio, and the events are
+        retried alone: a full disk must cost audio, not the call. Other transient
+        failures (I/O error, locked) keep the batch in memory and retry with backoff,
+        logging once per streak. Any other error means one op is bad: fall back to one
+        transaction per op and drop only the ops that fail.
         """
+        work = self._spool_chunks(work)
         delay = 0.05
         streak_logged = False
         while True:
@@ -198,11 +212,15 @@ class Writer:
                 with transaction(self._conn):
                     added = self._apply_all(work)
                 self._account(work)
+                self._forget_ended(work)
                 if streak_logged:
                     logger.info(f"pipecat-roark: writing to {self.directory} works again")
                 return added
             except (sqlite3.OperationalError, OSError) as exc:
                 self.stats.failed_batches += 1
+                if _is_disk_full(exc) and any(op[0] == OP_CHUNK_READY for op in work):
+                    work = self._shed_audio(work, str(exc))
+                    continue
                 if not streak_logged:
                     logger.error(
                         f"pipecat-roark: cannot write to {self.directory} ({exc}); "
@@ -223,6 +241,78 @@ class Writer:
                 self.stats.failed_batches += 1
                 return self._commit_one_by_one(work)
 
+    def _spool_chunks(self, work: list[Op]) -> list[Op]:
+        """Write the batch's chunk files durably; chunk ops become OP_CHUNK_READY (or go)."""
+        if not any(op[0] == OP_CHUNK for op in work):
+            return work
+        out: list[Op] = []
+        for op in work:
+            if op[0] != OP_CHUNK:
+                out.append(op)
+                continue
+            _, call_id, index, data, sample_rate, num_channels, at = op
+            chunk = self._write_chunk(call_id, index, data)
+            if chunk is not None:
+                out.append((OP_CHUNK_READY, call_id, index, chunk, sample_rate, num_channels, at))
+        return out
+
+    def _write_chunk(self, call_id: str, index: int, data: bytes) -> spool.SpooledChunk | None:
+        if call_id in self._audio_stopped:
+            self.stats.chunks_skipped += 1
+            return None
+        reason = self._spool_full(len(data))
+        if reason is None:
+            try:
+                return spool.write_chunk(self.directory, call_id, index, data)
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL:
+                    raise
+                reason = f"disk full writing audio ({exc.strerror})"
+        self._stop_audio(call_id, reason)
+        return None
+
+    def _spool_full(self, size: int) -> str | None:
+        if self._spool_bytes + size > self.max_spool_bytes:
+            return f"the chunk spool is over its cap of {self.max_spool_bytes} bytes"
+        try:
+            stat = os.statvfs(self.directory)
+        except OSError:
+            return None
+        free = stat.f_bavail * stat.f_frsize
+        if free - size < self.min_free_bytes:
+            return f"free disk space is below {self.min_free_bytes} bytes ({free} left)"
+        return None
+
+    def _stop_audio(self, call_id: str, reason: str) -> None:
+        # Later chunks would leave a gap Roark cannot stitch: the call's audio ends here.
+        self._audio_stopped.add(call_id)
+        self.stats.chunks_skipped += 1
+        logger.error(
+            f"pipecat-roark: {reason} in {self.directory}; no more audio is recorded for call "
+            f"{call_id!r} (events still are). Free space or run `pipecat-roark drain` and "
+            "`pipecat-roark prune`"
+        )
+
+    def _shed_audio(self, work: list[Op], error: str) -> list[Op]:
+        """Drop the newer half of the batch's chunks (their files too) to make room.
+
+        Chunks are taken from the end of the batch, so each call keeps a gapless prefix
+        of its recording; the caller retries, and every round removes at least one chunk.
+        """
+        positions = [i for i, op in enumerate(work) if op[0] == OP_CHUNK_READY]
+        shed = set(positions[len(positions) // 2 :])
+        kept: list[Op] = []
+        for i, op in enumerate(work):
+            if i not in shed:
+                kept.append(op)
+                continue
+            (self.directory / op[3].relpath).unlink(missing_ok=True)
+            if op[1] not in self._audio_stopped:
+                self._stop_audio(op[1], f"disk full committing audio ({error})")
+            else:
+                self.stats.chunks_skipped += 1
+        return kept
+
     def _stopping_soon(self) -> bool:
         return _EXITING.is_set()
 
@@ -233,6 +323,7 @@ class Writer:
                 with transaction(self._conn):
                     added = self._apply_all([op]) or added
                 self._account([op])
+                self._forget_ended([op])
             except (sqlite3.Error, OSError) as exc:
                 self.stats.dropped_ops += 1
                 logger.error(
@@ -240,6 +331,12 @@ class Writer:
                     f"{op[1]!r}: {exc}; the rest of the call is kept"
                 )
         return added
+
+    def _forget_ended(self, work: list[Op]) -> None:
+        # Only after the commit: a retried batch must still know which calls lost audio.
+        for op in work:
+            if op[0] == OP_FINALIZE:
+                self._audio_stopped.discard(op[1])
 
     def _account(self, work: list[Op]) -> None:
         stats = self.stats
@@ -261,7 +358,7 @@ class Writer:
                     self._insert_events(events)
                     events = []
                 added = self._open(op[1], op[2], op[3], now) or added
-            elif kind == OP_CHUNK:
+            elif kind == OP_CHUNK_READY:
                 if events:
                     self._insert_events(events)
                     events = []
@@ -317,27 +414,13 @@ class Writer:
         self,
         call_id: str,
         index: int,
-        data: bytes,
+        chunk: spool.SpooledChunk,
         sample_rate: int,
         num_channels: int,
         at: int,
         *,
         now: int,
     ) -> bool:
-        if call_id in self._audio_stopped:
-            self.stats.chunks_skipped_for_cap += 1
-            return False
-        if self._spool_bytes + len(data) > self.max_spool_bytes:
-            self._audio_stopped.add(call_id)
-            self.stats.chunks_skipped_for_cap += 1
-            logger.error(
-                f"pipecat-roark: chunk spool in {self.directory} is over its cap "
-                f"({self.max_spool_bytes} bytes); no more audio is recorded for call "
-                f"{call_id!r} (events still are). Run `pipecat-roark drain` and "
-                "`pipecat-roark prune`, or raise max_spool_bytes"
-            )
-            return False
-        chunk = spool.write_chunk(self.directory, call_id, index, data)
         conn = self._conn
         cursor = conn.execute(
             "INSERT OR IGNORE INTO chunks (call_id, idx, path, size, sha256, sample_rate,"
@@ -379,7 +462,6 @@ class Writer:
             (at, reason, now, call_id),
         )
         self._open_calls.discard(call_id)
-        self._audio_stopped.discard(call_id)
         if cursor.rowcount == 0:
             return False
         if add_event:
@@ -422,7 +504,22 @@ def _connect_or_quarantine(directory: Path) -> sqlite3.Connection:
         return connect(directory)
 
 
-_OP_NAMES = {OP_OPEN: "call-open", OP_EVENT: "event", OP_CHUNK: "chunk", OP_FINALIZE: "call-end"}
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    return "full" in str(exc).lower()
+
+
+_OP_NAMES = {
+    OP_OPEN: "call-open",
+    OP_EVENT: "event",
+    OP_CHUNK: "chunk",
+    OP_CHUNK_READY: "chunk",
+    OP_FINALIZE: "call-end",
+}
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
