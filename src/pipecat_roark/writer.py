@@ -27,9 +27,9 @@ from loguru import logger
 
 from . import spool
 from .errors import StoreCorrupt
-from .events import CallClosed, CallOpened, ChunkRecorded, encode_event
+from .events import CallOpened, ChunkRecorded, encode_event
 from .owner import Owner, current_owner
-from .store import connect, now_us, quarantine, transaction
+from .store import connect, finalize_call, now_us, quarantine, transaction
 
 __all__ = ["Writer", "WriterStats", "close_all_writers", "writer_for"]
 
@@ -456,22 +456,8 @@ class Writer:
         return True
 
     def _finalize(self, call_id: str, at: int, reason: str, add_event: bool, now: int) -> bool:
-        cursor = self._conn.execute(
-            "UPDATE calls SET state = 'ended', ended_at = ?, end_reason = ?, heartbeat_at = ?"
-            " WHERE id = ? AND state = 'open'",
-            (at, reason, now, call_id),
-        )
         self._open_calls.discard(call_id)
-        if cursor.rowcount == 0:
-            return False
-        if add_event:
-            self._insert_events([(call_id, encode_event(CallClosed(at=at, reason=reason)))])
-        self._conn.execute(
-            "INSERT OR IGNORE INTO deliveries (call_id, kind, idempotency_key, next_attempt_at,"
-            " created_at) VALUES (?, 'call-ended', ?, ?, ?)",
-            (call_id, f"{call_id}:call-ended", now, now),
-        )
-        return True
+        return finalize_call(self._conn, call_id, at, reason, add_event=add_event, now=now)
 
     def _heartbeat(self) -> None:
         try:
