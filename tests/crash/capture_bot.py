@@ -1,0 +1,85 @@
+"""A bot process for crash tests: plays a seeded scripted call that never ends.
+
+After every step it waits until everything observed so far is committed, then reports
+on stdout (one JSON line) what it saw committed: the number of the call's events and a
+digest of their bodies, and the sha256 of every chunk the AudioBufferProcessor emitted.
+The parent kills it with SIGKILL at a point of its choosing and checks the database
+against the last report.
+
+    python capture_bot.py DATA_DIR CALL_ID SEED
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import sqlite3
+import sys
+from pathlib import Path
+
+from pipecat_roark import RoarkObserver
+from pipecat_roark.testing import Bot, Pause, ScriptedCall, Step, Tool, User, run_pipeline
+from pipecat_roark.writer import writer_for
+
+WORDS = ["order", "late", "shipped", "refund", "address", "tomorrow", "sorry", "thanks"]
+
+
+def seeded_script(seed: int, steps: int = 12) -> list[Step]:
+    rng = random.Random(seed)
+    script: list[Step] = []
+    for i in range(steps):
+        kind = rng.choice(["user", "bot", "bot", "tool", "pause"])
+        words = rng.sample(WORDS, rng.randint(1, 4))
+        if kind == "user":
+            script.append(User(" ".join(words), ms=rng.choice([200, 400, 800])))
+        elif kind == "bot":
+            script.append(Bot(words, interrupt_after=rng.choice([None, None, 1])))
+        elif kind == "tool":
+            script.append(Tool(f"t{i}", "lookup", {"n": i}, {"ok": i}))
+        else:
+            script.append(Pause(rng.choice([100, 600])))
+    return script
+
+
+def committed(directory: Path, call_id: str) -> tuple[int, str]:
+    with sqlite3.connect(f"file:{directory / 'wal.sqlite'}?mode=ro", uri=True) as conn:
+        bodies = [
+            b
+            for (b,) in conn.execute(
+                "SELECT body FROM events WHERE call_id = ? ORDER BY id", (call_id,)
+            )
+        ]
+    conn.close()
+    return len(bodies), hashlib.sha256(b"".join(bodies)).hexdigest()
+
+
+async def main(directory: Path, call_id: str, seed: int) -> None:
+    roark = RoarkObserver(
+        agent_id="crash-bot",
+        pipecat_call_id=call_id,
+        data_dir=directory,
+        deliver=False,
+        chunk_bytes=8000,
+    )
+    emitted: list[str] = []
+
+    @roark.audio_processor.event_handler("on_audio_data")
+    async def tap(processor: object, audio: bytes, sample_rate: int, num_channels: int) -> None:
+        emitted.append(hashlib.sha256(audio).hexdigest())
+
+    async def report(step: int) -> None:
+        if not await writer_for(directory).flush(10):
+            return
+        count, digest = committed(directory, call_id)
+        line = {"step": step, "events": count, "digest": digest, "emitted": list(emitted)}
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+
+    script = ScriptedCall(seeded_script(seed), end="hang", on_step=report)
+    await run_pipeline([script, roark.audio_processor], observers=[roark])
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))

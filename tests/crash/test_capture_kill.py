@@ -1,0 +1,120 @@
+"""SIGKILL a real bot mid-call: the database opens cleanly and keeps every committed event.
+
+The bot (capture_bot.py) reports through a pipe what it saw committed after each step;
+we kill it at a seeded point (sometimes right after a report, sometimes a few
+milliseconds into the next step) and hold the database to that report. The seed is in
+the test id, so a failure names the exact run to repeat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipecat_roark.events import ChunkRecorded, UserText
+from pipecat_roark.store import connect
+from pipecat_roark.timeline import assemble_call_ended, load_events
+
+BOT = Path(__file__).with_name("capture_bot.py")
+REPORT_DEADLINE_S = 60.0
+
+
+def run_and_kill(directory: Path, seed: int) -> dict[str, object]:
+    """Start the bot, read its reports up to a seeded step, SIGKILL it, return the last report."""
+    rng = random.Random(seed)
+    kill_after_step = rng.randint(1, 10)
+    extra_delay_s = rng.choice([0.0, 0.0, 0.002, 0.01, 0.03])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(BOT), str(directory), "call-x", str(seed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    assert proc.stdout is not None
+    last: dict[str, object] | None = None
+    deadline = time.monotonic() + REPORT_DEADLINE_S
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            last = json.loads(line)
+            if last["step"] >= kill_after_step:
+                break
+        if extra_delay_s:
+            time.sleep(extra_delay_s)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert last is not None, f"seed {seed}: the bot reported nothing before the deadline"
+    assert proc.returncode == -signal.SIGKILL
+    return last
+
+
+def check_database(directory: Path, seed: int, report: dict[str, object]) -> None:
+    conn = connect(directory, read_only=True)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)], f"seed {seed}"
+        bodies = [
+            b
+            for (b,) in conn.execute("SELECT body FROM events WHERE call_id = 'call-x' ORDER BY id")
+        ]
+        reported = int(report["events"])  # type: ignore[call-overload]
+        assert len(bodies) >= reported, f"seed {seed}: committed events were lost"
+        prefix = hashlib.sha256(b"".join(bodies[:reported])).hexdigest()
+        assert prefix == report["digest"], f"seed {seed}: committed events changed"
+
+        chunks = conn.execute(
+            "SELECT idx, path, size, sha256 FROM chunks WHERE call_id = 'call-x' ORDER BY idx"
+        ).fetchall()
+        assert [c[0] for c in chunks] == list(range(len(chunks))), f"seed {seed}: chunk gap"
+        emitted = report["emitted"]
+        assert isinstance(emitted, list)
+        for idx, path, size, sha in chunks:
+            data = (directory / path).read_bytes()
+            assert (len(data), hashlib.sha256(data).hexdigest()) == (size, sha), f"seed {seed}"
+            if idx < len(emitted):
+                assert sha == emitted[idx], f"seed {seed}: chunk {idx} is not what was emitted"
+        events = load_events(conn, "call-x")
+        recorded = [e.index for e in events if isinstance(e, ChunkRecorded)]
+        assert recorded == [c[0] for c in chunks], f"seed {seed}: chunk rows and events disagree"
+        assert conn.execute("SELECT state FROM calls WHERE id = 'call-x'").fetchone() == ("open",)
+        assert conn.execute(
+            "SELECT kind, state FROM deliveries WHERE call_id = 'call-x' AND kind != 'chunk'"
+        ).fetchall() == [("call-started", "pending")]
+    finally:
+        conn.close()
+
+    ended = assemble_call_ended("call-x", events)
+    assert ended.call_ended_reason == "observer-lost"
+    user_words = " ".join(e.text for e in events if isinstance(e, UserText))
+    transcript_user = " ".join(t.content for t in ended.transcript or [] if t.role == "user")
+    assert transcript_user == user_words, f"seed {seed}: user text lost in assembly"
+
+
+@pytest.mark.parametrize("seed", [11, 23, 37])
+def test_a_bot_killed_mid_call_leaves_every_committed_event(tmp_path: Path, seed: int) -> None:
+    directory = tmp_path / "roark"
+    report = run_and_kill(directory, seed)
+    check_database(directory, seed, report)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("seed", range(100, 140))
+def test_many_kill_points(tmp_path: Path, seed: int) -> None:
+    directory = tmp_path / "roark"
+    report = run_and_kill(directory, seed)
+    check_database(directory, seed, report)
