@@ -47,7 +47,7 @@ from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.transports.base_output import BaseOutputTransport
 
-from . import config
+from . import config, lifecycle
 from .capture import arguments_json, clean_text, resolve_call_id, result_text
 from .errors import PipecatRoarkError
 from .events import (
@@ -63,6 +63,7 @@ from .events import (
     UserSpeech,
     UserText,
 )
+from .lifecycle import DEFAULT_EXIT_DRAIN_S
 from .writer import (
     DEFAULT_MAX_SPOOL_BYTES,
     DEFAULT_MIN_FREE_BYTES,
@@ -86,8 +87,14 @@ FLUSH_WAIT_S = 5.0
 """How long the end of a call waits for its records to be committed."""
 
 NOT_ATTACHED_CHECK_S = 5.0
+DEFAULT_IDLE_TIMEOUT_S = 600.0
+"""No frame at all for this long means the session vanished (the pipeline produces audio
+frames continuously while a call lives, even in silence)."""
 
 _missing_key_warned = False
+
+
+_monotonic = time.monotonic
 
 
 def _now_us() -> int:
@@ -166,6 +173,10 @@ class RoarkObserver(BaseObserver):
             recorded (events still are), with a loud warning.
         min_free_bytes: Free disk space to leave alone; below it new audio is not
             recorded either, so the events of every call still fit.
+        idle_timeout_s: Finalize the call with reason ``session-vanished`` when the
+            pipeline has produced no frame for this long (None: never).
+        exit_drain_s: On SIGTERM or interpreter exit, open calls are finalized with reason
+            ``process-exit`` and delivery is tried for at most this long (0: not at all).
     """
 
     def __init__(
@@ -184,6 +195,8 @@ class RoarkObserver(BaseObserver):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
         min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+        idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
+        exit_drain_s: float = DEFAULT_EXIT_DRAIN_S,
     ) -> None:
         super().__init__()
         self._call_id = resolve_call_id(pipecat_call_id, runner_args)
@@ -221,6 +234,18 @@ class RoarkObserver(BaseObserver):
         self._closed: tuple[int, str] | None = None
         self._finalized = False
         self._finish_task: asyncio.Task[None] | None = None
+        self._idle_timeout_s = idle_timeout_s
+        self._last_frame = time.monotonic()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._vanished: asyncio.Task[None] | None = None
+        lifecycle.register(
+            self,
+            api_key=self._api_key if deliver else None,
+            base_url=base_url,
+            directory=self._directory,
+            exit_drain_s=exit_drain_s,
+        )
+        lifecycle.install_exit_hooks()
         self._next_chunk = 0
         # With a processor of the user's, sample 0 is seen from here (ours reports it inline).
         self._sample_zero_pending = not self._own_processor
@@ -285,6 +310,7 @@ class RoarkObserver(BaseObserver):
     # ---- BaseObserver hooks (each wrapped: an exception would silence us for good) ----
 
     async def on_push_frame(self, data: FramePushed) -> None:
+        self._last_frame = _monotonic()
         try:
             frame = data.frame
             cls = frame.__class__
@@ -488,6 +514,8 @@ class RoarkObserver(BaseObserver):
             agent_prompt=self._agent_prompt,
         )
         self._writer.submit((OP_OPEN, self._call_id, opened, self._key_fp))
+        self._last_frame = time.monotonic()
+        self._arm_watchdog()
         self._start_delivery()
 
     def _recording_started(self) -> None:
@@ -501,6 +529,44 @@ class RoarkObserver(BaseObserver):
             if handler == self._on_audio:
                 self._dispatch[cls] = None
         self._rules[0] = (AudioRawFrame, None)
+
+    def end_abruptly(self, reason: str) -> tuple[Path, str | None, str | None] | None:
+        """Process exit: finalize now without awaiting (the event loop may be gone).
+
+        The recording's tail still buffered in the AudioBufferProcessor (up to one chunk)
+        cannot be flushed here and is lost; everything already recorded is kept.
+        """
+        if not self._opened or self._finalized or self._writer is None:
+            return None
+        self._close(_now_us(), reason)
+        self._finalize()
+        return (self._directory, self._api_key, self._base_url)
+
+    def _arm_watchdog(self) -> None:
+        if self._idle_timeout_s is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        remaining = self._idle_timeout_s - (time.monotonic() - self._last_frame)
+        delay = max(0.05, min(remaining, self._idle_timeout_s / 4, 30.0))
+        self._watchdog = loop.call_later(delay, self._guard, self._watchdog_tick)
+
+    def _watchdog_tick(self) -> None:
+        self._watchdog = None
+        if self._finalized or self._finish_task is not None or self._idle_timeout_s is None:
+            return
+        idle = time.monotonic() - self._last_frame
+        if idle < self._idle_timeout_s:
+            self._arm_watchdog()
+            return
+        logger.warning(
+            f"{self}: no frame for {idle:.0f} s: the session vanished without an EndFrame; "
+            f"finalizing call {self._call_id} (reason session-vanished). Call "
+            "`await roark.aflush()` when your client disconnects to end calls sooner"
+        )
+        self._vanished = asyncio.ensure_future(self.aflush(reason="session-vanished"))
 
     def _processor_saw_start(self) -> None:
         self._open(_now_us())
@@ -596,6 +662,9 @@ class RoarkObserver(BaseObserver):
         if self._finalized or not self._opened or self._writer is None:
             return
         self._finalized = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         at, reason = self._closed or (_now_us(), "unknown")
         self._writer.submit((OP_FINALIZE, self._call_id, at, reason, False))
         if not self._saw_text:
