@@ -1,0 +1,39 @@
+"""The minimal wiring: two lines in any Pipecat 1.x bot.
+
+    from pipecat_roark import RoarkObserver
+
+    roark = RoarkObserver(agent_id="my-agent")           # 1. create (ROARK_API_KEY from env)
+    pipeline = Pipeline([..., transport.output(), roark.audio_processor, ...])
+    worker = PipelineWorker(pipeline, observers=[roark])  # 2. attach
+
+Runnable offline: the "transport" here is a scripted caller and bot from
+pipecat_roark.testing, so this file shows the wiring without any service keys.
+
+    uv run examples/basic_observer.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineWorker
+from pipecat.workers.runner import WorkerRunner
+
+from pipecat_roark import RoarkObserver
+from pipecat_roark.testing import ScriptedCall
+
+
+async def main() -> None:
+    roark = RoarkObserver(agent_id="basic-example", agent_name="Basic example")
+    pipeline = Pipeline([ScriptedCall(), roark.audio_processor])
+    worker = PipelineWorker(pipeline, observers=[roark], idle_timeout_secs=None)
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    await runner.run()
+    print(f"recorded call {roark.pipecat_call_id} in {roark.data_dir}")
+    print("see it with: pipecat-roark show", roark.pipecat_call_id)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
