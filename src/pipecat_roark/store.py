@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from . import crashpoints
 from .errors import StoreCorrupt, StoreForeign, StoreFromFuture, StoreUnavailable
 from .events import CallClosed, encode_event
 
@@ -221,6 +222,7 @@ def _migrate(conn: sqlite3.Connection, db: Path) -> None:
                 continue
             for statement in _statements(migration.sql):
                 conn.execute(statement)
+                crashpoints.reached("mid-migration")
             conn.execute(f"PRAGMA user_version = {migration.version}")
             conn.execute("COMMIT")
         except BaseException:

@@ -25,7 +25,7 @@ from typing import Any
 
 from loguru import logger
 
-from . import spool
+from . import crashpoints, spool
 from .errors import StoreCorrupt
 from .events import CallOpened, ChunkRecorded, encode_event
 from .owner import Owner, current_owner
@@ -205,6 +205,9 @@ class Writer:
         transaction per op and drop only the ops that fail.
         """
         work = self._spool_chunks(work)
+        if any(op[0] == OP_CHUNK_READY for op in work):
+            crashpoints.reached("chunk-file-durable")
+        crashpoints.reached("before-commit")
         delay = 0.05
         streak_logged = False
         while True:

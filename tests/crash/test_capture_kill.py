@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,12 +29,17 @@ BOT = Path(__file__).with_name("capture_bot.py")
 REPORT_DEADLINE_S = 60.0
 
 
-def run_and_kill(directory: Path, seed: int) -> dict[str, object]:
-    """Start the bot, read its reports up to a seeded step, SIGKILL it, return the last report."""
+def run_and_kill(directory: Path, seed: int, crash_at: str | None = None) -> dict[str, object]:
+    """Start the bot, read its reports up to a seeded step, SIGKILL it, return the last report.
+
+    With ``crash_at`` the bot kills itself at that named point (crashpoints.py) instead.
+    """
     rng = random.Random(seed)
-    kill_after_step = rng.randint(1, 10)
+    kill_after_step = rng.randint(1, 10) if crash_at is None else 10_000
     extra_delay_s = rng.choice([0.0, 0.0, 0.002, 0.01, 0.03])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if crash_at is not None:
+        env["PIPECAT_ROARK_CRASH_AT"] = crash_at
     proc = subprocess.Popen(
         [sys.executable, str(BOT), str(directory), "call-x", str(seed)],
         stdout=subprocess.PIPE,
@@ -59,9 +65,15 @@ def run_and_kill(directory: Path, seed: int) -> dict[str, object]:
         proc.kill()
         proc.wait(timeout=30)
         proc.stdout.close()
-    assert last is not None, f"seed {seed}: the bot reported nothing before the deadline"
     assert proc.returncode == -signal.SIGKILL
-    return last
+    if crash_at is None:
+        assert last is not None, f"seed {seed}: the bot reported nothing before the deadline"
+    return last or {
+        "step": 0,
+        "events": 0,
+        "digest": hashlib.sha256(b"").hexdigest(),
+        "emitted": [],
+    }
 
 
 def check_database(directory: Path, seed: int, report: dict[str, object]) -> None:
@@ -91,10 +103,17 @@ def check_database(directory: Path, seed: int, report: dict[str, object]) -> Non
         events = load_events(conn, "call-x")
         recorded = [e.index for e in events if isinstance(e, ChunkRecorded)]
         assert recorded == [c[0] for c in chunks], f"seed {seed}: chunk rows and events disagree"
+        if not events:  # killed before the call's first commit: nothing may be half there
+            assert conn.execute("SELECT count(*) FROM calls").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
+            return
         assert conn.execute("SELECT state FROM calls WHERE id = 'call-x'").fetchone() == ("open",)
         assert conn.execute(
             "SELECT kind, state FROM deliveries WHERE call_id = 'call-x' AND kind != 'chunk'"
         ).fetchall() == [("call-started", "pending")]
+        assert conn.execute(
+            "SELECT count(*) FROM deliveries WHERE call_id = 'call-x' AND kind = 'chunk'"
+        ).fetchone() == (len(chunks),)
     finally:
         conn.close()
 
@@ -110,6 +129,33 @@ def test_a_bot_killed_mid_call_leaves_every_committed_event(tmp_path: Path, seed
     directory = tmp_path / "roark"
     report = run_and_kill(directory, seed)
     check_database(directory, seed, report)
+
+
+@pytest.mark.parametrize(
+    "crash_at",
+    [
+        "mid-migration:1",
+        "before-commit:1",
+        "before-commit:4",
+        "chunk-half-written:2",
+        "chunk-file-durable:1",
+        "chunk-file-durable:3",
+    ],
+)
+def test_a_bot_killed_at_a_named_point_leaves_a_consistent_database(
+    tmp_path: Path, crash_at: str
+) -> None:
+    directory = tmp_path / "roark"
+    report = run_and_kill(directory, 5, crash_at=crash_at)
+    if crash_at.startswith("mid-migration"):
+        raw = sqlite3.connect(directory / "wal.sqlite")
+        try:  # the half-applied migration rolled back whole
+            assert raw.execute("PRAGMA user_version").fetchone() == (0,)
+            assert raw.execute("SELECT name FROM sqlite_master").fetchall() == []
+        finally:
+            raw.close()
+        connect(directory).close()  # the next process migrates it
+    check_database(directory, 5, report)
 
 
 @pytest.mark.long
