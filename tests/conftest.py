@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
+from devserver_fixture import RunningDevServer, running_dev_server
 from helpers import LogCapture
 from pipecat_roark.writer import close_all_writers
 
@@ -34,3 +35,10 @@ def logs() -> Iterator[LogCapture]:
     sink = logger.add(capture, level="DEBUG")
     yield capture
     logger.remove(sink)
+
+
+@pytest.fixture
+def dev_server(tmp_path: Path) -> Iterator[RunningDevServer]:
+    """A real Roark-compatible server on 127.0.0.1 (no faults; `.configure(...)` adds some)."""
+    with running_dev_server(tmp_path) as server:
+        yield server
