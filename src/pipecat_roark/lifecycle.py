@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import importlib
 import os
 import signal
 import threading
@@ -147,15 +146,13 @@ def run_final_drain() -> None:
 async def _drain_targets(
     targets: list[tuple[tuple[Path, str], tuple[str, str | None, float]]], deadline: float
 ) -> None:
-    try:
-        drain = importlib.import_module("pipecat_roark.drain")
-    except ImportError:  # delivery not available in this build
-        return
+    from .drain import Drainer  # here: the observer imports us, the drainer imports the writer
+
     for (directory, _), (api_key, base_url, _limit) in targets:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return
         try:
-            await drain.Drainer(directory, api_key, base_url).run_once(timeout=remaining)
+            await Drainer(directory, api_key, base_url, inline_db=True).run_once(budget_s=remaining)
         except Exception as exc:
             logger.error(f"pipecat-roark: final drain of {directory} failed: {exc}")

@@ -49,6 +49,7 @@ from pipecat.transports.base_output import BaseOutputTransport
 
 from . import config, lifecycle
 from .capture import arguments_json, clean_text, resolve_call_id, result_text
+from .drain import ensure_background_drainer
 from .errors import PipecatRoarkError
 from .events import (
     BotSpeech,
@@ -694,7 +695,9 @@ class RoarkObserver(BaseObserver):
     # ---- delivery ----
 
     def _start_delivery(self) -> None:
-        """Hook for the background drainer; delivery is wired in by drain.py."""
+        """Deliver while the call runs: this process's background drainer (started once)."""
+        if self._deliver and self._api_key and self._writer is not None:
+            ensure_background_drainer(self._directory, self._api_key, self._base_url)
 
     # ---- failure handling ----
 

@@ -1,0 +1,245 @@
+"""The outbox: the SQL of delivery rows, claimed with leases by any number of drainers.
+
+A row is ``pending → leased → delivered``, or ``dead`` with its last error. Leases,
+not locks: a drainer claims rows with one conditional UPDATE inside ``BEGIN
+IMMEDIATE``, so two live drainers never hold the same row, and a crashed drainer's
+rows become claimable again when its lease expires (the retry carries the same
+idempotency key). Every outcome is written only while we still hold the lease.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from .events import decode_event
+from .owner import Owner, owner_is_gone
+from .store import finalize_call, transaction
+
+__all__ = [
+    "Delivery",
+    "claim",
+    "finalize_orphans",
+    "mark_dead",
+    "mark_delivered",
+    "mark_retry",
+    "next_due",
+    "pause_key",
+    "paused_reason",
+    "lease_owner_id",
+    "release",
+    "release_dead_owners",
+    "unpause_key",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    id: int
+    call_id: str
+    kind: str
+    chunk_idx: int | None
+    idempotency_key: str
+    attempts: int
+    created_at: int
+
+
+# Per call: call-started first; chunks once call-started is settled; call-ended once the
+# call has ended and every chunk is settled. Calls recorded under another key are not ours.
+_READY = """
+      (c.key_fp IS NULL OR c.key_fp = :key_fp)
+      AND (:call_id IS NULL OR d.call_id = :call_id)
+      AND (d.kind = 'call-started' OR EXISTS (
+            SELECT 1 FROM deliveries s WHERE s.call_id = d.call_id
+              AND s.kind = 'call-started' AND s.state IN ('delivered', 'dead')))
+      AND (d.kind != 'call-ended' OR (c.state = 'ended' AND NOT EXISTS (
+            SELECT 1 FROM deliveries x WHERE x.call_id = d.call_id
+              AND x.kind = 'chunk' AND x.state NOT IN ('delivered', 'dead'))))
+"""
+
+_CLAIM = f"""
+UPDATE deliveries SET state = 'leased', lease_owner = :owner, lease_expires_at = :expires
+WHERE id IN (
+    SELECT d.id FROM deliveries d JOIN calls c ON c.id = d.call_id
+    WHERE ((d.state = 'pending' AND d.next_attempt_at <= :now)
+           OR (d.state = 'leased' AND d.lease_expires_at < :now))
+      AND {_READY}
+    ORDER BY d.id
+    LIMIT :limit
+)
+RETURNING id, call_id, kind, chunk_idx, idempotency_key, attempts, created_at
+"""
+
+_NEXT_DUE = f"""
+SELECT MIN(d.next_attempt_at), SUM(d.state = 'leased')
+FROM deliveries d JOIN calls c ON c.id = d.call_id
+WHERE d.state IN ('pending', 'leased') AND {_READY}
+"""
+
+
+def next_due(
+    conn: sqlite3.Connection, *, key_fp: str | None, call_id: str | None = None
+) -> tuple[int | None, bool]:
+    """(earliest next attempt of a ready pending row, whether ready rows are leased right now)."""
+    row = conn.execute(_NEXT_DUE, {"key_fp": key_fp, "call_id": call_id}).fetchone()
+    earliest = conn.execute(
+        _NEXT_DUE.replace("d.state IN ('pending', 'leased')", "d.state = 'pending'"),
+        {"key_fp": key_fp, "call_id": call_id},
+    ).fetchone()[0]
+    return (None if earliest is None else int(earliest)), bool(row[1])
+
+
+def claim(
+    conn: sqlite3.Connection,
+    *,
+    owner: str,
+    now: int,
+    lease_us: int,
+    limit: int,
+    key_fp: str | None,
+    call_id: str | None = None,
+) -> list[Delivery]:
+    """Lease up to ``limit`` rows that are due and ready, in one write transaction."""
+    with transaction(conn):
+        rows = conn.execute(
+            _CLAIM,
+            {
+                "owner": owner,
+                "expires": now + lease_us,
+                "now": now,
+                "key_fp": key_fp,
+                "call_id": call_id,
+                "limit": limit,
+            },
+        ).fetchall()
+    return sorted((Delivery(*row) for row in rows), key=lambda d: d.id)
+
+
+def _settle(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> bool:
+    with transaction(conn):
+        return conn.execute(sql, params).rowcount == 1
+
+
+def mark_delivered(conn: sqlite3.Connection, delivery: Delivery, *, owner: str, now: int) -> bool:
+    return _settle(
+        conn,
+        "UPDATE deliveries SET state = 'delivered', delivered_at = ?, attempts = attempts + 1,"
+        " lease_owner = NULL, lease_expires_at = NULL, last_error = NULL"
+        " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+        (now, delivery.id, owner),
+    )
+
+
+def mark_retry(
+    conn: sqlite3.Connection, delivery: Delivery, *, owner: str, error: str, next_attempt_at: int
+) -> bool:
+    return _settle(
+        conn,
+        "UPDATE deliveries SET state = 'pending', attempts = attempts + 1, next_attempt_at = ?,"
+        " last_error = ?, lease_owner = NULL, lease_expires_at = NULL"
+        " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+        (next_attempt_at, error, delivery.id, owner),
+    )
+
+
+def mark_dead(conn: sqlite3.Connection, delivery: Delivery, *, owner: str, error: str) -> bool:
+    return _settle(
+        conn,
+        "UPDATE deliveries SET state = 'dead', attempts = attempts + 1, last_error = ?,"
+        " lease_owner = NULL, lease_expires_at = NULL"
+        " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+        (error, delivery.id, owner),
+    )
+
+
+def release(conn: sqlite3.Connection, owner: str, delivery: Delivery | None = None) -> int:
+    """Give leases back untouched (a clean stop, or a paused key): no attempt is counted."""
+    sql = (
+        "UPDATE deliveries SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL"
+        " WHERE state = 'leased' AND lease_owner = ?"
+    )
+    params: tuple[object, ...] = (owner,)
+    if delivery is not None:
+        sql += " AND id = ?"
+        params = (owner, delivery.id)
+    with transaction(conn):
+        return conn.execute(sql, params).rowcount
+
+
+def lease_owner_id(owner: Owner, instance: str) -> str:
+    """A lease owner names its process, so a dead process's leases can be taken back early."""
+    return f"{owner.host}|{owner.pid}|{owner.token}|{instance}"
+
+
+def release_dead_owners(conn: sqlite3.Connection) -> int:
+    """Leases of drainers whose process died on this host go back at once, not at expiry."""
+    owners = [
+        r[0]
+        for r in conn.execute("SELECT DISTINCT lease_owner FROM deliveries WHERE state = 'leased'")
+    ]
+    released = 0
+    for lease_owner in owners:
+        parts = str(lease_owner).split("|")
+        if len(parts) != 4 or not parts[1].isdigit():
+            continue
+        if owner_is_gone(parts[0], int(parts[1]), parts[2]) is True:
+            released += release(conn, lease_owner)
+    return released
+
+
+def pause_key(conn: sqlite3.Connection, key_fp: str, reason: str, now: int) -> bool:
+    """Returns True if the key was not paused before (so the caller says it once)."""
+    with transaction(conn):
+        cursor = conn.execute(
+            "INSERT OR IGNORE INTO paused_keys (key_fp, paused_at, reason) VALUES (?, ?, ?)",
+            (key_fp, now, reason),
+        )
+        return cursor.rowcount == 1
+
+
+def unpause_key(conn: sqlite3.Connection, key_fp: str) -> bool:
+    with transaction(conn):
+        return conn.execute("DELETE FROM paused_keys WHERE key_fp = ?", (key_fp,)).rowcount == 1
+
+
+def paused_reason(conn: sqlite3.Connection, key_fp: str) -> tuple[int, str] | None:
+    row = conn.execute(
+        "SELECT paused_at, reason FROM paused_keys WHERE key_fp = ?", (key_fp,)
+    ).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def finalize_orphans(
+    conn: sqlite3.Connection, *, now: int, grace_us: int, reason: str = "observer-lost"
+) -> list[str]:
+    """End open calls whose owner is gone: its pid is dead on this host, or (another host)
+    its heartbeat is older than the grace period.
+
+    The call ends at its last recorded event. The conditional UPDATE in finalize_call
+    makes this exactly-once however many drainers look at the same call.
+    """
+    candidates = conn.execute(
+        "SELECT id, owner_host, owner_pid, owner_token, heartbeat_at FROM calls WHERE state = 'open'"
+    ).fetchall()
+    finalized: list[str] = []
+    for call_id, host, pid, token, heartbeat_at in candidates:
+        gone = owner_is_gone(host, pid, token)
+        if gone is False:  # its process lives on this host: it heartbeats, or will end it
+            continue
+        if gone is None and heartbeat_at >= now - grace_us:  # another host: trust the heartbeat
+            continue
+        with transaction(conn):
+            last = conn.execute(
+                "SELECT body FROM events WHERE call_id = ? ORDER BY id DESC LIMIT 1", (call_id,)
+            ).fetchone()
+            at = _event_time(last[0]) if last else None
+            if finalize_call(conn, call_id, at or heartbeat_at, reason, add_event=True, now=now):
+                finalized.append(call_id)
+    return finalized
+
+
+def _event_time(body: bytes) -> int | None:
+    try:
+        return decode_event(body).at
+    except Exception:  # a damaged event must not block finalizing the call
+        return None

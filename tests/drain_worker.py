@@ -1,0 +1,26 @@
+"""A drainer process for the multi-process and crash tests.
+
+    python drain_worker.py DATA_DIR API_KEY BASE_URL
+Prints the drain report as one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from pipecat_roark.drain import Drainer, DrainPolicy
+
+QUICK = DrainPolicy(backoff_base_s=0.01, backoff_cap_s=0.05, max_attempts=200, poll_s=0.05)
+
+
+async def main(directory: Path, key: str, base_url: str) -> None:
+    report = await Drainer(directory, key, base_url, QUICK).run_once(budget_s=60)
+    line = {"delivered": report.delivered, "pending": report.pending, "dead": report.dead_total}
+    print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1]), sys.argv[2], sys.argv[3]))

@@ -1,0 +1,305 @@
+"""The drainer against the real dev server over 127.0.0.1: every call once, in order, whole."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from devserver_fixture import RunningDevServer, running_dev_server
+from helpers import LogCapture, stored_events
+from pipecat_roark import RoarkObserver
+from pipecat_roark.drain import (
+    Drainer,
+    DrainPolicy,
+    ensure_background_drainer,
+    stop_background_drainers,
+)
+from pipecat_roark.testing import Bot, ScriptedCall, Tool, User, run_pipeline
+from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
+from pipecat_roark.wire import encode
+from pipecat_roark.writer import writer_for
+
+pytestmark = pytest.mark.anyio
+
+KEY = "rk_live_drain"
+QUICK = DrainPolicy(backoff_base_s=0.01, backoff_cap_s=0.05, max_attempts=200, poll_s=0.05)
+
+
+def short_script(n: int) -> list[object]:
+    return [
+        Bot([f"Hello {n}."]),
+        User(f"Question {n}?", ms=600),
+        Tool(f"t{n}", "lookup", {"n": n}, {"ok": True}),
+        Bot(["Answer", str(n)]),
+    ]
+
+
+async def record(directory: Path, call_id: str, n: int = 0, *, key: str | None = KEY) -> None:
+    roark = RoarkObserver(
+        agent_id="drain-bot",
+        api_key=key,
+        pipecat_call_id=call_id,
+        data_dir=directory,
+        deliver=False,
+        chunk_bytes=8000,
+    )
+    await run_pipeline([ScriptedCall(short_script(n)), roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
+
+
+def chunk_files(directory: Path, call_id: str) -> list[bytes]:
+    with sqlite3.connect(directory / "wal.sqlite") as conn:
+        rows = conn.execute(
+            "SELECT path FROM chunks WHERE call_id = ? ORDER BY idx", (call_id,)
+        ).fetchall()
+    conn.close()
+    return [(directory / p).read_bytes() for (p,) in rows]
+
+
+def delivery_states(directory: Path) -> dict[str, str]:
+    with sqlite3.connect(directory / "wal.sqlite") as conn:
+        rows = conn.execute("SELECT idempotency_key, state FROM deliveries").fetchall()
+    conn.close()
+    return dict(rows)
+
+
+def assert_arrived_whole(
+    server: RunningDevServer, directory: Path, call_id: str
+) -> dict[str, object]:
+    call = server.call(call_id)
+    events = stored_events(directory, call_id)
+    assert call["callStarted"] == json.loads(encode(assemble_call_started(call_id, events)))
+    assert call["callEnded"] == json.loads(encode(assemble_call_ended(call_id, events)))
+    assert call["eventCounts"] == {"callStarted": 1, "callEnded": 1}
+    files = chunk_files(directory, call_id)
+    assert len(files) >= 2, "the call has several chunks"
+    stored = call["chunks"]
+    assert sorted(int(i) for i in stored) == list(range(len(files)))
+    for index, data in enumerate(files):
+        assert stored[str(index)]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert server.recording(call_id)[44:] == b"".join(files)
+    return call
+
+
+async def test_a_recorded_call_arrives_whole_and_in_order(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    await record(data_dir, "call-1")
+    report = await Drainer(data_dir, KEY, dev_server.base_url, QUICK).run_once()
+    assert_arrived_whole(dev_server, data_dir, "call-1")
+    files = chunk_files(data_dir, "call-1")
+    assert (report.delivered, report.chunks, report.bytes) == (
+        len(files) + 2,
+        len(files),
+        sum(map(len, files)),
+    )
+    assert (report.pending, report.dead_total, report.complete) == (0, 0, True)
+    assert set(delivery_states(data_dir).values()) == {"delivered"}
+    posts = [
+        r["idempotencyKey"]
+        for r in dev_server.requests()
+        if r["path"] == "/v1/integrations/pipecat"
+    ]
+    assert posts == ["call-1:call-started", "call-1:call-ended"], (
+        "call-started first, call-ended last"
+    )
+
+
+async def test_deliveries_go_out_during_the_call(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    seen_during_call: list[dict[str, object]] = []
+
+    async def look(step: int) -> None:
+        if step == 3:
+            for _ in range(200):  # bounded: the background drainer runs in this loop
+                call = await asyncio.to_thread(dev_server.calls)
+                if call and call[0]["chunks"]:
+                    seen_during_call.append(call[0])
+                    return
+                await asyncio.sleep(0.02)
+
+    roark = RoarkObserver(
+        agent_id="live",
+        api_key=KEY,
+        base_url=dev_server.base_url,
+        pipecat_call_id="live-1",
+        chunk_bytes=8000,
+    )
+    script = ScriptedCall(short_script(1), on_step=look)  # type: ignore[arg-type]
+    try:
+        await run_pipeline([script, roark.audio_processor], observers=[roark])
+        for _ in range(400):
+            if dev_server.calls()[0]["ended"]:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await stop_background_drainers(5)
+    assert (
+        seen_during_call
+        and seen_during_call[0]["started"] is True
+        and not seen_during_call[0]["ended"]
+    )
+    assert_arrived_whole(dev_server, data_dir, "live-1")
+
+
+async def test_every_call_arrives_exactly_once_through_storms_of_faults(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    for n in range(4):
+        await record(data_dir, f"storm-{n}", n)
+    faults = {
+        "fail_rate": 0.3,
+        "reset_rate": 0.1,
+        "status_sequence": [429, 500, 0, 429],
+        "retry_after_s": 0.05,
+        "seed": 7,
+    }
+    with running_dev_server(tmp_path, **faults) as server:
+        drainer = Drainer(data_dir, KEY, server.base_url, QUICK)
+        report = await drainer.run_once(budget_s=120)
+        assert report.complete, str(report)
+        assert report.retried > 0, "the storm really hit"
+        for n in range(4):
+            call = assert_arrived_whole(server, data_dir, f"storm-{n}")
+            assert set(call["idempotencyKeys"]) >= {
+                f"storm-{n}:call-started",
+                f"storm-{n}:call-ended",
+            }
+        statuses = {r["status"] for r in server.requests()}
+        assert {200, 429, 503}.issubset(statuses)
+
+
+async def test_slow_answers_and_expiring_urls_still_deliver_once(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    await record(data_dir, "slow-1")
+    with running_dev_server(tmp_path, latency_ms=2000, url_ttl_s=-1) as server:
+        impatient = DrainPolicy(
+            backoff_base_s=0.01,
+            backoff_cap_s=0.05,
+            max_attempts=200,
+            poll_s=0.05,
+            request_timeout_s=0.5,
+        )
+        first = await Drainer(data_dir, KEY, server.base_url, impatient).run_once(budget_s=3)
+        assert (
+            first.delivered == 0 and first.pending > 0 and "ReadTimeout" in (first.last_error or "")
+        )
+        server.configure(latency_ms=0)
+        second = await Drainer(data_dir, KEY, server.base_url, QUICK).run_once(budget_s=5)
+        assert second.delivered == 1 and "presigned upload URL was refused" in (
+            second.last_error or ""
+        )
+        server.configure(url_ttl_s=900)
+        third = await Drainer(data_dir, KEY, server.base_url, QUICK).run_once(budget_s=30)
+        assert third.complete, str(third)
+        assert_arrived_whole(server, data_dir, "slow-1")
+
+
+async def test_a_refused_key_pauses_without_loss_and_resumes_when_fixed(
+    data_dir: Path, tmp_path: Path, logs: LogCapture
+) -> None:
+    await record(data_dir, "auth-1")
+    with running_dev_server(tmp_path, accepted_keys=["someone-else"]) as server:
+        paused = await Drainer(data_dir, KEY, server.base_url, QUICK).run_once()
+        again = await Drainer(data_dir, KEY, server.base_url, QUICK).run_once()
+        assert paused.paused and again.paused and paused.delivered == 0
+        assert set(delivery_states(data_dir).values()) == {"pending"}, "nothing dead, nothing lost"
+        with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+            assert conn.execute("SELECT attempts FROM deliveries").fetchall() == [(0,)] * len(
+                delivery_states(data_dir)
+            )
+            assert [r[0] for r in conn.execute("SELECT key_fp FROM paused_keys")] == [paused_fp()]
+        [line] = logs.matching("Roark refused the API key")
+        assert "deliveries for it are paused" in line and KEY not in line
+
+        server.configure(accepted_keys=[KEY])
+        fixed = await Drainer(data_dir, KEY, server.base_url, QUICK).run_once()
+        assert fixed.complete and not fixed.paused
+        assert_arrived_whole(server, data_dir, "auth-1")
+        with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+            assert conn.execute("SELECT count(*) FROM paused_keys").fetchone() == (0,)
+
+
+def paused_fp() -> str:
+    from pipecat_roark.config import key_fingerprint
+
+    fp = key_fingerprint(KEY)
+    assert fp is not None
+    return fp
+
+
+async def test_a_permanent_refusal_makes_a_dead_row_with_its_reason(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    await record(data_dir, "a-bad")
+    await record(data_dir, "b-good", 1)
+    one_at_a_time = DrainPolicy(concurrency=1, backoff_base_s=0.01, backoff_cap_s=0.05)
+    with running_dev_server(tmp_path, status_sequence=[400]) as server:  # the first request
+        report = await Drainer(data_dir, KEY, server.base_url, one_at_a_time).run_once()
+        assert report.dead == 1 and report.dead_total == 1 and not report.complete
+        with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+            dead = conn.execute(
+                "SELECT idempotency_key, last_error FROM deliveries WHERE state = 'dead'"
+            ).fetchall()
+        assert [k for k, _ in dead] == ["a-bad:call-started"]
+        assert dead[0][1].startswith("POST /v1/integrations/pipecat: HTTP 400: ")
+        assert "injected 400" in dead[0][1]
+        assert_arrived_whole(server, data_dir, "b-good")
+        assert server.call("a-bad")["callEnded"] is not None, "the rest of the call still went"
+
+
+async def test_a_missing_chunk_file_is_dead_and_the_rest_of_the_call_goes(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    await record(data_dir, "gap-1")
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        (path,) = conn.execute(
+            "SELECT path FROM chunks WHERE call_id = 'gap-1' AND idx = 1"
+        ).fetchone()
+    conn.close()
+    (data_dir / path).unlink()
+    report = await Drainer(data_dir, KEY, dev_server.base_url, QUICK).run_once()
+    assert report.dead == 1
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        assert conn.execute(
+            "SELECT last_error FROM deliveries WHERE state = 'dead'"
+        ).fetchone() == (f"chunk file missing: {data_dir / path}",)
+    conn.close()
+    call = dev_server.call("gap-1")
+    assert call["callEnded"] is not None and "1" not in call["chunks"] and "0" in call["chunks"]
+
+
+async def test_calls_of_another_key_are_skipped_and_reported(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    await record(data_dir, "mine")
+    await record(data_dir, "theirs", key="another-key")
+    await record(data_dir, "keyless", key=None)
+    report = await Drainer(data_dir, KEY, dev_server.base_url, QUICK).run_once()
+    assert report.skipped_calls == ["theirs"]
+    assert sorted(c["pipecatCallId"] for c in dev_server.calls()) == ["keyless", "mine"]
+
+
+async def test_ensure_background_drainer_is_one_per_process_and_stops_bounded(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    await record(data_dir, "bg-1")
+    ensure_background_drainer(data_dir, KEY, dev_server.base_url)
+    ensure_background_drainer(data_dir, KEY, dev_server.base_url)
+    try:
+        for _ in range(400):
+            calls = dev_server.calls()
+            if calls and calls[0]["ended"]:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await stop_background_drainers(5)
+    assert_arrived_whole(dev_server, data_dir, "bg-1")
+    assert sum(1 for t in asyncio.all_tasks() if "pipecat-roark-drainer" in t.get_name()) == 0
+    assert writer_for(data_dir).flush_sync(5)

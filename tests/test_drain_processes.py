@@ -1,0 +1,139 @@
+"""Drainers as real processes: orphans of a killed bot, three drainers on one database,
+and a drainer killed with SIGKILL mid-delivery, then drained again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devserver_fixture import RunningDevServer
+from helpers import stored_events
+from pipecat_roark.drain import Drainer
+from pipecat_roark.events import CallClosed
+from test_drain import KEY, QUICK, assert_arrived_whole, delivery_states, record
+
+HERE = Path(__file__).parent
+WORKER = HERE / "drain_worker.py"
+BOT = HERE / "lifecycle_bot.py"
+
+
+def run_worker(
+    directory: Path, base_url: str, crash_at: str | None = None
+) -> subprocess.Popen[str]:
+    env = {**os.environ}
+    env.pop("PIPECAT_ROARK_CRASH_AT", None)
+    if crash_at:
+        env["PIPECAT_ROARK_CRASH_AT"] = crash_at
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(directory), KEY, base_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out
+
+
+def kill_bot_mid_call(directory: Path, call_id: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("ROARK_API_KEY", "ROARK_BASE_URL")}
+    env["ROARK_API_KEY"] = KEY  # the bot records under our key; it has no server to deliver to
+    env["ROARK_BASE_URL"] = "http://127.0.0.1:9"
+    proc = subprocess.Popen(
+        [sys.executable, str(BOT), str(directory), call_id, "default"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.anyio
+async def test_a_killed_bots_call_is_finalized_once_as_observer_lost(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    kill_bot_mid_call(data_dir, "orphan-1")
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        assert conn.execute("SELECT state FROM calls").fetchall() == [("open",)]
+    conn.close()
+
+    first, second = await asyncio.gather(
+        Drainer(data_dir, KEY, dev_server.base_url, QUICK).run_once(),
+        Drainer(data_dir, KEY, dev_server.base_url, QUICK).run_once(),
+    )
+    assert sorted(first.finalized + second.finalized) == ["orphan-1"], "finalized exactly once"
+    closed = [e for e in stored_events(data_dir, "orphan-1") if isinstance(e, CallClosed)]
+    assert [e.reason for e in closed] == ["observer-lost"]
+    call = dev_server.call("orphan-1")
+    assert call["callEnded"]["callEndedReason"] == "observer-lost"
+    assert [t["content"] for t in call["callEnded"]["transcript"]][:2] == ["Hello there.", "Hi."]
+    assert call["eventCounts"] == {"callStarted": 1, "callEnded": 1}
+    assert set(delivery_states(data_dir).values()) == {"delivered"}
+
+
+@pytest.mark.anyio
+async def test_three_drainer_processes_deliver_each_row_once(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    for n in range(6):
+        await record(data_dir, f"multi-{n}", n)
+    procs = [run_worker(data_dir, dev_server.base_url) for _ in range(3)]
+    results = [finish(p) for p in procs]
+    assert [code for code, _ in results] == [0, 0, 0]
+    reports = [json.loads(out) for _, out in results]
+    rows = len(delivery_states(data_dir))
+    assert sum(r["delivered"] for r in reports) == rows, (
+        "every row delivered by exactly one drainer"
+    )
+    assert sum(1 for r in reports if r["delivered"] > 0) >= 2, "the work was shared"
+    posts: dict[str, int] = {}
+    for request in dev_server.requests():
+        if request["method"] == "POST":
+            posts[request["idempotencyKey"]] = posts.get(request["idempotencyKey"], 0) + 1
+    assert set(posts.values()) == {1}, "no request was sent twice"
+    for n in range(6):
+        assert_arrived_whole(dev_server, data_dir, f"multi-{n}")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("crash_at", ["after-upload:3", "after-call-ended:1"])
+async def test_a_drainer_killed_mid_delivery_is_finished_by_the_next_with_the_same_keys(
+    data_dir: Path, dev_server: RunningDevServer, crash_at: str
+) -> None:
+    await record(data_dir, "killed-1")
+    code, _ = finish(run_worker(data_dir, dev_server.base_url, crash_at=crash_at))
+    assert code == -signal.SIGKILL
+    assert (
+        "pending" in delivery_states(data_dir).values()
+        or "leased" in delivery_states(data_dir).values()
+    )
+
+    # The dead drainer's leases (60 s) go back at once: its process is gone.
+    report = await Drainer(data_dir, KEY, dev_server.base_url, QUICK).run_once(budget_s=30)
+    assert report.complete, str(report)
+    call = assert_arrived_whole(dev_server, data_dir, "killed-1")
+    keys = call["idempotencyKeys"]
+    if crash_at.startswith("after-call-ended"):
+        assert keys["killed-1:call-ended"] == 2, "sent again with the same key, recorded once"
+    else:
+        assert call["chunks"]["2"]["puts"] == 2, "the third chunk was PUT again to the same object"
+        assert keys["killed-1:chunk:2:url:0"] == 2, "its URL was asked for again with the same key"
