@@ -1,6 +1,6 @@
 """A bot process that stays mid-call until it is signalled (for the exit-hook tests).
 
-    python lifecycle_bot.py DATA_DIR CALL_ID MODE
+    python lifecycle_bot.py DATA_DIR CALL_ID MODE [CHUNK_BYTES]
 MODE "default": SIGTERM is left to Python's default; "host": the host installs its own
 SIGTERM handler first (prints "host handler" and leaves with status 3 at once).
 """
@@ -24,10 +24,12 @@ def host_handler(signum: int, frame: FrameType | None) -> None:
     os._exit(3)
 
 
-async def main(directory: Path, call_id: str, mode: str) -> None:
+async def main(directory: Path, call_id: str, mode: str, chunk_bytes: int) -> None:
     if mode == "host":
         signal.signal(signal.SIGTERM, host_handler)
-    roark = RoarkObserver(agent_id="exit-bot", pipecat_call_id=call_id, data_dir=directory)
+    roark = RoarkObserver(
+        agent_id="exit-bot", pipecat_call_id=call_id, data_dir=directory, chunk_bytes=chunk_bytes
+    )
 
     async def ready(step: int) -> None:
         if step == 2 and await writer_for(directory).flush(10):
@@ -40,4 +42,5 @@ async def main(directory: Path, call_id: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), sys.argv[2], sys.argv[3]))
+    chunk_bytes = int(sys.argv[4]) if len(sys.argv) > 4 else 256 * 1024
+    asyncio.run(main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], chunk_bytes))

@@ -46,12 +46,12 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def kill_bot_mid_call(directory: Path, call_id: str) -> None:
+def kill_bot_mid_call(directory: Path, call_id: str, chunk_bytes: int = 256 * 1024) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("ROARK_API_KEY", "ROARK_BASE_URL")}
     env["ROARK_API_KEY"] = KEY  # the bot records under our key; it has no server to deliver to
     env["ROARK_BASE_URL"] = "http://127.0.0.1:9"
     proc = subprocess.Popen(
-        [sys.executable, str(BOT), str(directory), call_id, "default"],
+        [sys.executable, str(BOT), str(directory), call_id, "default", str(chunk_bytes)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

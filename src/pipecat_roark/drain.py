@@ -150,7 +150,7 @@ class Drainer:
                 self._api_key, self._base_url, timeout=self.policy.request_timeout_s
             ) as client:
                 self._probe()
-                report.finalized = await self._db(self._finalize_orphans)
+                report.finalized = await self._db(self._finalize_orphans, call_id)
                 while True:
                     await self._deliver_due(client, report, call_id)
                     if report.paused:
@@ -414,10 +414,13 @@ class Drainer:
                 f"pipecat-roark: Roark accepts the API key {self.key_fp} again; deliveries resumed"
             )
 
-    def _finalize_orphans(self) -> list[str]:
+    def _finalize_orphans(self, call_id: str | None = None) -> list[str]:
         outbox.release_dead_owners(self._conn_or_open())
         finalized = outbox.finalize_orphans(
-            self._conn_or_open(), now=now_us(), grace_us=int(self.policy.orphan_grace_s * 1e6)
+            self._conn_or_open(),
+            now=now_us(),
+            grace_us=int(self.policy.orphan_grace_s * 1e6),
+            call_id=call_id,
         )
         for call_id in finalized:
             logger.warning(

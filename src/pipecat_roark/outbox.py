@@ -210,7 +210,12 @@ def paused_reason(conn: sqlite3.Connection, key_fp: str) -> tuple[int, str] | No
 
 
 def finalize_orphans(
-    conn: sqlite3.Connection, *, now: int, grace_us: int, reason: str = "observer-lost"
+    conn: sqlite3.Connection,
+    *,
+    now: int,
+    grace_us: int,
+    reason: str = "observer-lost",
+    call_id: str | None = None,
 ) -> list[str]:
     """End open calls whose owner is gone: its pid is dead on this host, or (another host)
     its heartbeat is older than the grace period.
@@ -219,10 +224,12 @@ def finalize_orphans(
     makes this exactly-once however many drainers look at the same call.
     """
     candidates = conn.execute(
-        "SELECT id, owner_host, owner_pid, owner_token, heartbeat_at FROM calls WHERE state = 'open'"
+        "SELECT id, owner_host, owner_pid, owner_token, heartbeat_at FROM calls"
+        " WHERE state = 'open' AND (? IS NULL OR id = ?)",
+        (call_id, call_id),
     ).fetchall()
     finalized: list[str] = []
-    for call_id, host, pid, token, heartbeat_at in candidates:
+    for orphan, host, pid, token, heartbeat_at in candidates:
         gone = owner_is_gone(host, pid, token)
         if gone is False:  # its process lives on this host: it heartbeats, or will end it
             continue
@@ -230,11 +237,11 @@ def finalize_orphans(
             continue
         with transaction(conn):
             last = conn.execute(
-                "SELECT body FROM events WHERE call_id = ? ORDER BY id DESC LIMIT 1", (call_id,)
+                "SELECT body FROM events WHERE call_id = ? ORDER BY id DESC LIMIT 1", (orphan,)
             ).fetchone()
             at = _event_time(last[0]) if last else None
-            if finalize_call(conn, call_id, at or heartbeat_at, reason, add_event=True, now=now):
-                finalized.append(call_id)
+            if finalize_call(conn, orphan, at or heartbeat_at, reason, add_event=True, now=now):
+                finalized.append(orphan)
     return finalized
 
 

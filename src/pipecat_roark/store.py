@@ -116,8 +116,9 @@ def _classify(exc: sqlite3.Error, db: Path) -> Exception:
     text = str(exc).lower()
     if "not a database" in text or "malformed" in text or "corrupt" in text:
         return StoreCorrupt(
-            f"{db} is damaged or not a database ({exc}); move it aside (pipecat-roark doctor "
-            "quarantines it) and a fresh one will be created"
+            f"{db} is damaged or not a database ({exc}); move it aside with "
+            "`pipecat-roark doctor --repair` (a recording process does it by itself) and a "
+            "fresh one is created"
         )
     if "locked" in text or "busy" in text:
         return StoreUnavailable(

@@ -1,0 +1,221 @@
+"""Read-only views of the WAL for the CLI: queue status, the calls table, one call in full.
+
+Plain dicts of plain values, so ``--json`` prints exactly what the tables show. Every
+query runs on a connection opened with ``PRAGMA query_only``: looking never writes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .events import decode_event
+from .timeline import (
+    DEFAULT_RECOVERY_REASON,
+    assemble_call_ended,
+    assemble_call_started,
+    iso,
+    load_events,
+)
+from .wire import encode
+
+__all__ = ["call_detail", "list_calls", "queue_status"]
+
+STATES = ("pending", "leased", "delivered", "dead")
+
+
+def queue_status(conn: sqlite3.Connection, directory: Path, *, now: int) -> dict[str, Any]:
+    by_state = dict.fromkeys(STATES, 0)
+    by_kind: dict[str, dict[str, int]] = {
+        k: dict.fromkeys(STATES, 0) for k in ("call-started", "chunk", "call-ended")
+    }
+    for kind, state, count in conn.execute(
+        "SELECT kind, state, count(*) FROM deliveries GROUP BY kind, state"
+    ):
+        by_state[state] += count
+        by_kind[kind][state] = count
+    calls = dict(conn.execute("SELECT state, count(*) FROM calls GROUP BY state").fetchall())
+    oldest = conn.execute(
+        "SELECT MIN(created_at) FROM deliveries WHERE state IN ('pending', 'leased')"
+    ).fetchone()[0]
+    chunk_bytes = conn.execute("SELECT COALESCE(SUM(c.size), 0) FROM chunks c").fetchone()[0]
+    undelivered_bytes = conn.execute(
+        "SELECT COALESCE(SUM(c.size), 0) FROM chunks c JOIN deliveries d"
+        " ON d.call_id = c.call_id AND d.kind = 'chunk' AND d.chunk_idx = c.idx"
+        " WHERE d.state != 'delivered'"
+    ).fetchone()[0]
+    last_error = conn.execute(
+        "SELECT idempotency_key, last_error FROM deliveries WHERE last_error IS NOT NULL"
+        " AND state != 'delivered' ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    paused = [
+        {"keyFingerprint": fp, "pausedAt": iso(at), "reason": reason}
+        for fp, at, reason in conn.execute(
+            "SELECT key_fp, paused_at, reason FROM paused_keys ORDER BY key_fp"
+        )
+    ]
+    return {
+        "directory": str(directory),
+        "deliveries": by_state,
+        "byKind": by_kind,
+        "calls": {"open": int(calls.get("open", 0)), "ended": int(calls.get("ended", 0))},
+        "oldestPendingAgeS": None if oldest is None else round((now - oldest) / 1e6, 3),
+        "chunkBytes": int(chunk_bytes),
+        "undeliveredChunkBytes": int(undelivered_bytes),
+        "databaseBytes": _db_bytes(directory),
+        "dead": by_state["dead"],
+        "pausedKeys": paused,
+        "lastError": None if last_error is None else {"key": last_error[0], "error": last_error[1]},
+    }
+
+
+def _db_bytes(directory: Path) -> int:
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        path = directory / f"wal.sqlite{suffix}"
+        if path.exists():
+            total += path.stat().st_size
+    return total
+
+
+_CALLS = """
+SELECT c.id, c.agent_id, c.agent_name, c.state, c.end_reason, c.started_at, c.ended_at,
+       SUM(d.state = 'delivered'), COUNT(d.id), SUM(d.state = 'dead'),
+       SUM(d.kind = 'chunk'), SUM(d.kind = 'chunk' AND d.state = 'delivered'),
+       (SELECT last_error FROM deliveries e WHERE e.call_id = c.id AND e.last_error IS NOT NULL
+          AND e.state != 'delivered' ORDER BY e.id DESC LIMIT 1)
+FROM calls c LEFT JOIN deliveries d ON d.call_id = c.id
+WHERE (:agent IS NULL OR c.agent_id = :agent) AND (:since IS NULL OR c.started_at >= :since)
+GROUP BY c.id
+ORDER BY c.started_at DESC
+"""
+
+
+def call_state(state: str, delivered: int, total: int, dead: int) -> str:
+    """open (still recording) · dead (a row gave up) · delivered (all of it) · pending."""
+    if state == "open":
+        return "open"
+    if dead:
+        return "dead"
+    if total and delivered == total:
+        return "delivered"
+    return "pending"
+
+
+def list_calls(
+    conn: sqlite3.Connection,
+    *,
+    state: str | None = None,
+    agent: str | None = None,
+    since_us: int | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for row in conn.execute(_CALLS, {"agent": agent, "since": since_us}):
+        (
+            call_id,
+            agent_id,
+            agent_name,
+            raw_state,
+            reason,
+            started,
+            ended,
+            delivered,
+            total,
+            dead,
+            chunks,
+            chunks_ok,
+            error,
+        ) = row
+        derived = call_state(raw_state, delivered or 0, total or 0, dead or 0)
+        if state is not None and derived != state:
+            continue
+        out.append(
+            {
+                "id": call_id,
+                "agentId": agent_id,
+                "agentName": agent_name,
+                "state": derived,
+                "endReason": reason,
+                "startedAt": iso(started),
+                "durationS": None if ended is None else round((ended - started) / 1e6, 3),
+                "chunksDelivered": int(chunks_ok or 0),
+                "chunksTotal": int(chunks or 0),
+                "lastError": error,
+            }
+        )
+        if len(out) >= limit:
+            break
+    return out
+
+
+def call_detail(conn: sqlite3.Connection, call_id: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT id, agent_id, agent_name, key_fp, state, end_reason, sample_rate, num_channels,"
+        " owner_host, owner_pid, started_at, ended_at, heartbeat_at FROM calls WHERE id = ?",
+        (call_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    names = [
+        "id",
+        "agentId",
+        "agentName",
+        "keyFingerprint",
+        "state",
+        "endReason",
+        "sampleRate",
+        "numChannels",
+        "ownerHost",
+        "ownerPid",
+        "startedAt",
+        "endedAt",
+        "heartbeatAt",
+    ]
+    call = dict(zip(names, row, strict=True))
+    for key in ("startedAt", "endedAt", "heartbeatAt"):
+        call[key] = None if call[key] is None else iso(call[key])
+    timeline = []
+    for (body,) in conn.execute(
+        "SELECT body FROM events WHERE call_id = ? ORDER BY id", (call_id,)
+    ):
+        event = decode_event(body)
+        fields = msgspec.structs.asdict(event)
+        timeline.append({"at": iso(fields.pop("at")), "event": type(event).__name__, **fields})
+    events = load_events(conn, call_id)
+    payloads: dict[str, Any] = {}
+    try:
+        payloads["callStarted"] = msgspec.json.decode(
+            encode(assemble_call_started(call_id, events))
+        )
+        payloads["callEnded"] = msgspec.json.decode(encode(assemble_call_ended(call_id, events)))
+    except ValueError as exc:
+        payloads["error"] = str(exc)
+    deliveries = [
+        {
+            "key": key,
+            "kind": kind,
+            "state": state,
+            "attempts": attempts,
+            "nextAttemptAt": iso(next_at) if state == "pending" else None,
+            "lastError": error,
+            "deliveredAt": None if delivered is None else iso(delivered),
+        }
+        for key, kind, state, attempts, next_at, error, delivered in conn.execute(
+            "SELECT idempotency_key, kind, state, attempts, next_attempt_at, last_error, delivered_at"
+            " FROM deliveries WHERE call_id = ? ORDER BY id",
+            (call_id,),
+        )
+    ]
+    return {
+        "call": call,
+        "payloadNote": None
+        if call["state"] == "ended"
+        else f"the call has not ended: call-ended shows what a drain would send now ({DEFAULT_RECOVERY_REASON})",
+        "payloads": payloads,
+        "deliveries": deliveries,
+        "timeline": timeline,
+    }

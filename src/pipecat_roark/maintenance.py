@@ -1,0 +1,219 @@
+"""What an operator does to the WAL: retry, prune, export a recording, check health.
+
+Each is a library function the CLI wraps (and the drainer calls ``prune_delivered`` for
+automatic retention). Nothing here deletes undelivered data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from . import config, spool
+from .errors import ConfigError, PipecatRoarkError
+from .store import DB_NAME, SCHEMA_VERSION, connect, transaction
+
+__all__ = [
+    "Check",
+    "ExportResult",
+    "PruneResult",
+    "doctor",
+    "export_wav",
+    "parse_duration",
+    "prune_delivered",
+    "retry",
+]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '12h', '7d', '2w' or plain seconds → seconds. Raises ConfigError."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ConfigError(f"{text!r} is not a duration: use e.g. 90s, 30m, 12h, 7d or 2w")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def retry(conn: sqlite3.Connection, *, call_id: str | None, now: int) -> int:
+    """Dead and backing-off rows (of one call, or all) become due now with attempts reset."""
+    with transaction(conn):
+        return conn.execute(
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+            " lease_owner = NULL, lease_expires_at = NULL"
+            " WHERE (state = 'dead' OR (state = 'pending' AND attempts > 0))"
+            " AND (? IS NULL OR call_id = ?)",
+            (now, call_id, call_id),
+        ).rowcount
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    calls: int
+    bytes: int
+
+
+def prune_delivered(
+    conn: sqlite3.Connection, directory: Path, older_than_s: float, *, now: int
+) -> PruneResult:
+    """Delete ended calls that were delivered whole (every row) and ended before the cutoff."""
+    cutoff = now - int(older_than_s * 1e6)
+    victims = [
+        r[0]
+        for r in conn.execute(
+            "SELECT c.id FROM calls c WHERE c.state = 'ended' AND c.ended_at < ?"
+            " AND EXISTS (SELECT 1 FROM deliveries d WHERE d.call_id = c.id)"
+            " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.call_id = c.id AND d.state != 'delivered')",
+            (cutoff,),
+        )
+    ]
+    freed = 0
+    for call_id in victims:
+        with transaction(conn):
+            conn.execute("DELETE FROM calls WHERE id = ?", (call_id,))  # rows cascade
+        freed += spool.remove_call(directory, call_id)
+    return PruneResult(len(victims), freed)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    chunks: int
+    bytes: int
+    sample_rate: int
+    num_channels: int
+
+
+def export_wav(conn: sqlite3.Connection, directory: Path, call_id: str, out: Path) -> ExportResult:
+    """Rebuild the recording from the chunk files, in index order, as a 16-bit WAV (0600)."""
+    rows = conn.execute(
+        "SELECT idx, path, size, sample_rate, num_channels FROM chunks WHERE call_id = ? ORDER BY idx",
+        (call_id,),
+    ).fetchall()
+    if not rows:
+        raise PipecatRoarkError(f"call {call_id!r} has no recorded audio to export")
+    indexes = [r[0] for r in rows]
+    if indexes != list(range(len(rows))):
+        missing = sorted(set(range(indexes[-1] + 1)) - set(indexes))
+        raise PipecatRoarkError(
+            f"call {call_id!r} is missing chunk rows {missing}: the WAV would have a gap"
+        )
+    sample_rate, num_channels = rows[0][3], rows[0][4]
+    tmp = out.with_name(f".{out.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    total = 0
+    try:
+        with os.fdopen(fd, "wb") as raw, wave.open(raw, "wb") as wav:
+            wav.setnchannels(num_channels)
+            wav.setsampwidth(2)
+            wav.setframerate(sample_rate)
+            for idx, rel, _size, _, _ in rows:
+                try:
+                    data = spool.read_chunk(directory, rel)
+                except FileNotFoundError:
+                    raise PipecatRoarkError(
+                        f"chunk {idx} of call {call_id!r} is missing on disk ({directory / rel})"
+                    ) from None
+                wav.writeframes(data)
+                total += len(data)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    out.chmod(0o600)
+    return ExportResult(out, len(rows), total, sample_rate, num_channels)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def doctor(
+    directory: Path, *, api_key: str | None, base_url: str | None, reachability: bool = True
+) -> list[Check]:
+    """Everything that stops calls from being recorded or delivered, one check per line."""
+    checks: list[Check] = []
+    if not directory.is_dir():
+        checks.append(
+            Check("directory", False, f"{directory} does not exist (nothing recorded there yet)")
+        )
+    else:
+        mode = stat.S_IMODE(directory.stat().st_mode)
+        writable = os.access(directory, os.W_OK)
+        checks.append(
+            Check(
+                "directory",
+                writable and mode & 0o077 == 0,
+                f"{directory} mode {mode:04o}"
+                + ("" if writable else ", not writable")
+                + ("" if mode & 0o077 == 0 else " (should be 0700: chmod 700 it)"),
+            )
+        )
+        db = directory / DB_NAME
+        if db.exists():
+            checks.append(_database_check(directory))
+            db_mode = stat.S_IMODE(db.stat().st_mode)
+            checks.append(
+                Check("file modes", db_mode & 0o077 == 0, f"{db.name} mode {db_mode:04o}")
+            )
+        free = shutil.disk_usage(directory).free
+        checks.append(Check("disk space", free > 64 << 20, f"{free / 2**30:.1f} GiB free"))
+    fp = config.key_fingerprint(api_key)
+    checks.append(
+        Check(
+            "api key",
+            fp is not None,
+            f"ROARK_API_KEY set ({fp})" if fp else "ROARK_API_KEY is not set",
+        )
+    )
+    try:
+        url = config.resolve_base_url(base_url)
+    except ConfigError as exc:
+        checks.append(Check("base url", False, str(exc)))
+        return checks
+    if reachability:
+        try:
+            response = httpx.get(url, timeout=5.0)
+            checks.append(Check("base url", True, f"{url} answered HTTP {response.status_code}"))
+        except httpx.HTTPError as exc:
+            checks.append(
+                Check("base url", False, f"{url} unreachable: {type(exc).__name__}: {exc}")
+            )
+    return checks
+
+
+def _database_check(directory: Path) -> Check:
+    try:
+        conn = connect(directory, read_only=True)
+    except PipecatRoarkError as exc:
+        return Check("database", False, str(exc))
+    try:
+        result = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        return Check(
+            "database",
+            False,
+            f"{directory / DB_NAME} is corrupt ({exc}); run `pipecat-roark doctor --repair`",
+        )
+    finally:
+        conn.close()
+    if result != "ok":
+        return Check(
+            "database", False, f"integrity_check: {result}; run `pipecat-roark doctor --repair`"
+        )
+    return Check(
+        "database", True, f"integrity ok, schema {version} (this version: {SCHEMA_VERSION})"
+    )
