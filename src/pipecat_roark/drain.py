@@ -30,6 +30,7 @@ from loguru import logger
 from . import config, crashpoints, outbox, spool
 from .client import RoarkClient
 from .errors import AuthError, DeliveryError, PermanentError, RetryableError, UploadUrlExpired
+from .maintenance import prune_delivered
 from .outbox import Delivery
 from .owner import current_owner
 from .store import connect, now_us
@@ -60,6 +61,8 @@ class DrainPolicy:
     auth_probe_s: float = 300.0
     poll_s: float = 1.0
     request_timeout_s: float = 30.0
+    retention_s: float = 7 * 86400.0
+    prune_every_s: float = 3600.0
 
 
 @dataclass
@@ -172,6 +175,7 @@ class Drainer:
         stop = stop or asyncio.Event()
         report = DrainReport()
         last_orphan_check = 0.0
+        last_prune = 0.0
         try:
             async with RoarkClient(
                 self._api_key, self._base_url, timeout=self.policy.request_timeout_s
@@ -180,6 +184,9 @@ class Drainer:
                     if time.monotonic() - last_orphan_check > min(10.0, self.policy.orphan_grace_s):
                         last_orphan_check = time.monotonic()
                         report.finalized += await self._db(self._finalize_orphans)
+                    if time.monotonic() - last_prune > self.policy.prune_every_s:
+                        last_prune = time.monotonic()
+                        await self._db(self._prune)
                     if self._probe_due():
                         self._probe()
                         report.paused = False
@@ -428,6 +435,21 @@ class Drainer:
                 "from what was recorded with reason observer-lost"
             )
         return finalized
+
+    def _prune(self) -> None:
+        """Retention: delivered calls go after ``retention_s``; nothing undelivered ever does."""
+        try:
+            result = prune_delivered(
+                self._conn_or_open(), self.directory, self.policy.retention_s, now=now_us()
+            )
+        except (OSError, sqlite3.Error) as exc:
+            logger.warning(f"pipecat-roark: pruning delivered calls failed ({exc}); will retry")
+            return
+        if result.calls:
+            logger.info(
+                f"pipecat-roark: pruned {result.calls} delivered call(s) older than "
+                f"{self.policy.retention_s / 86400:g} days ({result.bytes} bytes of audio)"
+            )
 
     def _release_one(self, row: Delivery) -> None:
         outbox.release(self._conn_or_open(), self.owner, row)

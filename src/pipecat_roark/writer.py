@@ -266,11 +266,14 @@ class Writer:
         reason = self._spool_full(len(data))
         if reason is None:
             try:
-                return spool.write_chunk(self.directory, call_id, index, data)
+                chunk = spool.write_chunk(self.directory, call_id, index, data)
             except OSError as exc:
                 if exc.errno not in _DISK_FULL:
                     raise
                 reason = f"disk full writing audio ({exc.strerror})"
+            else:
+                self._spool_bytes += chunk.size  # counted now: a batch can hold many chunks
+                return chunk
         self._stop_audio(call_id, reason)
         return None
 
@@ -441,7 +444,6 @@ class Writer:
         )
         if cursor.rowcount == 0:
             return False
-        self._spool_bytes += chunk.size
         self.stats.chunks += 1
         recorded = ChunkRecorded(
             at=at, index=index, size=chunk.size, sample_rate=sample_rate, num_channels=num_channels
@@ -476,7 +478,12 @@ class Writer:
             logger.warning(f"pipecat-roark: heartbeat to {self.directory} failed: {exc}")
 
     def _measure_spool(self) -> int:
-        row = self._conn.execute("SELECT COALESCE(SUM(size), 0) FROM chunks").fetchone()
+        """Undelivered audio only: delivered chunks wait for retention, not against the cap."""
+        row = self._conn.execute(
+            "SELECT COALESCE(SUM(c.size), 0) FROM deliveries d"
+            " JOIN chunks c ON c.call_id = d.call_id AND c.idx = d.chunk_idx"
+            " WHERE d.kind = 'chunk' AND d.state IN ('pending', 'leased', 'dead')"
+        ).fetchone()
         return int(row[0])
 
 
