@@ -17,6 +17,7 @@ import hmac
 import json
 import random
 import secrets
+import signal
 import struct
 import tempfile
 import time
@@ -77,6 +78,7 @@ class DevServer:
         self._secret = secrets.token_bytes(32)
         self._requested_port = port
         self._runner: web.AppRunner | None = None
+        self._persister: asyncio.Task[None] | None = None
         self.port = 0
         self._lock = asyncio.Lock()
         self.requests: list[dict[str, Any]] = []
@@ -104,8 +106,18 @@ class DevServer:
         await site.start()
         server: Any = site._server
         self.port = int(server.sockets[0].getsockname()[1])
+        self._persister = asyncio.create_task(self._persist())
+
+    async def _persist(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            self._state.write()
 
     async def stop(self) -> None:
+        if self._persister is not None:
+            self._persister.cancel()
+            self._persister = None
+        self._state.write()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -190,9 +202,7 @@ class DevServer:
         refused = self._auth(request)
         if refused is not None:
             return refused
-        key = request.headers.get("Idempotency-Key")
-        if not key:
-            return _error(400, "Idempotency-Key header is required")
+        key = request.headers.get("Idempotency-Key") or None  # optional, as at Roark
         async with self._lock:
             replay = self._state.replay(key, body)
             if replay is not None:
@@ -211,9 +221,7 @@ class DevServer:
         refused = self._auth(request)
         if refused is not None:
             return refused
-        key = request.headers.get("Idempotency-Key")
-        if not key:
-            return _error(400, "Idempotency-Key header is required")
+        key = request.headers.get("Idempotency-Key") or None  # optional, as at Roark
         async with self._lock:
             replay = self._state.replay(key, body)
             if replay is not None:
@@ -327,6 +335,7 @@ class _State:
         self.calls: dict[str, dict[str, Any]] = {}
         self.idempotency: dict[str, dict[str, Any]] = {}
         self.pending_chunks: dict[str, tuple[str, int]] = {}
+        self.dirty = False
 
     @classmethod
     def load(cls, directory: Path) -> _State:
@@ -341,6 +350,14 @@ class _State:
         return state
 
     def save(self) -> None:
+        """Mark for the next write (every 0.2 s and at stop): rewriting the whole file
+        per request would make a large backlog quadratic."""
+        self.dirty = True
+
+    def write(self) -> None:
+        if not self.dirty:
+            return
+        self.dirty = False
         tmp = self.directory / "state.json.tmp"
         tmp.write_text(
             json.dumps(
@@ -365,8 +382,8 @@ class _State:
             {"pipecatCallId": call_id, "callStarted": None, "callEnded": None, "chunks": {}},
         )
 
-    def replay(self, key: str, body: bytes) -> web.Response | None:
-        seen = self.idempotency.get(key)
+    def replay(self, key: str | None, body: bytes) -> web.Response | None:
+        seen = None if key is None else self.idempotency.get(key)
         if seen is None:
             return None
         seen["count"] += 1
@@ -380,8 +397,10 @@ class _State:
             headers={"Idempotent-Replayed": "true"},
         )
 
-    def remember(self, key: str, body: bytes, response: web.Response) -> web.Response:
+    def remember(self, key: str | None, body: bytes, response: web.Response) -> web.Response:
         assert isinstance(response.body, bytes)
+        if key is None:  # without a key a retry is a new request: nothing to replay
+            return response
         self.idempotency[key] = {
             "body_sha256": hashlib.sha256(body).hexdigest(),
             "status": response.status,
@@ -478,10 +497,12 @@ def serve(
         raise ValueError("the dev server binds to loopback only")
 
     async def run() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         async with DevServer(data_dir=data_dir, port=port, faults=faults) as server:
             print(f"dev server listening on {server.base_url}", flush=True)
             print(f"data: {server.data_dir}", flush=True)
-            await asyncio.Event().wait()
+            await stop.wait()  # SIGTERM: stop cleanly, state.json written
 
     try:
         asyncio.run(run())

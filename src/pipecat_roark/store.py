@@ -8,6 +8,7 @@ transcripts are personal data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
@@ -95,21 +96,29 @@ def ensure_dir(path: Path) -> None:
 
 
 def _touch_private(db: Path) -> None:
-    # Create the file 0600 before SQLite does (SQLite gives -wal/-shm the db's mode).
-    for suffix in ("", "-wal", "-shm"):
-        target = db.with_name(db.name + suffix)
-        if suffix and not target.exists():
-            continue
-        try:
-            fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
-            if stat.S_IMODE(target.stat().st_mode) != 0o600:
-                target.chmod(0o600)
-        except OSError as exc:
-            raise StoreUnavailable(
-                f"cannot open {target}: {exc.strerror or exc}; check the folder's "
-                "permissions and free space"
-            ) from exc
+    """Create the database file 0600 before SQLite does (its -wal/-shm take the db's mode).
+
+    Never open and close an existing file here: closing any descriptor of a file drops
+    every POSIX lock this process holds on it, including SQLite's own. Another process
+    could then believe it is alone, truncate the -shm file we have mapped, and this
+    process dies of SIGBUS. Existing files only get a chmod, which touches no lock.
+    """
+    try:
+        if not db.exists():
+            with contextlib.suppress(FileExistsError):  # another process was first
+                os.close(os.open(db, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        for suffix in ("", "-wal", "-shm"):
+            target = db.with_name(db.name + suffix)
+            try:
+                if stat.S_IMODE(target.stat().st_mode) != 0o600:
+                    target.chmod(0o600)
+            except FileNotFoundError:
+                continue
+    except OSError as exc:
+        raise StoreUnavailable(
+            f"cannot open {db}: {exc.strerror or exc}; check the folder's "
+            "permissions and free space"
+        ) from exc
 
 
 def _classify(exc: sqlite3.Error, db: Path) -> Exception:
