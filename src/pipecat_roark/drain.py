@@ -62,6 +62,7 @@ class DrainPolicy:
     poll_s: float = 1.0
     request_timeout_s: float = 30.0
     retention_s: float = 7 * 86400.0
+    claim_batch: int = 4
     prune_every_s: float = 3600.0
 
 
@@ -135,6 +136,8 @@ class Drainer:
         self._paused_at: float | None = None
         self._maybe_paused = True  # until a delivery succeeds, a pause row may be in the database
         self._wake = asyncio.Event()
+        self._to_mark: list[tuple[Delivery, int]] = []
+        self._marking = False
 
     # ---- public ----
 
@@ -226,7 +229,12 @@ class Drainer:
                 rows = await self._db(self._claim, call_id)
                 if not rows:
                     return
-                await self._deliver(client, rows[0], report)
+                for n, row in enumerate(rows):
+                    if report.paused:  # the key was refused: hand the rest back at once
+                        for rest in rows[n:]:
+                            await self._db(self._release_one, rest)
+                        return
+                    await self._deliver(client, row, report)
 
         await asyncio.gather(*(worker() for _ in range(max(1, self.policy.concurrency))))
 
@@ -234,7 +242,12 @@ class Drainer:
         size = 0
         try:
             if row.kind == "chunk":
-                data = await self._db(self._chunk_bytes, row)
+                path, expected_size, sha = await self._db(self._chunk_row, row)
+                data = (
+                    self._read_chunk(path, expected_size, sha)
+                    if self._inline_db  # the exit drain: no new threads at interpreter exit
+                    else await asyncio.to_thread(self._read_chunk, path, expected_size, sha)
+                )
                 size = len(data)
                 assert row.chunk_idx is not None
                 await client.upload_chunk(
@@ -268,15 +281,31 @@ class Drainer:
         except (PermanentError, _Unsendable) as exc:
             await self._dead(row, str(exc), report)
             return
-        if await self._db(self._mark_delivered, row):
-            if self._maybe_paused:
-                await self._db(self._clear_pause)
-            report.delivered += 1
-            report.calls.add(row.call_id)
-            if row.kind == "chunk":
-                report.chunks += 1
-                report.bytes += size
-        self._progress(report)
+        await self._settle_delivered(row, size, report)
+
+    async def _settle_delivered(self, row: Delivery, size: int, report: DrainReport) -> None:
+        """Group commit for delivered rows: whoever finds no mark running marks everything
+        that piles up meanwhile in one transaction; the others go on delivering."""
+        self._to_mark.append((row, size))
+        if self._marking:
+            return
+        self._marking = True
+        try:
+            while self._to_mark:
+                batch, self._to_mark = self._to_mark, []
+                confirmed = await self._db(self._mark_delivered, [r for r, _ in batch])
+                if confirmed and self._maybe_paused:
+                    await self._db(self._clear_pause)
+                for done, done_size in batch:
+                    if done.id in confirmed:
+                        report.delivered += 1
+                        report.calls.add(done.call_id)
+                        if done.kind == "chunk":
+                            report.chunks += 1
+                            report.bytes += done_size
+                self._progress(report)
+        finally:
+            self._marking = False
 
     def _backoff(self, row: Delivery, exc: RetryableError) -> float:
         policy = self.policy
@@ -366,12 +395,12 @@ class Drainer:
             owner=self.owner,
             now=now_us(),
             lease_us=int(self.policy.lease_s * 1e6),
-            limit=1,
+            limit=self.policy.claim_batch,
             key_fp=self.key_fp,
             call_id=call_id,
         )
 
-    def _chunk_bytes(self, row: Delivery) -> bytes:
+    def _chunk_row(self, row: Delivery) -> tuple[str, int, str]:
         found = (
             self._conn_or_open()
             .execute(
@@ -382,7 +411,10 @@ class Drainer:
         )
         if found is None:
             raise _Unsendable(f"chunk {row.chunk_idx} of call {row.call_id!r} has no row")
-        path, size, sha = found
+        return str(found[0]), int(found[1]), str(found[2])
+
+    def _read_chunk(self, path: str, size: int, sha: str) -> bytes:
+        """Off the database lock: reading and hashing a file needs no connection."""
         try:
             data = spool.read_chunk(self.directory, path)
         except FileNotFoundError:
@@ -393,8 +425,8 @@ class Drainer:
             )
         return data
 
-    def _mark_delivered(self, row: Delivery) -> bool:
-        return outbox.mark_delivered(self._conn_or_open(), row, owner=self.owner, now=now_us())
+    def _mark_delivered(self, rows: list[Delivery]) -> set[int]:
+        return outbox.mark_delivered(self._conn_or_open(), rows, owner=self.owner, now=now_us())
 
     def _mark_retry(self, row: Delivery, error: str, at: int) -> bool:
         return outbox.mark_retry(

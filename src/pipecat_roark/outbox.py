@@ -57,14 +57,25 @@ _READY = """
               AND x.kind = 'chunk' AND x.state NOT IN ('delivered', 'dead'))))
 """
 
+# Pending rows in id order, then leases that expired (their holder died): two index walks
+# on (state, id) that stop at the limit, never a sort of the whole backlog.
 _CLAIM = f"""
 UPDATE deliveries SET state = 'leased', lease_owner = :owner, lease_expires_at = :expires
 WHERE id IN (
-    SELECT d.id FROM deliveries d JOIN calls c ON c.id = d.call_id
-    WHERE ((d.state = 'pending' AND d.next_attempt_at <= :now)
-           OR (d.state = 'leased' AND d.lease_expires_at < :now))
-      AND {_READY}
-    ORDER BY d.id
+    SELECT id FROM (
+        SELECT d.id FROM deliveries d INDEXED BY deliveries_state_id
+        JOIN calls c ON c.id = d.call_id
+        WHERE d.state = 'pending' AND d.next_attempt_at <= :now AND {_READY}
+        ORDER BY d.id LIMIT :limit
+    )
+    UNION ALL
+    SELECT id FROM (
+        SELECT d.id FROM deliveries d INDEXED BY deliveries_state_id
+        JOIN calls c ON c.id = d.call_id
+        WHERE d.state = 'leased' AND d.lease_expires_at < :now AND {_READY}
+        ORDER BY d.id LIMIT :limit
+    )
+    ORDER BY id
     LIMIT :limit
 )
 RETURNING id, call_id, kind, chunk_idx, idempotency_key, attempts, created_at
@@ -120,14 +131,24 @@ def _settle(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> b
         return conn.execute(sql, params).rowcount == 1
 
 
-def mark_delivered(conn: sqlite3.Connection, delivery: Delivery, *, owner: str, now: int) -> bool:
-    return _settle(
-        conn,
-        "UPDATE deliveries SET state = 'delivered', delivered_at = ?, attempts = attempts + 1,"
-        " lease_owner = NULL, lease_expires_at = NULL, last_error = NULL"
-        " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
-        (now, delivery.id, owner),
-    )
+def mark_delivered(
+    conn: sqlite3.Connection, deliveries: list[Delivery], *, owner: str, now: int
+) -> set[int]:
+    """Settle many rows in one transaction; returns the ids whose lease was still ours."""
+    confirmed: set[int] = set()
+    with transaction(conn):
+        for delivery in deliveries:
+            if (
+                conn.execute(
+                    "UPDATE deliveries SET state = 'delivered', delivered_at = ?,"
+                    " attempts = attempts + 1, lease_owner = NULL, lease_expires_at = NULL,"
+                    " last_error = NULL WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+                    (now, delivery.id, owner),
+                ).rowcount
+                == 1
+            ):
+                confirmed.add(delivery.id)
+    return confirmed
 
 
 def mark_retry(

@@ -1,0 +1,561 @@
+"""Side-by-side benchmarks: every row is a ratio of two things measured in this one run.
+
+    scripts/bench                 # the full table, written to BENCHMARKS.md
+    scripts/bench --quick         # small sizes, a smoke run (tests use it); BENCHMARKS.md untouched
+    scripts/bench --no-reference  # skip Roark's reference observer (no scratch venv)
+
+Everything talks to the Roark-compatible dev server on 127.0.0.1, in its own process.
+Roark's reference observer (`pipecat-roark==0.2.5`) runs from a scratch venv in .bench/,
+created with uv on first use, its endpoint constants pointed at the dev server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from loguru import logger
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "scripts" / "bench_worker.py"
+SCRATCH = ROOT / ".bench"
+REFERENCE = "pipecat-roark==0.2.5"
+KEY = "bench-key-not-secret"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@dataclass
+class Row:
+    what: str
+    ours: str
+    other: str
+    ratio: float | None
+    target: str
+    command: str
+
+    def cells(self) -> list[str]:
+        ratio = "n/a" if self.ratio is None else f"{self.ratio:.2f}×"
+        return [self.what, self.ours, self.other, ratio, self.target]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ---- the dev server and the reference venv ----
+
+
+def start_dev_server(data: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipecat_roark.devserver", "--port", "0", "--data", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("dev server listening on "):
+        proc.kill()
+        raise SystemExit(f"the dev server did not start: {line!r}")
+    return proc, line.split()[-1]
+
+
+def reference_python() -> str | None:
+    python = SCRATCH / "reference-venv" / "bin" / "python"
+    if python.exists():
+        return str(python)
+    uv = [sys.executable, "-m", "uv"] if _has_uv_module() else ["uv"]
+    print(f"creating a scratch venv with {REFERENCE} in {python.parent.parent} ...", flush=True)
+    try:
+        subprocess.run([*uv, "venv", "-q", str(python.parent.parent)], check=True, timeout=300)
+        subprocess.run(
+            [*uv, "pip", "install", "-q", "--python", str(python), REFERENCE],
+            check=True,
+            timeout=900,
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        print(f"could not install {REFERENCE} ({exc}): reference rows skipped", flush=True)
+        return None
+    return str(python)
+
+
+def _has_uv_module() -> bool:
+    return (
+        subprocess.run(
+            [sys.executable, "-m", "uv", "--version"], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
+
+
+def worker(python: str, what: str, mode: str, rounds: int, base_url: str, tmp: Path) -> Any:
+    done = subprocess.run(
+        [python, str(WORKER), what, mode, str(rounds), base_url, str(tmp / f"{what}-{mode}")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        cwd=ROOT,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"bench worker {what} {mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- 1. pipeline overhead, 2. arrival at the server ----
+
+
+def overhead_rows(
+    base_url: str, tmp: Path, ref: str | None, rounds: int, repeats: int
+) -> list[Row]:
+    modes = ["none", "noop", "capture", "ours"] + (["reference"] if ref else [])
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(repeats):  # interleaved, so drift in the machine hits every mode alike
+        for mode in modes:
+            python = ref if mode == "reference" and ref else sys.executable
+            times[mode] += worker(python, "overhead", mode, rounds, base_url, tmp)["times"]
+    t = {m: median(v) for m, v in times.items()}
+    cost = {m: t[m] - t["none"] for m in modes}
+    cmd = "scripts/bench (overhead: one 54 s audio-heavy scripted call, 4 observed hops, pace 0)"
+    rows = [
+        Row(
+            "pipeline time, RoarkObserver recording vs no observer",
+            f"{t['capture']:.3f} s",
+            f"{t['none']:.3f} s",
+            t["capture"] / t["none"],
+            "",
+            cmd,
+        ),
+        Row(
+            "observer overhead per frame: RoarkObserver recording vs a no-op observer",
+            f"{cost['capture'] * 1000:.0f} ms",
+            f"{cost['noop'] * 1000:.0f} ms",
+            cost["capture"] / cost["noop"] if cost["noop"] > 0 else None,
+            "≤ 1.5×",
+            cmd,
+        ),
+        Row(
+            "pipeline time, RoarkObserver recording + delivering during the call vs recording only",
+            f"{t['ours']:.3f} s",
+            f"{t['capture']:.3f} s",
+            t["ours"] / t["capture"],
+            "",
+            cmd,
+        ),
+    ]
+    if "reference" in t:
+        rows.append(
+            Row(
+                "pipeline time, RoarkObserver (recording + delivering) vs Roark's reference observer",
+                f"{t['ours']:.3f} s",
+                f"{t['reference']:.3f} s",
+                t["ours"] / t["reference"],
+                "≤ 1×",
+                cmd,
+            )
+        )
+    return rows
+
+
+def arrival_rows(base_url: str, tmp: Path, ref: str | None, rounds: int) -> list[Row]:
+    if ref is None:
+        return []
+    ours = worker(sys.executable, "arrival", "ours", rounds, base_url, tmp)["latencies"]
+    theirs = worker(ref, "arrival", "reference", rounds, base_url, tmp)["latencies"]
+    return [
+        Row(
+            "end of a real-time call → call-ended stored at the server (median)",
+            f"{median(ours) * 1000:.0f} ms",
+            f"{median(theirs) * 1000:.0f} ms (reference)",
+            median(ours) / median(theirs),
+            "≤ 1×",
+            "scripts/bench (arrival: a 3 s call at real-time pace, per round)",
+        )
+    ]
+
+
+# ---- 3. frame to durable with 50 concurrent calls ----
+
+
+async def durable_latency(directory: Path, calls: int, turns: int) -> list[float]:
+    from bench_worker import Hop, long_call, scripted
+
+    from pipecat_roark import RoarkObserver
+    from pipecat_roark.writer import OP_BARRIER
+
+    latencies: list[float] = []
+
+    class Timed(RoarkObserver):
+        """Every 10th frame: a barrier behind it in the writer queue says when it is durable."""
+
+        seen = 0
+
+        async def on_push_frame(self, data: Any) -> None:
+            start = time.perf_counter()
+            await super().on_push_frame(data)
+            Timed.seen += 1
+            if Timed.seen % 10 == 0 and self._writer is not None:
+                self._writer.submit(
+                    (OP_BARRIER, lambda: latencies.append(time.perf_counter() - start))
+                )
+
+    async def one(n: int) -> None:
+        roark = Timed(agent_id="bench", pipecat_call_id=f"c{n}", data_dir=directory, deliver=False)
+        await asyncio.sleep(n * 0.01)  # calls start staggered, as real ones do
+        await scripted.run_pipeline(
+            [
+                scripted.ScriptedCall(long_call(turns), pace=1.0),
+                Hop(),
+                Hop(),
+                roark.audio_processor,
+            ],
+            observers=[roark],
+        )
+
+    await asyncio.gather(*(one(n) for n in range(calls)))
+    return latencies
+
+
+def fsync_seconds(directory: Path, count: int) -> float:
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        start = time.perf_counter()
+        for n in range(count):
+            os.pwrite(fd, b"x" * 4096, (n % 16) * 4096)
+            os.fsync(fd)
+        return (time.perf_counter() - start) / count
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def durable_rows(tmp: Path, calls: int, turns: int) -> list[Row]:
+    from pipecat_roark.writer import close_all_writers
+
+    directory = tmp / "durable"
+    latencies = asyncio.run(durable_latency(directory, calls, turns))
+    close_all_writers()
+    one_fsync = fsync_seconds(tmp, 200)
+    return [
+        Row(
+            f"frame → committed, p99 over {len(latencies)} samples, {calls} concurrent calls",
+            f"{p(latencies, 0.99) * 1000:.1f} ms (p50 {p(latencies, 0.5) * 1000:.1f})",
+            f"{one_fsync * 1000:.2f} ms (one fsync of this disk)",
+            p(latencies, 0.99) / one_fsync,
+            "p99 ≤ 20 ms",
+            f"scripts/bench (durable: {calls} real-time scripted calls in one process)",
+        )
+    ]
+
+
+# ---- 4. store append throughput ----
+
+
+def store_rows(tmp: Path, events: int) -> list[Row]:
+    from pipecat_roark.events import CallOpened, UserText, encode_event
+    from pipecat_roark.writer import OP_EVENT, OP_OPEN, Writer
+
+    calls = 100
+    bodies = [
+        UserText(at=1_700_000_000_000_000 + n, text=f"word {n} of the caller", language="en-US")
+        for n in range(events)
+    ]
+    writer = Writer(tmp / "store")
+    for c in range(calls):
+        writer.submit((OP_OPEN, f"s{c}", CallOpened(at=1, agent_id="bench"), None))
+    writer.flush_sync(60)
+    start = time.perf_counter()
+    for n, event in enumerate(bodies):
+        writer.submit((OP_EVENT, f"s{n % calls}", event))
+    assert writer.flush_sync(600)
+    ours = events / (time.perf_counter() - start)
+    writer.close()
+
+    raw = sqlite3.connect(tmp / "raw.sqlite", isolation_level=None)
+    raw.execute("PRAGMA journal_mode = WAL")
+    raw.execute("PRAGMA synchronous = NORMAL")
+    raw.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, call_id TEXT, body BLOB)")
+    start = time.perf_counter()
+    encoded = [(f"s{n % calls}", encode_event(e)) for n, e in enumerate(bodies)]
+    for offset in range(0, events, 1000):
+        raw.execute("BEGIN")
+        raw.executemany(
+            "INSERT INTO events (call_id, body) VALUES (?, ?)", encoded[offset : offset + 1000]
+        )
+        raw.execute("COMMIT")
+    theirs = events / (time.perf_counter() - start)
+    raw.close()
+    return [
+        Row(
+            "events appended per second: the writer (queue, encode, group commit) vs raw SQLite executemany in 1,000-row transactions",
+            f"{ours:,.0f}/s",
+            f"{theirs:,.0f}/s",
+            ours / theirs,
+            "≥ 150k/s",
+            f"scripts/bench (store: {events:,} events over {calls} calls)",
+        )
+    ]
+
+
+# ---- 5. drain a backlog, 6. status on a big database ----
+
+
+def clone_calls(directory: Path, template: str, count: int, *, events: bool = True) -> None:
+    """Copies of one recorded call (rows only: the copies share its chunk files)."""
+    conn = sqlite3.connect(directory / "wal.sqlite", isolation_level=None)
+    series = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+    conn.execute("BEGIN")
+    conn.execute(
+        series + "INSERT INTO calls SELECT 'bench-' || i, agent_id, agent_name, key_fp, state,"
+        " end_reason, sample_rate, num_channels, owner_host, owner_pid, owner_token,"
+        " started_at, ended_at, heartbeat_at FROM calls, n WHERE id = ?",
+        (count, template),
+    )
+    if events:
+        conn.execute(
+            series + "INSERT INTO events (call_id, body) SELECT 'bench-' || i, body"
+            " FROM n, events WHERE call_id = ? ORDER BY i, events.id",
+            (count, template),
+        )
+    conn.execute(
+        series + "INSERT INTO chunks SELECT 'bench-' || i, idx, path, size, sha256, sample_rate,"
+        " num_channels, created_at FROM chunks, n WHERE call_id = ?",
+        (count, template),
+    )
+    conn.execute(
+        series + "INSERT INTO deliveries (call_id, kind, chunk_idx, idempotency_key, state,"
+        " attempts, next_attempt_at, created_at) SELECT 'bench-' || i, kind, chunk_idx,"
+        " 'bench-' || i || substr(idempotency_key, length(?) + 1), 'pending', 0,"
+        " next_attempt_at, created_at FROM n, deliveries WHERE call_id = ? ORDER BY i, deliveries.id",
+        (count, template, template),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+
+
+async def record_template(directory: Path, seconds: int) -> str:
+    from bench_worker import long_call, scripted
+
+    from pipecat_roark import RoarkObserver
+    from pipecat_roark.writer import close_all_writers
+
+    roark = RoarkObserver(
+        api_key=KEY, agent_id="bench", pipecat_call_id="template", data_dir=directory, deliver=False
+    )
+    turns = max(1, round(seconds / 2.7))
+    await scripted.run_pipeline(
+        [scripted.ScriptedCall(long_call(turns)), roark.audio_processor], observers=[roark]
+    )
+    close_all_writers()
+    return "template"
+
+
+async def raw_uploads(base_url: str, chunks: list[bytes], concurrency: int) -> float:
+    """The same requests with no WAL behind them: mint a URL, PUT the bytes."""
+    queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+    for n, data in enumerate(chunks):
+        queue.put_nowait((n, data))
+    headers = {"x-roark-api-key": KEY, "authorization": f"Bearer {KEY}"}
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=60) as http,
+        httpx.AsyncClient(timeout=60) as storage,
+    ):
+
+        async def work() -> None:
+            while not queue.empty():
+                n, data = queue.get_nowait()
+                minted = await http.post(
+                    "/v1/integrations/pipecat/chunk-upload-url",
+                    json={
+                        "pipecatCallId": f"raw-{n // 8}",
+                        "chunkIndex": n % 8,
+                        "contentType": "audio/pcm",
+                    },
+                    headers={**headers, "Idempotency-Key": f"raw-{n}"},
+                )
+                url = minted.json()["data"]["uploadUrl"]
+                (
+                    await storage.put(url, content=data, headers={"content-type": "audio/pcm"})
+                ).raise_for_status()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(work() for _ in range(concurrency)))
+        return time.perf_counter() - start
+
+
+def drain_rows(base_url: str, tmp: Path, calls: int, seconds: int) -> list[Row]:
+    from pipecat_roark.drain import Drainer, DrainPolicy
+
+    directory = tmp / "backlog"
+    template = asyncio.run(record_template(directory, seconds))
+    clone_calls(directory, template, calls - 1)
+    conn = sqlite3.connect(directory / "wal.sqlite")
+    total_bytes = conn.execute("SELECT sum(size) FROM chunks").fetchone()[0]
+    paths = [
+        r[0]
+        for r in conn.execute("SELECT path FROM chunks WHERE call_id = ? ORDER BY idx", (template,))
+    ]
+    conn.close()
+    policy = DrainPolicy()
+    start = time.perf_counter()
+    report = asyncio.run(Drainer(directory, KEY, base_url, policy).run_once(budget_s=3600))
+    elapsed = time.perf_counter() - start
+    assert report.complete, str(report)
+    template_chunks = [(directory / path).read_bytes() for path in paths]
+    all_chunks = template_chunks * calls
+    raw_elapsed = asyncio.run(raw_uploads(base_url, all_chunks, policy.concurrency))
+    ours_mb = total_bytes / elapsed / 1e6
+    raw_mb = total_bytes / raw_elapsed / 1e6
+    cmd = f"scripts/bench (drain: {calls} calls × {seconds} s of 16 kHz stereo, concurrency {policy.concurrency})"
+    return [
+        Row(
+            f"drain a {calls}-call backlog to the dev server: audio MB/s, vs the bare mint-URL + PUT requests without a WAL",
+            f"{ours_mb:.1f} MB/s ({calls / elapsed:.1f} calls/s)",
+            f"{raw_mb:.1f} MB/s",
+            ours_mb / raw_mb,
+            "≥ 50 MB/s",
+            cmd,
+        )
+    ]
+
+
+def status_rows(tmp: Path, calls: int) -> list[Row]:
+    directory = tmp / "big"
+    asyncio.run(record_template(directory, 3))
+    clone_calls(directory, "template", calls - 1, events=False)
+    env = {**os.environ, "PIPECAT_ROARK_DIR": str(directory)}
+
+    def timed(*args: str) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "pipecat_roark.cli", *args],
+                env=env,
+                capture_output=True,
+                check=False,
+            )
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    status = timed("status", "--json")
+    version = timed("--version")
+    return [
+        Row(
+            f"`pipecat-roark status --json` on {calls:,} calls vs the CLI starting (`--version`)",
+            f"{status * 1000:.0f} ms",
+            f"{version * 1000:.0f} ms",
+            status / version,
+            "",
+            f"scripts/bench (status: {calls:,} calls cloned in SQL, best of 3)",
+        )
+    ]
+
+
+# ---- the table ----
+
+
+def render(rows: list[Row], quick: bool, elapsed: float) -> str:
+    head = ["measured", "ours", "compared with", "ratio", "target"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `scripts/bench` (`scripts/bench --quick` for a smoke run). Every row is two",
+        "things measured side by side in the same run on the same machine; compare the ratios,",
+        "not the absolute times: these machines are noisy.",
+        "",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.system()}",
+        f"- run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {elapsed:.0f} s"
+        + (" (quick sizes)" if quick else ""),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(row.cells()) + " |")
+    lines += ["", "How each row was produced:", ""]
+    for row in rows:
+        lines.append(f"- {row.what}: `{row.command}`")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes; do not write BENCHMARKS.md"
+    )
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip Roark's reference observer"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
+    q = args.quick
+    started = time.perf_counter()
+    ref = None if args.no_reference else reference_python()
+    with tempfile.TemporaryDirectory(prefix="pipecat-roark-bench-") as raw_tmp:
+        tmp = Path(raw_tmp)
+        server, base_url = start_dev_server(tmp / "devserver")
+        try:
+            rows: list[Row] = []
+            steps = [
+                (
+                    "pipeline overhead",
+                    lambda: overhead_rows(base_url, tmp, ref, 1 if q else 4, 1 if q else 3),
+                ),
+                ("arrival", lambda: arrival_rows(base_url, tmp, ref, 1 if q else 5)),
+                ("frame to durable", lambda: durable_rows(tmp, 5 if q else 50, 1 if q else 4)),
+                ("store append", lambda: store_rows(tmp, 20_000 if q else 300_000)),
+                (
+                    "drain backlog",
+                    lambda: drain_rows(base_url, tmp, 20 if q else 1000, 5 if q else 30),
+                ),
+                ("status", lambda: status_rows(tmp, 2_000 if q else 100_000)),
+            ]
+            for name, step in steps:
+                print(f"… {name}", flush=True)
+                rows += step()
+        finally:
+            server.terminate()
+            server.wait(30)
+    elapsed = time.perf_counter() - started
+    text = render(rows, q, elapsed)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="pipecat-roark benchmarks (ratios measured side by side)")
+    for column in ("measured", "ours", "compared with", "ratio", "target"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.cells())
+    Console().print(table)
+    if not q:
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""One side of a side-by-side benchmark, run in its own process by scripts/bench.py.
+
+    python scripts/bench_worker.py overhead MODE ROUNDS BASE_URL DIR
+    python scripts/bench_worker.py arrival MODE ROUNDS BASE_URL DIR
+
+MODE is none | noop | capture (ours, recording only) | ours (recording and delivering
+during the call) | reference. "reference" runs under the scratch venv that has
+Roark's own `pipecat-roark==0.2.5` installed (which is also called `pipecat_roark`), so
+the scripted call is loaded from our testing.py by path: both sides play the same call.
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location(
+    "bench_scripted", HERE.parent / "src" / "pipecat_roark" / "testing.py"
+)
+assert _spec is not None and _spec.loader is not None
+scripted: Any = importlib.util.module_from_spec(_spec)
+sys.modules["bench_scripted"] = scripted  # dataclasses look their module up here
+_spec.loader.exec_module(scripted)
+_synth = scripted.tone
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_tone(freq: float, ms: int, sample_rate: int, phase: int) -> bytes:
+    return bytes(_synth(freq, ms, sample_rate, phase))
+
+
+def _tone(freq: float, ms: int, sample_rate: int = 16000, start: int = 0) -> bytes:
+    # An integer frequency repeats every second: same bytes, without the synthesis
+    # cost drowning the differences this benchmark is about.
+    return _cached_tone(freq, ms, sample_rate, start % sample_rate)
+
+
+scripted.tone = _tone
+
+from pipecat.frames.frames import Frame, StartFrame  # noqa: E402
+from pipecat.observers.base_observer import BaseObserver, FramePushed  # noqa: E402
+from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor  # noqa: E402
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
+
+KEY = "bench-key-not-secret"
+HOPS = 4  # stand-ins for STT, LLM, TTS and the output transport: every hop is observed
+
+
+class Hop(FrameProcessor):
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+
+
+class NoopObserver(BaseObserver):
+    async def on_push_frame(self, data: FramePushed) -> None:
+        return None
+
+
+class ArmedRecorder(AudioBufferProcessor):
+    """What a bot that records without Roark runs: the same buffering, no uploads."""
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, StartFrame) and not self._recording:
+            await self.start_recording()
+
+
+def long_call(turns: int) -> list[Any]:
+    """An audio-heavy call: alternating user and bot speech, a tool call every few turns."""
+    steps: list[Any] = []
+    for turn in range(turns):
+        steps.append(scripted.User(f"Question number {turn}, please.", ms=1200))
+        if turn % 4 == 0:
+            steps.append(scripted.Tool(f"t{turn}", "lookup", {"turn": turn}, {"ok": True}))
+        steps.append(scripted.Bot([f"Answer{turn}", "is", "that", "it", "works."], ms_per_word=300))
+    return steps
+
+
+def short_call() -> list[Any]:
+    return [
+        scripted.Bot(["Hi,", "how", "can", "I", "help?"]),
+        scripted.User("My order is late.", ms=800),
+        scripted.Bot(["It", "arrives", "tomorrow."]),
+    ]
+
+
+def make_observer(mode: str, base_url: str, directory: Path, call_id: str) -> Any:
+    if mode in ("ours", "capture"):
+        from pipecat_roark import RoarkObserver
+
+        return RoarkObserver(
+            api_key=KEY,
+            agent_id="bench-bot",
+            pipecat_call_id=call_id,
+            base_url=base_url,
+            data_dir=directory,
+            deliver=mode == "ours",
+        )
+    if mode == "reference":
+        import pipecat_roark.client as reference_client
+        from pipecat_roark import RoarkObserver as ReferenceObserver
+
+        # The reference hard-codes api.roark.ai; point its constants at the dev server.
+        reference_client.WEBHOOK_URL = f"{base_url}/v1/integrations/pipecat"
+        reference_client.CHUNK_UPLOAD_URL_ENDPOINT = (
+            f"{base_url}/v1/integrations/pipecat/chunk-upload-url"
+        )
+
+        class Args:
+            session_id = call_id
+
+        return ReferenceObserver(api_key=KEY, agent_id="bench-bot", runner_args=Args())
+    if mode == "noop":
+        return NoopObserver()
+    return None
+
+
+async def play(
+    mode: str,
+    script: list[Any],
+    base_url: str,
+    directory: Path,
+    call_id: str,
+    pace: float,
+    on_step: Any = None,
+) -> None:
+    observer = make_observer(mode, base_url, directory, call_id)
+    recorder = (
+        observer.audio_processor
+        if hasattr(observer, "audio_processor")
+        else ArmedRecorder(num_channels=2, buffer_size=256 * 1024)
+    )
+    processors = [
+        scripted.ScriptedCall(script, pace=pace, on_step=on_step),
+        *(Hop() for _ in range(HOPS)),
+        recorder,
+    ]
+    await scripted.run_pipeline(processors, observers=[] if observer is None else [observer])
+
+
+async def overhead(mode: str, rounds: int, base_url: str, directory: Path) -> dict[str, Any]:
+    times = []
+    for n in range(rounds + 1):  # round 0 warms up imports and caches: not counted
+        start = time.perf_counter()
+        await play(mode, long_call(20), base_url, directory, f"{mode}-overhead-{n}", pace=0.0)
+        if n:
+            times.append(time.perf_counter() - start)
+    await _drain_leftovers(mode)
+    return {"times": times}
+
+
+async def arrival(mode: str, rounds: int, base_url: str, directory: Path) -> dict[str, Any]:
+    """Seconds from the script's last step to call-ended stored at the server."""
+    import httpx
+
+    script = short_call()
+    latencies = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        for n in range(rounds):
+            call_id = f"{mode}-arrival-{n}"
+            ended_at: list[float] = []
+
+            async def last_step(
+                step: int, script_len: int = len(script), marks: list[float] = ended_at
+            ) -> None:
+                if step == script_len:
+                    marks.append(time.perf_counter())
+
+            waiter = asyncio.create_task(_arrived(http, call_id))
+            await play(mode, script, base_url, directory, call_id, pace=1.0, on_step=last_step)
+            arrived = await asyncio.wait_for(waiter, 60)
+            latencies.append(arrived - ended_at[0])
+    await _drain_leftovers(mode)
+    return {"latencies": latencies}
+
+
+async def _arrived(http: Any, call_id: str) -> float:
+    for _ in range(60_000):  # bounded: 60 s at 1 ms
+        response = await http.get(f"/_dev/calls/{call_id}")
+        if response.status_code == 200 and response.json().get("callEnded"):
+            return time.perf_counter()
+        await asyncio.sleep(0.001)
+    raise TimeoutError(call_id)
+
+
+async def _drain_leftovers(mode: str) -> None:
+    if mode == "ours":
+        from pipecat_roark.drain import stop_background_drainers
+
+        await stop_background_drainers(10)
+
+
+def main() -> None:
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
+    what, mode, rounds, base_url, directory = sys.argv[1:6]
+    run = {"overhead": overhead, "arrival": arrival}[what]
+    result = asyncio.run(run(mode, int(rounds), base_url, Path(directory)))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
