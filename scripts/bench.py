@@ -550,7 +550,7 @@ def main() -> int:
         table.add_column(column)
     for row in rows:
         table.add_row(*row.cells())
-    Console().print(table)
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
     if not q:
         args.out.write_text(text)
         print(f"wrote {args.out}")

@@ -162,10 +162,6 @@ def drain(
         ).fetchone()[0]
     progress = _Progress(total, enabled=not as_json and out.is_terminal)
     drainer = Drainer(directory, api_key, base_url, on_progress=progress.update)
-    if not as_json:
-        out.print(
-            f"draining {directory} to {base_url} with key {drainer.key_fp} ({total} rows queued)"
-        )
 
     async def run() -> DrainReport | None:
         loop = asyncio.get_running_loop()
@@ -173,6 +169,11 @@ def drain(
         task = asyncio.current_task()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set if follow else task.cancel)  # type: ignore[union-attr]
+        if not as_json:  # after the handlers: from here on a signal stops us cleanly
+            out.print(
+                f"draining {directory} to {base_url} with key {drainer.key_fp} ({total} rows queued)"
+                + (" and following new calls (Ctrl-C stops)" if follow else "")
+            )
         if follow:
             await drainer.run_forever(stop)
             return None

@@ -1,0 +1,44 @@
+"""scripts/bench runs end to end at small sizes (no timing is asserted: numbers live in
+BENCHMARKS.md, written by the full run)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_quick_benchmark_runs_every_row_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "BENCHMARKS.md"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ROARK_", "PIPECAT_ROARK"))}
+    env["COLUMNS"] = "200"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench.py"),
+            "--quick",
+            "--no-reference",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for row in (
+        "RoarkObserver recording vs no observer",
+        "RoarkObserver recording vs a no-op observer",
+        "frame → committed",
+        "events appended per second",
+        "drain a 20-call backlog",
+        "pipecat-roark status --json",
+    ):
+        assert row in done.stdout, row
+    assert not out.exists(), "--quick leaves BENCHMARKS.md alone"
