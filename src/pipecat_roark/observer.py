@@ -44,7 +44,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
-from pipecat.processors.frame_processor import FrameDirection
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_output import BaseOutputTransport
 
 from . import config, lifecycle
@@ -112,6 +112,14 @@ def _reason(frame: Frame, default: str) -> str:
 Handler = Callable[[FramePushed, Any], None]
 
 
+def _whole_samples(frame: AudioRawFrame) -> bool:
+    audio = frame.audio
+    channels = frame.num_channels if isinstance(frame.num_channels, int) else 0
+    return (
+        isinstance(audio, (bytes, bytearray)) and channels > 0 and len(audio) % (2 * channels) == 0
+    )
+
+
 class RoarkAudioBufferProcessor(AudioBufferProcessor):
     """An AudioBufferProcessor that arms itself on the StartFrame and reports to its observer.
 
@@ -127,6 +135,15 @@ class RoarkAudioBufferProcessor(AudioBufferProcessor):
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         roark = self._roark
+        if isinstance(frame, (InputAudioRawFrame, OutputAudioRawFrame)) and not _whole_samples(
+            frame
+        ):
+            # Pipecat's buffer raises on a partial sample and the pipeline can stall on
+            # it: pass such a frame on unrecorded instead.
+            roark._guard(roark._partial_audio, frame)
+            await FrameProcessor.process_frame(self, frame, direction)
+            await self.push_frame(frame, direction)
+            return
         if isinstance(frame, StartFrame):
             roark._guard(roark._processor_saw_start)
         elif isinstance(frame, (EndFrame, CancelFrame, StopFrame)):
@@ -262,6 +279,7 @@ class RoarkObserver(BaseObserver):
         self._seen_order: deque[int] = deque()
         self._hook_errors: set[str] = set()
         self._not_attached_warned = False
+        self._partial_audio_warned = False
         self._dispatch: dict[type, Handler | None] = {}
         self._rules: list[tuple[type | tuple[type, ...], Handler | None]] = [
             (AudioRawFrame, self._on_audio if self._sample_zero_pending else None),
@@ -700,6 +718,17 @@ class RoarkObserver(BaseObserver):
             ensure_background_drainer(self._directory, self._api_key, self._base_url)
 
     # ---- failure handling ----
+
+    def _partial_audio(self, frame: AudioRawFrame) -> None:
+        if self._partial_audio_warned:
+            return
+        self._partial_audio_warned = True
+        size = len(frame.audio) if isinstance(frame.audio, (bytes, bytearray)) else "?"
+        logger.warning(
+            f"{self}: call {self._call_id}: an audio frame of {size} bytes is not whole "
+            f"16-bit samples for {frame.num_channels!r} channel(s); such frames are not "
+            "recorded (check the transport or resampler that produced it)"
+        )
 
     def _guard(self, function: Callable[..., None], *args: Any) -> None:
         try:

@@ -6,7 +6,10 @@ digest of their bodies, and the sha256 of every chunk the AudioBufferProcessor e
 The parent kills it with SIGKILL at a point of its choosing and checks the database
 against the last report.
 
-    python capture_bot.py DATA_DIR CALL_ID SEED
+    python capture_bot.py DATA_DIR CALL_ID SEED [END BASE_URL]
+
+END is how the call ends ("hang", the default: never; "end": an EndFrame). With
+BASE_URL the bot also delivers (its background drainer, key KEY) as a real bot does.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pipecat_roark import RoarkObserver
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, Step, Tool, User, run_pipeline
 from pipecat_roark.writer import writer_for
 
+KEY = "rk_crash_key"
 WORDS = ["order", "late", "shipped", "refund", "address", "tomorrow", "sorry", "thanks"]
 
 
@@ -55,12 +59,16 @@ def committed(directory: Path, call_id: str) -> tuple[int, str]:
     return len(bodies), hashlib.sha256(b"".join(bodies)).hexdigest()
 
 
-async def main(directory: Path, call_id: str, seed: int) -> None:
+async def main(
+    directory: Path, call_id: str, seed: int, end: str = "hang", base_url: str | None = None
+) -> None:
     roark = RoarkObserver(
         agent_id="crash-bot",
         pipecat_call_id=call_id,
         data_dir=directory,
-        deliver=False,
+        api_key=KEY if base_url else None,
+        base_url=base_url,
+        deliver=base_url is not None,
         chunk_bytes=8000,
     )
     emitted: list[str] = []
@@ -70,16 +78,19 @@ async def main(directory: Path, call_id: str, seed: int) -> None:
         emitted.append(hashlib.sha256(audio).hexdigest())
 
     async def report(step: int) -> None:
+        # What was emitted before the barrier is what the flush vouches for: audio can
+        # keep arriving while we wait for it.
+        before = list(emitted)
         if not await writer_for(directory).flush(10):
             return
         count, digest = committed(directory, call_id)
-        line = {"step": step, "events": count, "digest": digest, "emitted": list(emitted)}
+        line = {"step": step, "events": count, "digest": digest, "emitted": before}
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
 
-    script = ScriptedCall(seeded_script(seed), end="hang", on_step=report)
+    script = ScriptedCall(seeded_script(seed), end=end, on_step=report)
     await run_pipeline([script, roark.audio_processor], observers=[roark])
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+    asyncio.run(main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), *sys.argv[4:6]))
