@@ -3,6 +3,8 @@
     uv run examples/offline_call.py            # a call end to end
     uv run examples/offline_call.py --crash    # the bot is killed with SIGKILL mid-call,
                                                # then `pipecat-roark drain` recovers it
+    uv run examples/offline_call.py --real     # the same call, sent to Roark itself
+                                               # (ROARK_API_KEY, ROARK_BASE_URL)
 
 A real Pipecat pipeline plays a scripted call (synthetic speech audio, transcripts, a
 tool call, an interruption) through RoarkObserver. The local Roark-compatible dev
@@ -19,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import uuid
 import wave
 from pathlib import Path
 from typing import Any
@@ -27,9 +30,10 @@ import httpx
 from loguru import logger
 from rich.console import Console
 from rich.panel import Panel
+from rich.prompt import Confirm
 from rich.table import Table
 
-from pipecat_roark import RoarkObserver
+from pipecat_roark import RoarkObserver, config
 from pipecat_roark.devserver import DevServer
 from pipecat_roark.drain import Drainer
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, Step, Tool, User, run_pipeline
@@ -54,10 +58,12 @@ def demo_script() -> list[Step]:
     ]
 
 
-async def record_call(directory: Path, base_url: str, call_id: str, emitted: list[bytes]) -> None:
+async def record_call(
+    directory: Path, base_url: str, call_id: str, emitted: list[bytes], api_key: str = DEMO_KEY
+) -> None:
     roark = RoarkObserver(
         **AGENT,
-        api_key=DEMO_KEY,
+        api_key=api_key,
         base_url=base_url,
         data_dir=directory,
         pipecat_call_id=call_id,
@@ -149,6 +155,43 @@ async def normal(directory: Path) -> bool:
     return ok
 
 
+async def real(directory: Path) -> bool:
+    """The demo call, delivered to Roark itself: ROARK_API_KEY and ROARK_BASE_URL."""
+    key = config.resolve_api_key(None)
+    if key is None:
+        console.print("[red]--real needs ROARK_API_KEY[/]")
+        return False
+    base_url = config.resolve_base_url(None)
+    call_id = f"pipecat-roark-demo-{uuid.uuid4()}"
+    console.rule(f"1. a scripted call, recorded in the WAL and delivered to {base_url}")
+    await record_call(directory, base_url, call_id, [], api_key=key)
+    console.rule("2. the drainer delivers what is left")
+    report = await Drainer(directory, key, base_url).run_once(budget_s=60)
+    console.print(f"  {report}")
+    env = {**os.environ, "PIPECAT_ROARK_DIR": str(directory)}
+    await asyncio.to_thread(run_cli, "calls", env=env)
+    await asyncio.to_thread(run_cli, "status", env=env)
+    if report.complete:
+        console.print(f"[green]✓ call {call_id} is at Roark: look for agent {AGENT['agent_id']}[/]")
+    return report.complete
+
+
+def wants_real(args: argparse.Namespace) -> bool:
+    """--real, or ROARK_API_KEY set and a yes at the prompt (only on a terminal)."""
+    if args.real:
+        return True
+    if args.crash or config.resolve_api_key(None) is None:
+        return False
+    if not sys.stdin.isatty():
+        console.print("[dim]ROARK_API_KEY is set: `scripts/demo --real` sends the call to Roark[/]")
+        return False
+    return Confirm.ask(
+        f"ROARK_API_KEY is set: send the demo call to Roark at "
+        f"{config.resolve_base_url(None)} instead of the local dev server?",
+        default=False,
+    )
+
+
 async def crash(directory: Path) -> bool:
     async with DevServer() as server:
         call_id = "demo-crash-call"
@@ -218,6 +261,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--crash", action="store_true", help="kill the bot mid-call, then recover")
+    parser.add_argument(
+        "--real", action="store_true", help="send the call to Roark (ROARK_API_KEY) instead"
+    )
     parser.add_argument("--dir", type=Path, help="data directory (default: a fresh temporary one)")
     parser.add_argument("--bot", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--call", default="demo-call", help=argparse.SUPPRESS)
@@ -229,7 +275,12 @@ def main() -> int:
         return 0
     directory = args.dir or Path(tempfile.mkdtemp(prefix="pipecat-roark-demo-")) / "roark"
     console.print(f"data directory: {directory}")
-    ok = asyncio.run(crash(directory) if args.crash else normal(directory))
+    if args.crash:
+        ok = asyncio.run(crash(directory))
+    elif wants_real(args):
+        ok = asyncio.run(real(directory))
+    else:
+        ok = asyncio.run(normal(directory))
     return 0 if ok else 1
 
 

@@ -195,7 +195,11 @@ def arrival_rows(base_url: str, tmp: Path, ref: str | None, rounds: int) -> list
 # ---- 3. frame to durable with 50 concurrent calls ----
 
 
-async def durable_latency(directory: Path, calls: int, turns: int) -> list[float]:
+async def durable_latency(
+    directory: Path, calls: int, turns: int, key: str | None = None, sample_every: int = 10
+) -> list[float]:
+    """Per-frame time to committed, sampled every ``sample_every`` frames (0: a plain
+    RoarkObserver, nothing sampled: for CPU measurements the probes do not disturb)."""
     from bench_worker import Hop, long_call, scripted
 
     from pipecat_roark import RoarkObserver
@@ -204,7 +208,7 @@ async def durable_latency(directory: Path, calls: int, turns: int) -> list[float
     latencies: list[float] = []
 
     class Timed(RoarkObserver):
-        """Every 10th frame: a barrier behind it in the writer queue says when it is durable."""
+        """Every n-th frame: a barrier behind it in the writer queue says when it is durable."""
 
         seen = 0
 
@@ -212,13 +216,20 @@ async def durable_latency(directory: Path, calls: int, turns: int) -> list[float
             start = time.perf_counter()
             await super().on_push_frame(data)
             Timed.seen += 1
-            if Timed.seen % 10 == 0 and self._writer is not None:
+            if Timed.seen % sample_every == 0 and self._writer is not None:
                 self._writer.submit(
                     (OP_BARRIER, lambda: latencies.append(time.perf_counter() - start))
                 )
 
     async def one(n: int) -> None:
-        roark = Timed(agent_id="bench", pipecat_call_id=f"c{n}", data_dir=directory, deliver=False)
+        observer_class = Timed if sample_every else RoarkObserver
+        roark = observer_class(
+            agent_id="bench",
+            pipecat_call_id=f"c{n}",
+            data_dir=directory,
+            deliver=False,
+            api_key=key,
+        )
         await asyncio.sleep(n * 0.01)  # calls start staggered, as real ones do
         await scripted.run_pipeline(
             [
@@ -252,7 +263,7 @@ def durable_rows(tmp: Path, calls: int, turns: int) -> list[Row]:
     from pipecat_roark.writer import close_all_writers
 
     directory = tmp / "durable"
-    latencies = asyncio.run(durable_latency(directory, calls, turns))
+    latencies = asyncio.run(durable_latency(directory, calls, turns, sample_every=50))
     close_all_writers()
     one_fsync = fsync_seconds(tmp, 200)
     return [
@@ -264,6 +275,121 @@ def durable_rows(tmp: Path, calls: int, turns: int) -> list[Row]:
             "p99 ≤ 20 ms",
             f"scripts/bench (durable: {calls} real-time scripted calls in one process)",
         )
+    ]
+
+
+def load_rows(base_url: str, tmp: Path, calls: int, turns: int) -> list[Row]:
+    """Many concurrent calls in this process, `pipecat-roark drain --follow` in another."""
+    directory = tmp / "load"
+    env = {
+        **os.environ,
+        "PIPECAT_ROARK_DIR": str(directory),
+        "ROARK_API_KEY": KEY,
+        "ROARK_BASE_URL": base_url,
+    }
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    from pipecat_roark.store import connect
+    from pipecat_roark.writer import close_all_writers
+
+    connect(directory).close()
+    sidecar = subprocess.Popen(
+        [sys.executable, "-m", "pipecat_roark.cli", "drain", "--follow"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        latencies = asyncio.run(durable_latency(directory, calls, turns, KEY, sample_every=50))
+        close_all_writers()
+        cpu = time.process_time()
+        asyncio.run(durable_latency(tmp / "load-cpu", calls, turns, KEY, sample_every=0))
+        ours_cpu = time.process_time() - cpu
+        close_all_writers()
+    finally:
+        sidecar.terminate()
+        sidecar.wait(60)
+    cpu = time.process_time()
+    asyncio.run(plain_calls(calls, turns, noop=False))
+    none_cpu = time.process_time() - cpu
+    cpu = time.process_time()
+    asyncio.run(plain_calls(calls, turns, noop=True))
+    noop_cpu = time.process_time() - cpu
+    cmd = f"scripts/bench (load: {calls} concurrent real-time calls, drain --follow in another process)"
+    return [
+        Row(
+            f"frame → committed with {calls} concurrent calls and a drain --follow sidecar, p99",
+            f"{p(latencies, 0.99) * 1000:.1f} ms (p50 {p(latencies, 0.5) * 1000:.1f})",
+            "20 ms (target)",
+            p(latencies, 0.99) / 0.020,
+            "≤ 1×",
+            cmd,
+        ),
+        Row(
+            f"bot process CPU for {calls} concurrent calls: with RoarkObserver vs without",
+            f"{ours_cpu:.1f} s",
+            f"{none_cpu:.1f} s",
+            ours_cpu / none_cpu,
+            "",
+            cmd,
+        ),
+        Row(
+            f"bot process CPU for {calls} concurrent calls: RoarkObserver vs a no-op observer "
+            "(Pipecat's per-observer queues cost the same in both)",
+            f"{ours_cpu:.1f} s",
+            f"{noop_cpu:.1f} s",
+            ours_cpu / noop_cpu,
+            "",
+            cmd,
+        ),
+    ]
+
+
+async def plain_calls(calls: int, turns: int, *, noop: bool) -> None:
+    from bench_worker import ArmedRecorder, Hop, NoopObserver, long_call, scripted
+
+    async def one(n: int) -> None:
+        await asyncio.sleep(n * 0.01)
+        recorder = ArmedRecorder(num_channels=2, buffer_size=256 * 1024)
+        await scripted.run_pipeline(
+            [scripted.ScriptedCall(long_call(turns), pace=1.0), Hop(), Hop(), recorder],
+            observers=[NoopObserver()] if noop else [],
+        )
+
+    await asyncio.gather(*(one(n) for n in range(calls)))
+
+
+def long_call_rows(base_url: str, tmp: Path, minutes: int) -> list[Row]:
+    ours = worker(sys.executable, "longcall", "capture", minutes, base_url, tmp)
+    none = worker(sys.executable, "longcall", "none", minutes, base_url, tmp)
+    directory = tmp / "longcall-capture"
+    conn = sqlite3.connect(directory / "wal.sqlite")
+    audio = conn.execute("SELECT sum(size) FROM chunks").fetchone()[0] or 0
+    conn.close()
+    db = sum(f.stat().st_size for f in directory.glob("wal.sqlite*"))
+    hours = ours["audio_seconds"] / 3600
+    growth_ours = (ours["rss"][-1] - ours["rss"][0]) / 1e6
+    growth_none = (none["rss"][-1] - none["rss"][0]) / 1e6
+    cmd = (
+        f"scripts/bench (longcall: one {minutes}-minute call at pace 0, RSS after each tenth, "
+        "once the writer has caught up)"
+    )
+    return [
+        Row(
+            f"RSS over a {minutes}-minute call: at the end vs after its first tenth, RoarkObserver vs no observer",
+            f"{ours['rss'][-1] / 1e6:.0f} MB ({growth_ours:+.0f} MB)",
+            f"{none['rss'][-1] / 1e6:.0f} MB ({growth_none:+.0f} MB)",
+            ours["rss"][-1] / none["rss"][-1],
+            "no growth with call length",
+            cmd,
+        ),
+        Row(
+            "disk per call-hour: database vs the recording itself",
+            f"{db / hours / 1e6:.1f} MB/h database",
+            f"{audio / hours / 1e6:.0f} MB/h audio (16 kHz stereo)",
+            db / audio if audio else None,
+            "",
+            cmd,
+        ),
     ]
 
 
@@ -527,6 +653,8 @@ def main() -> int:
                 ),
                 ("arrival", lambda: arrival_rows(base_url, tmp, ref, 1 if q else 5)),
                 ("frame to durable", lambda: durable_rows(tmp, 5 if q else 50, 1 if q else 4)),
+                ("load", lambda: load_rows(base_url, tmp, 10 if q else 200, 1 if q else 2)),
+                ("long call", lambda: long_call_rows(base_url, tmp, 3 if q else 60)),
                 ("store append", lambda: store_rows(tmp, 20_000 if q else 300_000)),
                 (
                     "drain backlog",

@@ -2,6 +2,7 @@
 
     python scripts/bench_worker.py overhead MODE ROUNDS BASE_URL DIR
     python scripts/bench_worker.py arrival MODE ROUNDS BASE_URL DIR
+    python scripts/bench_worker.py longcall MODE MINUTES BASE_URL DIR
 
 MODE is none | noop | capture (ours, recording only) | ours (recording and delivering
 during the call) | reference. "reference" runs under the scratch venv that has
@@ -201,11 +202,40 @@ async def _drain_leftovers(mode: str) -> None:
         await stop_background_drainers(10)
 
 
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def longcall(mode: str, minutes: int, base_url: str, directory: Path) -> dict[str, Any]:
+    """One call of ``minutes`` of audio at pace 0; RSS sampled after every tenth of it."""
+    turns = max(10, round(minutes * 60 / 2.7))
+    script = long_call(turns)
+    samples: list[int] = []
+
+    async def sample(step: int) -> None:
+        if step % max(1, len(script) // 10) == 0:
+            if mode in ("ours", "capture"):
+                # Pace 0 plays audio ~100x faster than real time; at real time the writer
+                # keeps up. Let it catch up, so this measures what a call holds, not a
+                # backlog that only this speed creates.
+                from pipecat_roark.writer import writer_for
+
+                await writer_for(directory).flush(60)
+            samples.append(rss_bytes())
+
+    await play(mode, script, base_url, directory, f"{mode}-long", pace=0.0, on_step=sample)
+    await _drain_leftovers(mode)
+    return {"rss": samples, "audio_seconds": turns * 2.7}
+
+
 def main() -> None:
     logger.remove()
     logger.add(sys.stderr, level="ERROR")
     what, mode, rounds, base_url, directory = sys.argv[1:6]
-    run = {"overhead": overhead, "arrival": arrival}[what]
+    run = {"overhead": overhead, "arrival": arrival, "longcall": longcall}[what]
     result = asyncio.run(run(mode, int(rounds), base_url, Path(directory)))
     print(json.dumps(result), flush=True)
 

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -246,3 +247,38 @@ async def test_drain_follow_delivers_a_call_recorded_while_it_runs(
         _, stderr = follower.communicate(timeout=60)
     assert follower.returncode == 0, stderr
     assert set(delivery_states(data_dir).values()) == {"delivered"}
+
+
+async def test_ctrl_c_stops_a_drain_cleanly_and_the_next_drain_finishes_the_call(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    from devserver_fixture import running_dev_server
+
+    await record(data_dir, "interrupted", 0)
+    with running_dev_server(tmp_path, latency_ms=3000) as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ROARK_", "PIPECAT_ROARK"))}
+        env |= {
+            "PIPECAT_ROARK_DIR": str(data_dir),
+            "ROARK_BASE_URL": server.base_url,
+            "ROARK_API_KEY": KEY,
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipecat_roark.cli", "drain"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("draining")
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, while a request is in flight
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 1
+        assert "stopped: leases released" in stderr
+        assert "Traceback" not in stderr
+        assert "leased" not in delivery_states(data_dir).values(), "nothing stays leased"
+
+        server.configure(latency_ms=0)
+        done = cli(data_dir, "drain", base_url=server.base_url)
+        assert done.returncode == 0, done.stderr
+        assert server.call("interrupted")["eventCounts"] == {"callStarted": 1, "callEnded": 1}

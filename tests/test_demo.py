@@ -7,12 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from devserver_fixture import RunningDevServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_demo(
+    tmp_path: Path, *args: str, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ROARK_", "PIPECAT_ROARK"))}
-    env |= {"COLUMNS": "120", "LOGURU_LEVEL": "WARNING"}
+    env |= {"COLUMNS": "120", "LOGURU_LEVEL": "WARNING", **(env_extra or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "examples" / "offline_call.py"), "--dir", str(tmp_path), *args],
         capture_output=True,
@@ -41,3 +45,19 @@ def test_the_crash_demo_recovers_the_killed_call(tmp_path: Path) -> None:
     assert "1 orphaned call(s) finalized" in done.stdout
     assert "reason: observer-lost" in done.stdout
     assert "✓ its audio equals the chunks made durable before the kill" in done.stdout
+
+
+def test_with_a_key_the_demo_says_how_to_send_to_roark_and_real_sends_there(
+    tmp_path: Path, dev_server: RunningDevServer
+) -> None:
+    stand_in = {"ROARK_API_KEY": "rk_demo_real", "ROARK_BASE_URL": dev_server.base_url}
+    hinted = run_demo(tmp_path / "hint", env_extra=stand_in)
+    assert hinted.returncode == 0
+    assert "`scripts/demo --real` sends the call to Roark" in hinted.stdout
+    assert dev_server.calls() == [], "without --real (and no terminal to ask) nothing goes out"
+
+    sent = run_demo(tmp_path / "real", "--real", env_extra=stand_in)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    [call] = dev_server.calls()
+    assert call["pipecatCallId"].startswith("pipecat-roark-demo-")
+    assert call["ended"] and call["callEndedReason"] == "agent-ended"

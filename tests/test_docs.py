@@ -28,6 +28,7 @@ BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)
 RUN_ELSEWHERE = {
     "scripts/demo": "tests/test_demo.py runs examples/offline_call.py, what scripts/demo runs",
     "scripts/demo --crash": "tests/test_demo.py",
+    "scripts/demo --real": "tests/test_demo.py, with the dev server standing in for Roark",
     "scripts/test": "CI: .ci/run runs it on a clean clone",
     "scripts/test --long": "the long crash sets; scripts/test --long",
     "scripts/bench": "tests/test_bench_smoke.py runs scripts/bench.py --quick",

@@ -555,14 +555,12 @@ def doctor(directory: Path, as_json: bool, repair: bool, offline: bool) -> None:
     """
     from .maintenance import doctor as run_checks
 
-    if repair and (directory / "wal.sqlite").exists():
-        try:
-            connect(directory, read_only=True).close()
-        except StoreCorrupt:
-            moved = quarantine(directory)
-            err.print(
-                f"moved the corrupt database to {moved}; a fresh one starts with the next call"
-            )
+    if repair and (directory / "wal.sqlite").exists() and not _intact(directory):
+        moved = quarantine(directory)
+        err.print(
+            f"moved the corrupt database to {moved} (kept: `sqlite3 {moved} .recover` salvages "
+            "it); a fresh one starts with the next call"
+        )
     checks = run_checks(
         directory, api_key=config.resolve_api_key(None), base_url=None, reachability=not offline
     )
@@ -617,6 +615,20 @@ def dev_server(**options: Any) -> None:
 
 
 # ---- helpers ----
+
+
+def _intact(directory: Path) -> bool:
+    """False when the file is not a database, or its pages fail integrity_check."""
+    try:
+        conn = connect(directory, read_only=True)
+    except StoreCorrupt:
+        return False
+    try:
+        return bool(conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        conn.close()
 
 
 def _age(seconds: float | None) -> str:

@@ -176,7 +176,10 @@ class DevServer:
     async def _guarded(
         self, request: web.Request, handler: Any, *, storage: bool = False
     ) -> web.StreamResponse:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except ConnectionResetError:  # the client died mid-body (a crash test killed it)
+            return _error(400, "the request body was cut off")
         record: dict[str, Any] = {
             "method": request.method,
             "path": request.path,
