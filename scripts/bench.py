@@ -64,18 +64,9 @@ def p(values: list[float], q: float) -> float:
 
 
 def start_dev_server(data: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipecat_roark.devserver", "--port", "0", "--data", str(data)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("dev server listening on "):
-        proc.kill()
-        raise SystemExit(f"the dev server did not start: {line!r}")
-    return proc, line.split()[-1]
+    from pipecat_roark.devserver import spawn
+
+    return spawn(data)
 
 
 def reference_python() -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from pipecat_roark.devserver import DevServer, Faults
+from pipecat_roark.devserver import DevServer, Faults, spawn
 
 
 class RunningDevServer:
@@ -75,25 +74,4 @@ def running_dev_server(tmp_path: Path, **faults: Any) -> Iterator[RunningDevServ
 
 def start_dev_server_process(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
     """``python -m pipecat_roark.devserver --port 0 ...``; returns (process, base URL)."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipecat_roark.devserver",
-            "--port",
-            "0",
-            "--data",
-            str(tmp_path / "devserver"),
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("dev server listening on "):
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"dev server did not start: {line!r}")
-    return proc, line.split()[-1]
+    return spawn(tmp_path / "devserver", *args)

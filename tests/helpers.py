@@ -43,3 +43,14 @@ def without_times(events: list[Event]) -> list[tuple[str, dict[str, object]]]:
         fields.pop("at")
         out.append((type(event).__name__, fields))
     return out
+
+
+def has_null(value: object) -> bool:
+    """A JSON value with a null anywhere in it (the wire omits absent fields instead)."""
+    if value is None:
+        return True
+    if isinstance(value, dict):
+        return any(has_null(v) for v in value.values())
+    if isinstance(value, list):
+        return any(has_null(v) for v in value)
+    return False

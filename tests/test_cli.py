@@ -28,20 +28,36 @@ from test_drain_processes import kill_bot_mid_call
 pytestmark = pytest.mark.anyio
 
 
-def cli(
-    directory: Path, *args: str, base_url: str = "http://127.0.0.1:9", key: str | None = KEY
-) -> subprocess.CompletedProcess[str]:
+def cli_env(directory: Path, base_url: str, key: str | None = KEY) -> dict[str, str]:
+    """This environment without any ambient Roark settings, plus the given ones."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ROARK_", "PIPECAT_ROARK"))}
     env |= {"PIPECAT_ROARK_DIR": str(directory), "ROARK_BASE_URL": base_url}
     if key is not None:
         env["ROARK_API_KEY"] = key
+    return env
+
+
+def cli(
+    directory: Path, *args: str, base_url: str = "http://127.0.0.1:9", key: str | None = KEY
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pipecat_roark.cli", *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=cli_env(directory, base_url, key),
         timeout=180,
         check=False,
+    )
+
+
+def start_cli(directory: Path, *args: str, base_url: str) -> subprocess.Popen[str]:
+    """A long-running command (drain --follow, dev-server) as a process of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipecat_roark.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(directory, base_url),
     )
 
 
@@ -222,19 +238,7 @@ async def test_drain_follow_delivers_a_call_recorded_while_it_runs(
 ) -> None:
     wanted = {"first", "second"}
     await record(data_dir, "first", 0)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ROARK_", "PIPECAT_ROARK"))}
-    env |= {
-        "PIPECAT_ROARK_DIR": str(data_dir),
-        "ROARK_BASE_URL": dev_server.base_url,
-        "ROARK_API_KEY": KEY,
-    }
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "pipecat_roark.cli", "drain", "--follow"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    follower = start_cli(data_dir, "drain", "--follow", base_url=dev_server.base_url)
     try:
         await record(data_dir, "second", 1)
         for _ in range(600):  # bounded: at most 60 s
@@ -256,19 +260,7 @@ async def test_ctrl_c_stops_a_drain_cleanly_and_the_next_drain_finishes_the_call
 
     await record(data_dir, "interrupted", 0)
     with running_dev_server(tmp_path, latency_ms=3000) as server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ROARK_", "PIPECAT_ROARK"))}
-        env |= {
-            "PIPECAT_ROARK_DIR": str(data_dir),
-            "ROARK_BASE_URL": server.base_url,
-            "ROARK_API_KEY": KEY,
-        }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipecat_roark.cli", "drain"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+        proc = start_cli(data_dir, "drain", base_url=server.base_url)
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("draining")
         proc.send_signal(signal.SIGINT)  # Ctrl-C, while a request is in flight

@@ -17,8 +17,8 @@ import pytest
 
 from devserver_fixture import RunningDevServer
 from pipecat_roark import RoarkObserver
-from test_cli import cli
-from test_drain import KEY, record
+from test_cli import cli, start_cli
+from test_drain import record
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -126,15 +126,7 @@ async def test_every_cli_command_in_the_readme_runs_as_documented(
 def assert_starts_and_stops(directory: Path, args: list[str], base_url: str) -> None:
     if args[0] == "dev-server":
         args = [a if a != "8787" else "0" for a in args]  # any free port in tests
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ROARK_", "PIPECAT_ROARK"))}
-    env |= {"PIPECAT_ROARK_DIR": str(directory), "ROARK_API_KEY": KEY, "ROARK_BASE_URL": base_url}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipecat_roark.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start_cli(directory, *args, base_url=base_url)
     assert proc.stdout is not None
     first = proc.stdout.readline()
     assert first.startswith(("dev server listening on", "draining")), first

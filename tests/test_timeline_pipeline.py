@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import stored_events
+from helpers import has_null, stored_events
 from pipecat_roark import RoarkObserver
 from pipecat_roark.events import (
     BotSpeech,
@@ -214,16 +214,6 @@ def test_any_event_sequence_assembles_into_a_valid_payload(body: list[Event]) ->
     stamps = [t.timestamp for t in ended.transcript or []]
     assert stamps == sorted(stamps)
     assert (ended.agent_spoke_first is None) == (ended.transcript is None)
-
-
-def has_null(value: object) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, dict):
-        return any(has_null(v) for v in value.values())
-    if isinstance(value, list):
-        return any(has_null(v) for v in value)
-    return False
 
 
 def msgspec_roundtrip(raw: bytes) -> CallEnded:

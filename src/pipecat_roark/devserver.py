@@ -19,6 +19,8 @@ import random
 import secrets
 import signal
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -511,6 +513,27 @@ def serve(
         asyncio.run(run())
     except KeyboardInterrupt:
         print("dev server stopped", flush=True)
+
+
+def spawn(data_dir: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """The dev server as a process of its own on a free loopback port: (process, base URL).
+
+    For tests and benchmarks that must not share an event loop (or a GIL) with it.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipecat_roark.devserver", "--port", "0", "--data", str(data_dir)]
+        + list(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("dev server listening on "):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the dev server did not start: {line!r}")
+    return proc, line.split()[-1]
 
 
 def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
