@@ -257,3 +257,48 @@ async def test_garbage_frames_are_stored_cleanly_and_never_raise(
     assert "RuntimeError: boom" in failure and "goes on" in failure
     # The other call in the same process is untouched.
     assert timeline_without_audio(data_dir, "good") == EXPECTED_DEFAULT_CALL
+
+
+@pytest.fixture
+def read_only_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem remounted read-only (root cannot write there either)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        close_all_writers(timeout=2)
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_read_only_directory_is_reported_and_what_is_there_stays_readable(
+    read_only_disk: Path, logs: LogCapture
+) -> None:
+    from test_cli import cli
+
+    directory = read_only_disk / "roark"
+    earlier = RoarkObserver(**AGENT, data_dir=directory, pipecat_call_id="earlier", deliver=False)
+    await run_pipeline([ScriptedCall(), earlier.audio_processor], observers=[earlier])
+    close_all_writers()
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only_disk)], check=True)
+
+    later = RoarkObserver(**AGENT, data_dir=directory, pipecat_call_id="later", deliver=False)
+    script = ScriptedCall()
+    await run_pipeline([script, later.audio_processor], observers=[later])
+    assert script.stats.steps_done == len(script.script), "the call went on"
+    [line] = logs.matching("will not be recorded")
+    assert "is not writable" in line and "PIPECAT_ROARK_DIR" in line
+
+    listed = cli(directory, "calls", "--json")  # inspection works on a read-only copy
+    assert listed.returncode == 0, listed.stderr
+    assert '"id": "earlier"' in listed.stdout
+    drained = cli(directory, "drain")
+    assert drained.returncode == 2
+    assert "is not writable" in drained.stderr and "Traceback" not in drained.stderr

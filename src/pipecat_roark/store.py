@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import quote
 
 from . import crashpoints
 from .errors import StoreCorrupt, StoreForeign, StoreFromFuture, StoreUnavailable
@@ -158,9 +159,17 @@ def connect(
     else:
         ensure_dir(directory)
         _touch_private(db)
+    # On a read-only filesystem (a mounted copy, a volume from a dead container) SQLite
+    # cannot create the WAL index: open it as immutable, since nobody can write there.
+    frozen = read_only and not os.access(directory, os.W_OK)
+    target = f"file:{quote(str(db))}?mode=ro&immutable=1" if frozen else str(db)
     try:
         conn = sqlite3.connect(
-            db, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            target,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=frozen,
         )
     except sqlite3.Error as exc:
         raise _classify(exc, db) from exc
@@ -179,7 +188,8 @@ def connect(
             _check_version(conn, db, allow_older=False)
         if read_only:
             conn.execute("PRAGMA query_only = ON")
-        _touch_private(db)
+        if not frozen:
+            _touch_private(db)
     except sqlite3.Error as exc:
         conn.close()
         raise _classify(exc, db) from exc
