@@ -274,3 +274,33 @@ async def test_ctrl_c_stops_a_drain_cleanly_and_the_next_drain_finishes_the_call
         done = cli(data_dir, "drain", base_url=server.base_url)
         assert done.returncode == 0, done.stderr
         assert server.call("interrupted")["eventCounts"] == {"callStarted": 1, "callEnded": 1}
+
+
+async def test_on_a_terminal_drain_shows_a_progress_bar(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    import pty
+
+    await record(data_dir, "on-a-tty", 0)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipecat_roark.cli", "drain"],
+        stdout=terminal,
+        stderr=terminal,
+        env=cli_env(data_dir, dev_server.base_url) | {"COLUMNS": "160", "TERM": "xterm"},
+    )
+    os.close(terminal)
+    seen = b""
+    while True:  # bounded by the process: EOF (EIO) once it exits
+        try:
+            data = os.read(controller, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        seen += data
+    os.close(controller)
+    assert proc.wait(60) == 0
+    text = seen.decode(errors="replace")
+    assert "delivering" in text and "rows" in text and "MB/s" in text
+    assert "delivered (" in text and "0 pending" in text

@@ -220,30 +220,24 @@ def drain(
 
 
 class _Progress:
-    """A rich progress bar on a terminal; nothing (a summary line follows) otherwise."""
+    """A rich progress bar on a terminal (rows, calls, chunks, MB, MB/s, ETA); nothing
+    otherwise (a summary line follows)."""
 
     def __init__(self, total: int, *, enabled: bool) -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.enabled = enabled
+        self._started = time.monotonic()
         self._bar = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("delivering"),
             BarColumn(),
             TextColumn("{task.completed}/{task.total} rows"),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            TextColumn("{task.description}"),
             TimeRemainingColumn(),
             console=out,
             disable=not enabled,
         )
-        self._task = self._bar.add_task("delivering", total=max(total, 1))
+        self._task = self._bar.add_task("", total=max(total, 1))
 
     def __enter__(self) -> _Progress:
         self._bar.__enter__()
@@ -253,10 +247,14 @@ class _Progress:
         self._bar.__exit__(None, None, None)
 
     def update(self, report: Any) -> None:
+        elapsed = max(time.monotonic() - self._started, 1e-6)
         self._bar.update(
             self._task,
             completed=report.delivered + report.dead,
-            description=f"delivering ({len(report.calls)} calls, {report.chunks} chunks)",
+            description=(
+                f"{len(report.calls)} calls · {report.chunks} chunks · "
+                f"{report.bytes / 1e6:.1f} MB at {report.bytes / 1e6 / elapsed:.1f} MB/s"
+            ),
         )
 
 
