@@ -35,7 +35,7 @@ from rich.table import Table
 
 from pipecat_roark import RoarkObserver, config
 from pipecat_roark.devserver import DevServer
-from pipecat_roark.drain import Drainer
+from pipecat_roark.drain import Drainer, stop_background_drainers
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, Step, Tool, User, run_pipeline
 
 DEMO_KEY = "demo-key-not-secret"
@@ -139,6 +139,7 @@ async def normal(directory: Path) -> bool:
         emitted: list[bytes] = []
         console.rule("1. a scripted call through a real Pipecat pipeline, recorded in the WAL")
         await record_call(directory, server.base_url, call_id, emitted)
+        await stop_background_drainers(10)  # the bot's own drainer hands over what it holds
         console.rule("2. the drainer delivers it (it already started during the call)")
         report = await Drainer(directory, DEMO_KEY, server.base_url).run_once(budget_s=60)
         console.print(f"  what was left after the call: {report}")
@@ -165,6 +166,7 @@ async def real(directory: Path) -> bool:
     call_id = f"pipecat-roark-demo-{uuid.uuid4()}"
     console.rule(f"1. a scripted call, recorded in the WAL and delivered to {base_url}")
     await record_call(directory, base_url, call_id, [], api_key=key)
+    await stop_background_drainers(10)  # the bot's own drainer hands over what it holds
     console.rule("2. the drainer delivers what is left")
     report = await Drainer(directory, key, base_url).run_once(budget_s=60)
     console.print(f"  {report}")

@@ -229,11 +229,15 @@ class Drainer:
                 rows = await self._db(self._claim, call_id)
                 if not rows:
                     return
+                claimed_at = time.monotonic()
                 for n, row in enumerate(rows):
-                    if report.paused:  # the key was refused: hand the rest back at once
+                    # Hand the rest back if the key was refused, or before their leases
+                    # could run out while slow requests ahead of them take their time.
+                    stale = n > 0 and time.monotonic() - claimed_at > self.policy.lease_s / 2
+                    if report.paused or stale:
                         for rest in rows[n:]:
                             await self._db(self._release_one, rest)
-                        return
+                        break
                     await self._deliver(client, row, report)
 
         await asyncio.gather(*(worker() for _ in range(max(1, self.policy.concurrency))))
