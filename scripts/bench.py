@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 from loguru import logger
 
+from pipecat_roark.devserver import spawn
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "scripts" / "bench_worker.py"
 SCRATCH = ROOT / ".bench"
@@ -60,13 +62,7 @@ def p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-# ---- the dev server and the reference venv ----
-
-
-def start_dev_server(data: Path) -> tuple[subprocess.Popen[str], str]:
-    from pipecat_roark.devserver import spawn
-
-    return spawn(data)
+# ---- the reference venv ----
 
 
 def reference_python() -> str | None:
@@ -634,7 +630,7 @@ def main() -> int:
     ref = None if args.no_reference else reference_python()
     with tempfile.TemporaryDirectory(prefix="pipecat-roark-bench-") as raw_tmp:
         tmp = Path(raw_tmp)
-        server, base_url = start_dev_server(tmp / "devserver")
+        server, base_url = spawn(tmp / "devserver")
         try:
             rows: list[Row] = []
             steps = [

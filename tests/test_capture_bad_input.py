@@ -7,6 +7,7 @@ import hashlib
 import sqlite3
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +112,12 @@ async def test_a_locked_database_delays_commits_but_loses_nothing(data_dir: Path
     assert timeline_without_audio(data_dir, "call-1") == EXPECTED_DEFAULT_CALL
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB filesystem (tmpfs), so writes fail with a real ENOSPC."""
-    mount = tmp_path / "tiny"
+@contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of its own at ``mount`` (skips where mounting is not allowed)."""
     mount.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)],
         capture_output=True,
         text=True,
     )
@@ -128,6 +128,13 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     finally:
         close_all_writers(timeout=2)
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem, so writes fail with a real ENOSPC."""
+    with tmpfs(tmp_path / "tiny", "1m") as mount:
+        yield mount
 
 
 async def test_a_full_disk_stops_audio_without_gaps_and_keeps_the_call(
@@ -261,21 +268,9 @@ async def test_garbage_frames_are_stored_cleanly_and_never_raise(
 
 @pytest.fixture
 def read_only_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real filesystem remounted read-only (root cannot write there either)."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    try:
+    """A real filesystem the test remounts read-only (root cannot write there either)."""
+    with tmpfs(tmp_path / "ro", "4m") as mount:
         yield mount
-    finally:
-        close_all_writers(timeout=2)
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 async def test_a_read_only_directory_is_reported_and_what_is_there_stays_readable(

@@ -7,6 +7,7 @@ import hashlib
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,10 @@ def short_script(n: int) -> list[object]:
     ]
 
 
-async def record(directory: Path, call_id: str, n: int = 0, *, key: str | None = KEY) -> None:
+async def record(
+    directory: Path, call_id: str, n: int = 0, *, key: str | None = KEY, **options: Any
+) -> None:
+    """A short scripted call recorded (not delivered) in 8000-byte chunks."""
     roark = RoarkObserver(
         agent_id="drain-bot",
         api_key=key,
@@ -47,6 +51,7 @@ async def record(directory: Path, call_id: str, n: int = 0, *, key: str | None =
         data_dir=directory,
         deliver=False,
         chunk_bytes=8000,
+        **options,
     )
     await run_pipeline([ScriptedCall(short_script(n)), roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
 

@@ -12,11 +12,9 @@ import pytest
 
 from devserver_fixture import RunningDevServer
 from helpers import LogCapture
-from pipecat_roark import RoarkObserver
 from pipecat_roark.drain import Drainer
-from pipecat_roark.testing import ScriptedCall, run_pipeline
 from pipecat_roark.writer import close_all_writers
-from test_drain import KEY, QUICK, chunk_files, record, short_script
+from test_drain import KEY, QUICK, chunk_files, record
 
 pytestmark = pytest.mark.anyio
 
@@ -54,16 +52,7 @@ async def test_the_running_drainer_prunes_delivered_calls_and_keeps_the_rest(
 
 
 async def capped_call(directory: Path, call_id: str, cap: int) -> None:
-    roark = RoarkObserver(
-        agent_id="cap-bot",
-        api_key=KEY,
-        pipecat_call_id=call_id,
-        data_dir=directory,
-        deliver=False,
-        chunk_bytes=8000,
-        max_spool_bytes=cap,
-    )
-    await run_pipeline([ScriptedCall(short_script(0)), roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
+    await record(directory, call_id, 0, max_spool_bytes=cap)
     close_all_writers()  # the next writer measures the spool afresh
 
 

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, config
-from .errors import PipecatRoarkError, StoreCorrupt
+from .errors import PipecatRoarkError
 from .store import connect, now_us, quarantine
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,12 +83,17 @@ def reading(directory: Path) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-@contextmanager
-def writing(directory: Path) -> Iterator[sqlite3.Connection]:
+def require_database(directory: Path) -> None:
+    """Commands that write must not create an empty database where nothing was recorded."""
     if not (directory / "wal.sqlite").exists():
         fail(
             f"no database at {directory / 'wal.sqlite'}: nothing has been recorded there yet (check --dir)"
         )
+
+
+@contextmanager
+def writing(directory: Path) -> Iterator[sqlite3.Connection]:
+    require_database(directory)
     conn = connect(directory)
     try:
         yield conn
@@ -152,10 +157,7 @@ def drain(
     if not api_key:
         fail(f"set {config.ENV_API_KEY} to the Roark API key the calls were recorded with")
     base_url = config.resolve_base_url(None)
-    if not (directory / "wal.sqlite").exists():
-        fail(
-            f"no database at {directory / 'wal.sqlite'}: nothing has been recorded there yet (check --dir)"
-        )
+    require_database(directory)
     with reading(directory) as conn:
         total = conn.execute(
             "SELECT count(*) FROM deliveries WHERE state IN ('pending', 'leased')"
@@ -551,9 +553,10 @@ def doctor(directory: Path, as_json: bool, repair: bool, offline: bool) -> None:
         pipecat-roark doctor
         pipecat-roark doctor --repair
     """
+    from .maintenance import damage
     from .maintenance import doctor as run_checks
 
-    if repair and (directory / "wal.sqlite").exists() and not _intact(directory):
+    if repair and (directory / "wal.sqlite").exists() and damage(directory)[0] is not None:
         moved = quarantine(directory)
         err.print(
             f"moved the corrupt database to {moved} (kept: `sqlite3 {moved} .recover` salvages "
@@ -613,20 +616,6 @@ def dev_server(**options: Any) -> None:
 
 
 # ---- helpers ----
-
-
-def _intact(directory: Path) -> bool:
-    """False when the file is not a database, or its pages fail integrity_check."""
-    try:
-        conn = connect(directory, read_only=True)
-    except StoreCorrupt:
-        return False
-    try:
-        return bool(conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
-    except sqlite3.DatabaseError:
-        return False
-    finally:
-        conn.close()
 
 
 def _age(seconds: float | None) -> str:

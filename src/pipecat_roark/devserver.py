@@ -354,7 +354,7 @@ class _State:
             state.pending_chunks = {k: (v[0], v[1]) for k, v in raw["pending_chunks"].items()}
         return state
 
-    def save(self) -> None:
+    def changed(self) -> None:
         """Mark for the next write (every 0.2 s and at stop): rewriting the whole file
         per request would make a large backlog quadratic."""
         self.dirty = True
@@ -379,7 +379,7 @@ class _State:
         self.calls.clear()
         self.idempotency.clear()
         self.pending_chunks.clear()
-        self.save()
+        self.changed()
 
     def _call(self, call_id: str) -> dict[str, Any]:
         return self.calls.setdefault(
@@ -392,7 +392,7 @@ class _State:
         if seen is None:
             return None
         seen["count"] += 1
-        self.save()
+        self.changed()
         if seen["body_sha256"] != hashlib.sha256(body).hexdigest():
             return _error(422, "Idempotency-Key reused with a different request body")
         return web.Response(
@@ -412,7 +412,7 @@ class _State:
             "response": response.body.decode(),
             "count": 1,
         }
-        self.save()
+        self.changed()
         return response
 
     def record_event(self, payload: CallStarted | CallEnded, raw: dict[str, Any]) -> None:
@@ -435,7 +435,7 @@ class _State:
         chunk = self._call(call_id)["chunks"].setdefault(str(index), {"puts": 0})
         chunk.update(size=len(data), sha256=hashlib.sha256(data).hexdigest(), path=s3_key)
         chunk["puts"] += 1
-        self.save()
+        self.changed()
 
     def summaries(self) -> list[dict[str, Any]]:
         out = []

@@ -247,11 +247,7 @@ class Drainer:
         try:
             if row.kind == "chunk":
                 path, expected_size, sha = await self._db(self._chunk_row, row)
-                data = (
-                    self._read_chunk(path, expected_size, sha)
-                    if self._inline_db  # the exit drain: no new threads at interpreter exit
-                    else await asyncio.to_thread(self._read_chunk, path, expected_size, sha)
-                )
+                data = await self._blocking(self._read_chunk, path, expected_size, sha)
                 size = len(data)
                 assert row.chunk_idx is not None
                 await client.upload_chunk(
@@ -378,9 +374,14 @@ class Drainer:
             with self._db_lock:
                 return function(*args)
 
-        if self._inline_db:  # a loop of our own (the exit drain): blocking it is fine
-            return locked()
-        return await asyncio.to_thread(locked)
+        return await self._blocking(locked)
+
+    async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
+        """Blocking work off the event loop; inline in the exit drain, whose loop is its
+        own and which must start no threads at interpreter exit."""
+        if self._inline_db:
+            return function(*args)
+        return await asyncio.to_thread(function, *args)
 
     def _conn_or_open(self) -> sqlite3.Connection:
         if self._conn is None:

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from .events import decode_event
+from .outbox import undelivered_audio_bytes
 from .timeline import (
     DEFAULT_RECOVERY_REASON,
     assemble_call_ended,
@@ -42,11 +43,7 @@ def queue_status(conn: sqlite3.Connection, directory: Path, *, now: int) -> dict
         "SELECT MIN(created_at) FROM deliveries WHERE state IN ('pending', 'leased')"
     ).fetchone()[0]
     chunk_bytes = conn.execute("SELECT COALESCE(SUM(c.size), 0) FROM chunks c").fetchone()[0]
-    undelivered_bytes = conn.execute(
-        "SELECT COALESCE(SUM(c.size), 0) FROM chunks c JOIN deliveries d"
-        " ON d.call_id = c.call_id AND d.kind = 'chunk' AND d.chunk_idx = c.idx"
-        " WHERE d.state != 'delivered'"
-    ).fetchone()[0]
+    undelivered_bytes = undelivered_audio_bytes(conn)
     last_error = conn.execute(
         "SELECT idempotency_key, last_error FROM deliveries WHERE last_error IS NOT NULL"
         " AND state != 'delivered' ORDER BY id DESC LIMIT 1"

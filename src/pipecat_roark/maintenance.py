@@ -18,13 +18,14 @@ from pathlib import Path
 import httpx
 
 from . import config, spool
-from .errors import ConfigError, PipecatRoarkError
+from .errors import ConfigError, PipecatRoarkError, StoreCorrupt
 from .store import DB_NAME, SCHEMA_VERSION, connect, transaction
 
 __all__ = [
     "Check",
     "ExportResult",
     "PruneResult",
+    "damage",
     "doctor",
     "export_wav",
     "parse_duration",
@@ -194,26 +195,35 @@ def doctor(
     return checks
 
 
-def _database_check(directory: Path) -> Check:
+def damage(directory: Path) -> tuple[str | None, int]:
+    """(what is wrong, schema version): the first is None when the file opens and every
+    page passes ``integrity_check``. Other store errors (newer, foreign) raise."""
     try:
         conn = connect(directory, read_only=True)
-    except PipecatRoarkError as exc:
-        return Check("database", False, str(exc))
+    except StoreCorrupt as exc:
+        return str(exc), 0
     try:
         result = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     except sqlite3.DatabaseError as exc:
-        return Check(
-            "database",
-            False,
+        return (
             f"{directory / DB_NAME} is corrupt ({exc}); run `pipecat-roark doctor --repair`",
+            0,
         )
     finally:
         conn.close()
     if result != "ok":
-        return Check(
-            "database", False, f"integrity_check: {result}; run `pipecat-roark doctor --repair`"
-        )
+        return f"integrity_check: {result}; run `pipecat-roark doctor --repair`", version
+    return None, version
+
+
+def _database_check(directory: Path) -> Check:
+    try:
+        problem, version = damage(directory)
+    except PipecatRoarkError as exc:
+        return Check("database", False, str(exc))
+    if problem is not None:
+        return Check("database", False, problem)
     return Check(
         "database", True, f"integrity ok, schema {version} (this version: {SCHEMA_VERSION})"
     )

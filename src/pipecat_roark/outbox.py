@@ -29,6 +29,7 @@ __all__ = [
     "lease_owner_id",
     "release",
     "release_dead_owners",
+    "undelivered_audio_bytes",
     "unpause_key",
 ]
 
@@ -86,6 +87,16 @@ SELECT MIN(d.next_attempt_at), SUM(d.state = 'leased')
 FROM deliveries d JOIN calls c ON c.id = d.call_id
 WHERE d.state IN ('pending', 'leased') AND {_READY}
 """
+
+
+def undelivered_audio_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of recorded chunks Roark does not have yet (pending, leased or dead)."""
+    row = conn.execute(
+        "SELECT COALESCE(SUM(c.size), 0) FROM deliveries d"
+        " JOIN chunks c ON c.call_id = d.call_id AND c.idx = d.chunk_idx"
+        " WHERE d.kind = 'chunk' AND d.state IN ('pending', 'leased', 'dead')"
+    ).fetchone()
+    return int(row[0])
 
 
 def next_due(

@@ -8,13 +8,12 @@ transcripts are personal data.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import stat
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -106,7 +105,7 @@ def _touch_private(db: Path) -> None:
     """
     try:
         if not db.exists():
-            with contextlib.suppress(FileExistsError):  # another process was first
+            with suppress(FileExistsError):  # another process was first
                 os.close(os.open(db, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         for suffix in ("", "-wal", "-shm"):
             target = db.with_name(db.name + suffix)

@@ -28,6 +28,7 @@ from loguru import logger
 from . import crashpoints, spool
 from .errors import StoreCorrupt
 from .events import CallOpened, ChunkRecorded, encode_event
+from .outbox import undelivered_audio_bytes
 from .owner import Owner, current_owner
 from .store import connect, finalize_call, now_us, quarantine, transaction
 
@@ -479,12 +480,7 @@ class Writer:
 
     def _measure_spool(self) -> int:
         """Undelivered audio only: delivered chunks wait for retention, not against the cap."""
-        row = self._conn.execute(
-            "SELECT COALESCE(SUM(c.size), 0) FROM deliveries d"
-            " JOIN chunks c ON c.call_id = d.call_id AND c.idx = d.chunk_idx"
-            " WHERE d.kind = 'chunk' AND d.state IN ('pending', 'leased', 'dead')"
-        ).fetchone()
-        return int(row[0])
+        return undelivered_audio_bytes(self._conn)
 
 
 def _connect_or_quarantine(directory: Path) -> sqlite3.Connection:
