@@ -26,14 +26,15 @@ BOT = HERE / "lifecycle_bot.py"
 
 
 def run_worker(
-    directory: Path, base_url: str, crash_at: str | None = None
+    directory: Path, base_url: str, crash_at: str | None = None, gate: Path | None = None
 ) -> subprocess.Popen[str]:
     env = {**os.environ}
     env.pop("PIPECAT_ROARK_CRASH_AT", None)
     if crash_at:
         env["PIPECAT_ROARK_CRASH_AT"] = crash_at
     return subprocess.Popen(
-        [sys.executable, str(WORKER), str(directory), KEY, base_url],
+        [sys.executable, str(WORKER), str(directory), KEY, base_url]
+        + ([] if gate is None else [str(gate)]),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -42,8 +43,10 @@ def run_worker(
 
 
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """Exit code and the report (the last line of output)."""
     out, _ = proc.communicate(timeout=120)
-    return proc.returncode, out
+    lines = out.strip().splitlines()
+    return proc.returncode, lines[-1] if lines else ""
 
 
 def kill_bot_mid_call(directory: Path, call_id: str, chunk_bytes: int = 256 * 1024) -> None:
@@ -92,11 +95,19 @@ async def test_a_killed_bots_call_is_finalized_once_as_observer_lost(
 
 @pytest.mark.anyio
 async def test_three_drainer_processes_deliver_each_row_once(
-    data_dir: Path, dev_server: RunningDevServer
+    data_dir: Path, dev_server: RunningDevServer, tmp_path: Path
 ) -> None:
     for n in range(6):
         await record(data_dir, f"multi-{n}", n)
-    procs = [run_worker(data_dir, dev_server.base_url) for _ in range(3)]
+    # All three start together, and each answer takes a moment: otherwise whichever
+    # process started first could finish alone before the others looked.
+    dev_server.configure(latency_ms=50)
+    gate = tmp_path / "go"
+    procs = [run_worker(data_dir, dev_server.base_url, gate=gate) for _ in range(3)]
+    for proc in procs:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+    gate.touch()
     results = [finish(p) for p in procs]
     assert [code for code, _ in results] == [0, 0, 0]
     reports = [json.loads(out) for _, out in results]
