@@ -225,15 +225,16 @@ async def crash(directory: Path) -> bool:
         console.print(
             f"  [red]bot killed (exit {bot.returncode})[/]: no EndFrame, no cleanup, no final drain"
         )
-        console.rule("2. after the restart: pipecat-roark drain")
-        code = await asyncio.to_thread(run_cli, "drain", env=env)
-        console.rule("3. what arrived")
+        console.rule("2. after the restart: what the disk kept, then pipecat-roark drain")
+        # Exported before the drain: once Roark has the whole call, its chunk files are deleted.
         local_wav = directory / "exported.wav"
         exported = await asyncio.to_thread(
             run_cli, "export", call_id, "--wav", str(local_wav), env=env
         )
         with wave.open(str(local_wav)) as wav:
             durable_pcm = wav.readframes(wav.getnframes())
+        code = await asyncio.to_thread(run_cli, "drain", env=env)
+        console.rule("3. what arrived")
         ok = await show_arrival(
             server.base_url,
             call_id,

@@ -121,7 +121,11 @@ async def test_status_calls_show_and_export_report_exactly_what_the_database_hol
         await record(data_dir, call_id, n)
     kill_bot_mid_call(data_dir, "still-open", chunk_bytes=8000)
 
-    assert cli(data_dir, "drain", "--call", "good", base_url=dev_server.base_url).returncode == 0
+    kept = ("--keep-delivered-audio",)  # the export below rebuilds the recording from the files
+    assert (
+        cli(data_dir, "drain", "--call", "good", *kept, base_url=dev_server.base_url).returncode
+        == 0
+    )
     dev_server.configure(status_sequence=[400])
     refused = cli(
         data_dir, "drain", "--call", "refused", "--timeout", "5", base_url=dev_server.base_url
@@ -187,11 +191,18 @@ async def test_retry_then_drain_delivers_the_dead_call_and_prune_deletes_only_de
     await record(data_dir, "kept", 0)
     await record(data_dir, "flaky", 1)
     dev_server.configure(status_sequence=[400])
-    assert cli(data_dir, "drain", "--call", "flaky", base_url=dev_server.base_url).returncode == 1
+    kept = ("--keep-delivered-audio",)  # prune below is what deletes this call's audio
+    assert (
+        cli(data_dir, "drain", "--call", "flaky", *kept, base_url=dev_server.base_url).returncode
+        == 1
+    )
     assert "dead" in delivery_states(data_dir).values()
 
     assert cli_json(data_dir, "retry", "--dead") == {"retried": 1}
-    assert cli(data_dir, "drain", "--call", "flaky", base_url=dev_server.base_url).returncode == 0
+    assert (
+        cli(data_dir, "drain", "--call", "flaky", *kept, base_url=dev_server.base_url).returncode
+        == 0
+    )
     assert dev_server.call("flaky")["eventCounts"] == {"callStarted": 1, "callEnded": 1}
 
     kept_files = chunk_files(data_dir, "kept")

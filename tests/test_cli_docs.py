@@ -34,6 +34,7 @@ def test_the_documented_commands_are_exactly_these() -> None:
         "doctor",
         "drain",
         "export",
+        "forget",
         "prune",
         "retry",
         "show",

@@ -65,6 +65,20 @@ def chunk_files(directory: Path, call_id: str) -> list[bytes]:
     return [(directory / p).read_bytes() for (p,) in rows]
 
 
+def chunk_rows(directory: Path, call_id: str) -> list[tuple[int, str]]:
+    """(size, sha256) of each recorded chunk, hashed from its bytes when it was made durable.
+
+    The rows outlive the files (delivered audio is deleted once Roark has the call), so
+    they are what a delivered recording is checked against.
+    """
+    with sqlite3.connect(directory / "wal.sqlite") as conn:
+        rows = conn.execute(
+            "SELECT size, sha256 FROM chunks WHERE call_id = ? ORDER BY idx", (call_id,)
+        ).fetchall()
+    conn.close()
+    return [(int(size), str(sha)) for size, sha in rows]
+
+
 def delivery_states(directory: Path) -> dict[str, str]:
     with sqlite3.connect(directory / "wal.sqlite") as conn:
         rows = conn.execute("SELECT idempotency_key, state FROM deliveries").fetchall()
@@ -80,13 +94,17 @@ def assert_arrived_whole(
     assert call["callStarted"] == json.loads(encode(assemble_call_started(call_id, events)))
     assert call["callEnded"] == json.loads(encode(assemble_call_ended(call_id, events)))
     assert call["eventCounts"] == {"callStarted": 1, "callEnded": 1}
-    files = chunk_files(directory, call_id)
-    assert len(files) >= 2, "the call has several chunks"
+    rows = chunk_rows(directory, call_id)
+    assert len(rows) >= 2, "the call has several chunks"
     stored = call["chunks"]
-    assert sorted(int(i) for i in stored) == list(range(len(files)))
-    for index, data in enumerate(files):
-        assert stored[str(index)]["sha256"] == hashlib.sha256(data).hexdigest()
-    assert server.recording(call_id)[44:] == b"".join(files)
+    assert sorted(int(i) for i in stored) == list(range(len(rows)))
+    recording = server.recording(call_id)[44:]
+    assert len(recording) == sum(size for size, _ in rows)
+    offset = 0
+    for index, (size, sha) in enumerate(rows):
+        assert stored[str(index)]["sha256"] == sha
+        assert hashlib.sha256(recording[offset : offset + size]).hexdigest() == sha
+        offset += size
     return call
 
 
@@ -96,12 +114,13 @@ async def test_a_recorded_call_arrives_whole_and_in_order(
     await record(data_dir, "call-1")
     report = await Drainer(data_dir, KEY, dev_server.base_url, QUICK).run_once()
     assert_arrived_whole(dev_server, data_dir, "call-1")
-    files = chunk_files(data_dir, "call-1")
+    rows = chunk_rows(data_dir, "call-1")
     assert (report.delivered, report.chunks, report.bytes) == (
-        len(files) + 2,
-        len(files),
-        sum(map(len, files)),
+        len(rows) + 2,
+        len(rows),
+        sum(size for size, _ in rows),
     )
+    assert not (data_dir / "chunks" / "call-1").exists(), "Roark has the call: its audio left"
     assert (report.pending, report.dead_total, report.complete) == (0, 0, True)
     assert set(delivery_states(data_dir).values()) == {"delivered"}
     posts = [

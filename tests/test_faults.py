@@ -69,7 +69,7 @@ async def test_when_attempts_run_out_rows_go_dead_with_the_reason_and_retry_reco
 
         server.configure(fail_rate=0.0)
         assert cli(data_dir, "retry", "--dead").returncode == 0
-        done = cli(data_dir, "drain", base_url=server.base_url)
+        done = cli(data_dir, "drain", "--keep-delivered-audio", base_url=server.base_url)
         assert done.returncode == 0, done.stderr
         assert_arrived_whole(server, data_dir, "stubborn")
 

@@ -23,6 +23,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, config
@@ -136,22 +137,50 @@ def main() -> None:
     show_default=True,
     help="Seconds to keep retrying rows in backoff.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    envvar="PIPECAT_ROARK_METRICS_PORT",
+    show_envvar=True,
+    help="Serve Prometheus metrics on this port at /metrics (0: any free port).",
+)
+@click.option(
+    "--metrics-addr",
+    default="0.0.0.0",
+    show_default=True,
+    envvar="PIPECAT_ROARK_METRICS_ADDR",
+    show_envvar=True,
+    help="Address the metrics endpoint binds.",
+)
+@click.option(
+    "--keep-delivered-audio",
+    is_flag=True,
+    help="Keep chunk files after Roark has the whole call (default: delete them then).",
+)
 def drain(
-    directory: Path, as_json: bool, call_id: str | None, follow: bool, timeout: float
+    directory: Path,
+    as_json: bool,
+    call_id: str | None,
+    follow: bool,
+    timeout: float,
+    metrics_port: int | None,
+    metrics_addr: str,
+    keep_delivered_audio: bool,
 ) -> None:
     """Deliver everything pending to Roark, including calls that never ended.
 
     Uses ROARK_API_KEY and ROARK_BASE_URL. Calls recorded under another key are
-    skipped and reported. Ctrl-C stops cleanly: leases are released, nothing is lost.
-    Exits 1 if anything is left undelivered or dead.
+    skipped and reported. Once Roark has a whole call, its chunk files are deleted
+    (rows stay until retention prunes them). Ctrl-C stops cleanly: leases are
+    released, nothing is lost. Exits 1 if anything is left undelivered or dead.
 
     \b
     Example:
         ROARK_API_KEY=... pipecat-roark drain
         pipecat-roark drain --call 6f1c... --timeout 30
-        pipecat-roark drain --follow
+        pipecat-roark drain --follow --metrics-port 9464
     """
-    from .drain import Drainer, DrainReport
+    from .drain import Drainer, DrainPolicy, DrainReport
 
     api_key = config.resolve_api_key(None)
     if not api_key:
@@ -163,7 +192,20 @@ def drain(
             "SELECT count(*) FROM deliveries WHERE state IN ('pending', 'leased')"
         ).fetchone()[0]
     progress = _Progress(total, enabled=not as_json and out.is_terminal)
-    drainer = Drainer(directory, api_key, base_url, on_progress=progress.update)
+    policy = DrainPolicy(keep_delivered_audio=keep_delivered_audio)
+    drainer = Drainer(directory, api_key, base_url, policy, on_progress=progress.update)
+    metrics_url = None
+    if metrics_port is not None:
+        from .metrics import serve
+
+        try:
+            bound = serve(metrics_port, metrics_addr, directory)
+        except OSError as exc:
+            fail(
+                f"cannot serve metrics on {metrics_addr}:{metrics_port} ({exc.strerror or exc}); "
+                "choose another --metrics-port"
+            )
+        metrics_url = f"http://{metrics_addr}:{bound}/metrics"
 
     async def run() -> DrainReport | None:
         loop = asyncio.get_running_loop()
@@ -171,11 +213,14 @@ def drain(
         task = asyncio.current_task()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set if follow else task.cancel)  # type: ignore[union-attr]
+        if metrics_url is not None:
+            err.print(f"metrics at {metrics_url}")
         if not as_json:  # after the handlers: from here on a signal stops us cleanly
             out.print(
                 f"draining {directory} to {base_url} with key {drainer.key_fp} ({total} rows queued)"
                 + (" and following new calls (Ctrl-C stops)" if follow else "")
             )
+
         if follow:
             await drainer.run_forever(stop)
             return None
@@ -537,6 +582,51 @@ def prune(directory: Path, as_json: bool, older_than: str) -> None:
         emit_json({"calls": result.calls, "bytes": result.bytes})
     else:
         out.print(f"pruned {result.calls} delivered call(s), {_mb(result.bytes)} of audio")
+
+
+@main.command()
+@common_options
+@click.argument("call_id")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True, help="Erase a call that is still open too.")
+def forget(directory: Path, as_json: bool, call_id: str, yes: bool, force: bool) -> None:
+    """Erase one call's local data: its rows, events and chunk files, delivered or not.
+
+    For erasure requests. What Roark already received is not touched (ask Roark for
+    that). Asks for confirmation unless --yes; an open call needs --force.
+
+    \b
+    Example:
+        pipecat-roark forget 6f1c2a4e-...
+        pipecat-roark forget 6f1c2a4e-... --yes --json
+    """
+    from .maintenance import forget_call
+
+    with writing(directory) as conn:
+        found = conn.execute("SELECT state FROM calls WHERE id = ?", (call_id,)).fetchone()
+        if found is None:
+            fail(f"no call {call_id!r} in {directory}; list them with `pipecat-roark calls`")
+        if not yes:
+            if not sys.stdin.isatty():
+                fail(f"forget erases call {call_id!r} for good: pass --yes to confirm")
+            click.confirm(
+                f"Erase call {call_id!r} ({found[0]}) and its recording from {directory}?",
+                abort=True,
+            )
+        result = forget_call(conn, directory, call_id, force=force)
+    if as_json:
+        emit_json(
+            {
+                "forgotten": result.call_id,
+                "state": result.state,
+                "rows": result.rows,
+                "bytes": result.bytes,
+            }
+        )
+    else:
+        out.print(
+            f"erased call {escape(result.call_id)}: {result.rows} row(s), {_mb(result.bytes)} of audio"
+        )
 
 
 @main.command()

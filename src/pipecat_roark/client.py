@@ -14,7 +14,7 @@ from types import TracebackType
 import httpx
 import msgspec
 
-from . import config
+from . import config, metrics
 from .errors import AuthError, PermanentError, RetryableError, UploadUrlExpired
 from .wire import (
     CallEnded,
@@ -30,6 +30,7 @@ __all__ = ["RoarkClient", "classify_status", "classify_transport_error", "parse_
 EVENT_PATH = "/v1/integrations/pipecat"
 UPLOAD_URL_PATH = "/v1/integrations/pipecat/chunk-upload-url"
 _BODY_LIMIT = 500
+_REQUEST_NAMES = {EVENT_PATH: "call-event", UPLOAD_URL_PATH: "chunk-upload-url"}
 
 
 class RoarkClient:
@@ -96,12 +97,13 @@ class RoarkClient:
     async def put_chunk(self, url: ChunkUploadUrl, data: bytes) -> None:
         """PUT the bytes to the presigned URL: no Authorization, the minted content type."""
         try:
-            response = await self._http.request(
-                url.method or "PUT",
-                url.upload_url,
-                content=data,
-                headers={"content-type": url.content_type},
-            )
+            with metrics.REQUEST_SECONDS.labels("chunk-upload").time():
+                response = await self._http.request(
+                    url.method or "PUT",
+                    url.upload_url,
+                    content=data,
+                    headers={"content-type": url.content_type},
+                )
         except httpx.TransportError as exc:
             raise classify_transport_error(exc, "chunk upload") from exc
         if response.is_success:
@@ -127,7 +129,10 @@ class RoarkClient:
     async def _post(self, path: str, body: bytes, idempotency_key: str) -> httpx.Response:
         headers = {**self._roark_headers, "Idempotency-Key": idempotency_key}
         try:
-            response = await self._http.post(self.base_url + path, content=body, headers=headers)
+            with metrics.REQUEST_SECONDS.labels(_REQUEST_NAMES.get(path, path)).time():
+                response = await self._http.post(
+                    self.base_url + path, content=body, headers=headers
+                )
         except httpx.TransportError as exc:
             raise classify_transport_error(exc, f"POST {path}") from exc
         if response.is_success:

@@ -27,10 +27,10 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
-from . import config, crashpoints, outbox, spool
+from . import config, crashpoints, metrics, outbox, spool
 from .client import RoarkClient
 from .errors import AuthError, DeliveryError, PermanentError, RetryableError, UploadUrlExpired
-from .maintenance import prune_delivered
+from .maintenance import discard_delivered_audio, prune_delivered
 from .outbox import Delivery
 from .owner import current_owner
 from .store import connect, now_us
@@ -64,6 +64,8 @@ class DrainPolicy:
     retention_s: float = 7 * 86400.0
     claim_batch: int = 4
     prune_every_s: float = 3600.0
+    keep_delivered_audio: bool = False
+    """Keep chunk files once Roark has the whole call (by default they are deleted then)."""
 
 
 @dataclass
@@ -269,16 +271,20 @@ class Drainer:
                 if row.kind == "call-ended":
                     crashpoints.reached("after-call-ended")
         except AuthError as exc:
+            metrics.DELIVERY_FAILURES.labels(row.kind, "auth").inc()
             await self._auth_refused(row, exc, report)
             return
         except UploadUrlExpired as exc:  # a fresh URL at once, the first time; then back off
+            metrics.DELIVERY_FAILURES.labels(row.kind, "retryable").inc()
             delay = 0.0 if row.attempts == 0 else self._backoff(row, exc)
             await self._retry(row, exc, report, delay_s=delay)
             return
         except RetryableError as exc:
+            metrics.DELIVERY_FAILURES.labels(row.kind, "retryable").inc()
             await self._retry(row, exc, report, delay_s=self._backoff(row, exc))
             return
         except (PermanentError, _Unsendable) as exc:
+            metrics.DELIVERY_FAILURES.labels(row.kind, "permanent").inc()
             await self._dead(row, str(exc), report)
             return
         await self._settle_delivered(row, size, report)
@@ -298,11 +304,16 @@ class Drainer:
                     await self._db(self._clear_pause)
                 for done, done_size in batch:
                     if done.id in confirmed:
+                        metrics.DELIVERIES.labels(done.kind).inc()
                         report.delivered += 1
                         report.calls.add(done.call_id)
                         if done.kind == "chunk":
                             report.chunks += 1
                             report.bytes += done_size
+                            metrics.DELIVERED_BYTES.inc(done_size)
+                if not self.policy.keep_delivered_audio:
+                    for call_id in {done.call_id for done, _ in batch if done.id in confirmed}:
+                        await self._db(self._discard_audio, call_id)
                 self._progress(report)
         finally:
             self._marking = False
@@ -467,6 +478,7 @@ class Drainer:
             call_id=call_id,
         )
         for call_id in finalized:
+            metrics.finalized("observer-lost")
             logger.warning(
                 f"pipecat-roark: call {call_id} never ended (its process is gone); finalized "
                 "from what was recorded with reason observer-lost"
@@ -486,6 +498,16 @@ class Drainer:
             logger.info(
                 f"pipecat-roark: pruned {result.calls} delivered call(s) older than "
                 f"{self.policy.retention_s / 86400:g} days ({result.bytes} bytes of audio)"
+            )
+
+    def _discard_audio(self, call_id: str) -> None:
+        """Roark has the whole call: its delivered chunk files leave the disk."""
+        try:
+            discard_delivered_audio(self._conn_or_open(), self.directory, call_id, now=now_us())
+        except (OSError, sqlite3.Error) as exc:
+            logger.warning(
+                f"pipecat-roark: could not delete the delivered audio of call {call_id!r} "
+                f"({exc}); retention deletes it later"
             )
 
     def _release_one(self, row: Delivery) -> None:
@@ -553,10 +575,13 @@ class _Unsendable(Exception):
 _BACKGROUND: dict[tuple[Path, str | None], tuple[Drainer, asyncio.Task[None], asyncio.Event]] = {}
 
 
-def ensure_background_drainer(directory: Path, api_key: str, base_url: str | None) -> None:
+def ensure_background_drainer(
+    directory: Path, api_key: str, base_url: str | None, *, keep_delivered_audio: bool = False
+) -> None:
     """Start this process's drainer for ``directory`` and key in the running loop (once).
 
-    Never raises and never blocks: delivery problems are logged, the call goes on.
+    The first observer's settings hold for the drainer's life. Never raises and never
+    blocks: delivery problems are logged, the call goes on.
     """
     try:
         loop = asyncio.get_running_loop()
@@ -564,7 +589,8 @@ def ensure_background_drainer(directory: Path, api_key: str, base_url: str | Non
         current = _BACKGROUND.get(key)
         if current is not None and not current[1].done() and current[1].get_loop() is loop:
             return
-        drainer = Drainer(directory, api_key, base_url)
+        policy = DrainPolicy(keep_delivered_audio=keep_delivered_audio)
+        drainer = Drainer(directory, api_key, base_url, policy)
         stop = asyncio.Event()
         task = loop.create_task(
             _run_background(drainer, stop), name=f"pipecat-roark-drainer:{directory}"

@@ -42,7 +42,9 @@ def queue_status(conn: sqlite3.Connection, directory: Path, *, now: int) -> dict
     oldest = conn.execute(
         "SELECT MIN(created_at) FROM deliveries WHERE state IN ('pending', 'leased')"
     ).fetchone()[0]
-    chunk_bytes = conn.execute("SELECT COALESCE(SUM(c.size), 0) FROM chunks c").fetchone()[0]
+    chunk_bytes = conn.execute(
+        "SELECT COALESCE(SUM(size), 0) FROM chunks WHERE discarded_at IS NULL"
+    ).fetchone()[0]
     undelivered_bytes = undelivered_audio_bytes(conn)
     last_error = conn.execute(
         "SELECT idempotency_key, last_error FROM deliveries WHERE last_error IS NOT NULL"

@@ -25,9 +25,12 @@ __all__ = [
     "Check",
     "ExportResult",
     "PruneResult",
+    "ForgetResult",
     "damage",
+    "discard_delivered_audio",
     "doctor",
     "export_wav",
+    "forget_call",
     "parse_duration",
     "prune_delivered",
     "retry",
@@ -85,6 +88,83 @@ def prune_delivered(
     return PruneResult(len(victims), freed)
 
 
+def discard_delivered_audio(
+    conn: sqlite3.Connection, directory: Path, call_id: str, *, now: int
+) -> int:
+    """Delete a call's chunk files once Roark has the whole call; returns bytes freed.
+
+    "Whole" means the call ended and every one of its rows is delivered: a call with a
+    dead row keeps its audio for inspection and ``retry``. The rows stay (marked
+    ``discarded_at``) until retention prunes the call, so ``show`` and ``calls`` still
+    tell its story.
+    """
+    whole = conn.execute(
+        "SELECT 1 FROM calls c WHERE c.id = ? AND c.state = 'ended'"
+        " AND EXISTS (SELECT 1 FROM deliveries d WHERE d.call_id = c.id AND d.kind = 'call-ended')"
+        " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.call_id = c.id"
+        " AND d.state != 'delivered')",
+        (call_id,),
+    ).fetchone()
+    if whole is None:
+        return 0
+    rows = conn.execute(
+        "SELECT c.idx, c.path, c.size FROM chunks c JOIN deliveries d"
+        " ON d.call_id = c.call_id AND d.kind = 'chunk' AND d.chunk_idx = c.idx"
+        " WHERE c.call_id = ? AND d.state = 'delivered' AND c.discarded_at IS NULL",
+        (call_id,),
+    ).fetchall()
+    freed = 0
+    for _idx, rel, size in rows:
+        spool.discard_chunk(directory, rel)
+        freed += int(size)
+    if rows:
+        with transaction(conn):
+            conn.executemany(
+                "UPDATE chunks SET discarded_at = ? WHERE call_id = ? AND idx = ?",
+                [(now, call_id, idx) for idx, _, _ in rows],
+            )
+    return freed
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    call_id: str
+    state: str
+    rows: int
+    bytes: int
+
+
+def forget_call(
+    conn: sqlite3.Connection, directory: Path, call_id: str, *, force: bool = False
+) -> ForgetResult:
+    """Erase one call's local data (rows, events, chunks), delivered or not: erasure requests.
+
+    An open call is refused unless ``force``: its process may still be recording it, and
+    would write into a call that no longer exists. Raises PipecatRoarkError.
+    """
+    row = conn.execute("SELECT state FROM calls WHERE id = ?", (call_id,)).fetchone()
+    if row is None:
+        raise PipecatRoarkError(
+            f"no call {call_id!r} in {directory}; list them with `pipecat-roark calls`"
+        )
+    state = str(row[0])
+    if state == "open" and not force:
+        raise PipecatRoarkError(
+            f"call {call_id!r} is still open (a process may be recording it); end it first, "
+            "or pass --force to erase it anyway"
+        )
+    with transaction(conn):
+        rows = sum(
+            conn.execute(f"SELECT count(*) FROM {table} WHERE call_id = ?", (call_id,)).fetchone()[
+                0
+            ]
+            for table in ("events", "chunks", "deliveries")
+        )
+        conn.execute("DELETE FROM calls WHERE id = ?", (call_id,))  # the rest cascades
+    freed = spool.remove_call(directory, call_id)
+    return ForgetResult(call_id, state, rows + 1, freed)
+
+
 @dataclass(frozen=True)
 class ExportResult:
     path: Path
@@ -97,7 +177,8 @@ class ExportResult:
 def export_wav(conn: sqlite3.Connection, directory: Path, call_id: str, out: Path) -> ExportResult:
     """Rebuild the recording from the chunk files, in index order, as a 16-bit WAV (0600)."""
     rows = conn.execute(
-        "SELECT idx, path, size, sample_rate, num_channels FROM chunks WHERE call_id = ? ORDER BY idx",
+        "SELECT idx, path, size, sample_rate, num_channels, discarded_at IS NOT NULL"
+        " FROM chunks WHERE call_id = ? ORDER BY idx",
         (call_id,),
     ).fetchall()
     if not rows:
@@ -117,12 +198,18 @@ def export_wav(conn: sqlite3.Connection, directory: Path, call_id: str, out: Pat
             wav.setnchannels(num_channels)
             wav.setsampwidth(2)
             wav.setframerate(sample_rate)
-            for idx, rel, _size, _, _ in rows:
+            for idx, rel, _size, _, _, discarded in rows:
                 try:
                     data = spool.read_chunk(directory, rel)
                 except FileNotFoundError:
                     raise PipecatRoarkError(
                         f"chunk {idx} of call {call_id!r} is missing on disk ({directory / rel})"
+                        + (
+                            ": it was deleted once Roark had the call (keep it with "
+                            "keep_delivered_audio=True or `drain --keep-delivered-audio`)"
+                            if discarded
+                            else ""
+                        )
                     ) from None
                 wav.writeframes(data)
                 total += len(data)

@@ -47,7 +47,7 @@ from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_output import BaseOutputTransport
 
-from . import config, lifecycle
+from . import config, lifecycle, metrics
 from .capture import arguments_json, clean_text, resolve_call_id, result_text
 from .drain import ensure_background_drainer
 from .errors import PipecatRoarkError
@@ -195,6 +195,10 @@ class RoarkObserver(BaseObserver):
             pipeline has produced no frame for this long (None: never).
         exit_drain_s: On SIGTERM or interpreter exit, open calls are finalized with reason
             ``process-exit`` and delivery is tried for at most this long (0: not at all).
+        keep_delivered_audio: Keep chunk files after Roark has the whole call (this
+            process's drainer deletes them by default; rows stay for retention).
+        metrics_port: Serve Prometheus metrics on this port (``/metrics``, once per
+            process); falls back to ``PIPECAT_ROARK_METRICS_PORT``; None: no endpoint.
     """
 
     def __init__(
@@ -215,6 +219,8 @@ class RoarkObserver(BaseObserver):
         min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
         exit_drain_s: float = DEFAULT_EXIT_DRAIN_S,
+        keep_delivered_audio: bool = False,
+        metrics_port: int | None = None,
     ) -> None:
         super().__init__()
         self._call_id = resolve_call_id(pipecat_call_id, runner_args)
@@ -234,6 +240,8 @@ class RoarkObserver(BaseObserver):
         except PipecatRoarkError as exc:
             logger.error(f"{self}: call {self._call_id} will not be recorded: {exc}")
         self._warn_if_no_key()
+        self._keep_delivered_audio = keep_delivered_audio
+        self._serve_metrics(metrics_port)
 
         if audio_buffer_processor is None:
             num_channels = 2
@@ -715,7 +723,26 @@ class RoarkObserver(BaseObserver):
     def _start_delivery(self) -> None:
         """Deliver while the call runs: this process's background drainer (started once)."""
         if self._deliver and self._api_key and self._writer is not None:
-            ensure_background_drainer(self._directory, self._api_key, self._base_url)
+            ensure_background_drainer(
+                self._directory,
+                self._api_key,
+                self._base_url,
+                keep_delivered_audio=self._keep_delivered_audio,
+            )
+
+    def _serve_metrics(self, port: int | None) -> None:
+        """The opt-in Prometheus endpoint; a port that cannot be bound costs metrics, not the call."""
+        port = metrics.resolve_port(port)
+        if port is None or self._writer is None:
+            return
+        addr = metrics.resolve_addr()
+        try:
+            metrics.serve(port, addr, self._directory)
+        except OSError as exc:
+            logger.error(
+                f"{self}: cannot serve metrics on {addr}:{port} ({exc.strerror or exc}); "
+                "calls are recorded as usual. Choose another metrics_port"
+            )
 
     # ---- failure handling ----
 

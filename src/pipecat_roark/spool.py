@@ -7,6 +7,7 @@ crash between the two leaves at worst an unreferenced file, never a truncated ch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -20,6 +21,7 @@ __all__ = [
     "SpooledChunk",
     "call_folder",
     "chunk_relpath",
+    "discard_chunk",
     "read_chunk",
     "remove_call",
     "write_chunk",
@@ -97,6 +99,14 @@ def write_chunk(root: Path, call_id: str, index: int, data: bytes) -> SpooledChu
 def read_chunk(root: Path, relpath: str) -> bytes:
     """The bytes of a recorded chunk. Raises OSError (e.g. FileNotFoundError)."""
     return (root / relpath).read_bytes()
+
+
+def discard_chunk(root: Path, relpath: str) -> None:
+    """Delete one chunk file (already gone is fine), and its call folder once empty."""
+    target = root / relpath
+    target.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty yet, or already gone
+        target.parent.rmdir()
 
 
 def remove_call(root: Path, call_id: str) -> int:

@@ -25,14 +25,14 @@ from typing import Any
 
 from loguru import logger
 
-from . import crashpoints, spool
+from . import crashpoints, metrics, spool
 from .errors import StoreCorrupt
 from .events import CallOpened, ChunkRecorded, encode_event
 from .outbox import undelivered_audio_bytes
 from .owner import Owner, current_owner
 from .store import connect, finalize_call, now_us, quarantine, transaction
 
-__all__ = ["Writer", "WriterStats", "close_all_writers", "writer_for"]
+__all__ = ["Writer", "WriterStats", "close_all_writers", "running_writer", "writer_for"]
 
 HEARTBEAT_INTERVAL_S = 10.0
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # 1 GiB
@@ -147,6 +147,11 @@ class Writer:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def queue_depth(self) -> int:
+        """Records submitted and not yet taken by the thread (approximate, for metrics)."""
+        return self._queue.qsize()
+
     # ---- writer thread ----
 
     def _run(self) -> None:
@@ -205,6 +210,7 @@ class Writer:
         logging once per streak. Any other error means one op is bad: fall back to one
         transaction per op and drop only the ops that fail.
         """
+        started = time.perf_counter()
         work = self._spool_chunks(work)
         if any(op[0] == OP_CHUNK_READY for op in work):
             crashpoints.reached("chunk-file-durable")
@@ -217,6 +223,7 @@ class Writer:
                     added = self._apply_all(work)
                 self._account(work)
                 self._forget_ended(work)
+                metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
                 if streak_logged:
                     logger.info(f"pipecat-roark: writing to {self.directory} works again")
                 return added
@@ -463,7 +470,10 @@ class Writer:
 
     def _finalize(self, call_id: str, at: int, reason: str, add_event: bool, now: int) -> bool:
         self._open_calls.discard(call_id)
-        return finalize_call(self._conn, call_id, at, reason, add_event=add_event, now=now)
+        ended = finalize_call(self._conn, call_id, at, reason, add_event=add_event, now=now)
+        if ended:
+            metrics.finalized(reason)
+        return ended
 
     def _heartbeat(self) -> None:
         try:
@@ -533,6 +543,12 @@ def writer_for(directory: Path, **kwargs: Any) -> Writer:
             writer = Writer(key, **kwargs)
             _WRITERS[key] = writer
         return writer
+
+
+def running_writer(directory: Path) -> Writer | None:
+    """This process's live writer for ``directory``, if one runs (never starts one)."""
+    writer = _WRITERS.get(directory.expanduser().resolve())
+    return writer if writer is not None and writer.alive else None
 
 
 def close_all_writers(timeout: float = 5.0) -> None:
