@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,54 +433,57 @@ def store_rows(tmp: Path, events: int) -> list[Row]:
 # ---- 5. drain a backlog, 6. status on a big database ----
 
 
-def clone_calls(directory: Path, template: str, count: int, *, events: bool = True) -> None:
-    """Copies of one recorded call (rows only: the copies share its chunk files)."""
+def clone_calls(
+    directory: Path, template: str, count: int, *, events: bool = True, prefix: str = "bench-"
+) -> None:
+    """Copies of one recorded call, named ``<prefix><i>`` (rows only: they share its chunk files)."""
     conn = sqlite3.connect(directory / "wal.sqlite", isolation_level=None)
     series = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
     conn.execute("BEGIN")
     conn.execute(
-        series + "INSERT INTO calls SELECT 'bench-' || i, agent_id, agent_name, key_fp, state,"
+        series + "INSERT INTO calls SELECT ? || i, agent_id, agent_name, key_fp, state,"
         " end_reason, sample_rate, num_channels, owner_host, owner_pid, owner_token,"
         " started_at, ended_at, heartbeat_at FROM calls, n WHERE id = ?",
-        (count, template),
+        (count, prefix, template),
     )
     if events:
         conn.execute(
-            series + "INSERT INTO events (call_id, body) SELECT 'bench-' || i, body"
+            series + "INSERT INTO events (call_id, body) SELECT ? || i, body"
             " FROM n, events WHERE call_id = ? ORDER BY i, events.id",
-            (count, template),
+            (count, prefix, template),
         )
     conn.execute(
-        series + "INSERT INTO chunks SELECT 'bench-' || i, idx, path, size, sha256, sample_rate,"
+        series + "INSERT INTO chunks (call_id, idx, path, size, sha256, sample_rate, num_channels,"
+        " created_at) SELECT ? || i, idx, path, size, sha256, sample_rate,"
         " num_channels, created_at FROM chunks, n WHERE call_id = ?",
-        (count, template),
+        (count, prefix, template),
     )
     conn.execute(
         series + "INSERT INTO deliveries (call_id, kind, chunk_idx, idempotency_key, state,"
-        " attempts, next_attempt_at, created_at) SELECT 'bench-' || i, kind, chunk_idx,"
-        " 'bench-' || i || substr(idempotency_key, length(?) + 1), 'pending', 0,"
+        " attempts, next_attempt_at, created_at) SELECT ? || i, kind, chunk_idx,"
+        " ? || i || substr(idempotency_key, length(?) + 1), 'pending', 0,"
         " next_attempt_at, created_at FROM n, deliveries WHERE call_id = ? ORDER BY i, deliveries.id",
-        (count, template, template),
+        (count, prefix, prefix, template, template),
     )
     conn.execute("COMMIT")
     conn.close()
 
 
-async def record_template(directory: Path, seconds: int) -> str:
+async def record_template(directory: Path, seconds: int, call_id: str = "template") -> str:
     from bench_worker import long_call, scripted
 
     from pipecat_roark import RoarkObserver
     from pipecat_roark.writer import close_all_writers
 
     roark = RoarkObserver(
-        api_key=KEY, agent_id="bench", pipecat_call_id="template", data_dir=directory, deliver=False
+        api_key=KEY, agent_id="bench", pipecat_call_id=call_id, data_dir=directory, deliver=False
     )
     turns = max(1, round(seconds / 2.7))
     await scripted.run_pipeline(
         [scripted.ScriptedCall(long_call(turns)), roark.audio_processor], observers=[roark]
     )
     close_all_writers()
-    return "template"
+    return call_id
 
 
 async def raw_uploads(base_url: str, chunks: list[bytes], concurrency: int) -> float:
@@ -528,12 +532,13 @@ def drain_rows(base_url: str, tmp: Path, calls: int, seconds: int) -> list[Row]:
         for r in conn.execute("SELECT path FROM chunks WHERE call_id = ? ORDER BY idx", (template,))
     ]
     conn.close()
-    policy = DrainPolicy()
+    template_chunks = [(directory / path).read_bytes() for path in paths]
+    # The clones share the template's chunk files: none may be deleted while others need them.
+    policy = DrainPolicy(keep_delivered_audio=True)
     start = time.perf_counter()
     report = asyncio.run(Drainer(directory, KEY, base_url, policy).run_once(budget_s=3600))
     elapsed = time.perf_counter() - start
     assert report.complete, str(report)
-    template_chunks = [(directory / path).read_bytes() for path in paths]
     all_chunks = template_chunks * calls
     raw_elapsed = asyncio.run(raw_uploads(base_url, all_chunks, policy.concurrency))
     ours_mb = total_bytes / elapsed / 1e6
@@ -548,6 +553,79 @@ def drain_rows(base_url: str, tmp: Path, calls: int, seconds: int) -> list[Row]:
             "≥ 50 MB/s",
             cmd,
         )
+    ]
+
+
+def operations_rows(base_url: str, tmp: Path, calls: int, seconds: int, live: int) -> list[Row]:
+    """What running it in production adds: the metrics endpoint, and the owners' heartbeats."""
+    from pipecat_roark import metrics, writer
+    from pipecat_roark.drain import Drainer, DrainPolicy
+
+    def backlog(name: str) -> Path:
+        directory = tmp / name
+        template = asyncio.run(record_template(directory, seconds, f"{name}-0"))
+        clone_calls(directory, template, calls - 1, prefix=f"{name}-")
+        return directory
+
+    def drain(directory: Path, scraped: bool) -> tuple[float, float]:
+        stop = threading.Event()
+        scraper = None
+        if scraped:
+            port = metrics.serve(0, "127.0.0.1", directory)
+
+            def scrape() -> None:
+                with httpx.Client(timeout=10) as http:
+                    while not stop.wait(0.25):  # 4 scrapes a second: far above Prometheus' 15 s
+                        http.get(f"http://127.0.0.1:{port}/metrics").raise_for_status()
+
+            scraper = threading.Thread(target=scrape, daemon=True)
+            scraper.start()
+        policy = DrainPolicy(keep_delivered_audio=True)  # the clones share one call's files
+        wall, cpu = time.perf_counter(), time.process_time()
+        report = asyncio.run(Drainer(directory, KEY, base_url, policy).run_once(budget_s=3600))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        stop.set()
+        if scraper is not None:
+            scraper.join(10)
+        assert report.complete, str(report)
+        return wall, cpu
+
+    plain = [drain(backlog(f"ops-plain-{i}"), scraped=False) for i in range(2)]
+    scraped = [drain(backlog(f"ops-scraped-{i}"), scraped=True) for i in range(2)]
+    plain_wall, plain_cpu = median([w for w, _ in plain]), median([c for _, c in plain])
+    scraped_wall, scraped_cpu = median([w for w, _ in scraped]), median([c for _, c in scraped])
+
+    interval = writer.HEARTBEAT_INTERVAL_S
+    beats: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        for round_ in range(2):  # interleaved: drift hits both alike
+            for mode in ("on", "off"):
+                writer.HEARTBEAT_INTERVAL_S = interval if mode == "on" else 1e9
+                cpu = time.process_time()
+                asyncio.run(durable_latency(tmp / f"beats-{mode}-{round_}", live, 2, KEY, 0))
+                beats[mode].append(time.process_time() - cpu)
+                writer.close_all_writers()
+    finally:
+        writer.HEARTBEAT_INTERVAL_S = interval
+    on, off = median(beats["on"]), median(beats["off"])
+    return [
+        Row(
+            f"drain a {calls}-call backlog while /metrics is scraped 4×/s vs the same drain unscraped: wall time",
+            f"{scraped_wall:.2f} s (CPU {scraped_cpu:.2f} s)",
+            f"{plain_wall:.2f} s (CPU {plain_cpu:.2f} s)",
+            scraped_wall / plain_wall,
+            "",
+            f"scripts/bench (operations: {calls} calls × {seconds} s, median of 2 each)",
+        ),
+        Row(
+            f"bot process CPU for {live} concurrent real-time calls: heartbeats every "
+            f"{interval:g} s vs none",
+            f"{on:.2f} s",
+            f"{off:.2f} s",
+            on / off,
+            "",
+            f"scripts/bench (operations: {live} calls, 2 rounds interleaved, median)",
+        ),
     ]
 
 
@@ -648,6 +726,12 @@ def main() -> int:
                     lambda: drain_rows(base_url, tmp, 20 if q else 1000, 5 if q else 30),
                 ),
                 ("status", lambda: status_rows(tmp, 2_000 if q else 100_000)),
+                (
+                    "operations",
+                    lambda: operations_rows(
+                        base_url, tmp, 10 if q else 300, 3 if q else 10, 5 if q else 50
+                    ),
+                ),
             ]
             for name, step in steps:
                 print(f"… {name}", flush=True)

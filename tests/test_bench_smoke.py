@@ -43,6 +43,8 @@ def test_the_quick_benchmark_runs_every_row_and_writes_nothing(tmp_path: Path) -
         "events appended per second",
         "drain a 20-call backlog",
         "pipecat-roark status --json",
+        "while /metrics is scraped",
+        "heartbeats every",
     ):
         assert row in done.stdout, row
     assert not out.exists(), "--quick leaves BENCHMARKS.md alone"
