@@ -24,7 +24,8 @@ import pytest
 from devserver_fixture import RunningDevServer, running_dev_server
 from pipecat_roark import faultpoints
 from pipecat_roark.drain import Drainer
-from pipecat_roark.timeline import assemble_call_ended, assemble_call_started, read_events
+from pipecat_roark.events import Event, decode_event
+from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
 from pipecat_roark.wire import encode
 from pipecat_roark.writer import close_all_writers
 from test_cli import cli, cli_env, cli_json, sql
@@ -46,6 +47,20 @@ def states(directory: Path, call_id: str) -> dict[str, tuple[str, int, str | Non
         (kind if idx is None else f"{kind}:{idx}"): (state, attempts, error)
         for kind, idx, state, attempts, error in rows
     }
+
+
+def decodable(directory: Path, call_id: str) -> tuple[list[Event], list[tuple[int, str]]]:
+    """The call's events that decode, and (row id, error) of those that do not."""
+    events: list[Event] = []
+    bad: list[tuple[int, str]] = []
+    for row_id, body in sql(
+        directory, "SELECT id, body FROM events WHERE call_id = ? ORDER BY id", call_id
+    ):
+        try:
+            events.append(decode_event(body))
+        except Exception as exc:
+            bad.append((row_id, str(exc)))
+    return events, bad
 
 
 def damage_event(directory: Path, call_id: str, kind_tag: bytes, body: bytes) -> int:
@@ -79,22 +94,18 @@ async def test_an_undecodable_event_is_left_out_and_the_rest_of_the_call_is_deli
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
 
-    conn = sqlite3.connect(data_dir / "wal.sqlite")
-    stored = read_events(conn, "damaged")
-    conn.close()
-    assert [row for row, _ in stored.undecodable] == [row_id]
+    events, bad = decodable(data_dir, "damaged")
+    assert [row for row, _ in bad] == [row_id]
     call = dev_server.call("damaged")
-    assert call["callStarted"] == json.loads(
-        encode(assemble_call_started("damaged", stored.events))
-    )
-    assert call["callEnded"] == json.loads(encode(assemble_call_ended("damaged", stored.events)))
+    assert call["callStarted"] == json.loads(encode(assemble_call_started("damaged", events)))
+    assert call["callEnded"] == json.loads(encode(assemble_call_ended("damaged", events)))
     assert [t["content"] for t in call["callEnded"]["transcript"] if t["role"] == "user"] == []
     assert_arrived_whole(dev_server, data_dir, "intact")
 
     note = states(data_dir, "damaged")["call-ended"]
     assert note[0] == "delivered" and note[1] == 1
     assert note[2] is not None and note[2].startswith(
-        f"salvaged: 1 of {len(stored.events) + 1} stored events did not decode"
+        f"salvaged: 1 of {len(events) + 1} stored events did not decode"
     )
 
     status = cli_json(data_dir, "status", expect=1)
@@ -107,9 +118,7 @@ async def test_an_undecodable_event_is_left_out_and_the_rest_of_the_call_is_deli
     assert shown.returncode == 0, shown.stderr
     assert "1 stored event(s) do not decode" in shown.stdout
     detail = cli_json(data_dir, "show", "damaged")
-    assert detail["damage"]["undecodableEvents"] == [
-        {"eventRow": row_id, "error": stored.undecodable[0][1]}
-    ]
+    assert detail["damage"]["undecodableEvents"] == [{"eventRow": row_id, "error": bad[0][1]}]
     doctor = cli_json(data_dir, "doctor", "--offline", expect=1)
     assert {
         "check": "stored events",
