@@ -28,12 +28,12 @@ class RunningDevServer:
         return self.http.get("/_dev/calls").json()  # type: ignore[no-any-return]
 
     def call(self, call_id: str) -> dict[str, Any]:
-        response = self.http.get(f"/_dev/calls/{call_id}")
+        response = self.http.get("/_dev/call", params={"id": call_id})
         response.raise_for_status()
         return response.json()  # type: ignore[no-any-return]
 
     def recording(self, call_id: str) -> bytes:
-        response = self.http.get(f"/_dev/calls/{call_id}/recording.wav")
+        response = self.http.get("/_dev/call/recording.wav", params={"id": call_id})
         response.raise_for_status()
         return response.content
 

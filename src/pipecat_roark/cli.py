@@ -311,32 +311,30 @@ class _Progress:
 @main.command()
 @common_options
 @click.option(
-    "--max-age", help="Unhealthy (exit 1) if the oldest pending row is older than this (e.g. 10m)."
+    "--max-age",
+    help="Unhealthy (exit 1) if a row has waited this long past its due time without an"
+    " attempt (default 15m: no drainer is working).",
 )
 def status(directory: Path, as_json: bool, max_age: str | None) -> None:
     """Queue depth by state, oldest pending age, bytes on disk, dead rows, paused keys.
 
-    Exits 1 when a row is dead, a key is paused, or the oldest pending row is older than
-    --max-age: usable as a health check.
+    Exits 1, with the reasons, when a row is dead, stored events do not decode, a key is
+    paused, or a row has waited past its due time longer than --max-age without an
+    attempt: usable as a health check with no flags.
 
     \b
     Example:
         pipecat-roark status
-        pipecat-roark status --json --max-age 15m
+        pipecat-roark status --json --max-age 1h
     """
-    from .inspection import queue_status
+    from .inspection import DEFAULT_MAX_OVERDUE_S, queue_status
     from .maintenance import parse_duration
 
-    limit = None if max_age is None else parse_duration(max_age)
+    limit = DEFAULT_MAX_OVERDUE_S if max_age is None else parse_duration(max_age)
     with reading(directory) as conn:
-        data = queue_status(conn, directory, now=now_us())
+        data = queue_status(conn, directory, now=now_us(), max_overdue_s=limit)
     age = data["oldestPendingAgeS"]
-    healthy = (
-        data["dead"] == 0
-        and not data["pausedKeys"]
-        and (limit is None or age is None or age <= limit)
-    )
-    data["healthy"] = healthy
+    healthy = data["healthy"]
     if as_json:
         emit_json(data)
     else:
@@ -361,6 +359,8 @@ def status(directory: Path, as_json: bool, max_age: str | None) -> None:
         if data["lastError"]:
             out.print(f"last error ({data['lastError']['key']}): {data['lastError']['error']}")
         out.print("[green]healthy[/]" if healthy else "[red]unhealthy[/]")
+        for reason in data["reasons"]:
+            out.print(f"  {reason}", markup=False)
     sys.exit(0 if healthy else 1)
 
 
@@ -450,11 +450,20 @@ def show(directory: Path, as_json: bool, call_id: str) -> None:
             row["lastError"] or "",
         )
     out.print(deliveries)
+    undecodable = detail["damage"]["undecodableEvents"]
+    if undecodable:
+        out.print(
+            f"[red]damaged:[/] {len(undecodable)} stored event(s) do not decode and are left out"
+            " of the payloads"
+        )
+        for bad in undecodable:
+            out.print(f"  event row {bad['eventRow']}: {bad['error']}", markup=False)
     out.print("[bold]timeline[/]")
     for event in detail["timeline"]:
         fields = {k: v for k, v in event.items() if k not in ("at", "event")}
+        at = event["at"] if isinstance(event["at"], int) else event["at"][11:26]
         out.print(
-            f"  {event['at'][11:26]}  {event['event']:<16} {json.dumps(fields) if fields else ''}"
+            f"  {at}  {event['event']:<16} {json.dumps(fields) if fields else ''}", markup=False
         )
     if detail["payloadNote"]:
         out.print(f"[yellow]{detail['payloadNote']}[/]")

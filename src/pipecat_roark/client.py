@@ -3,6 +3,12 @@
 Every httpx error and HTTP status becomes one of errors.py's classes here, so the
 drainer decides on the class alone: retry later, pause the key, or give up on the row.
 httpx's own retries cover only connect errors; 5xx/429 policy is the drainer's.
+
+Each request has one total deadline (connect, write and read together): httpx's
+timeouts are per read, so an answer that trickles in would otherwise keep a request
+alive past the lease it was sent under. Idempotency keys go through
+``wire.header_key``, so any call id can be sent, and an upload URL or content type that
+cannot be used is refused before anything is sent.
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ import email.utils
 import time
 from types import TracebackType
 
+import anyio
 import httpx
 import msgspec
 
-from . import config, metrics
+from . import config, faultpoints, metrics
 from .errors import AuthError, PermanentError, RetryableError, UploadUrlExpired
 from .wire import (
     CallEnded,
@@ -23,9 +30,16 @@ from .wire import (
     ChunkUploadUrlRequest,
     decode_chunk_upload_url,
     encode,
+    header_key,
 )
 
-__all__ = ["RoarkClient", "classify_status", "classify_transport_error", "parse_retry_after"]
+__all__ = [
+    "RoarkClient",
+    "classify_status",
+    "classify_transport_error",
+    "parse_retry_after",
+    "usable_upload_url",
+]
 
 EVENT_PATH = "/v1/integrations/pipecat"
 UPLOAD_URL_PATH = "/v1/integrations/pipecat/chunk-upload-url"
@@ -42,10 +56,14 @@ class RoarkClient:
         base_url: str | None = None,
         *,
         timeout: float = 30.0,
+        deadline: float | None = None,
         max_connections: int = 32,
     ) -> None:
+        """``timeout`` bounds each connect or read; ``deadline`` (default ``timeout``)
+        bounds a whole request."""
         if not api_key:
             raise ValueError("RoarkClient needs an API key")
+        self.deadline = timeout if deadline is None else deadline
         self.base_url = config.resolve_base_url(base_url)
         self.key_fingerprint = config.key_fingerprint(api_key)
         self._roark_headers = {
@@ -96,16 +114,15 @@ class RoarkClient:
 
     async def put_chunk(self, url: ChunkUploadUrl, data: bytes) -> None:
         """PUT the bytes to the presigned URL: no Authorization, the minted content type."""
-        try:
-            with metrics.REQUEST_SECONDS.labels("chunk-upload").time():
-                response = await self._http.request(
-                    url.method or "PUT",
-                    url.upload_url,
-                    content=data,
-                    headers={"content-type": url.content_type},
-                )
-        except httpx.TransportError as exc:
-            raise classify_transport_error(exc, "chunk upload") from exc
+        target, method = usable_upload_url(url)
+        response = await self._send(
+            "chunk upload",
+            method,
+            target,
+            content=data,
+            headers={"content-type": url.content_type},
+            request="chunk-upload",
+        )
         if response.is_success:
             return
         if response.status_code == 403:
@@ -121,23 +138,74 @@ class RoarkClient:
         self, call_id: str, index: int, data: bytes, *, idempotency_key: str, attempt: int
     ) -> None:
         """Mint a URL (a fresh idempotency key per attempt, so an expired URL is not replayed) and PUT."""
+        faultpoints.reached("drain:mint-url", call_id)
         url = await self.mint_upload_url(
             call_id, index, idempotency_key=f"{idempotency_key}:url:{attempt}"
         )
+        faultpoints.reached("drain:put", call_id)
         await self.put_chunk(url, data)
 
     async def _post(self, path: str, body: bytes, idempotency_key: str) -> httpx.Response:
-        headers = {**self._roark_headers, "Idempotency-Key": idempotency_key}
-        try:
-            with metrics.REQUEST_SECONDS.labels(_REQUEST_NAMES.get(path, path)).time():
-                response = await self._http.post(
-                    self.base_url + path, content=body, headers=headers
-                )
-        except httpx.TransportError as exc:
-            raise classify_transport_error(exc, f"POST {path}") from exc
+        headers = {**self._roark_headers, "Idempotency-Key": header_key(idempotency_key)}
+        response = await self._send(
+            f"POST {path}",
+            "POST",
+            httpx.URL(self.base_url + path),
+            content=body,
+            headers=headers,
+            request=_REQUEST_NAMES.get(path, path),
+        )
         if response.is_success:
             return response
         raise classify_status(response, f"POST {path}", roark=True)
+
+    async def _send(
+        self,
+        what: str,
+        method: str,
+        url: httpx.URL,
+        *,
+        content: bytes,
+        headers: dict[str, str],
+        request: str,
+    ) -> httpx.Response:
+        """One request, whole (the answer's body read) within ``deadline`` seconds; timed
+        for the ``pipecat_roark_request_duration_seconds`` histogram under ``request``."""
+        try:
+            with metrics.REQUEST_SECONDS.labels(request).time(), anyio.fail_after(self.deadline):
+                return await self._http.request(method, url, content=content, headers=headers)
+        except TimeoutError as exc:
+            raise RetryableError(
+                f"{what}: no complete answer within {self.deadline:g} s; will retry"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise classify_transport_error(exc, what) from exc
+
+
+def usable_upload_url(url: ChunkUploadUrl) -> tuple[httpx.URL, str]:
+    """The presigned URL and method, or PermanentError: an http(s) URL with a host, a PUT
+    or POST, a content type that fits in a header. Roark answered 2xx with it, so asking
+    again for the same chunk is not expected to help."""
+    problem = None
+    try:
+        target = httpx.URL(url.upload_url)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        problem = f"uploadUrl {url.upload_url[:200]!r} does not parse ({exc})"
+    else:
+        if target.scheme not in ("http", "https") or not target.host:
+            problem = f"uploadUrl {url.upload_url[:200]!r} is not an http(s) URL with a host"
+    method = (url.method or "PUT").upper()
+    if problem is None and method not in ("PUT", "POST"):
+        problem = f"upload method {url.method[:40]!r} is neither PUT nor POST"
+    if problem is None and not _header_safe(url.content_type):
+        problem = f"contentType {url.content_type[:80]!r} cannot go in an HTTP header"
+    if problem is not None:
+        raise PermanentError(f"chunk-upload-url answer unusable: {problem}")
+    return target, method
+
+
+def _header_safe(value: str) -> bool:
+    return value.isascii() and value.isprintable() and value.strip() == value and bool(value)
 
 
 def classify_transport_error(exc: httpx.TransportError, what: str) -> RetryableError:
@@ -146,10 +214,14 @@ def classify_transport_error(exc: httpx.TransportError, what: str) -> RetryableE
 
 
 def classify_status(response: httpx.Response, what: str, *, roark: bool) -> Exception:
-    """Map an HTTP failure status to the drainer's error classes."""
+    """Map an HTTP failure status to the drainer's error classes.
+
+    A 3xx is retryable: we never follow redirects (a POST must not turn into a GET
+    elsewhere), and a redirect is a deployment in motion, not a refusal of the row.
+    """
     status = response.status_code
     body = response.text[:_BODY_LIMIT]
-    if status >= 500 or status in (408, 429):
+    if status >= 500 or status in (408, 429) or 300 <= status < 400:
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         return RetryableError(
             f"{what}: HTTP {status}; will retry", status=status, body=body, retry_after=retry_after

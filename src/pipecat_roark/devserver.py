@@ -57,6 +57,10 @@ class Faults:
     accepted_keys: list[str] = field(default_factory=list)
     """Empty: any non-empty key is accepted."""
     bare_url_response: bool = False
+    upload_answer_patch: dict[str, Any] = field(default_factory=dict)
+    """Fields that override the chunk-upload-url answer (a bad ``uploadUrl``, say)."""
+    trickle_s: float = 0.0
+    """Roark answers are sent a byte at a time over this many seconds (a stuck peer)."""
     seed: int = 0
 
 
@@ -84,6 +88,8 @@ class DevServer:
         self.port = 0
         self._lock = asyncio.Lock()
         self.requests: list[dict[str, Any]] = []
+        self._answering: dict[str, list[web.Request]] = {}
+        """Requests by Idempotency-Key whose answer is still being sent."""
         self._state = _State.load(self.data_dir)
 
     @property
@@ -98,6 +104,8 @@ class DevServer:
         app.router.add_get("/_dev/calls", self._list_calls)
         app.router.add_get("/_dev/calls/{call_id}", self._get_call)
         app.router.add_get("/_dev/calls/{call_id}/recording.wav", self._recording)
+        app.router.add_get("/_dev/call", self._get_call)  # ?id=: any id, "/" and ".." too
+        app.router.add_get("/_dev/call/recording.wav", self._recording)
         app.router.add_get("/_dev/requests", self._list_requests)
         app.router.add_post("/_dev/config", self._configure)
         app.router.add_post("/_dev/reset", self._reset)
@@ -182,21 +190,56 @@ class DevServer:
             body = await request.read()
         except ConnectionResetError:  # the client died mid-body (a crash test killed it)
             return _error(400, "the request body was cut off")
+        key = request.headers.get("Idempotency-Key")
         record: dict[str, Any] = {
             "method": request.method,
             "path": request.path,
-            "idempotencyKey": request.headers.get("Idempotency-Key"),
+            "idempotencyKey": key,
             "status": 0,
         }
+        answering = self._answering.setdefault(key, []) if key else []
+        # A lease that outlived its request shows here: a second request with the key
+        # while the first one's answer is still being sent to a live connection.
+        record["overlapping"] = any(_connected(r) for r in answering)
         self.requests.append(record)
+        answering.append(request)
         try:
             response = await self._faults(request, storage=storage) or await handler(request, body)
+            record["status"] = response.status
+            if self.faults.trickle_s > 0 and not storage:
+                return await self._trickle(request, response)
+            return response
         except _Abort:
             if request.transport is not None:
                 request.transport.abort()  # the client sees a reset connection
             return web.Response(status=500)
-        record["status"] = response.status
-        return response
+        finally:
+            answering.remove(request)
+            if key and not answering:
+                self._answering.pop(key, None)
+
+    async def _trickle(self, request: web.Request, response: web.Response) -> web.StreamResponse:
+        """Send the answer a byte at a time over ``trickle_s``: each byte comes well within
+        any per-read timeout, the whole answer does not. Stops when the client hangs up."""
+        assert isinstance(response.body, bytes)
+        body = response.body
+        stream = web.StreamResponse(status=response.status)
+        stream.content_type = response.content_type
+        stream.content_length = len(body)
+        await stream.prepare(request)
+        step = self.faults.trickle_s / max(1, len(body))
+        try:
+            for i in range(len(body)):
+                started = time.monotonic()
+                while time.monotonic() - started < step:
+                    if not _connected(request):
+                        return stream
+                    await asyncio.sleep(min(0.01, step))
+                await stream.write(body[i : i + 1])
+            await stream.write_eof()
+        except ConnectionError:  # the client hung up between two checks
+            pass
+        return stream
 
     # ---- Roark endpoints ----
 
@@ -217,7 +260,9 @@ class DevServer:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 return self._state.remember(key, body, _error(400, f"invalid payload: {exc}"))
             self._state.record_event(payload, json.loads(body))
-            return self._state.remember(key, body, web.json_response({"ok": True}))
+            return self._state.remember(
+                key, body, web.json_response({"ok": True}), call_id=payload.pipecat_call_id
+            )
 
     async def _upload_url(self, request: web.Request) -> web.StreamResponse:
         return await self._guarded(request, self._handle_upload_url)
@@ -242,7 +287,7 @@ class DevServer:
                 return self._state.remember(
                     key, body, _error(400, f"invalid chunk-upload-url request: {exc}")
                 )
-            s3_key = f"pipecat/{_safe(call_id)}/{index:06d}.pcm"
+            s3_key = f"pipecat/{_object_name(call_id)}/{index:06d}.pcm"
             expires = int(time.time() + self.faults.url_ttl_s)
             sig = self._sign(s3_key, expires, content_type)
             data = {
@@ -252,10 +297,11 @@ class DevServer:
                 "expiresInSeconds": self.faults.url_ttl_s,
                 "method": "PUT",
                 "contentType": content_type,
+                **self.faults.upload_answer_patch,
             }
             self._state.expect_chunk(s3_key, call_id, index)
             answer = data if self.faults.bare_url_response else {"data": data}
-            response = self._state.remember(key, body, web.json_response(answer))
+            response = self._state.remember(key, body, web.json_response(answer), call_id=call_id)
         if self.faults.garbage_rate and self._rng.random() < self.faults.garbage_rate:
             return web.Response(
                 status=200, body=b'{"data": {"uploadU', content_type="application/json"
@@ -293,19 +339,20 @@ class DevServer:
         return web.json_response(self._state.summaries())
 
     async def _get_call(self, request: web.Request) -> web.Response:
-        call_id = request.match_info["call_id"]
+        call_id = _call_id(request)
         call = self._state.calls.get(call_id)
         if call is None:
             return _error(404, "no such call")
         keys = {
             key: seen["count"]
             for key, seen in self._state.idempotency.items()
-            if key.startswith(f"{call_id}:")
+            if seen.get("callId") == call_id
+            or ("callId" not in seen and key.startswith(f"{call_id}:"))
         }
         return web.json_response({**call, "idempotencyKeys": keys})
 
     async def _recording(self, request: web.Request) -> web.Response:
-        call_id = request.match_info["call_id"]
+        call_id = _call_id(request)
         try:
             wav = self._state.wav(call_id)
         except LookupError as exc:
@@ -402,7 +449,9 @@ class _State:
             headers={"Idempotent-Replayed": "true"},
         )
 
-    def remember(self, key: str | None, body: bytes, response: web.Response) -> web.Response:
+    def remember(
+        self, key: str | None, body: bytes, response: web.Response, *, call_id: str | None = None
+    ) -> web.Response:
         assert isinstance(response.body, bytes)
         if key is None:  # without a key a retry is a new request: nothing to replay
             return response
@@ -412,6 +461,8 @@ class _State:
             "response": response.body.decode(),
             "count": 1,
         }
+        if call_id is not None:  # the key may be encoded: say whose it is
+            self.idempotency[key]["callId"] = call_id
         self.changed()
         return response
 
@@ -486,8 +537,22 @@ def _error(status: int, message: str, *, retry_after: float | None = None) -> we
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-def _safe(call_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in call_id)[:120] or "_"
+def _object_name(call_id: str) -> str:
+    """A folder name for any call id: readable, and distinct for distinct ids (the hash),
+    however alike they look once made safe or cut short."""
+    readable = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in call_id)
+    digest = hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{readable[:80]}-{digest}"
+
+
+def _connected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
+
+
+def _call_id(request: web.Request) -> str:
+    """``/_dev/call?id=…`` (any id) or ``/_dev/calls/{id}`` (ids without a slash)."""
+    return request.query["id"] if "id" in request.query else request.match_info["call_id"]
 
 
 def serve(

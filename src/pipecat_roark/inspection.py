@@ -1,7 +1,9 @@
-"""Read-only views of the WAL for the CLI: queue status, the calls table, one call in full.
+"""Read-only views of the WAL for the CLI: queue status and health, the calls table,
+one call in full.
 
 Plain dicts of plain values, so ``--json`` prints exactly what the tables show. Every
 query runs on a connection opened with ``PRAGMA query_only``: looking never writes.
+The health decision lives here, not in the CLI, so every caller judges alike.
 """
 
 from __future__ import annotations
@@ -19,16 +21,88 @@ from .timeline import (
     assemble_call_ended,
     assemble_call_started,
     iso,
-    load_events,
+    read_events,
 )
 from .wire import encode
 
-__all__ = ["call_detail", "list_calls", "queue_status"]
+__all__ = [
+    "DEFAULT_MAX_OVERDUE_S",
+    "SALVAGE_NOTE",
+    "call_detail",
+    "damaged_calls",
+    "health",
+    "list_calls",
+    "queue_status",
+]
 
 STATES = ("pending", "leased", "delivered", "dead")
 
+DEFAULT_MAX_OVERDUE_S = 15 * 60.0
+"""A row due this long ago and still not attempted means no drainer is working."""
 
-def queue_status(conn: sqlite3.Connection, directory: Path, *, now: int) -> dict[str, Any]:
+SALVAGE_NOTE = "salvaged:"
+"""How the drainer's note on a row delivered without its undecodable events begins."""
+
+
+def damaged_calls(conn: sqlite3.Connection, *, every_call: bool = False) -> dict[str, int]:
+    """Calls with stored events that do not decode → how many (-1: known only from the
+    note a drain left when it delivered the call without them).
+
+    By default only calls whose payloads are still to be sent are decoded (bounded by
+    the backlog); ``every_call`` reads every event, for ``doctor``.
+    """
+    found: dict[str, int] = {
+        str(call_id): -1
+        for (call_id,) in conn.execute(
+            "SELECT DISTINCT call_id FROM deliveries WHERE state = 'delivered'"
+            " AND last_error LIKE ? || '%'",
+            (SALVAGE_NOTE,),
+        )
+    }
+    scope = (
+        "SELECT id FROM calls"
+        if every_call
+        else "SELECT call_id FROM deliveries WHERE kind != 'chunk' AND state != 'delivered'"
+    )
+    for call_id, body in conn.execute(
+        f"SELECT call_id, body FROM events WHERE call_id IN ({scope})"
+    ):
+        try:
+            decode_event(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError):
+            found[call_id] = max(found.get(call_id, 0), 0) + 1
+    return dict(sorted(found.items()))
+
+
+def health(data: dict[str, Any], *, max_overdue_s: float) -> list[str]:
+    """Why ``queue_status`` data is unhealthy, one line per reason; empty when healthy."""
+    reasons = []
+    if data["dead"]:
+        reasons.append(f"{data['dead']} dead row(s): see `pipecat-roark calls --state dead`")
+    if data["damagedCalls"]:
+        reasons.append(
+            f"{len(data['damagedCalls'])} call(s) with stored events that do not decode:"
+            " see `pipecat-roark show <id>`"
+        )
+    for paused in data["pausedKeys"]:
+        reasons.append(f"deliveries paused: Roark refused the API key {paused['keyFingerprint']}")
+    overdue = data["overdueS"]
+    if overdue is not None and overdue > max_overdue_s:
+        reasons.append(
+            f"a row has waited {overdue:.0f} s past its due time without an attempt (limit"
+            f" {max_overdue_s:g} s): is a drainer running? (`pipecat-roark drain`)"
+        )
+    return reasons
+
+
+def queue_status(
+    conn: sqlite3.Connection,
+    directory: Path,
+    *,
+    now: int,
+    max_overdue_s: float = DEFAULT_MAX_OVERDUE_S,
+) -> dict[str, Any]:
+    """Counts, sizes and the health verdict (``healthy``, ``reasons``)."""
     by_state = dict.fromkeys(STATES, 0)
     by_kind: dict[str, dict[str, int]] = {
         k: dict.fromkeys(STATES, 0) for k in ("call-started", "chunk", "call-ended")
@@ -56,7 +130,12 @@ def queue_status(conn: sqlite3.Connection, directory: Path, *, now: int) -> dict
             "SELECT key_fp, paused_at, reason FROM paused_keys ORDER BY key_fp"
         )
     ]
-    return {
+    # Due and untouched: pending past its next attempt, or leased past its lease's end.
+    overdue = conn.execute(
+        "SELECT MIN(CASE WHEN state = 'pending' THEN next_attempt_at ELSE lease_expires_at END)"
+        " FROM deliveries WHERE state IN ('pending', 'leased')"
+    ).fetchone()[0]
+    data: dict[str, Any] = {
         "directory": str(directory),
         "deliveries": by_state,
         "byKind": by_kind,
@@ -68,7 +147,12 @@ def queue_status(conn: sqlite3.Connection, directory: Path, *, now: int) -> dict
         "dead": by_state["dead"],
         "pausedKeys": paused,
         "lastError": None if last_error is None else {"key": last_error[0], "error": last_error[1]},
+        "overdueS": None if overdue is None or overdue > now else round((now - overdue) / 1e6, 3),
+        "damagedCalls": list(damaged_calls(conn)),
     }
+    data["reasons"] = health(data, max_overdue_s=max_overdue_s)
+    data["healthy"] = not data["reasons"]
+    return data
 
 
 def _db_bytes(directory: Path) -> int:
@@ -177,21 +261,22 @@ def call_detail(conn: sqlite3.Connection, call_id: str) -> dict[str, Any] | None
     call = dict(zip(names, row, strict=True))
     for key in ("startedAt", "endedAt", "heartbeatAt"):
         call[key] = None if call[key] is None else iso(call[key])
+    stored = read_events(conn, call_id)
     timeline = []
-    for (body,) in conn.execute(
-        "SELECT body FROM events WHERE call_id = ? ORDER BY id", (call_id,)
-    ):
-        event = decode_event(body)
+    for event in stored.events:
         fields = msgspec.structs.asdict(event)
-        timeline.append({"at": iso(fields.pop("at")), "event": type(event).__name__, **fields})
-    events = load_events(conn, call_id)
+        timeline.append(
+            {"at": _iso_or_raw(fields.pop("at")), "event": type(event).__name__, **fields}
+        )
     payloads: dict[str, Any] = {}
     try:
         payloads["callStarted"] = msgspec.json.decode(
-            encode(assemble_call_started(call_id, events))
+            encode(assemble_call_started(call_id, stored.events))
         )
-        payloads["callEnded"] = msgspec.json.decode(encode(assemble_call_ended(call_id, events)))
-    except ValueError as exc:
+        payloads["callEnded"] = msgspec.json.decode(
+            encode(assemble_call_ended(call_id, stored.events))
+        )
+    except Exception as exc:  # what the drainer would make of it: shown, never a traceback
         payloads["error"] = str(exc)
     deliveries = [
         {
@@ -211,6 +296,11 @@ def call_detail(conn: sqlite3.Connection, call_id: str) -> dict[str, Any] | None
     ]
     return {
         "call": call,
+        "damage": {
+            "undecodableEvents": [
+                {"eventRow": row_id, "error": why} for row_id, why in stored.undecodable
+            ]
+        },
         "payloadNote": None
         if call["state"] == "ended"
         else f"the call has not ended: call-ended shows what a drain would send now ({DEFAULT_RECOVERY_REASON})",
@@ -218,3 +308,11 @@ def call_detail(conn: sqlite3.Connection, call_id: str) -> dict[str, Any] | None
         "deliveries": deliveries,
         "timeline": timeline,
     }
+
+
+def _iso_or_raw(at: int) -> str | int:
+    """A decodable event may still hold a time no calendar has: show the number."""
+    try:
+        return iso(at)
+    except (ValueError, OverflowError, OSError):
+        return at

@@ -252,6 +252,8 @@ def doctor(
         db = directory / DB_NAME
         if db.exists():
             checks.append(_database_check(directory))
+            if checks[-1].ok:
+                checks.append(_events_check(directory))
             db_mode = stat.S_IMODE(db.stat().st_mode)
             checks.append(
                 Check("file modes", db_mode & 0o077 == 0, f"{db.name} mode {db_mode:04o}")
@@ -302,6 +304,26 @@ def damage(directory: Path) -> tuple[str | None, int]:
     if result != "ok":
         return f"integrity_check: {result}; run `pipecat-roark doctor --repair`", version
     return None, version
+
+
+def _events_check(directory: Path) -> Check:
+    """Events that no longer decode: their calls are delivered without them (salvage)."""
+    from .inspection import damaged_calls
+
+    conn = connect(directory, read_only=True)
+    try:
+        found = damaged_calls(conn, every_call=True)
+    finally:
+        conn.close()
+    if not found:
+        return Check("stored events", True, "every stored event decodes")
+    names = ", ".join(repr(c)[1:-1] for c in list(found)[:5]) + (" …" if len(found) > 5 else "")
+    return Check(
+        "stored events",
+        False,
+        f"{sum(max(n, 0) for n in found.values())} event(s) of {len(found)} call(s) do not"
+        f" decode: {names}",
+    )
 
 
 def _database_check(directory: Path) -> Check:

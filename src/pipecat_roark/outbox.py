@@ -29,6 +29,7 @@ __all__ = [
     "lease_owner_id",
     "release",
     "release_dead_owners",
+    "renew_leases",
     "undelivered_audio_bytes",
     "unpause_key",
 ]
@@ -143,9 +144,19 @@ def _settle(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> b
 
 
 def mark_delivered(
-    conn: sqlite3.Connection, deliveries: list[Delivery], *, owner: str, now: int
+    conn: sqlite3.Connection,
+    deliveries: list[Delivery],
+    *,
+    owner: str,
+    now: int,
+    notes: dict[int, str] | None = None,
 ) -> set[int]:
-    """Settle many rows in one transaction; returns the ids whose lease was still ours."""
+    """Settle many rows in one transaction; returns the ids whose lease was still ours.
+
+    ``notes`` (by row id) stay in ``last_error`` of a delivered row: what was salvaged
+    (events that did not decode and were left out), so ``status`` and ``show`` can say so.
+    """
+    notes = notes or {}
     confirmed: set[int] = set()
     with transaction(conn):
         for delivery in deliveries:
@@ -153,13 +164,23 @@ def mark_delivered(
                 conn.execute(
                     "UPDATE deliveries SET state = 'delivered', delivered_at = ?,"
                     " attempts = attempts + 1, lease_owner = NULL, lease_expires_at = NULL,"
-                    " last_error = NULL WHERE id = ? AND state = 'leased' AND lease_owner = ?",
-                    (now, delivery.id, owner),
+                    " last_error = ? WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+                    (now, notes.get(delivery.id), delivery.id, owner),
                 ).rowcount
                 == 1
             ):
                 confirmed.add(delivery.id)
     return confirmed
+
+
+def renew_leases(conn: sqlite3.Connection, owner: str, expires: int) -> int:
+    """Push out the expiry of every lease ``owner`` holds: a drainer that is alive and
+    working (a long upload, a batch behind slow requests) keeps its rows."""
+    with transaction(conn):
+        return conn.execute(
+            "UPDATE deliveries SET lease_expires_at = ? WHERE state = 'leased' AND lease_owner = ?",
+            (expires, owner),
+        ).rowcount
 
 
 def mark_retry(

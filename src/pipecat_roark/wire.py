@@ -8,6 +8,9 @@ not set"), never sent as ``null``.
 
 from __future__ import annotations
 
+import hashlib
+from urllib.parse import quote
+
 import msgspec
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "TranscriptEntry",
     "decode_chunk_upload_url",
     "encode",
+    "header_key",
 ]
 
 PCM_CONTENT_TYPE = "audio/pcm"
@@ -145,3 +149,32 @@ _encoder = msgspec.json.Encoder()
 def encode(payload: msgspec.Struct) -> bytes:
     """Compact JSON bytes of a wire Struct."""
     return _encoder.encode(payload)
+
+
+HEADER_KEY_MAX = 200
+"""Longest Idempotency-Key we send; longer keys go in their hash form."""
+
+# Visible ASCII but "%" (the escape), space (trimmed by proxies) and DEL: a key of these
+# goes out exactly as stored, so every key an older version sent is sent the same way.
+_PLAIN = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"%"}
+
+
+def header_key(key: str) -> str:
+    """The Idempotency-Key header for a stored key: any ``str`` in, visible ASCII out.
+
+    Call ids are any text, but a header holds visible ASCII only (httpx raises
+    UnicodeEncodeError on the rest, and NUL or a newline can never be sent). A plain key
+    goes out as it is; otherwise its UTF-8 is percent-encoded (``réunion`` →
+    ``r%C3%A9union``); past ``HEADER_KEY_MAX`` characters, the first 64 encoded ones are
+    kept and ``%sha256:<hex of the whole key>`` follows. Deterministic, so every retry
+    and every process sends the same header, and one-to-one: a plain key has no ``%``,
+    an encoded one has ``%XX`` escapes only, a hashed one ``%s``.
+    """
+    if len(key) <= HEADER_KEY_MAX and all(c in _PLAIN for c in key):
+        return key
+    encoded = quote(key.encode("utf-8", "surrogatepass"), safe="!#$&'()*+,/:;=?@[]~")
+    if len(encoded) <= HEADER_KEY_MAX:
+        return encoded
+    head = encoded[:64].rsplit("%", 1)[0] if "%" in encoded[61:64] else encoded[:64]
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{head}%sha256:{digest}"
