@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,12 +143,15 @@ class Writer:
         self._audio_stopped: set[str] = set()
         self._skipped: dict[str, str] = {}
         """Calls whose ops are dropped until their end: why (a reused id, a failed open)."""
-        self._logged: set[tuple[str, int, str]] = set()
+        self._faults: dict[str, set[tuple[int, str]]] = {}
+        """Per open call, the (op kind, exception class) pairs that already cost a record."""
         self._spool_bytes = self._measure_spool()
         self._inflight: _Batch | None = None
         self._suspect: Op | None = None
         self._death: str | None = None
         self._closing = False
+        self._lost = ""
+        """How the database file was lost (deleted, replaced), for the reopening log line."""
         self._restart_lock = threading.Lock()
         self._thread = self._start_thread()
 
@@ -237,9 +241,9 @@ class Writer:
             )
             self._death = f"{type(exc).__name__}: {exc}"  # the connection is kept for it
             return
-        assert self._conn is not None
-        self._conn.close()
-        self._conn = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     # ---- writer thread ----
 
@@ -333,7 +337,7 @@ class Writer:
             except _DatabaseDown as down:
                 streak_logged = self._wait_for_database(batch, down, streak_logged, delay)
                 delay = min(delay * 2, 2.0)
-            except Exception as exc:
+            except BaseException as exc:  # any class: one bad op must not end the thread
                 self.stats.failed_batches += 1
                 if _is_disk_full(exc) and any(op[0] == OP_CHUNK_READY for op in batch.work):
                     self._shed_audio(batch, str(exc))
@@ -386,13 +390,13 @@ class Writer:
             try:
                 with transaction(self._db()):
                     added = self._apply_all((op,))
-            except Exception as exc:
+            except BaseException as exc:
                 if _is_disk_full(exc) and op[0] == OP_CHUNK_READY:
                     self._drop(op, exc)
                     return False
                 if self._database_refuses(exc):
                     raise _DatabaseDown(str(exc)) from exc
-                if delay is not None and _is_transient(exc):
+                if delay is not None and self._worth_retrying(op, exc):
                     self.stats.retried_ops += 1
                     time.sleep(delay)
                     continue
@@ -401,6 +405,11 @@ class Writer:
             self._settle((op,))
             return added
         return False  # pragma: no cover - the last delay is None
+
+    def _worth_retrying(self, op: Op, exc: BaseException) -> bool:
+        """Transient, and this call has not already lost an op of this kind to it: a
+        persistent fault on one call must not stall every other call for each of its ops."""
+        return _is_transient(exc) and (op[0], type(exc).__name__) not in self._faults.get(op[1], ())
 
     def _database_refuses(self, exc: BaseException) -> bool:
         """Is the database itself unwritable (rather than this op bad)? A probe write says."""
@@ -411,17 +420,19 @@ class Writer:
             isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
         ):
             return True
-        conn = self._db()
         try:
+            conn = self._db()
             with transaction(conn):
                 version = int(conn.execute("PRAGMA user_version").fetchone()[0])
                 conn.execute(f"PRAGMA user_version = {version}")
-        except sqlite3.Error:
+        except (sqlite3.Error, _DatabaseDown):
             return True
         return False
 
     def _db(self) -> sqlite3.Connection:
-        assert self._conn is not None, "the writer thread opens its connection first"
+        """The connection; after the file was lost, a fresh database (or _DatabaseDown)."""
+        if self._conn is None:
+            return self._open_fresh()
         return self._conn
 
     # ---- what happens to one op that cannot be recorded ----
@@ -431,6 +442,9 @@ class Writer:
         kind, call_id = op[0], op[1]
         self.stats.dropped_ops += 1
         cause = f"{type(exc).__name__}: {exc}"
+        seen = self._faults.setdefault(call_id, set())
+        first = (kind, type(exc).__name__) not in seen
+        seen.add((kind, type(exc).__name__))
         if kind in (OP_CHUNK, OP_CHUNK_READY):
             if kind == OP_CHUNK_READY:
                 (self.directory / op[3].relpath).unlink(missing_ok=True)
@@ -453,15 +467,14 @@ class Writer:
         if kind == OP_FINALIZE:
             self._open_calls.pop(call_id, None)
             self._audio_stopped.discard(call_id)
+            self._faults.pop(call_id, None)
             logger.error(
                 f"pipecat-roark: the end of call {call_id!r} could not be recorded ({cause}); "
                 "a drainer finalizes it (observer-lost) once this process is gone"
             )
             return
-        key = (call_id, kind, type(exc).__name__)
-        if key in self._logged:
+        if not first:
             return
-        self._logged.add(key)
         logger.error(
             f"pipecat-roark: dropped one {_OP_NAMES.get(kind, kind)} record for call "
             f"{call_id!r} ({cause}); the rest of the call is kept (further such drops for this "
@@ -475,6 +488,7 @@ class Writer:
             (self.directory / op[3].relpath).unlink(missing_ok=True)
         elif op[0] == OP_FINALIZE:
             self._skipped.pop(op[1], None)
+            self._faults.pop(op[1], None)
 
     def _screen(self, batch: _Batch) -> None:
         """Refuse a reused call id before any of its files are written; drop the ops of
@@ -532,7 +546,7 @@ class Writer:
             try:
                 faultpoints.reached("writer:chunk-file", call_id)
                 chunk = spool.write_chunk(self.directory, call_id, index, data)
-            except Exception as exc:
+            except BaseException as exc:
                 if delay is not None and _is_transient(exc):
                     self.stats.retried_ops += 1
                     time.sleep(delay)
@@ -609,6 +623,7 @@ class Writer:
                 # Only after the commit: a retried batch must still know which calls lost audio.
                 self._audio_stopped.discard(op[1])
                 self._skipped.pop(op[1], None)
+                self._faults.pop(op[1], None)
         stats.batches += 1
         stats.ops += count
         stats.max_batch = max(stats.max_batch, count)
@@ -722,35 +737,45 @@ class Writer:
     # ---- the database file under us ----
 
     def _check_file(self) -> None:
-        """Notice a deleted or replaced ``wal.sqlite`` (one stat per batch) and start afresh."""
+        """Notice a deleted or replaced ``wal.sqlite`` (one stat per batch) and start afresh.
+
+        The old connection is closed first, and a deleted file's leftover -wal/-shm are
+        moved aside (kept for salvage): a fresh database must never pick up another
+        file's write-ahead log.
+        """
         identity = _file_identity(self.directory)
-        if identity == self._identity and identity is not None:
+        if identity == self._identity or self._conn is None:
             return
-        what = "deleted" if identity is None else "replaced by another file"
-        old = self._conn
-        try:
-            fresh = _connect_or_quarantine(self.directory)
-        except PipecatRoarkError as exc:
-            if self._identity is not None:
-                logger.error(
-                    f"pipecat-roark: {self.directory / DB_NAME} was {what}, and a fresh one "
-                    f"cannot be opened ({exc}); still writing to the old file"
+        self._conn.close()
+        self._conn = None
+        self._lost = "deleted" if identity is None else "replaced by another file"
+        if identity is None:
+            try:
+                self._lost += (
+                    f" (its leftover -wal/-shm were moved to {quarantine(self.directory)})"
                 )
-                self._identity = None
-            return
-        self._conn = fresh
+            except OSError as exc:
+                self._lost += f" (its leftover -wal/-shm could not be moved aside: {exc})"
+        with suppress(_DatabaseDown):  # else the commit path waits for the disk
+            self._db()
+
+    def _open_fresh(self) -> sqlite3.Connection:
+        try:
+            conn = _connect_or_quarantine(self.directory)
+        except PipecatRoarkError as exc:
+            raise _DatabaseDown(str(exc)) from exc
+        self._conn = conn
         self._identity = _file_identity(self.directory)
         self.stats.reopened += 1
-        if old is not None:
-            old.close()
         recorded = self._record_open_calls_again()
         logger.error(
-            f"pipecat-roark: {self.directory / DB_NAME} was {what} while this process was "
-            "recording into it: whatever was committed to the old file is gone with it "
-            "(unless it was moved, not deleted). Started a fresh database; "
-            f"{len(recorded)} call(s) still open here are recorded in it again from now on "
-            f"(their earlier events are lost, their audio is kept): {sorted(recorded)!r}"
+            f"pipecat-roark: {self.directory / DB_NAME} was {self._lost} while this process "
+            "was recording into it: whatever was committed to the old file is gone with it. "
+            f"Started a fresh database; {len(recorded)} call(s) still open here are recorded "
+            "in it again from now on (their earlier events are lost, their audio is kept): "
+            f"{sorted(recorded)!r}"
         )
+        return conn
 
     def _record_open_calls_again(self) -> list[str]:
         done = []
@@ -775,8 +800,6 @@ class Writer:
 
     def _heartbeat(self) -> None:
         try:
-            if self._conn is None:
-                return
             self._check_file()
             if self._open_calls:
                 now = now_us()
