@@ -16,13 +16,15 @@ import pytest
 
 from devserver_fixture import RunningDevServer
 from helpers import LogCapture, stored_events
-from pipecat_roark import faultpoints
+from pipecat_roark import RoarkObserver, faultpoints
 from pipecat_roark.drain import Drainer
+from pipecat_roark.events import BotText, UserText
+from pipecat_roark.testing import ScriptedCall, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
 from pipecat_roark.wire import encode
 from pipecat_roark.writer import writer_for
 from test_capture_pipeline import timeline_without_audio
-from test_drain import KEY, QUICK, assert_arrived_whole, chunk_files, record
+from test_drain import KEY, QUICK, assert_arrived_whole, chunk_files, record, short_script
 
 pytestmark = pytest.mark.anyio
 
@@ -276,3 +278,57 @@ async def test_a_dead_writer_thread_is_restarted_by_the_next_record_with_its_que
     assert timeline_without_audio(data_dir, VICTIM) == await reference_timeline(tmp_path)
     await deliver(data_dir, dev_server, VICTIM)
     assert_arrived_whole(dev_server, data_dir, VICTIM)
+
+
+async def test_a_deleted_database_is_noticed_and_the_open_call_recorded_again(
+    data_dir: Path, dev_server: RunningDevServer, logs: LogCapture
+) -> None:
+    deleted: list[bool] = []
+
+    async def delete_midway(step: int) -> None:
+        if step == 2:
+            assert await writer_for(data_dir).flush(10)
+            (data_dir / "wal.sqlite").unlink()
+            deleted.append(True)
+
+    roark = RoarkObserver(
+        agent_id="drain-bot",
+        api_key=KEY,
+        pipecat_call_id="survivor",
+        data_dir=data_dir,
+        deliver=False,
+        chunk_bytes=8000,
+    )
+    script = ScriptedCall(short_script(0), on_step=delete_midway)
+    await run_pipeline([script, roark.audio_processor], observers=[roark])
+    await record(data_dir, "later")
+    assert deleted == [True]
+
+    [line] = logs.matching("while this process was recording into it")
+    assert line.startswith(f"pipecat-roark: {data_dir.resolve() / 'wal.sqlite'} was deleted")
+    assert "whatever was committed to the old file is gone with it" in line
+    assert "1 call(s) still open here are recorded in it again" in line
+    assert line.endswith("(their earlier events are lost, their audio is kept): ['survivor']")
+    assert call_row(data_dir, "survivor") == ("ended", "agent-ended")
+    assert call_row(data_dir, "later") == ("ended", "agent-ended")
+    events = stored_events(data_dir, "survivor")
+    names = [type(e).__name__ for e in events]
+    assert names[0] == "CallOpened" and names.count("CallClosed") == 1
+    texts = [e.text for e in events if isinstance(e, (BotText, UserText))]
+    assert texts == ["Answer", "0"], "what came after the deletion, and nothing twice"
+    assert_chunks_gapless(data_dir, "survivor")
+
+    await deliver(data_dir, dev_server, "survivor", "later")
+    assert_arrived_whole(dev_server, data_dir, "survivor")
+    assert_arrived_whole(dev_server, data_dir, "later")
+
+
+def assert_chunks_gapless(directory: Path, call_id: str) -> None:
+    with sqlite3.connect(directory / "wal.sqlite") as conn:
+        indexes = [
+            i
+            for (i,) in conn.execute(
+                "SELECT idx FROM chunks WHERE call_id = ? ORDER BY idx", (call_id,)
+            )
+        ]
+    assert indexes == list(range(len(indexes))) and len(indexes) >= 2

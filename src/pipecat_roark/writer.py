@@ -751,9 +751,8 @@ class Writer:
         self._lost = "deleted" if identity is None else "replaced by another file"
         if identity is None:
             try:
-                self._lost += (
-                    f" (its leftover -wal/-shm were moved to {quarantine(self.directory)})"
-                )
+                moved = quarantine(self.directory)
+                self._lost += f" (its leftover -wal/-shm were moved aside as {moved}-wal/-shm)"
             except OSError as exc:
                 self._lost += f" (its leftover -wal/-shm could not be moved aside: {exc})"
         with suppress(_DatabaseDown):  # else the commit path waits for the disk
