@@ -4,6 +4,11 @@ A thin click layer over the library. Every command takes ``--dir`` (default
 ``PIPECAT_ROARK_DIR``, else the user state dir) and ``--json``. Exit codes: 0 ok,
 1 something is left undelivered, dead or unhealthy, 2 a usage or configuration error.
 Errors are one line on stderr, never a traceback.
+
+What we print is data, never markup: the consoles have rich markup and emoji codes
+off (a call id ``[/]`` or ``[link=…]`` is printed as it is), our own colours are
+``Text`` styles, and every stored string goes through ``shown()``, which makes control
+characters visible (``\x1b``) so stored data cannot drive the terminal.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__, config
 from .errors import PipecatRoarkError
@@ -32,8 +37,23 @@ from .store import connect, now_us, quarantine
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]} | {
+    0x0A: "\\n",
+    0x09: "\\t",
+    0x0D: "\\r",
+}
+
+
+def shown(value: object) -> str:
+    """Stored data as printable text: control characters (ESC, newline, …) made visible."""
+    return str(value).translate(_CONTROLS)
+
+
+def styled(text: str, style: str) -> Text:
+    return Text(text, style=style)
 
 
 class _Group(click.Group):
@@ -49,7 +69,7 @@ class _Group(click.Group):
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[red]error:[/] {message}", markup=True)
+    err.print(Text.assemble(styled("error:", "red"), " ", shown(message)))
     sys.exit(code)
 
 
@@ -217,7 +237,8 @@ def drain(
             err.print(f"metrics at {metrics_url}")
         if not as_json:  # after the handlers: from here on a signal stops us cleanly
             out.print(
-                f"draining {directory} to {base_url} with key {drainer.key_fp} ({total} rows queued)"
+                f"draining {shown(directory)} to {shown(base_url)} with key {drainer.key_fp} "
+                f"({total} rows queued)"
                 + (" and following new calls (Ctrl-C stops)" if follow else "")
             )
 
@@ -252,17 +273,18 @@ def drain(
             }
         )
     else:
-        out.print(str(report))
+        out.print(shown(report))
         for skipped in report.skipped_calls:
             err.print(
-                f"skipped call {skipped}: recorded under another API key (set that key and drain again)"
+                f"skipped call {shown(skipped)}: recorded under another API key (set that key "
+                "and drain again)"
             )
         if report.paused:
             err.print(
                 "Roark refused the API key: set a valid ROARK_API_KEY and run `pipecat-roark drain`"
             )
         elif report.last_error and not report.complete:
-            err.print(f"last error: {report.last_error}")
+            err.print(f"last error: {shown(report.last_error)}")
     sys.exit(0 if report.complete and not report.skipped_calls else 1)
 
 
@@ -279,7 +301,7 @@ class _Progress:
             TextColumn("delivering"),
             BarColumn(),
             TextColumn("{task.completed}/{task.total} rows"),
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             TimeRemainingColumn(),
             console=out,
             disable=not enabled,
@@ -338,13 +360,13 @@ def status(directory: Path, as_json: bool, max_age: str | None) -> None:
     if as_json:
         emit_json(data)
     else:
-        table = Table(title=f"pipecat-roark queue in {directory}", show_header=True)
+        table = Table(title=f"pipecat-roark queue in {shown(directory)}", show_header=True)
         table.add_column("kind")
         for state in ("pending", "leased", "delivered", "dead"):
             table.add_column(state, justify="right")
         for kind, counts in data["byKind"].items():
             table.add_row(
-                kind, *(str(counts[s]) for s in ("pending", "leased", "delivered", "dead"))
+                shown(kind), *(str(counts[s]) for s in ("pending", "leased", "delivered", "dead"))
             )
         out.print(table)
         out.print(
@@ -354,13 +376,15 @@ def status(directory: Path, as_json: bool, max_age: str | None) -> None:
         )
         for paused in data["pausedKeys"]:
             out.print(
-                f"[red]paused key {paused['keyFingerprint']}[/] since {paused['pausedAt']}: {paused['reason']}"
+                styled(f"paused key {shown(paused['keyFingerprint'])}", "red"),
+                f"since {shown(paused['pausedAt'])}: {shown(paused['reason'])}",
             )
         if data["lastError"]:
-            out.print(f"last error ({data['lastError']['key']}): {data['lastError']['error']}")
-        out.print("[green]healthy[/]" if healthy else "[red]unhealthy[/]")
+            last = data["lastError"]
+            out.print(f"last error ({shown(last['key'])}): {shown(last['error'])}")
+        out.print(styled("healthy", "green") if healthy else styled("unhealthy", "red"))
         for reason in data["reasons"]:
-            out.print(f"  {reason}", markup=False)
+            out.print(f"  {shown(reason)}")
     sys.exit(0 if healthy else 1)
 
 
@@ -402,13 +426,13 @@ def calls(
         table.add_column(column)
     for row in rows:
         table.add_row(
-            row["id"],
-            row["agentId"],
+            shown(row["id"]),
+            shown(row["agentId"]),
             row["startedAt"][:19].replace("T", " "),
             "-" if row["durationS"] is None else f"{row['durationS']:.1f}s",
-            row["state"],
+            shown(row["state"]),
             f"{row['chunksDelivered']}/{row['chunksTotal']}",
-            row["lastError"] or "",
+            shown(row["lastError"] or ""),
         )
     out.print(table)
 
@@ -434,31 +458,32 @@ def show(directory: Path, as_json: bool, call_id: str) -> None:
         return
     call = detail["call"]
     out.print(
-        f"[bold]call {call['id']}[/] · agent {call['agentId']} · {call['state']}"
-        + (f" ({call['endReason']})" if call["endReason"] else "")
-        + f" · started {call['startedAt']} · key {call['keyFingerprint'] or 'none'}"
+        styled(f"call {shown(call['id'])}", "bold"),
+        f"· agent {shown(call['agentId'])} · {shown(call['state'])}"
+        + (f" ({shown(call['endReason'])})" if call["endReason"] else "")
+        + f" · started {call['startedAt']} · key {shown(call['keyFingerprint'] or 'none')}",
     )
     deliveries = Table(title="deliveries", show_header=True)
     for column in ("delivery", "state", "attempts", "next attempt", "last error"):
         deliveries.add_column(column)
     for row in detail["deliveries"]:
         deliveries.add_row(
-            row["key"].removeprefix(f"{call_id}:"),
-            row["state"],
+            shown(row["key"].removeprefix(f"{call_id}:")),
+            shown(row["state"]),
             str(row["attempts"]),
             row["nextAttemptAt"] or "",
-            row["lastError"] or "",
+            shown(row["lastError"] or ""),
         )
     out.print(deliveries)
     undecodable = detail["damage"]["undecodableEvents"]
     if undecodable:
         out.print(
-            f"[red]damaged:[/] {len(undecodable)} stored event(s) do not decode and are left out"
-            " of the payloads"
+            styled("damaged:", "red"),
+            f"{len(undecodable)} stored event(s) do not decode and are left out of the payloads",
         )
         for bad in undecodable:
-            out.print(f"  event row {bad['eventRow']}: {bad['error']}", markup=False)
-    out.print("[bold]timeline[/]")
+            out.print(f"  event row {bad['eventRow']}: {shown(bad['error'])}")
+    out.print(styled("timeline", "bold"))
     for event in detail["timeline"]:
         fields = {k: v for k, v in event.items() if k not in ("at", "event")}
         at = event["at"] if isinstance(event["at"], int) else event["at"][11:26]
@@ -466,9 +491,9 @@ def show(directory: Path, as_json: bool, call_id: str) -> None:
             f"  {at}  {event['event']:<16} {json.dumps(fields) if fields else ''}", markup=False
         )
     if detail["payloadNote"]:
-        out.print(f"[yellow]{detail['payloadNote']}[/]")
+        out.print(styled(shown(detail["payloadNote"]), "yellow"))
     for name, payload in detail["payloads"].items():
-        out.print(f"[bold]{name}[/]")
+        out.print(styled(name, "bold"))
         out.print_json(json.dumps(payload))
 
 
@@ -499,7 +524,7 @@ def export(
         pipecat-roark export 6f1c2a4e-... --wav call.wav --payloads call.json
     """
     from .inspection import call_detail
-    from .maintenance import export_wav
+    from .maintenance import export_wav, private_file
 
     if wav_path is None and payloads is None:
         fail("say what to export: --wav FILE and/or --payloads FILE")
@@ -509,8 +534,8 @@ def export(
         if detail is None:
             fail(f"no call {call_id!r} in {directory}; list them with `pipecat-roark calls`")
         if payloads is not None:
-            payloads.write_text(json.dumps(detail["payloads"], indent=2) + "\n")
-            payloads.chmod(0o600)
+            with private_file(payloads) as file:
+                file.write((json.dumps(detail["payloads"], indent=2) + "\n").encode())
             result["payloads"] = str(payloads)
         if wav_path is not None:
             try:
@@ -530,10 +555,11 @@ def export(
         if "wav" in result:
             seconds = result["bytes"] / (2 * result["numChannels"] * result["sampleRate"])
             out.print(
-                f"wrote {result['wav']}: {result['chunks']} chunks, {seconds:.1f} s, {result['sampleRate']} Hz"
+                f"wrote {shown(result['wav'])}: {result['chunks']} chunks, {seconds:.1f} s, "
+                f"{result['sampleRate']} Hz"
             )
         if "payloads" in result:
-            out.print(f"wrote {result['payloads']}")
+            out.print(f"wrote {shown(result['payloads'])}")
 
 
 @main.command()
@@ -634,7 +660,7 @@ def forget(directory: Path, as_json: bool, call_id: str, yes: bool, force: bool)
         )
     else:
         out.print(
-            f"erased call {escape(result.call_id)}: {result.rows} row(s), {_mb(result.bytes)} of audio"
+            f"erased call {shown(result.call_id)}: {result.rows} row(s), {_mb(result.bytes)} of audio"
         )
 
 
@@ -658,8 +684,8 @@ def doctor(directory: Path, as_json: bool, repair: bool, offline: bool) -> None:
     if repair and (directory / "wal.sqlite").exists() and damage(directory)[0] is not None:
         moved = quarantine(directory)
         err.print(
-            f"moved the corrupt database to {moved} (kept: `sqlite3 {moved} .recover` salvages "
-            "it); a fresh one starts with the next call"
+            f"moved the corrupt database to {shown(moved)} (kept: `sqlite3 {shown(moved)} "
+            ".recover` salvages it); a fresh one starts with the next call"
         )
     checks = run_checks(
         directory, api_key=config.resolve_api_key(None), base_url=None, reachability=not offline
@@ -668,8 +694,8 @@ def doctor(directory: Path, as_json: bool, repair: bool, offline: bool) -> None:
         emit_json([{"check": c.name, "ok": c.ok, "detail": c.detail} for c in checks])
     else:
         for check in checks:
-            mark = "[green]✓[/]" if check.ok else "[red]✗[/]"
-            out.print(f"{mark} {check.name}: {check.detail}")
+            mark = styled("✓", "green") if check.ok else styled("✗", "red")
+            out.print(mark, f"{check.name}: {shown(check.detail)}")
     sys.exit(0 if all(c.ok for c in checks) else 1)
 
 

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import random
 import secrets
 import signal
@@ -30,6 +31,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from .store import make_private_dirs
 from .wire import CallEnded, CallStarted
 
 __all__ = ["DevServer", "Faults", "main", "serve"]
@@ -379,6 +381,18 @@ class DevServer:
         return web.json_response({"ok": True})
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``path`` as 0600 whatever the umask: what the server received is call data."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 class _State:
     """What the server received, mirrored to ``state.json`` and chunk files in its data dir."""
 
@@ -391,7 +405,7 @@ class _State:
 
     @classmethod
     def load(cls, directory: Path) -> _State:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(directory)
         state = cls(directory)
         saved = directory / "state.json"
         if saved.exists():
@@ -411,14 +425,15 @@ class _State:
             return
         self.dirty = False
         tmp = self.directory / "state.json.tmp"
-        tmp.write_text(
+        _write_private(
+            tmp,
             json.dumps(
                 {
                     "calls": self.calls,
                     "idempotency": self.idempotency,
                     "pending_chunks": self.pending_chunks,
                 }
-            )
+            ).encode(),
         )
         tmp.replace(self.directory / "state.json")
 
@@ -481,8 +496,8 @@ class _State:
             s3_key, (s3_key.split("/")[1], int(s3_key[-10:-4]))
         )
         path = self.directory / s3_key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        make_private_dirs(path.parent)
+        _write_private(path, data)
         chunk = self._call(call_id)["chunks"].setdefault(str(index), {"puts": 0})
         chunk.update(size=len(data), sha256=hashlib.sha256(data).hexdigest(), path=s3_key)
         chunk["puts"] += 1

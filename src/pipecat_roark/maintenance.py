@@ -11,9 +11,13 @@ import re
 import shutil
 import sqlite3
 import stat
+import tempfile
 import wave
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
@@ -32,6 +36,7 @@ __all__ = [
     "export_wav",
     "forget_call",
     "parse_duration",
+    "private_file",
     "prune_delivered",
     "retry",
 ]
@@ -190,35 +195,59 @@ def export_wav(conn: sqlite3.Connection, directory: Path, call_id: str, out: Pat
             f"call {call_id!r} is missing chunk rows {missing}: the WAV would have a gap"
         )
     sample_rate, num_channels = rows[0][3], rows[0][4]
-    tmp = out.with_name(f".{out.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     total = 0
+    with private_file(out) as raw, wave.open(raw, "wb") as wav:
+        wav.setnchannels(num_channels)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        for idx, rel, _size, _, _, discarded in rows:
+            try:
+                data = spool.read_chunk(directory, rel)
+            except FileNotFoundError:
+                raise PipecatRoarkError(
+                    f"chunk {idx} of call {call_id!r} is missing on disk ({directory / rel})"
+                    + (
+                        ": it was deleted once Roark had the call (keep it with "
+                        "keep_delivered_audio=True or `drain --keep-delivered-audio`)"
+                        if discarded
+                        else ""
+                    )
+                ) from None
+            wav.writeframes(data)
+            total += len(data)
+    return ExportResult(out, len(rows), total, sample_rate, num_channels)
+
+
+@contextmanager
+def private_file(out: Path) -> Iterator[BinaryIO]:
+    """Write ``out`` whole or not at all, 0600, never through a link planted for us.
+
+    The temp file comes from mkstemp (O_EXCL, 0600, an unguessable name) in the
+    target's folder and is renamed over ``out`` only when complete: a rename replaces
+    a symlink at ``out`` itself, never writing or chmodding what it points at. Raises
+    PipecatRoarkError when the file cannot be created or put in place.
+    """
     try:
-        with os.fdopen(fd, "wb") as raw, wave.open(raw, "wb") as wav:
-            wav.setnchannels(num_channels)
-            wav.setsampwidth(2)
-            wav.setframerate(sample_rate)
-            for idx, rel, _size, _, _, discarded in rows:
-                try:
-                    data = spool.read_chunk(directory, rel)
-                except FileNotFoundError:
-                    raise PipecatRoarkError(
-                        f"chunk {idx} of call {call_id!r} is missing on disk ({directory / rel})"
-                        + (
-                            ": it was deleted once Roark had the call (keep it with "
-                            "keep_delivered_audio=True or `drain --keep-delivered-audio`)"
-                            if discarded
-                            else ""
-                        )
-                    ) from None
-                wav.writeframes(data)
-                total += len(data)
-        os.replace(tmp, out)
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise PipecatRoarkError(
+            f"cannot write {out}: {exc.strerror or exc}; choose a path in a writable folder"
+        ) from exc
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            yield raw
+            raw.flush()
+            os.fsync(raw.fileno())
+        try:
+            os.replace(tmp, out)
+        except OSError as exc:
+            raise PipecatRoarkError(
+                f"cannot write {out}: {exc.strerror or exc}; choose another file name"
+            ) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    out.chmod(0o600)
-    return ExportResult(out, len(rows), total, sample_rate, num_channels)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,15 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_output import BaseOutputTransport
 
 from . import config, lifecycle, metrics
-from .capture import arguments_json, clean_text, resolve_call_id, result_text
+from .capture import (
+    arguments_json,
+    call_id_problem,
+    claim_call_id,
+    clean_text,
+    release_call_id,
+    resolve_call_id,
+    result_text,
+)
 from .drain import ensure_background_drainer
 from .errors import PipecatRoarkError
 from .events import (
@@ -233,12 +241,16 @@ class RoarkObserver(BaseObserver):
         self._base_url = base_url
         self._deliver = deliver
         self._writer: Writer | None = None
+        refused = call_id_problem(self._call_id)
         try:
-            self._writer = writer_for(
-                self._directory, max_spool_bytes=max_spool_bytes, min_free_bytes=min_free_bytes
-            )
+            if refused is None:
+                self._writer = writer_for(
+                    self._directory, max_spool_bytes=max_spool_bytes, min_free_bytes=min_free_bytes
+                )
         except PipecatRoarkError as exc:
-            logger.error(f"{self}: call {self._call_id} will not be recorded: {exc}")
+            refused = str(exc)
+        if refused is not None:
+            logger.error(f"{self}: call {self._call_id!a} will not be recorded: {refused}")
         self._warn_if_no_key()
         self._keep_delivered_audio = keep_delivered_audio
         self._serve_metrics(metrics_port)
@@ -533,6 +545,13 @@ class RoarkObserver(BaseObserver):
     def _open(self, at: int) -> None:
         if self._opened or self._writer is None:
             return
+        if not claim_call_id(self._call_id, self):
+            self._writer = None
+            logger.error(
+                f"{self}: call {self._call_id!a} will not be recorded: another call in this "
+                "process is recording under the same id. Give each call its own pipecat_call_id"
+            )
+            return
         self._opened = True
         opened = CallOpened(
             at=at,
@@ -624,6 +643,8 @@ class RoarkObserver(BaseObserver):
             if not audio or self._writer is None or self._finalized:
                 return
             self._open(_now_us())
+            if not self._opened or self._writer is None:  # refused
+                return
             index = self._next_chunk
             self._next_chunk += 1
             self._writer.submit(
@@ -694,6 +715,7 @@ class RoarkObserver(BaseObserver):
             self._watchdog = None
         at, reason = self._closed or (_now_us(), "unknown")
         self._writer.submit((OP_FINALIZE, self._call_id, at, reason, False))
+        release_call_id(self._call_id, self)
         if not self._saw_text:
             logger.warning(
                 f"{self}: call-ended with empty transcript for call {self._call_id}: no "

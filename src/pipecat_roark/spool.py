@@ -1,13 +1,17 @@
 """Recording chunks as files: ``<dir>/chunks/<call>/<index>.pcm``.
 
-A chunk is written to a temporary name, fsynced, renamed and its folder fsynced, and
-only then recorded in the database: a row always points at a complete file, and a
-crash between the two leaves at worst an unreferenced file, never a truncated chunk.
+A chunk is written to a temporary name, fsynced, linked to its name and its folder
+fsynced, and only then recorded in the database: a row always points at a complete
+file, and a crash between the two leaves at worst an unreferenced file, never a
+truncated chunk. An existing chunk file is never replaced (a call id used twice must
+not change the audio an earlier row's sha256 vouches for): writing the same bytes
+again is a no-op, other bytes fail with FileExistsError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -27,7 +31,9 @@ __all__ = [
     "write_chunk",
 ]
 
-_SAFE = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
+_SAFE = re.compile(r"^[a-z0-9._-]{1,80}$")
+"""Ids used verbatim as folder names: lower case only (case-insensitive filesystems would
+merge ``Call-1`` and ``call-1``), and never ``h-…``, the prefix of hashed names."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +44,13 @@ class SpooledChunk:
 
 
 def call_folder(call_id: str) -> str:
-    """A folder name for a call id: the id itself when it is filesystem-safe, else a hash."""
-    if _SAFE.match(call_id) and call_id not in (".", ".."):
+    """A folder name for a call id: the id itself when it is filesystem-safe, else a hash.
+
+    Distinct ids get distinct folders: a verbatim name cannot start with ``h-``, and the
+    hash (128 bits of SHA-256 of the UTF-8 id) does not collide in practice. Ids that
+    UTF-8 cannot encode are refused earlier, by ``capture.call_id_problem``.
+    """
+    if _SAFE.match(call_id) and call_id not in (".", "..") and not call_id.startswith("h-"):
         return call_id
     return "h-" + hashlib.sha256(call_id.encode()).hexdigest()[:32]
 
@@ -91,9 +102,26 @@ def write_chunk(root: Path, call_id: str, index: int, data: bytes) -> SpooledChu
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
-    os.replace(tmp, target)
+    try:
+        _link_no_clobber(tmp, target, data)
+    finally:
+        tmp.unlink(missing_ok=True)
     _fsync_dir(folder)
     return SpooledChunk(rel, len(data), hashlib.sha256(data).hexdigest())
+
+
+def _link_no_clobber(tmp: Path, target: Path, data: bytes) -> None:
+    """Give ``tmp`` the name ``target`` unless that name exists (unlike a rename)."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        if target.read_bytes() != data:
+            raise FileExistsError(
+                errno.EEXIST,
+                "a different chunk file already has this name (a call id used twice?); "
+                "it is kept as it is",
+                str(target),
+            ) from None
 
 
 def read_chunk(root: Path, relpath: str) -> bytes:

@@ -32,6 +32,7 @@ __all__ = [
     "connect",
     "ensure_dir",
     "load_migrations",
+    "make_private_dirs",
     "now_us",
     "quarantine",
     "transaction",
@@ -77,10 +78,30 @@ MIGRATIONS = load_migrations()
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def make_private_dirs(path: Path) -> None:
+    """``mkdir -p`` where every folder created (parents too) is 0700, whatever the umask.
+
+    ``Path.mkdir(parents=True)`` gives parents the umask's default (0777 under umask 0).
+    Raises OSError.
+    """
+    missing = []
+    folder = path
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made by another process meanwhile: not ours to change
+        if stat.S_IMODE(folder.stat().st_mode) != 0o700:  # an umask such as 0o277
+            folder.chmod(0o700)
+
+
 def ensure_dir(path: Path) -> None:
     """Create ``path`` (and parents) as 0700; tighten an existing folder we own."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(path)
         if stat.S_IMODE(path.stat().st_mode) & 0o077 and path.stat().st_uid == os.getuid():
             path.chmod(0o700)
     except OSError as exc:

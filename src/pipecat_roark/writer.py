@@ -6,6 +6,14 @@ one transaction, and goes back for more. Batches grow only under load, so a quie
 call commits within a millisecond and a busy process still commits ~every few ms; a
 kill -9 loses only what was queued since the last commit. Chunk files are written
 here too, before their rows, so a row always points at a durable file.
+
+Every call of the process shares this thread, so each op is a bulkhead: when a batch
+fails, it is applied again one op per transaction, and an op that still fails costs
+only its own record (a chunk: the rest of its call's audio), with one log line naming
+the call and the cause. Brief OS hiccups (EMFILE, EIO, EAGAIN, ...) are retried first.
+If the thread dies anyway, the next ``submit`` starts it again with the queue intact.
+The database file is watched too: if it is deleted or replaced under us, a fresh one
+is opened and the calls still open here are recorded in it again.
 """
 
 from __future__ import annotations
@@ -18,25 +26,36 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from . import crashpoints, metrics, spool
-from .errors import StoreCorrupt
+from . import crashpoints, faultpoints, metrics, spool
+from .errors import PipecatRoarkError, StoreCorrupt
 from .events import CallOpened, ChunkRecorded, encode_event
 from .outbox import undelivered_audio_bytes
 from .owner import Owner, current_owner
-from .store import connect, finalize_call, now_us, quarantine, transaction
+from .store import DB_NAME, connect, finalize_call, now_us, quarantine, transaction
 
-__all__ = ["Writer", "WriterStats", "close_all_writers", "running_writer", "writer_for"]
+__all__ = [
+    "CallIdReused",
+    "Writer",
+    "WriterStats",
+    "close_all_writers",
+    "running_writer",
+    "writer_for",
+]
 
 HEARTBEAT_INTERVAL_S = 10.0
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # 1 GiB
 DEFAULT_MIN_FREE_BYTES = 64 << 20  # keep 64 MiB free so events can still commit
+OP_RETRY_DELAYS_S = (0.01, 0.05, 0.2, 0.5)
+"""Backoff before each retry of one op that failed with a transient error (<1 s in all)."""
 
 # Queue items are plain tuples: the hot path builds them without any allocation but the tuple.
 OP_OPEN = 0  # (OP_OPEN, call_id, CallOpened, key_fp)
@@ -51,6 +70,15 @@ OP_CHUNK_READY = (
 
 Op = tuple[Any, ...]
 
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.EIO, errno.EAGAIN, errno.EINTR, errno.EACCES, errno.EBUSY}
+)
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class CallIdReused(PipecatRoarkError):
+    """A second session tried to record under a call id the database already holds."""
+
 
 @dataclass
 class WriterStats:
@@ -63,10 +91,38 @@ class WriterStats:
     max_batch: int = 0
     failed_batches: int = 0
     dropped_ops: int = 0
+    retried_ops: int = 0
+    restarts: int = 0
+    reopened: int = 0
+    """Times the database file was found deleted or replaced and a fresh one opened."""
     chunks_skipped: int = 0
-    """Chunks not recorded: spool cap, free-space floor or a full disk."""
+    """Chunks not recorded: spool cap, free-space floor, a full disk or a failed write."""
     commit_latency_us: list[int] = field(default_factory=list)
     """Queue-to-commit latency of sampled ops (µs), when ``Writer.sample_latency`` is on."""
+
+
+@dataclass
+class _OpenCall:
+    """What is needed to record a call again in a fresh database (its events are not kept)."""
+
+    opened: CallOpened
+    key_fp: str | None
+    chunks: list[tuple[int, spool.SpooledChunk, int, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    """Ops taken from the queue together; kept by the writer until they are settled."""
+
+    work: deque[Op]
+    barriers: list[Callable[[], None]]
+    stop: bool
+    careful: bool = False
+    """Apply one op per transaction: after a failed batch, or after the thread died on it."""
+
+
+class _DatabaseDown(Exception):
+    """The database itself refuses writes (not one op): keep everything and wait."""
 
 
 class Writer:
@@ -86,22 +142,34 @@ class Writer:
         self.min_free_bytes = min_free_bytes
         self.stats = WriterStats()
         self.sample_latency = False
-        self._conn = _connect_or_quarantine(directory)
+        self._conn: sqlite3.Connection | None = _connect_or_quarantine(directory)
+        self._identity = _file_identity(directory)
         self._queue: queue.SimpleQueue[Op] = queue.SimpleQueue()
         self._listeners: list[Callable[[], None]] = []
-        self._open_calls: set[str] = set()
+        self._open_calls: dict[str, _OpenCall] = {}
+        self._ended: dict[str, str] = {}
+        """Calls this transaction ended, by reason: counted in metrics once committed."""
         self._audio_stopped: set[str] = set()
+        self._skipped: dict[str, str] = {}
+        """Calls whose ops are dropped until their end: why (a reused id, a failed open)."""
+        self._faults: dict[str, set[tuple[int, str]]] = {}
+        """Per open call, the (op kind, exception class) pairs that already cost a record."""
         self._spool_bytes = self._measure_spool()
-        self._thread = threading.Thread(
-            target=self._run, name=f"pipecat-roark-writer:{directory}", daemon=True
-        )
-        self._stopped = threading.Event()
-        self._thread.start()
+        self._inflight: _Batch | None = None
+        self._suspect: Op | None = None
+        self._death: str | None = None
+        self._closing = False
+        self._lost = ""
+        """How the database file was lost (deleted, replaced), for the reopening log line."""
+        self._restart_lock = threading.Lock()
+        self._thread = self._start_thread()
 
     # ---- producer side (any thread, never blocks) ----
 
     def submit(self, op: Op) -> None:
         self._queue.put(op)
+        if self._death is not None:
+            self._restart()
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         """Called from the writer thread after a commit that added deliveries."""
@@ -113,7 +181,7 @@ class Writer:
 
     def flush_sync(self, timeout: float) -> bool:
         """Block until everything queued so far is committed (or ``timeout``)."""
-        if not self._thread.is_alive():
+        if self._closing:
             return False
         done = threading.Event()
         self.submit((OP_BARRIER, done.set))
@@ -121,7 +189,7 @@ class Writer:
 
     async def flush(self, limit_s: float) -> bool:
         """Wait, without blocking the event loop, until everything queued is committed."""
-        if not self._thread.is_alive():
+        if self._closing:
             return False
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
@@ -138,26 +206,72 @@ class Writer:
 
     def close(self, timeout: float = 5.0) -> bool:
         """Commit what is queued, then stop the thread and close the connection."""
+        self._closing = True
         if self._thread.is_alive():
-            self.submit((OP_STOP,))
+            self._queue.put((OP_STOP,))
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """False once closed; a thread that died is restarted by the next submit."""
+        return not self._closing
 
     @property
     def queue_depth(self) -> int:
         """Records submitted and not yet taken by the thread (approximate, for metrics)."""
         return self._queue.qsize()
 
-    # ---- writer thread ----
+    # ---- supervision ----
+
+    def _start_thread(self) -> threading.Thread:
+        thread = threading.Thread(
+            target=self._run, name=f"pipecat-roark-writer:{self.directory}", daemon=True
+        )
+        thread.start()
+        return thread
+
+    def _restart(self) -> None:
+        with self._restart_lock:
+            death = self._death
+            if death is None or self._closing:
+                return
+            self._thread.join(1.0)  # it set _death as its last act: it is ending now
+            self._death = None
+            self.stats.restarts += 1
+            self._thread = self._start_thread()
+        logger.error(
+            f"pipecat-roark: the writer thread for {self.directory} had died ({death}); "
+            "restarted it. Everything queued is kept. Please report this with the traceback"
+        )
 
     def _run(self) -> None:
-        next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
         try:
-            while True:
+            self._loop()
+        except BaseException as exc:  # the loop guards every op: this is a bug, say so
+            logger.opt(exception=exc).error(
+                f"pipecat-roark: the writer thread for {self.directory} died "
+                f"({type(exc).__name__}: {exc}); it restarts on the next record"
+            )
+            self._death = f"{type(exc).__name__}: {exc}"  # the connection is kept for it
+            return
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # ---- writer thread ----
+
+    def _loop(self) -> None:
+        next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+        while True:
+            batch = self._inflight
+            if batch is not None:  # the thread died on this batch: finish it one op at a time
+                batch.careful = True
+                if self._suspect is not None and batch.work and batch.work[0] is self._suspect:
+                    op = batch.work.popleft()
+                    self._drop(op, RuntimeError(f"the writer thread died on it ({self._death})"))
+                self._suspect = None
+            else:
                 wait = max(0.0, next_heartbeat - time.monotonic())
                 try:
                     first = self._queue.get(timeout=wait)
@@ -165,125 +279,302 @@ class Writer:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
                     continue
-                batch = [first]
-                while True:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                stop = any(op[0] == OP_STOP for op in batch)
-                self._commit(batch)
-                if stop:
-                    return
-                if time.monotonic() >= next_heartbeat:
-                    self._heartbeat()
-                    next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
-        except BaseException as exc:  # pragma: no cover - last-resort guard
-            logger.exception(f"pipecat-roark writer for {self.directory} stopped: {exc}")
-        finally:
-            self._stopped.set()
-            self._conn.close()
+                batch = self._take(first)
+                self._inflight = batch
+            self._process(batch)
+            self._inflight = None
+            if batch.stop:
+                return
+            if time.monotonic() >= next_heartbeat:
+                self._heartbeat()
+                next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
 
-    def _commit(self, batch: list[Op]) -> None:
-        barriers = [op[1] for op in batch if op[0] == OP_BARRIER]
-        work = [op for op in batch if op[0] not in (OP_BARRIER, OP_STOP)]
+    def _take(self, first: Op) -> _Batch:
+        ops = [first]
+        while True:
+            try:
+                ops.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return _Batch(
+            work=deque(op for op in ops if op[0] not in (OP_BARRIER, OP_STOP)),
+            barriers=[op[1] for op in ops if op[0] == OP_BARRIER],
+            stop=any(op[0] == OP_STOP for op in ops),
+        )
+
+    def _process(self, batch: _Batch) -> None:
+        self._check_file()
         added_deliveries = False
-        if work:
-            added_deliveries = self._commit_with_retry(work)
+        if batch.work:
+            started = time.perf_counter()
+            self._screen(batch)
+            self._spool_chunks(batch)
+            if any(op[0] == OP_CHUNK_READY for op in batch.work):
+                crashpoints.reached("chunk-file-durable")
+            crashpoints.reached("before-commit")
+            added_deliveries = self._commit_work(batch)
+            metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
         if added_deliveries:
             for listener in list(self._listeners):
                 try:
                     listener()
                 except Exception as exc:
                     logger.warning(f"pipecat-roark: commit listener failed: {exc}")
-        for release in barriers:
-            release()
+        for release in batch.barriers:
+            try:
+                release()
+            except Exception as exc:
+                logger.warning(f"pipecat-roark: flush callback failed: {exc}")
+        batch.barriers = []
 
-    def _commit_with_retry(self, work: list[Op]) -> bool:
-        """Commit ``work`` as one transaction; on a transient failure keep it and retry.
+    # ---- committing: the fast path, then one op per transaction ----
 
-        Chunk files are written first (outside the transaction). If the commit then
-        fails because the disk is full, the batch's new chunk files are removed (their
-        rows never existed), those calls stop recording audio, and the events are
-        retried alone: a full disk must cost audio, not the call. Other transient
-        failures (I/O error, locked) keep the batch in memory and retry with backoff,
-        logging once per streak. Any other error means one op is bad: fall back to one
-        transaction per op and drop only the ops that fail.
+    def _commit_work(self, batch: _Batch) -> bool:
+        """Commit the batch as one transaction; on failure, one op per transaction.
+
+        A full disk first sheds the batch's newest chunks (a full disk must cost audio,
+        not the call). When the database itself refuses writes (locked, read-only,
+        I/O error on a probe write), everything is kept in memory and retried with
+        backoff, logging once per streak. Otherwise one op is bad: apply them one by
+        one and drop only what still fails.
         """
-        started = time.perf_counter()
-        work = self._spool_chunks(work)
-        if any(op[0] == OP_CHUNK_READY for op in work):
-            crashpoints.reached("chunk-file-durable")
-        crashpoints.reached("before-commit")
         delay = 0.05
         streak_logged = False
-        while True:
+        added = False
+        while batch.work:
             try:
-                with transaction(self._conn):
-                    added = self._apply_all(work)
-                self._account(work)
-                self._forget_ended(work)
-                metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
-                if streak_logged:
-                    logger.info(f"pipecat-roark: writing to {self.directory} works again")
-                return added
-            except (sqlite3.OperationalError, OSError) as exc:
-                self.stats.failed_batches += 1
-                if _is_disk_full(exc) and any(op[0] == OP_CHUNK_READY for op in work):
-                    work = self._shed_audio(work, str(exc))
-                    continue
-                if not streak_logged:
-                    logger.error(
-                        f"pipecat-roark: cannot write to {self.directory} ({exc}); "
-                        f"keeping {len(work)} item(s) in memory and retrying: "
-                        "free disk space or fix permissions"
-                    )
-                    streak_logged = True
-                if self._stopping_soon():
-                    logger.error(
-                        f"pipecat-roark: process is exiting; {len(work)} item(s) could not be "
-                        f"written to {self.directory} and are lost"
-                    )
-                    self.stats.dropped_ops += len(work)
-                    return False
-                time.sleep(delay)
+                if batch.careful:
+                    added = self._commit_one_by_one(batch) or added
+                else:
+                    with transaction(self._db()):
+                        added = self._apply_all(batch.work)
+                    self._settle(batch.work)
+                    batch.work.clear()
+            except _DatabaseDown as down:
+                streak_logged = self._wait_for_database(batch, down, streak_logged, delay)
                 delay = min(delay * 2, 2.0)
-            except sqlite3.Error:
+            except BaseException as exc:  # any class: one bad op must not end the thread
                 self.stats.failed_batches += 1
-                return self._commit_one_by_one(work)
+                if _is_disk_full(exc) and any(op[0] == OP_CHUNK_READY for op in batch.work):
+                    self._shed_audio(batch, str(exc))
+                elif self._database_refuses(exc):
+                    streak_logged = self._wait_for_database(batch, exc, streak_logged, delay)
+                    delay = min(delay * 2, 2.0)
+                else:
+                    batch.careful = True
+        if streak_logged:
+            logger.info(f"pipecat-roark: writing to {self.directory} works again")
+        return added
 
-    def _spool_chunks(self, work: list[Op]) -> list[Op]:
+    def _wait_for_database(
+        self, batch: _Batch, exc: BaseException, logged: bool, delay: float
+    ) -> bool:
+        if not logged:
+            logger.error(
+                f"pipecat-roark: cannot write to {self.directory} ({exc}); "
+                f"keeping {len(batch.work)} item(s) in memory and retrying: "
+                "free disk space or fix permissions"
+            )
+        if _EXITING.is_set():
+            logger.error(
+                f"pipecat-roark: process is exiting; {len(batch.work)} item(s) could not be "
+                f"written to {self.directory} and are lost"
+            )
+            self.stats.dropped_ops += len(batch.work)
+            batch.work.clear()
+            return True
+        time.sleep(delay)
+        return True
+
+    def _commit_one_by_one(self, batch: _Batch) -> bool:
+        added = False
+        work = batch.work
+        while work:
+            op = work[0]
+            self._suspect = op
+            added = self._commit_one(op) or added
+            work.popleft()
+            self._suspect = None
+        return added
+
+    def _commit_one(self, op: Op) -> bool:
+        """Commit one op in its own transaction; retry transient errors; else drop it."""
+        for delay in (*OP_RETRY_DELAYS_S, None):
+            if op[1] in self._skipped:
+                self._discard(op)
+                return False
+            try:
+                with transaction(self._db()):
+                    added = self._apply_all((op,))
+            except BaseException as exc:
+                if _is_disk_full(exc) and op[0] == OP_CHUNK_READY:
+                    self._drop(op, exc)
+                    return False
+                if self._database_refuses(exc):
+                    raise _DatabaseDown(str(exc)) from exc
+                if delay is not None and self._worth_retrying(op, exc):
+                    self.stats.retried_ops += 1
+                    time.sleep(delay)
+                    continue
+                self._drop(op, exc)
+                return False
+            self._settle((op,))
+            return added
+        return False  # pragma: no cover - the last delay is None
+
+    def _worth_retrying(self, op: Op, exc: BaseException) -> bool:
+        """Transient, and this call has not already lost an op of this kind to it: a
+        persistent fault on one call must not stall every other call for each of its ops."""
+        return _is_transient(exc) and (op[0], type(exc).__name__) not in self._faults.get(op[1], ())
+
+    def _database_refuses(self, exc: BaseException) -> bool:
+        """Is the database itself unwritable (rather than this op bad)? A probe write says."""
+        if not isinstance(exc, (sqlite3.Error, OSError)):
+            return False
+        text = str(exc).lower()
+        if _is_disk_full(exc) or (
+            isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+        ):
+            return True
+        try:
+            conn = self._db()
+            with transaction(conn):
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                conn.execute(f"PRAGMA user_version = {version}")
+        except (sqlite3.Error, _DatabaseDown):
+            return True
+        return False
+
+    def _db(self) -> sqlite3.Connection:
+        """The connection; after the file was lost, a fresh database (or _DatabaseDown)."""
+        if self._conn is None:
+            return self._open_fresh()
+        return self._conn
+
+    # ---- what happens to one op that cannot be recorded ----
+
+    def _drop(self, op: Op, exc: BaseException) -> None:
+        """Lose only this op's record (a chunk: the rest of its call's audio), and say so."""
+        kind, call_id = op[0], op[1]
+        self.stats.dropped_ops += 1
+        cause = f"{type(exc).__name__}: {exc}"
+        seen = self._faults.setdefault(call_id, set())
+        first = (kind, type(exc).__name__) not in seen
+        seen.add((kind, type(exc).__name__))
+        if kind in (OP_CHUNK, OP_CHUNK_READY):
+            if kind == OP_CHUNK_READY:
+                (self.directory / op[3].relpath).unlink(missing_ok=True)
+            if _is_disk_full(exc):
+                self._stop_audio(call_id, f"disk full committing audio ({exc})")
+            else:
+                self._stop_audio(call_id, f"chunk {op[2]} could not be recorded ({cause})")
+            return
+        if kind == OP_OPEN:
+            if isinstance(exc, CallIdReused):
+                self._skipped[call_id] = str(exc)
+                logger.error(f"pipecat-roark: {exc}")
+                return
+            self._skipped[call_id] = cause
+            logger.error(
+                f"pipecat-roark: call {call_id!r} could not be opened in {self.directory} "
+                f"({cause}); it is not recorded. Other calls are not affected"
+            )
+            return
+        if kind == OP_FINALIZE:
+            self._open_calls.pop(call_id, None)
+            self._audio_stopped.discard(call_id)
+            self._faults.pop(call_id, None)
+            logger.error(
+                f"pipecat-roark: the end of call {call_id!r} could not be recorded ({cause}); "
+                "a drainer finalizes it (observer-lost) once this process is gone"
+            )
+            return
+        if not first:
+            return
+        logger.error(
+            f"pipecat-roark: dropped one {_OP_NAMES.get(kind, kind)} record for call "
+            f"{call_id!r} ({cause}); the rest of the call is kept (further such drops for this "
+            "call are counted, not logged)"
+        )
+
+    def _discard(self, op: Op) -> None:
+        """An op of a call that is not recorded (see ``_skipped``): no line per op."""
+        self.stats.dropped_ops += 1
+        if op[0] == OP_CHUNK_READY:
+            (self.directory / op[3].relpath).unlink(missing_ok=True)
+        elif op[0] == OP_FINALIZE:
+            self._skipped.pop(op[1], None)
+            self._faults.pop(op[1], None)
+
+    def _screen(self, batch: _Batch) -> None:
+        """Refuse a reused call id before any of its files are written; drop the ops of
+        calls that are not recorded. In queue order: a refusal affects only later ops."""
+        skipped = self._skipped
+        if not skipped and not any(op[0] == OP_OPEN for op in batch.work):
+            return
+        kept: deque[Op] = deque()
+        for op in batch.work:
+            call_id = op[1]
+            if op[0] == OP_OPEN and call_id not in skipped and self._already_recorded(call_id):
+                self._drop(op, _reused(call_id, self.directory))
+            elif call_id in skipped:
+                self._discard(op)
+            else:
+                kept.append(op)
+        batch.work = kept
+
+    def _already_recorded(self, call_id: str) -> bool:
+        if call_id in self._open_calls:
+            return True
+        try:
+            row = self._db().execute("SELECT 1 FROM calls WHERE id = ?", (call_id,)).fetchone()
+        except Exception:  # the op's own transaction meets the problem and reports it
+            return False
+        return row is not None
+
+    # ---- chunk files ----
+
+    def _spool_chunks(self, batch: _Batch) -> None:
         """Write the batch's chunk files durably; chunk ops become OP_CHUNK_READY (or go)."""
-        if not any(op[0] == OP_CHUNK for op in work):
-            return work
-        out: list[Op] = []
-        for op in work:
+        if not any(op[0] == OP_CHUNK for op in batch.work):
+            return
+        out: deque[Op] = deque()
+        for op in batch.work:
             if op[0] != OP_CHUNK:
                 out.append(op)
                 continue
             _, call_id, index, data, sample_rate, num_channels, at = op
-            chunk = self._write_chunk(call_id, index, data)
+            chunk = self._write_chunk(op)
             if chunk is not None:
                 out.append((OP_CHUNK_READY, call_id, index, chunk, sample_rate, num_channels, at))
-        return out
+        batch.work = out
 
-    def _write_chunk(self, call_id: str, index: int, data: bytes) -> spool.SpooledChunk | None:
-        if call_id in self._audio_stopped:
+    def _write_chunk(self, op: Op) -> spool.SpooledChunk | None:
+        _, call_id, index, data, _, _, _ = op
+        if call_id in self._audio_stopped or call_id in self._skipped:
             self.stats.chunks_skipped += 1
             return None
         reason = self._spool_full(len(data))
-        if reason is None:
+        if reason is not None:
+            self._stop_audio(call_id, reason)
+            return None
+        for delay in (*OP_RETRY_DELAYS_S, None):
             try:
+                faultpoints.reached("writer:chunk-file", call_id)
                 chunk = spool.write_chunk(self.directory, call_id, index, data)
-            except OSError as exc:
-                if exc.errno not in _DISK_FULL:
-                    raise
-                reason = f"disk full writing audio ({exc.strerror})"
-            else:
-                self._spool_bytes += chunk.size  # counted now: a batch can hold many chunks
-                return chunk
-        self._stop_audio(call_id, reason)
-        return None
+            except BaseException as exc:
+                if delay is not None and _is_transient(exc):
+                    self.stats.retried_ops += 1
+                    time.sleep(delay)
+                    continue
+                if _is_disk_full(exc):
+                    self._stop_audio(call_id, f"disk full writing audio ({exc})")
+                else:
+                    self._drop(op, exc)
+                return None
+            self._spool_bytes += chunk.size  # counted now: a batch can hold many chunks
+            return chunk
+        return None  # pragma: no cover - the last delay is None
 
     def _spool_full(self, size: int) -> str | None:
         if self._spool_bytes + size > self.max_spool_bytes:
@@ -299,101 +590,96 @@ class Writer:
 
     def _stop_audio(self, call_id: str, reason: str) -> None:
         # Later chunks would leave a gap Roark cannot stitch: the call's audio ends here.
-        self._audio_stopped.add(call_id)
         self.stats.chunks_skipped += 1
+        if call_id in self._audio_stopped:
+            return
+        self._audio_stopped.add(call_id)
         logger.error(
             f"pipecat-roark: {reason} in {self.directory}; no more audio is recorded for call "
             f"{call_id!r} (events still are). Free space or run `pipecat-roark drain` and "
             "`pipecat-roark prune`"
         )
 
-    def _shed_audio(self, work: list[Op], error: str) -> list[Op]:
+    def _shed_audio(self, batch: _Batch, error: str) -> None:
         """Drop the newer half of the batch's chunks (their files too) to make room.
 
         Chunks are taken from the end of the batch, so each call keeps a gapless prefix
         of its recording; the caller retries, and every round removes at least one chunk.
         """
+        work = list(batch.work)
         positions = [i for i, op in enumerate(work) if op[0] == OP_CHUNK_READY]
         shed = set(positions[len(positions) // 2 :])
-        kept: list[Op] = []
+        kept: deque[Op] = deque()
         for i, op in enumerate(work):
             if i not in shed:
                 kept.append(op)
                 continue
             (self.directory / op[3].relpath).unlink(missing_ok=True)
-            if op[1] not in self._audio_stopped:
-                self._stop_audio(op[1], f"disk full committing audio ({error})")
-            else:
-                self.stats.chunks_skipped += 1
-        return kept
+            self._stop_audio(op[1], f"disk full committing audio ({error})")
+        batch.work = kept
 
-    def _stopping_soon(self) -> bool:
-        return _EXITING.is_set()
+    # ---- applying ops (inside the caller's transaction) ----
 
-    def _commit_one_by_one(self, work: list[Op]) -> bool:
-        added = False
-        for op in work:
-            try:
-                with transaction(self._conn):
-                    added = self._apply_all([op]) or added
-                self._account([op])
-                self._forget_ended([op])
-            except (sqlite3.Error, OSError) as exc:
-                self.stats.dropped_ops += 1
-                logger.error(
-                    f"pipecat-roark: dropped one {_OP_NAMES.get(op[0], op[0])} record for call "
-                    f"{op[1]!r}: {exc}; the rest of the call is kept"
-                )
-        return added
-
-    def _forget_ended(self, work: list[Op]) -> None:
-        # Only after the commit: a retried batch must still know which calls lost audio.
-        for op in work:
-            if op[0] == OP_FINALIZE:
-                self._audio_stopped.discard(op[1])
-
-    def _account(self, work: list[Op]) -> None:
+    def _settle(self, work: Iterable[Op]) -> None:
+        """After a commit: what this process remembers about its open calls."""
         stats = self.stats
+        count = 0
+        for op in work:
+            count += 1
+            kind = op[0]
+            if kind == OP_OPEN:
+                if op[1] not in self._open_calls:
+                    self._open_calls[op[1]] = _OpenCall(op[2], op[3])
+            elif kind == OP_CHUNK_READY:
+                call = self._open_calls.get(op[1])
+                if call is not None:
+                    call.chunks.append((op[2], op[3], op[4], op[5], op[6]))
+            elif kind == OP_FINALIZE:
+                ended = self._ended.pop(op[1], None)
+                if ended is not None:  # counted once committed, not when first tried
+                    metrics.finalized(ended)
+                self._open_calls.pop(op[1], None)
+                # Only after the commit: a retried batch must still know which calls lost audio.
+                self._audio_stopped.discard(op[1])
+                self._skipped.pop(op[1], None)
+                self._faults.pop(op[1], None)
         stats.batches += 1
-        stats.ops += len(work)
-        stats.max_batch = max(stats.max_batch, len(work))
+        stats.ops += count
+        stats.max_batch = max(stats.max_batch, count)
 
-    def _apply_all(self, work: list[Op]) -> bool:
-        conn = self._conn
+    def _apply_all(self, work: Iterable[Op]) -> bool:
         added = False
         events: list[tuple[str, bytes]] = []
+        reached = faultpoints.reached
         now = now_us()
         for op in work:
             kind = op[0]
             if kind == OP_EVENT:
+                reached("writer:event", op[1])
                 events.append((op[1], encode_event(op[2])))
-            elif kind == OP_OPEN:
-                if events:
-                    self._insert_events(events)
-                    events = []
+                continue
+            if events:
+                self._insert_events(events)
+                events = []
+            if kind == OP_OPEN:
                 added = self._open(op[1], op[2], op[3], now) or added
             elif kind == OP_CHUNK_READY:
-                if events:
-                    self._insert_events(events)
-                    events = []
+                reached("writer:chunk", op[1])
                 added = self._chunk(*op[1:], now=now) or added
             elif kind == OP_FINALIZE:
-                if events:
-                    self._insert_events(events)
-                    events = []
                 added = self._finalize(op[1], op[2], op[3], op[4], now) or added
         if events:
             self._insert_events(events)
-        del conn
         return added
 
     def _insert_events(self, events: list[tuple[str, bytes]]) -> None:
-        self._conn.executemany("INSERT INTO events (call_id, body) VALUES (?, ?)", events)
+        self._db().executemany("INSERT INTO events (call_id, body) VALUES (?, ?)", events)
         self.stats.events += len(events)
 
     def _open(self, call_id: str, opened: CallOpened, key_fp: str | None, now: int) -> bool:
+        faultpoints.reached("writer:open", call_id)
         owner = self.owner
-        cursor = self._conn.execute(
+        cursor = self._db().execute(
             "INSERT INTO calls (id, agent_id, agent_name, key_fp, owner_host, owner_pid,"
             " owner_token, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (id) DO NOTHING",
@@ -409,19 +695,14 @@ class Writer:
                 now,
             ),
         )
-        if cursor.rowcount == 0:
-            logger.warning(
-                f"pipecat-roark: call id {call_id!r} was already recorded; this observer's "
-                "events are added to that call. Give each call its own pipecat_call_id"
-            )
-            return False
+        if cursor.rowcount == 0:  # another process took the id since _screen looked
+            raise _reused(call_id, self.directory)
         self._insert_events([(call_id, encode_event(opened))])
-        self._conn.execute(
+        self._db().execute(
             "INSERT OR IGNORE INTO deliveries (call_id, kind, idempotency_key, next_attempt_at,"
             " created_at) VALUES (?, 'call-started', ?, ?, ?)",
             (call_id, f"{call_id}:call-started", now, now),
         )
-        self._open_calls.add(call_id)
         return True
 
     def _chunk(
@@ -435,7 +716,7 @@ class Writer:
         *,
         now: int,
     ) -> bool:
-        conn = self._conn
+        conn = self._db()
         cursor = conn.execute(
             "INSERT OR IGNORE INTO chunks (call_id, idx, path, size, sha256, sample_rate,"
             " num_channels, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -469,28 +750,108 @@ class Writer:
         return True
 
     def _finalize(self, call_id: str, at: int, reason: str, add_event: bool, now: int) -> bool:
-        self._open_calls.discard(call_id)
-        ended = finalize_call(self._conn, call_id, at, reason, add_event=add_event, now=now)
+        faultpoints.reached("writer:finalize", call_id)
+        ended = finalize_call(self._db(), call_id, at, reason, add_event=add_event, now=now)
         if ended:
-            metrics.finalized(reason)
+            self._ended[call_id] = reason
         return ended
+
+    # ---- the database file under us ----
+
+    def _check_file(self) -> None:
+        """Notice a deleted or replaced ``wal.sqlite`` (one stat per batch) and start afresh.
+
+        The old connection is closed first, and a deleted file's leftover -wal/-shm are
+        moved aside (kept for salvage): a fresh database must never pick up another
+        file's write-ahead log.
+        """
+        identity = _file_identity(self.directory)
+        if identity == self._identity or self._conn is None:
+            return
+        self._conn.close()
+        self._conn = None
+        self._lost = "deleted" if identity is None else "replaced by another file"
+        if identity is None:
+            try:
+                moved = quarantine(self.directory)
+                self._lost += f" (its leftover -wal/-shm were moved aside as {moved}-wal/-shm)"
+            except OSError as exc:
+                self._lost += f" (its leftover -wal/-shm could not be moved aside: {exc})"
+        with suppress(_DatabaseDown):  # else the commit path waits for the disk
+            self._db()
+
+    def _open_fresh(self) -> sqlite3.Connection:
+        try:
+            conn = _connect_or_quarantine(self.directory)
+        except PipecatRoarkError as exc:
+            raise _DatabaseDown(str(exc)) from exc
+        self._conn = conn
+        self._identity = _file_identity(self.directory)
+        self.stats.reopened += 1
+        recorded = self._record_open_calls_again()
+        logger.error(
+            f"pipecat-roark: {self.directory / DB_NAME} was {self._lost} while this process "
+            "was recording into it: whatever was committed to the old file is gone with it. "
+            f"Started a fresh database; {len(recorded)} call(s) still open here are recorded "
+            "in it again from now on (their earlier events are lost, their audio is kept): "
+            f"{sorted(recorded)!r}"
+        )
+        return conn
+
+    def _record_open_calls_again(self) -> list[str]:
+        done = []
+        now = now_us()
+        for call_id, call in list(self._open_calls.items()):
+            try:
+                with transaction(self._db()):
+                    self._open(call_id, call.opened, call.key_fp, now)
+                    for index, chunk, rate, channels, at in call.chunks:
+                        if (self.directory / chunk.relpath).exists():
+                            self._chunk(call_id, index, chunk, rate, channels, at, now=now)
+            except Exception as exc:
+                self._open_calls.pop(call_id, None)
+                self._skipped[call_id] = str(exc)
+                logger.error(
+                    f"pipecat-roark: call {call_id!r} could not be recorded again "
+                    f"({type(exc).__name__}: {exc}); it is not recorded"
+                )
+                continue
+            done.append(call_id)
+        return done
 
     def _heartbeat(self) -> None:
         try:
+            self._check_file()
             if self._open_calls:
                 now = now_us()
-                with transaction(self._conn):
-                    self._conn.executemany(
+                with transaction(self._db()):
+                    self._db().executemany(
                         "UPDATE calls SET heartbeat_at = ? WHERE id = ? AND state = 'open'",
                         [(now, call_id) for call_id in self._open_calls],
                     )
             self._spool_bytes = self._measure_spool()
-        except sqlite3.Error as exc:
+        except Exception as exc:
             logger.warning(f"pipecat-roark: heartbeat to {self.directory} failed: {exc}")
 
     def _measure_spool(self) -> int:
         """Undelivered audio only: delivered chunks wait for retention, not against the cap."""
-        return undelivered_audio_bytes(self._conn)
+        return undelivered_audio_bytes(self._db())
+
+
+def _reused(call_id: str, directory: Path) -> CallIdReused:
+    return CallIdReused(
+        f"call id {call_id!r} is already recorded in {directory}; this second session is "
+        "not recorded and the earlier call is kept as it was. Give each call its own "
+        "pipecat_call_id"
+    )
+
+
+def _file_identity(directory: Path) -> tuple[int, int] | None:
+    try:
+        stat = (directory / DB_NAME).stat()
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
 
 
 def _connect_or_quarantine(directory: Path) -> sqlite3.Connection:
@@ -506,13 +867,17 @@ def _connect_or_quarantine(directory: Path) -> sqlite3.Connection:
         return connect(directory)
 
 
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
 def _is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in _DISK_FULL
-    return "full" in str(exc).lower()
+    return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth a short retry: a brief OS shortage or hiccup, or SQLite's own I/O trouble."""
+    if isinstance(exc, OSError):
+        return exc.errno in _TRANSIENT_ERRNOS
+    return isinstance(exc, sqlite3.OperationalError)
 
 
 _OP_NAMES = {
