@@ -32,7 +32,7 @@ from .client import RoarkClient
 from .errors import AuthError, DeliveryError, PermanentError, RetryableError, UploadUrlExpired
 from .maintenance import prune_delivered
 from .outbox import Delivery
-from .owner import current_owner
+from .owner import current_owner, orphan_grace_s
 from .store import connect, now_us
 from .timeline import assemble_call_ended, assemble_call_started, load_events
 from .writer import writer_for
@@ -57,7 +57,9 @@ class DrainPolicy:
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
     retry_after_cap_s: float = 3600.0
-    orphan_grace_s: float = 120.0
+    orphan_grace_s: float = field(default_factory=orphan_grace_s)
+    """Heartbeat age after which a call of a process outside our PID namespace is ended
+    (``PIPECAT_ROARK_ORPHAN_GRACE_S``, default 20 s)."""
     auth_probe_s: float = 300.0
     poll_s: float = 1.0
     request_timeout_s: float = 30.0
@@ -184,7 +186,8 @@ class Drainer:
                 self._api_key, self._base_url, timeout=self.policy.request_timeout_s
             ) as client:
                 while not stop.is_set():
-                    if time.monotonic() - last_orphan_check > min(10.0, self.policy.orphan_grace_s):
+                    orphan_every = min(10.0, self.policy.orphan_grace_s / 4)
+                    if time.monotonic() - last_orphan_check > orphan_every:
                         last_orphan_check = time.monotonic()
                         report.finalized += await self._db(self._finalize_orphans)
                     if time.monotonic() - last_prune > self.policy.prune_every_s:

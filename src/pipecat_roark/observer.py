@@ -193,8 +193,11 @@ class RoarkObserver(BaseObserver):
             recorded either, so the events of every call still fit.
         idle_timeout_s: Finalize the call with reason ``session-vanished`` when the
             pipeline has produced no frame for this long (None: never).
-        exit_drain_s: On SIGTERM or interpreter exit, open calls are finalized with reason
-            ``process-exit`` and delivery is tried for at most this long (0: not at all).
+        exit_drain_s: At interpreter exit, and on a SIGTERM nobody else handles, open calls
+            are finalized with reason ``process-exit`` and delivery is tried for at most
+            this long (0: not at all). Where the host handles SIGTERM (uvicorn,
+            ``handle_sigterm=True``), calls go on until their pipeline ends, and a call
+            ending during that shutdown waits at most this long for its own delivery.
     """
 
     def __init__(
@@ -253,6 +256,7 @@ class RoarkObserver(BaseObserver):
         self._finalized = False
         self._finish_task: asyncio.Task[None] | None = None
         self._idle_timeout_s = idle_timeout_s
+        self._exit_drain_s = exit_drain_s
         self._last_frame = time.monotonic()
         self._watchdog: asyncio.TimerHandle | None = None
         self._vanished: asyncio.Task[None] | None = None
@@ -549,8 +553,9 @@ class RoarkObserver(BaseObserver):
                 self._dispatch[cls] = None
         self._rules[0] = (AudioRawFrame, None)
 
-    def end_abruptly(self, reason: str) -> tuple[Path, str | None, str | None] | None:
-        """Process exit: finalize now without awaiting (the event loop may be gone).
+    def end_abruptly(self, reason: str) -> Writer | None:
+        """Process exit: finalize now without awaiting (the event loop may be gone or
+        blocked); returns the writer to flush if the call was open.
 
         The recording's tail still buffered in the AudioBufferProcessor (up to one chunk)
         cannot be flushed here and is lost; everything already recorded is kept.
@@ -559,7 +564,7 @@ class RoarkObserver(BaseObserver):
             return None
         self._close(_now_us(), reason)
         self._finalize()
-        return (self._directory, self._api_key, self._base_url)
+        return self._writer
 
     def _arm_watchdog(self) -> None:
         if self._idle_timeout_s is None:
@@ -651,6 +656,10 @@ class RoarkObserver(BaseObserver):
             logger.warning(
                 f"{self}: call {self._call_id} was not committed within {FLUSH_WAIT_S:.0f} s; "
                 "it is still queued and will be written when the disk allows"
+            )
+        elif lifecycle.host_is_shutting_down() and self._deliver and self._api_key:
+            await lifecycle.deliver_before_exit(
+                self._directory, self._api_key, self._base_url, self._call_id, self._exit_drain_s
             )
 
     async def _wait_for_tail(self) -> None:

@@ -29,12 +29,11 @@ from . import crashpoints, spool
 from .errors import StoreCorrupt
 from .events import CallOpened, ChunkRecorded, encode_event
 from .outbox import undelivered_audio_bytes
-from .owner import Owner, current_owner
+from .owner import Owner, current_owner, heartbeat_interval_s
 from .store import connect, finalize_call, now_us, quarantine, transaction
 
 __all__ = ["Writer", "WriterStats", "close_all_writers", "writer_for"]
 
-HEARTBEAT_INTERVAL_S = 10.0
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # 1 GiB
 DEFAULT_MIN_FREE_BYTES = 64 << 20  # keep 64 MiB free so events can still commit
 
@@ -81,7 +80,9 @@ class Writer:
         owner: Owner | None = None,
     ) -> None:
         self.directory = directory
-        self.owner = owner or current_owner()
+        # Often enough that a sidecar's grace can be short (PIPECAT_ROARK_HEARTBEAT_S).
+        self.heartbeat_s = heartbeat_interval_s()
+        self.owner = owner or current_owner(self.heartbeat_s)
         self.max_spool_bytes = max_spool_bytes
         self.min_free_bytes = min_free_bytes
         self.stats = WriterStats()
@@ -150,7 +151,7 @@ class Writer:
     # ---- writer thread ----
 
     def _run(self) -> None:
-        next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+        next_heartbeat = time.monotonic() + self.heartbeat_s
         try:
             while True:
                 wait = max(0.0, next_heartbeat - time.monotonic())
@@ -158,7 +159,7 @@ class Writer:
                     first = self._queue.get(timeout=wait)
                 except queue.Empty:
                     self._heartbeat()
-                    next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+                    next_heartbeat = time.monotonic() + self.heartbeat_s
                     continue
                 batch = [first]
                 while True:
@@ -172,7 +173,7 @@ class Writer:
                     return
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()
-                    next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+                    next_heartbeat = time.monotonic() + self.heartbeat_s
         except BaseException as exc:  # pragma: no cover - last-resort guard
             logger.exception(f"pipecat-roark writer for {self.directory} stopped: {exc}")
         finally:
