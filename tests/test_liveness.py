@@ -28,10 +28,11 @@ from pipecat_roark import outbox
 from pipecat_roark.drain import Drainer, DrainPolicy
 from pipecat_roark.owner import ENV_HEARTBEAT_S, ENV_ORPHAN_GRACE_S, owner_is_gone, parse_identity
 from pipecat_roark.store import connect, now_us
-from test_drain import KEY, assert_arrived_whole, chunk_files
+from test_drain import KEY, assert_arrived_whole, chunk_files, record
 
 HERE = Path(__file__).parent
 BOT = HERE / "liveness_bot.py"
+WORKER = HERE / "drain_worker.py"
 TURNS = ["Hello, thanks for calling.", "I need to change my address.", "Sure, what is the new one?"]
 TURNS += ["Ten Main Street.", "Done. Anything else?", "No, bye.", "Goodbye!"]
 REASON = "customer-ended-call"
@@ -276,3 +277,51 @@ async def test_a_call_of_another_namespace_ends_only_after_its_heartbeat_is_stal
     assert call["callEnded"]["callEndedReason"] == "observer-lost"
     turns = [t["content"] for t in call["callEnded"]["transcript"]]
     assert turns == TURNS[: len(turns)] and len(turns) >= 1, "what was recorded, in order"
+
+
+@pytest.mark.anyio
+async def test_a_live_drainer_in_another_namespace_keeps_its_leases(
+    directory: Path, dev_server: RunningDevServer
+) -> None:
+    await record(directory, "leased-call")
+    dev_server.configure(latency_ms=1000)  # its requests stay in flight, its rows leased
+    worker = in_own_pid_namespace(
+        [sys.executable, str(WORKER), str(directory), KEY, dev_server.base_url],
+        env(directory, dev_server.base_url),
+    )
+    try:
+        leases: list[tuple[int, str]] = []
+        for _ in range(600):  # bounded: 60 s
+            leases = leased(directory)
+            if leases:
+                break
+            await asyncio.sleep(0.1)
+        assert leases, "the drainer never claimed a row"
+        conn = connect(directory)
+        try:
+            assert outbox.release_dead_owners(conn) == 0
+        finally:
+            conn.close()
+        still = dict(leased(directory))
+        assert all(still.get(row) == owner for row, owner in leases if row in still)
+        assert still, "its leases are still its own"
+        code, out, err = finish(worker)
+    finally:
+        cleanup(worker)
+    assert code == 0, err[-3000:]
+    assert json.loads(out.splitlines()[-1])["pending"] == 0
+    posts: dict[str, int] = {}
+    for request in dev_server.requests():
+        if request["method"] == "POST":
+            posts[request["idempotencyKey"]] = posts.get(request["idempotencyKey"], 0) + 1
+    assert set(posts.values()) == {1}, "nothing was sent twice"
+    assert_arrived_whole(dev_server, directory, "leased-call")
+
+
+def leased(directory: Path) -> list[tuple[int, str]]:
+    with sqlite3.connect(directory / "wal.sqlite") as conn:
+        rows = conn.execute(
+            "SELECT id, lease_owner FROM deliveries WHERE state = 'leased' ORDER BY id"
+        ).fetchall()
+    conn.close()
+    return [(int(i), str(o)) for i, o in rows]
