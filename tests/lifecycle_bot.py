@@ -14,6 +14,12 @@ first two steps of its call are committed. MODE:
 - "migrate": as "default", and after "ready" it creates a second observer on
   SECOND_DIR (which the test keeps locked, so its migration waits while holding the
   writers' lock); a watcher thread prints "locked" once the writers' lock is taken.
+- "runner": Pipecat's ``WorkerRunner(handle_sigterm=True)`` runs a call that never ends
+  by itself; the runner cancels it on SIGTERM, then the process exits with status 3.
+- "uvicorn": a real uvicorn server on 127.0.0.1 (prints "listening PORT"); each
+  ``GET /call`` runs one call (the whole script, reason ``customer-ended-call``) and
+  answers when it has ended. On SIGTERM uvicorn finishes the request in flight, then
+  restores the default action and re-raises the signal: the process dies without atexit.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from pipecat_roark import RoarkObserver, writer
 from pipecat_roark.testing import Bot, ScriptedCall, Step, User, run_pipeline
@@ -81,7 +88,60 @@ def watch_writers_lock() -> None:
         time.sleep(0.001)
 
 
+async def run_with_sigterm_runner(directory: Path, call_id: str, chunk_bytes: int) -> None:
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+    from pipecat.workers.runner import WorkerRunner
+
+    roark = RoarkObserver(
+        agent_id="exit-bot", pipecat_call_id=call_id, data_dir=directory, chunk_bytes=chunk_bytes
+    )
+
+    async def report(step: int) -> None:
+        if step == 2 and await writer_for(directory).flush(10):
+            print("ready", flush=True)
+
+    script = ScriptedCall(FIRST_STEPS + MORE_STEPS[:1], end="hang", on_step=report)
+    worker = PipelineWorker(
+        Pipeline([script, roark.audio_processor]),
+        params=PipelineParams(audio_in_sample_rate=16000, audio_out_sample_rate=16000),
+        observers=[roark],
+        idle_timeout_secs=None,
+        enable_rtvi=False,
+        enable_turn_tracking=False,
+    )
+    runner = WorkerRunner(handle_sigint=False, handle_sigterm=True)
+    await runner.add_workers(worker)
+    await runner.run()
+
+
+async def serve_calls(directory: Path, call_id: str, chunk_bytes: int) -> None:
+    import socket
+
+    import uvicorn
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        script = ScriptedCall(FIRST_STEPS + MORE_STEPS, pace=1.0, end_reason="customer-ended-call")
+        await call(directory, call_id, chunk_bytes, script, "ready")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"call ended"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    print(f"listening {sock.getsockname()[1]}", flush=True)
+    config = uvicorn.Config(app, lifespan="off", log_level="warning")
+    await uvicorn.Server(config).serve(sockets=[sock])
+
+
 async def main(directory: Path, call_id: str, mode: str, chunk_bytes: int, second: str) -> None:
+    if mode == "runner":
+        await run_with_sigterm_runner(directory, call_id, chunk_bytes)
+        return
+    if mode == "uvicorn":
+        await serve_calls(directory, call_id, chunk_bytes)
+        return
     if mode == "host":
         signal.signal(signal.SIGTERM, host_handler)
         script = ScriptedCall(FIRST_STEPS + MORE_STEPS, pace=1.0, end_reason="customer-ended-call")

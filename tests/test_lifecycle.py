@@ -8,8 +8,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from devserver_fixture import RunningDevServer
@@ -186,3 +188,43 @@ def test_sigterm_while_another_data_dir_migrates_still_exits(tmp_path: Path) -> 
     # It dies of the signal; or, its main thread stuck in SQLite's busy wait, with 128 + 15.
     assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), err[-3000:]
     assert call_row(directory, "call-t") == ("ended", "process-exit")
+
+
+def test_a_runner_that_handles_sigterm_ends_the_call_with_its_own_reason(
+    tmp_path: Path, dev_server: RunningDevServer
+) -> None:
+    directory = tmp_path / "roark"
+    result = run_bot_and_sigterm(directory, "runner", "16000", base_url=dev_server.base_url)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert call_row(directory, "call-t") == ("ended", "interrupt signal")
+    call = assert_arrived_whole(dev_server, directory, "call-t")
+    assert call["callEnded"]["callEndedReason"] == "interrupt signal"
+
+
+def test_uvicorn_finishes_the_call_in_flight_and_it_is_delivered_before_it_dies(
+    tmp_path: Path, dev_server: RunningDevServer
+) -> None:
+    """Real uvicorn: after its graceful shutdown it restores SIG_DFL and re-raises SIGTERM,
+    so no atexit hook runs. The call must have been delivered before that."""
+    directory = tmp_path / "roark"
+    proc = start_bot(directory, "uvicorn", "16000", base_url=dev_server.base_url)
+    try:
+        assert proc.stdout is not None
+        listening = proc.stdout.readline().split()
+        assert listening[:1] == ["listening"], listening
+        port = int(listening[1])
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.get, f"http://127.0.0.1:{port}/call", timeout=120)
+            wait_for_line(proc, "ready")
+            proc.send_signal(signal.SIGTERM)
+            response = answer.result(timeout=120)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (response.status_code, response.text) == (200, "call ended")
+    assert proc.returncode == -signal.SIGTERM, err[-3000:]
+    assert call_row(directory, "call-t") == ("ended", "customer-ended-call")
+    call = assert_arrived_whole(dev_server, directory, "call-t")
+    assert call["callEnded"]["callEndedReason"] == "customer-ended-call"
+    assert len(call["callEnded"]["transcript"]) == 7
