@@ -22,7 +22,7 @@ from pipecat_roark.store import connect
 from pipecat_roark.testing import Bot, ScriptedCall, User, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended
 from pipecat_roark.writer import writer_for
-from test_drain import KEY, assert_arrived_whole, chunk_files
+from test_drain import KEY, assert_arrived_whole, chunk_files, delivery_states
 
 BOT = Path(__file__).with_name("lifecycle_bot.py")
 Popen = subprocess.Popen[str]
@@ -207,6 +207,7 @@ def test_uvicorn_finishes_the_call_in_flight_and_it_is_delivered_before_it_dies(
     """Real uvicorn: after its graceful shutdown it restores SIG_DFL and re-raises SIGTERM,
     so no atexit hook runs. The call must have been delivered before that."""
     directory = tmp_path / "roark"
+    dev_server.configure(latency_ms=300)  # Roark answers slower than uvicorn shuts down
     proc = start_bot(directory, "uvicorn", "16000", base_url=dev_server.base_url)
     try:
         assert proc.stdout is not None
@@ -228,3 +229,4 @@ def test_uvicorn_finishes_the_call_in_flight_and_it_is_delivered_before_it_dies(
     call = assert_arrived_whole(dev_server, directory, "call-t")
     assert call["callEnded"]["callEndedReason"] == "customer-ended-call"
     assert len(call["callEnded"]["transcript"]) == 7
+    assert set(delivery_states(directory).values()) == {"delivered"}, "confirmed before death"
