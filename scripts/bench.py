@@ -560,6 +560,7 @@ def operations_rows(base_url: str, tmp: Path, calls: int, seconds: int, live: in
     """What running it in production adds: the metrics endpoint, and the owners' heartbeats."""
     from pipecat_roark import metrics, writer
     from pipecat_roark.drain import Drainer, DrainPolicy
+    from pipecat_roark.owner import ENV_HEARTBEAT_S, heartbeat_interval_s
 
     def backlog(name: str) -> Path:
         directory = tmp / name
@@ -595,18 +596,23 @@ def operations_rows(base_url: str, tmp: Path, calls: int, seconds: int, live: in
     plain_wall, plain_cpu = median([w for w, _ in plain]), median([c for _, c in plain])
     scraped_wall, scraped_cpu = median([w for w, _ in scraped]), median([c for _, c in scraped])
 
-    interval = writer.HEARTBEAT_INTERVAL_S
+    interval = heartbeat_interval_s()
     beats: dict[str, list[float]] = {"on": [], "off": []}
+    saved = os.environ.get(ENV_HEARTBEAT_S)
     try:
         for round_ in range(2):  # interleaved: drift hits both alike
             for mode in ("on", "off"):
-                writer.HEARTBEAT_INTERVAL_S = interval if mode == "on" else 1e9
+                # Read when the writer starts: "off" is one heartbeat a day.
+                os.environ[ENV_HEARTBEAT_S] = str(interval if mode == "on" else 86399)
                 cpu = time.process_time()
                 asyncio.run(durable_latency(tmp / f"beats-{mode}-{round_}", live, 2, KEY, 0))
                 beats[mode].append(time.process_time() - cpu)
                 writer.close_all_writers()
     finally:
-        writer.HEARTBEAT_INTERVAL_S = interval
+        if saved is None:
+            os.environ.pop(ENV_HEARTBEAT_S, None)
+        else:
+            os.environ[ENV_HEARTBEAT_S] = saved
     on, off = median(beats["on"]), median(beats["off"])
     return [
         Row(

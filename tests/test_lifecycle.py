@@ -8,17 +8,24 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
+from devserver_fixture import RunningDevServer
 from helpers import LogCapture, stored_events, without_times
 from pipecat_roark import RoarkObserver
+from pipecat_roark.lifecycle import DEFAULT_EXIT_DRAIN_S
+from pipecat_roark.store import connect
 from pipecat_roark.testing import Bot, ScriptedCall, User, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended
 from pipecat_roark.writer import writer_for
+from test_drain import KEY, assert_arrived_whole, chunk_files, delivery_states
 
 BOT = Path(__file__).with_name("lifecycle_bot.py")
+Popen = subprocess.Popen[str]
 
 
 def call_row(directory: Path, call_id: str) -> tuple[str, str | None]:
@@ -64,25 +71,49 @@ async def test_a_live_call_is_not_taken_for_vanished(data_dir: Path) -> None:
     assert call_row(data_dir, "live") == ("ended", "agent-ended")
 
 
-def run_bot_and_sigterm(directory: Path, mode: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("ROARK_API_KEY", "ROARK_BASE_URL")}
-    proc = subprocess.Popen(
-        [sys.executable, str(BOT), str(directory), "call-t", mode],
+def bot_env(base_url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ROARK_", "PIPECAT_ROARK"))}
+    if base_url is not None:
+        env |= {"ROARK_API_KEY": KEY, "ROARK_BASE_URL": base_url}
+    return env
+
+
+def start_bot(directory: Path, mode: str, *extra: str, base_url: str | None = None) -> Popen:
+    return subprocess.Popen(
+        [sys.executable, str(BOT), str(directory), "call-t", mode, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=bot_env(base_url),
     )
+
+
+def wait_for_line(proc: Popen, expected: str) -> list[str]:
+    """Lines up to and including ``expected`` (bounded: the bot prints a handful)."""
     assert proc.stdout is not None
-    try:
+    seen: list[str] = []
+    for _ in range(50):
         line = proc.stdout.readline()
-        assert line.strip() == "ready", f"bot did not get ready: {line!r}"
+        if not line:
+            break
+        seen.append(line.strip())
+        if line.strip() == expected:
+            return seen
+    raise AssertionError(f"the bot never printed {expected!r}; it printed {seen}")
+
+
+def run_bot_and_sigterm(
+    directory: Path, mode: str, *extra: str, base_url: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = start_bot(directory, mode, *extra, base_url=base_url)
+    try:
+        seen = wait_for_line(proc, "ready")
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
         proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, line + out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "\n".join(seen) + out, err)
 
 
 def test_sigterm_finalizes_open_calls_and_still_kills_the_process(tmp_path: Path) -> None:
@@ -95,9 +126,107 @@ def test_sigterm_finalizes_open_calls_and_still_kills_the_process(tmp_path: Path
     assert [t.content for t in ended.transcript or []][:2] == ["Hello there.", "Hi."]
 
 
-def test_sigterm_runs_the_hosts_own_handler_after_finalizing(tmp_path: Path) -> None:
+def test_a_host_that_handles_sigterm_lets_its_calls_finish_and_deliver(
+    tmp_path: Path, dev_server: RunningDevServer
+) -> None:
     directory = tmp_path / "roark"
-    result = run_bot_and_sigterm(directory, "host")
+    result = run_bot_and_sigterm(directory, "host", "16000", base_url=dev_server.base_url)
+    assert result.returncode == 3, result.stderr[-3000:]
     assert "host handler" in result.stdout
-    assert result.returncode == 3, result.stderr[-2000:]
+    assert "call ended; host saw SIGTERM: True" in result.stdout, "SIGTERM came mid-call"
+
+    # The call went on after SIGTERM: every turn, every chunk, its own end reason.
+    assert call_row(directory, "call-t") == ("ended", "customer-ended-call")
+    call = assert_arrived_whole(dev_server, directory, "call-t")
+    ended = call["callEnded"]
+    assert ended["callEndedReason"] == "customer-ended-call"
+    assert [t["content"] for t in ended["transcript"]] == [
+        "Hello there.",
+        "Hi.",
+        "Still here?",
+        "Yes, one more thing.",
+        "Sure, go ahead.",
+        "Bye.",
+        "Goodbye!",
+    ]
+    paths = [(r["method"], r["path"], r["idempotencyKey"]) for r in dev_server.requests()]
+    ended_at = paths.index(("POST", "/v1/integrations/pipecat", "call-t:call-ended"))
+    puts = [i for i, (m, p, _) in enumerate(paths) if m == "PUT" and "/call-t/" in p]
+    assert len(puts) == len(chunk_files(directory, "call-t"))
+    assert max(puts) < ended_at, "call-ended after the last chunk"
+
+    # A call that started after the SIGTERM is recorded and finalized at exit like any other.
+    assert call_row(directory, "call-t-late") == ("ended", "process-exit")
+    late = dev_server.call("call-t-late")
+    assert late["eventCounts"] == {"callStarted": 1, "callEnded": 1}
+    assert late["callEnded"]["callEndedReason"] == "process-exit"
+    assert [t["content"] for t in late["callEnded"]["transcript"]][:2] == ["Hello there.", "Hi."]
+
+
+def test_sigterm_while_another_data_dir_migrates_still_exits(tmp_path: Path) -> None:
+    """The signal lands while the main thread holds the writers' lock (it is migrating a
+    second data dir that another process keeps locked): the process must not hang."""
+    directory, second = tmp_path / "roark", tmp_path / "second"
+    conn = connect(second)
+    conn.execute("DROP INDEX deliveries_state_id")
+    conn.execute("PRAGMA user_version = 1")  # one migration to go
+    conn.execute("BEGIN IMMEDIATE")  # and the migration must wait for this lock
+    proc = start_bot(directory, "migrate", str(256 * 1024), str(second))
+    try:
+        wait_for_line(proc, "locked")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            # The exit-drain bound, plus room for a loaded machine to tear a process down.
+            proc.wait(timeout=DEFAULT_EXIT_DRAIN_S + 10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the process hung after SIGTERM while the writers' lock was held")
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+        conn.execute("ROLLBACK")
+        conn.close()
+    # It dies of the signal; or, its main thread stuck in SQLite's busy wait, with 128 + 15.
+    assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), err[-3000:]
     assert call_row(directory, "call-t") == ("ended", "process-exit")
+
+
+def test_a_runner_that_handles_sigterm_ends_the_call_with_its_own_reason(
+    tmp_path: Path, dev_server: RunningDevServer
+) -> None:
+    directory = tmp_path / "roark"
+    result = run_bot_and_sigterm(directory, "runner", "16000", base_url=dev_server.base_url)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert call_row(directory, "call-t") == ("ended", "interrupt signal")
+    call = assert_arrived_whole(dev_server, directory, "call-t")
+    assert call["callEnded"]["callEndedReason"] == "interrupt signal"
+
+
+def test_uvicorn_finishes_the_call_in_flight_and_it_is_delivered_before_it_dies(
+    tmp_path: Path, dev_server: RunningDevServer
+) -> None:
+    """Real uvicorn: after its graceful shutdown it restores SIG_DFL and re-raises SIGTERM,
+    so no atexit hook runs. The call must have been delivered before that."""
+    directory = tmp_path / "roark"
+    dev_server.configure(latency_ms=300)  # Roark answers slower than uvicorn shuts down
+    proc = start_bot(directory, "uvicorn", "16000", base_url=dev_server.base_url)
+    try:
+        assert proc.stdout is not None
+        listening = proc.stdout.readline().split()
+        assert listening[:1] == ["listening"], listening
+        port = int(listening[1])
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.get, f"http://127.0.0.1:{port}/call", timeout=120)
+            wait_for_line(proc, "ready")
+            proc.send_signal(signal.SIGTERM)
+            response = answer.result(timeout=120)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (response.status_code, response.text) == (200, "call ended")
+    assert proc.returncode == -signal.SIGTERM, err[-3000:]
+    assert call_row(directory, "call-t") == ("ended", "customer-ended-call")
+    call = assert_arrived_whole(dev_server, directory, "call-t")
+    assert call["callEnded"]["callEndedReason"] == "customer-ended-call"
+    assert len(call["callEnded"]["transcript"]) == 7
+    assert set(delivery_states(directory).values()) == {"delivered"}, "confirmed before death"

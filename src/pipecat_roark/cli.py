@@ -190,9 +190,12 @@ def drain(
     """Deliver everything pending to Roark, including calls that never ended.
 
     Uses ROARK_API_KEY and ROARK_BASE_URL. Calls recorded under another key are
-    skipped and reported. Once Roark has a whole call, its chunk files are deleted
-    (rows stay until retention prunes them). Ctrl-C stops cleanly: leases are
-    released, nothing is lost. Exits 1 if anything is left undelivered or dead.
+    skipped and reported. With --follow (a sidecar) the database is created if the bot
+    has not recorded yet, and open calls of processes in another PID namespace are
+    ended only after PIPECAT_ROARK_ORPHAN_GRACE_S (default 20) seconds without a
+    heartbeat. Ctrl-C stops cleanly: leases are released, nothing is lost.
+    Once Roark has a whole call, its chunk files are deleted (rows stay until
+    retention prunes them). Exits 1 if anything is left undelivered or dead.
 
     \b
     Example:
@@ -206,7 +209,10 @@ def drain(
     if not api_key:
         fail(f"set {config.ENV_API_KEY} to the Roark API key the calls were recorded with")
     base_url = config.resolve_base_url(None)
-    require_database(directory)
+    if follow:  # a sidecar may start on an empty volume, before the bot's first call
+        connect(directory).close()
+    else:
+        require_database(directory)
     with reading(directory) as conn:
         total = conn.execute(
             "SELECT count(*) FROM deliveries WHERE state IN ('pending', 'leased')"

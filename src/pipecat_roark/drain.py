@@ -34,7 +34,7 @@ from .client import RoarkClient
 from .errors import AuthError, DeliveryError, PermanentError, RetryableError, UploadUrlExpired
 from .maintenance import discard_delivered_audio, prune_delivered
 from .outbox import Delivery
-from .owner import current_owner
+from .owner import current_owner, orphan_grace_s
 from .store import connect, now_us
 from .timeline import StoredEvents, assemble_call_ended, assemble_call_started, read_events
 from .writer import writer_for
@@ -59,7 +59,9 @@ class DrainPolicy:
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
     retry_after_cap_s: float = 3600.0
-    orphan_grace_s: float = 120.0
+    orphan_grace_s: float = field(default_factory=orphan_grace_s)
+    """Heartbeat age after which a call of a process outside our PID namespace is ended
+    (``PIPECAT_ROARK_ORPHAN_GRACE_S``, default 20 s)."""
     auth_probe_s: float = 300.0
     poll_s: float = 1.0
     request_timeout_s: float = 30.0
@@ -240,7 +242,7 @@ class Drainer:
         self, client: RoarkClient, report: DrainReport, clock: dict[str, float]
     ) -> float:
         """One round of ``run_forever``; returns how long to wait before the next."""
-        if time.monotonic() - clock["orphans"] > min(10.0, self.policy.orphan_grace_s):
+        if time.monotonic() - clock["orphans"] > min(10.0, self.policy.orphan_grace_s / 4):
             clock["orphans"] = time.monotonic()
             report.finalized += await self._db(self._finalize_orphans)
         if time.monotonic() - clock["prune"] > self.policy.prune_every_s:

@@ -1,16 +1,27 @@
-"""Calls whose pipeline never says they ended: the process exits, or the session vanishes.
+"""Calls whose pipeline never says they ended: the process exits, or the host shuts down.
 
-Pipecat Cloud stops a container with SIGTERM and its disk goes with it, so on the way out
-every open call is finalized (reason ``process-exit``) and a bounded final drain runs.
-This never hangs the shutdown and never swallows the host's own signal handling: a
-handler the host installed still runs after ours, and with no handler the process still
-dies of SIGTERM, as it would have without us.
+SIGTERM follows the host. A host with a graceful shutdown of its own (uvicorn, which
+Pipecat's development runner serves through; ``WorkerRunner(handle_sigterm=True)``; any
+handler installed before our first observer) decides what SIGTERM means: its calls go on
+recording until their pipeline ends, a call that ends during that shutdown waits (bounded)
+for its own delivery, and whatever is still open when the interpreter really exits is
+finalized (reason ``process-exit``) and drained by the atexit hook. Only where nobody
+handles SIGTERM (Pipecat Cloud stops containers with it, and its disk goes with them) do
+we end every open call ourselves, run the bounded final drain and still die of SIGTERM,
+as the process would have without us.
+
+Nothing takes a lock inside the signal handler: it writes one byte to a pipe. A thread
+started with the hook does the work, with the writers each observer already holds (never
+``writer_for``, whose lock the interrupted main thread may hold, e.g. while it migrates
+another data directory), and if the main thread is stuck in C code the process still
+leaves within a second of the drain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import os
 import signal
 import threading
@@ -23,24 +34,41 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from .writer import writer_for
-
-__all__ = ["DEFAULT_EXIT_DRAIN_S", "install_exit_hooks", "register", "run_final_drain"]
+__all__ = [
+    "DEFAULT_EXIT_DRAIN_S",
+    "deliver_before_exit",
+    "host_is_shutting_down",
+    "install_exit_hooks",
+    "register",
+    "run_final_drain",
+]
 
 DEFAULT_EXIT_DRAIN_S = 5.0
 _FINALIZE_COMMIT_S = 2.0
+_REKILL_WAIT_S = 1.0
+"""After the final drain: how long the main thread gets to die of the re-raised SIGTERM
+before the process leaves with status 143 anyway (the main thread is stuck in C code)."""
+
+
+class Flushable(Protocol):
+    def flush_sync(self, timeout: float) -> bool:
+        """Block until everything queued so far is committed (or ``timeout``)."""
 
 
 class EndsAbruptly(Protocol):
-    def end_abruptly(self, reason: str) -> tuple[Path, str | None, str | None] | None:
-        """Finalize now without awaiting; return (directory, api key, base URL) if it was open."""
+    def end_abruptly(self, reason: str) -> Flushable | None:
+        """Finalize now without awaiting; return the writer to flush if the call was open."""
 
 
 _LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
-_DELIVERY_TARGETS: dict[tuple[Path, str], tuple[str, str | None, float]] = {}
+_DELIVERY_TARGETS: dict[tuple[Path, str], tuple[str, str | None, float, bool]] = {}
+"""(directory, key) → (key, base URL, exit drain limit, keep delivered audio)."""
 _LOCK = threading.Lock()
-_installed = False
-_exiting = False
+_atexit_installed = False
+_wake_fd: int | None = None
+"""Write end of the pipe the SIGTERM handler wakes the shutdown thread through."""
+_ready_to_die = False
+_host_shutdown = False
 
 
 def register(
@@ -50,44 +78,105 @@ def register(
     base_url: str | None,
     directory: Path,
     exit_drain_s: float,
+    keep_delivered_audio: bool = False,
 ) -> None:
     """Track an observer so process exit can finalize its call and drain what it recorded."""
     with _LOCK:
         _LIVE.add(observer)
-        if api_key:
-            _DELIVERY_TARGETS[(directory, api_key)] = (api_key, base_url, exit_drain_s)
+        if api_key and exit_drain_s > 0:
+            _DELIVERY_TARGETS[(directory, api_key)] = (
+                api_key,
+                base_url,
+                exit_drain_s,
+                keep_delivered_audio,
+            )
+
+
+def host_is_shutting_down() -> bool:
+    """A host that handles SIGTERM itself got one: calls ending now deliver before exit."""
+    return _host_shutdown
 
 
 def install_exit_hooks() -> None:
-    """Once per process: atexit, and SIGTERM when nobody else handles it (main thread only)."""
-    global _installed
+    """atexit once per process; and on every new observer (main thread only), look again
+    at who handles SIGTERM: a runner may have come and gone since the last call."""
+    global _atexit_installed
     with _LOCK:
-        if _installed:
-            return
-        _installed = True
-    atexit.register(_on_exit)  # runs before the writers' own atexit close (LIFO)
+        first = not _atexit_installed
+        _atexit_installed = True
+    if first:
+        atexit.register(_on_exit)  # runs before the writers' own atexit close (LIFO)
     if threading.current_thread() is not threading.main_thread():
         return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is signal.SIG_IGN:
-        return
+    current = signal.getsignal(signal.SIGTERM)
+    if current is None or current is signal.SIG_IGN or getattr(current, "_pipecat_roark", False):
+        return  # a handler outside Python's reach, ignored on purpose, or ours already
     try:
-        signal.signal(signal.SIGTERM, _make_sigterm_handler(previous))
-    except (ValueError, OSError) as exc:  # not the main interpreter, or an embedded runtime
+        if current is signal.SIG_DFL:
+            _start_shutdown_thread()
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        elif callable(current):
+            signal.signal(signal.SIGTERM, _chain_to_host(current))
+    except (ValueError, OSError, RuntimeError) as exc:  # an embedded runtime, no threads
         logger.debug(f"pipecat-roark: SIGTERM hook not installed: {exc}")
 
 
-def _make_sigterm_handler(previous: Any) -> Callable[[int, FrameType | None], None]:
+def _chain_to_host(host: Callable[[int, FrameType | None], Any]) -> Callable[..., Any]:
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        _finalize_open_calls("process-exit")
-        if callable(previous):
-            previous(signum, frame)  # the host's handler decides how to exit; atexit drains
-            return
-        run_final_drain()
+        global _host_shutdown
+        _host_shutdown = True  # no lock: one store, read by observers as their calls end
+        host(signum, frame)
+
+    on_sigterm._pipecat_roark = True  # type: ignore[attr-defined]
+    return on_sigterm
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Nobody else handles SIGTERM: wake the shutdown thread, or die once it is done."""
+    if _ready_to_die:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if _wake_fd is not None:
+        with contextlib.suppress(OSError):  # a full pipe: the thread is awake already
+            os.write(_wake_fd, b"\0")
 
-    return on_sigterm
+
+_on_sigterm._pipecat_roark = True  # type: ignore[attr-defined]
+
+
+def _start_shutdown_thread() -> None:
+    global _wake_fd
+    if _wake_fd is not None:
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    threading.Thread(
+        target=_shutdown_on_wake, args=(read_fd,), name="pipecat-roark-sigterm", daemon=True
+    ).start()
+    _wake_fd = write_fd
+
+
+def _shutdown_on_wake(read_fd: int) -> None:
+    global _ready_to_die
+    try:
+        os.read(read_fd, 1)
+    except OSError:
+        return
+    logger.info("pipecat-roark: SIGTERM and no host handles it: ending open calls")
+    try:
+        _finalize_open_calls("process-exit")
+        run_final_drain()
+        _finalize_open_calls("process-exit")  # calls that started during the drain
+    except Exception as exc:  # the process must still go
+        logger.error(f"pipecat-roark: shutting down after SIGTERM failed: {exc}")
+    finally:
+        _ready_to_die = True
+        main = threading.main_thread().ident
+        if main is not None:  # to that thread: a signal to the process may land in this one
+            signal.pthread_kill(main, signal.SIGTERM)  # its handler re-raises it, unhandled
+        time.sleep(_REKILL_WAIT_S)
+        os._exit(128 + signal.SIGTERM)
 
 
 def _on_exit() -> None:
@@ -96,38 +185,36 @@ def _on_exit() -> None:
 
 
 def _finalize_open_calls(reason: str) -> None:
-    global _exiting
-    if _exiting:
-        return
-    _exiting = True
-    directories: set[Path] = set()
-    for observer in list(_LIVE):
+    with _LOCK:
+        observers = list(_LIVE)
+    writers: list[Flushable] = []
+    for observer in observers:
         try:
-            ended = observer.end_abruptly(reason)
+            writer = observer.end_abruptly(reason)
         except Exception as exc:
             logger.error(f"pipecat-roark: could not finalize a call at exit: {exc}")
             continue
-        if ended is not None:
-            directories.add(ended[0])
-    for directory in directories:
+        if writer is not None and all(writer is not w for w in writers):
+            writers.append(writer)
+    for writer in writers:
         try:
-            writer_for(directory).flush_sync(_FINALIZE_COMMIT_S)
+            writer.flush_sync(_FINALIZE_COMMIT_S)
         except Exception as exc:
-            logger.error(f"pipecat-roark: could not commit calls in {directory} at exit: {exc}")
+            logger.error(f"pipecat-roark: could not commit calls at exit: {exc}")
 
 
 def run_final_drain() -> None:
     """Deliver what this process recorded, bounded by each observer's ``exit_drain_s``.
 
     Runs in a thread of its own with a fresh event loop: the bot's loop may be gone, or
-    still running in this very thread (a signal handler), and neither may be touched.
+    blocked in the main thread, and neither may be touched.
     """
     with _LOCK:
         targets = list(_DELIVERY_TARGETS.items())
         _DELIVERY_TARGETS.clear()
     if not targets:
         return
-    budget = max(limit for _, (_, _, limit) in targets)
+    budget = max(limit for _, (_, _, limit, _) in targets)
     deadline = time.monotonic() + budget
 
     def drain_all() -> None:
@@ -144,15 +231,49 @@ def run_final_drain() -> None:
 
 
 async def _drain_targets(
-    targets: list[tuple[tuple[Path, str], tuple[str, str | None, float]]], deadline: float
+    targets: list[tuple[tuple[Path, str], tuple[str, str | None, float, bool]]], deadline: float
 ) -> None:
-    from .drain import Drainer  # here: the observer imports us, the drainer imports the writer
+    from .drain import (
+        Drainer,
+        DrainPolicy,
+    )  # here: the observer imports us, the drainer imports the writer
 
-    for (directory, _), (api_key, base_url, _limit) in targets:
+    for (directory, _), (api_key, base_url, _limit, keep) in targets:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return
         try:
-            await Drainer(directory, api_key, base_url, inline_db=True).run_once(budget_s=remaining)
+            policy = DrainPolicy(keep_delivered_audio=keep)
+            drainer = Drainer(directory, api_key, base_url, policy, inline_db=True)
+            await drainer.run_once(budget_s=remaining)
         except Exception as exc:
             logger.error(f"pipecat-roark: final drain of {directory} failed: {exc}")
+
+
+async def deliver_before_exit(
+    directory: Path,
+    api_key: str,
+    base_url: str | None,
+    call_id: str,
+    limit_s: float,
+    *,
+    keep_delivered_audio: bool = False,
+) -> None:
+    """A call ended while its host shuts down: deliver it now, bounded, in this loop.
+
+    A host like uvicorn restores the default SIGTERM action once its requests are done
+    and re-raises the signal, so the process may die without running atexit.
+    """
+    from .drain import Drainer, DrainPolicy
+
+    if limit_s <= 0:
+        return
+    try:
+        policy = DrainPolicy(keep_delivered_audio=keep_delivered_audio)
+        drainer = Drainer(directory, api_key, base_url, policy)
+        await asyncio.wait_for(drainer.run_once(call_id=call_id, budget_s=limit_s), limit_s)
+    except Exception as exc:  # TimeoutError included: what is left stays on disk
+        logger.warning(
+            f"pipecat-roark: call {call_id} was not fully delivered before shutdown ({exc!r}); "
+            "it stays on disk for `pipecat-roark drain`"
+        )

@@ -201,8 +201,11 @@ class RoarkObserver(BaseObserver):
             recorded either, so the events of every call still fit.
         idle_timeout_s: Finalize the call with reason ``session-vanished`` when the
             pipeline has produced no frame for this long (None: never).
-        exit_drain_s: On SIGTERM or interpreter exit, open calls are finalized with reason
-            ``process-exit`` and delivery is tried for at most this long (0: not at all).
+        exit_drain_s: At interpreter exit, and on a SIGTERM nobody else handles, open calls
+            are finalized with reason ``process-exit`` and delivery is tried for at most
+            this long (0: not at all). Where the host handles SIGTERM (uvicorn,
+            ``handle_sigterm=True``), calls go on until their pipeline ends, and a call
+            ending during that shutdown waits at most this long for its own delivery.
         keep_delivered_audio: Keep chunk files after Roark has the whole call (this
             process's drainer deletes them by default; rows stay for retention).
         metrics_port: Serve Prometheus metrics on this port (``/metrics``, once per
@@ -273,6 +276,7 @@ class RoarkObserver(BaseObserver):
         self._finalized = False
         self._finish_task: asyncio.Task[None] | None = None
         self._idle_timeout_s = idle_timeout_s
+        self._exit_drain_s = exit_drain_s
         self._last_frame = time.monotonic()
         self._watchdog: asyncio.TimerHandle | None = None
         self._vanished: asyncio.Task[None] | None = None
@@ -282,6 +286,7 @@ class RoarkObserver(BaseObserver):
             base_url=base_url,
             directory=self._directory,
             exit_drain_s=exit_drain_s,
+            keep_delivered_audio=keep_delivered_audio,
         )
         lifecycle.install_exit_hooks()
         self._next_chunk = 0
@@ -576,8 +581,9 @@ class RoarkObserver(BaseObserver):
                 self._dispatch[cls] = None
         self._rules[0] = (AudioRawFrame, None)
 
-    def end_abruptly(self, reason: str) -> tuple[Path, str | None, str | None] | None:
-        """Process exit: finalize now without awaiting (the event loop may be gone).
+    def end_abruptly(self, reason: str) -> Writer | None:
+        """Process exit: finalize now without awaiting (the event loop may be gone or
+        blocked); returns the writer to flush if the call was open.
 
         The recording's tail still buffered in the AudioBufferProcessor (up to one chunk)
         cannot be flushed here and is lost; everything already recorded is kept.
@@ -586,7 +592,7 @@ class RoarkObserver(BaseObserver):
             return None
         self._close(_now_us(), reason)
         self._finalize()
-        return (self._directory, self._api_key, self._base_url)
+        return self._writer
 
     def _arm_watchdog(self) -> None:
         if self._idle_timeout_s is None:
@@ -680,6 +686,15 @@ class RoarkObserver(BaseObserver):
             logger.warning(
                 f"{self}: call {self._call_id} was not committed within {FLUSH_WAIT_S:.0f} s; "
                 "it is still queued and will be written when the disk allows"
+            )
+        elif lifecycle.host_is_shutting_down() and self._deliver and self._api_key:
+            await lifecycle.deliver_before_exit(
+                self._directory,
+                self._api_key,
+                self._base_url,
+                self._call_id,
+                self._exit_drain_s,
+                keep_delivered_audio=self._keep_delivered_audio,
             )
 
     async def _wait_for_tail(self) -> None:

@@ -13,7 +13,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from .events import decode_event
-from .owner import Owner, owner_is_gone
+from .owner import Owner, effective_grace_us, owner_is_gone
 from .store import finalize_call, transaction
 
 __all__ = [
@@ -220,12 +220,18 @@ def release(conn: sqlite3.Connection, owner: str, delivery: Delivery | None = No
 
 
 def lease_owner_id(owner: Owner, instance: str) -> str:
-    """A lease owner names its process, so a dead process's leases can be taken back early."""
+    """A lease owner names its process (with the identity that makes its pid meaningful),
+    so a checker in the same PID namespace can take a dead process's leases back early."""
     return f"{owner.host}|{owner.pid}|{owner.token}|{instance}"
 
 
 def release_dead_owners(conn: sqlite3.Connection) -> int:
-    """Leases of drainers whose process died on this host go back at once, not at expiry."""
+    """Leases of drainers certainly dead go back at once, not at expiry.
+
+    Certainly dead means judged by pid from inside the drainer's own PID namespace on
+    the same boot; a drainer anywhere else (another container of the pod, another host)
+    keeps its leases until they expire, the lease being its heartbeat.
+    """
     owners = [
         r[0]
         for r in conn.execute("SELECT DISTINCT lease_owner FROM deliveries WHERE state = 'leased'")
@@ -270,11 +276,15 @@ def finalize_orphans(
     reason: str = "observer-lost",
     call_id: str | None = None,
 ) -> list[str]:
-    """End open calls whose owner is gone: its pid is dead on this host, or (another host)
-    its heartbeat is older than the grace period.
+    """End open calls whose owner is gone.
 
-    The call ends at its last recorded event. The conditional UPDATE in finalize_call
-    makes this exactly-once however many drainers look at the same call.
+    Gone means: its pid is dead, as judged from inside its own PID namespace on the same
+    boot; or, judged from anywhere else, its heartbeat is older than the grace (never
+    less than three of the owner's own heartbeat intervals). While a call's heartbeat is
+    fresh, only a checker that can see the owner's pid die ends it. The call ends at its
+    last recorded event; the heartbeat is checked again under the write lock and the
+    conditional UPDATE in finalize_call makes this exactly-once however many drainers
+    look at the same call.
     """
     candidates = conn.execute(
         "SELECT id, owner_host, owner_pid, owner_token, heartbeat_at FROM calls"
@@ -284,11 +294,18 @@ def finalize_orphans(
     finalized: list[str] = []
     for orphan, host, pid, token, heartbeat_at in candidates:
         gone = owner_is_gone(host, pid, token)
-        if gone is False:  # its process lives on this host: it heartbeats, or will end it
+        if gone is False:  # its process lives, seen from its own namespace: it will end it
             continue
-        if gone is None and heartbeat_at >= now - grace_us:  # another host: trust the heartbeat
+        cutoff = now - effective_grace_us(token, grace_us)
+        if gone is None and heartbeat_at >= cutoff:  # not ours to judge: trust the heartbeat
             continue
         with transaction(conn):
+            if gone is None:
+                fresh = conn.execute(
+                    "SELECT 1 FROM calls WHERE id = ? AND heartbeat_at >= ?", (orphan, cutoff)
+                ).fetchone()
+                if fresh is not None:  # it heartbeated after we looked
+                    continue
             last = conn.execute(
                 "SELECT body FROM events WHERE call_id = ? ORDER BY id DESC LIMIT 1", (orphan,)
             ).fetchone()

@@ -39,7 +39,7 @@ from . import crashpoints, faultpoints, metrics, spool
 from .errors import PipecatRoarkError, StoreCorrupt
 from .events import CallOpened, ChunkRecorded, encode_event
 from .outbox import undelivered_audio_bytes
-from .owner import Owner, current_owner
+from .owner import Owner, current_owner, heartbeat_interval_s
 from .store import DB_NAME, connect, finalize_call, now_us, quarantine, transaction
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "writer_for",
 ]
 
-HEARTBEAT_INTERVAL_S = 10.0
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # 1 GiB
 DEFAULT_MIN_FREE_BYTES = 64 << 20  # keep 64 MiB free so events can still commit
 OP_RETRY_DELAYS_S = (0.01, 0.05, 0.2, 0.5)
@@ -137,7 +136,9 @@ class Writer:
         owner: Owner | None = None,
     ) -> None:
         self.directory = directory
-        self.owner = owner or current_owner()
+        # Often enough that a sidecar's grace can be short (PIPECAT_ROARK_HEARTBEAT_S).
+        self.heartbeat_s = heartbeat_interval_s()
+        self.owner = owner or current_owner(self.heartbeat_s)
         self.max_spool_bytes = max_spool_bytes
         self.min_free_bytes = min_free_bytes
         self.stats = WriterStats()
@@ -262,7 +263,7 @@ class Writer:
     # ---- writer thread ----
 
     def _loop(self) -> None:
-        next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+        next_heartbeat = time.monotonic() + self.heartbeat_s
         while True:
             batch = self._inflight
             if batch is not None:  # the thread died on this batch: finish it one op at a time
@@ -277,7 +278,7 @@ class Writer:
                     first = self._queue.get(timeout=wait)
                 except queue.Empty:
                     self._heartbeat()
-                    next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+                    next_heartbeat = time.monotonic() + self.heartbeat_s
                     continue
                 batch = self._take(first)
                 self._inflight = batch
@@ -287,7 +288,7 @@ class Writer:
                 return
             if time.monotonic() >= next_heartbeat:
                 self._heartbeat()
-                next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+                next_heartbeat = time.monotonic() + self.heartbeat_s
 
     def _take(self, first: Op) -> _Batch:
         ops = [first]
