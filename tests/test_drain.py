@@ -79,6 +79,14 @@ def chunk_rows(directory: Path, call_id: str) -> list[tuple[int, str]]:
     return [(int(size), str(sha)) for size, sha in rows]
 
 
+def stored_under(call_id: str, path: str) -> bool:
+    """Whether a PUT to the dev server's storage ``path`` is one of this call's chunks (its
+    objects live in a folder named for the id: readable part, then a hash of the whole id)."""
+    readable = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in call_id)
+    digest = hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"/{readable[:80]}-{digest}/" in path
+
+
 def delivery_states(directory: Path) -> dict[str, str]:
     with sqlite3.connect(directory / "wal.sqlite") as conn:
         rows = conn.execute("SELECT idempotency_key, state FROM deliveries").fetchall()

@@ -52,12 +52,10 @@ async def test_everything_we_create_is_private_under_umask_000(
 ) -> None:
     recorded = tmp_path / "made" / "by" / "us" / "roark"  # three parents that do not exist
     await record(recorded, "call-1")
-    with running_dev_server(tmp_path / "server" / "parents") as server:
-        await deliver(recorded, server, "call-1")
     close_all_writers()
     exported = tmp_path / "exports"
     exported.mkdir(mode=0o700)
-    done = cli(
+    done = cli(  # before delivery: once Roark has the call, its audio leaves the disk
         recorded,
         "export",
         "call-1",
@@ -67,6 +65,9 @@ async def test_everything_we_create_is_private_under_umask_000(
         str(exported / "c.json"),
     )
     assert done.returncode == 0, done.stderr
+    with running_dev_server(tmp_path / "server" / "parents") as server:
+        await deliver(recorded, server, "call-1")
+    close_all_writers()
 
     assert_private(tmp_path / "made")
     assert_private(tmp_path / "server")

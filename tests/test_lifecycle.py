@@ -22,7 +22,7 @@ from pipecat_roark.store import connect
 from pipecat_roark.testing import Bot, ScriptedCall, User, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended
 from pipecat_roark.writer import writer_for
-from test_drain import KEY, assert_arrived_whole, chunk_files, delivery_states
+from test_drain import KEY, assert_arrived_whole, chunk_rows, delivery_states, stored_under
 
 BOT = Path(__file__).with_name("lifecycle_bot.py")
 Popen = subprocess.Popen[str]
@@ -151,8 +151,10 @@ def test_a_host_that_handles_sigterm_lets_its_calls_finish_and_deliver(
     ]
     paths = [(r["method"], r["path"], r["idempotencyKey"]) for r in dev_server.requests()]
     ended_at = paths.index(("POST", "/v1/integrations/pipecat", "call-t:call-ended"))
-    puts = [i for i, (m, p, _) in enumerate(paths) if m == "PUT" and "/call-t/" in p]
-    assert len(puts) == len(chunk_files(directory, "call-t"))
+    puts = [
+        i for i, (m, p, _) in enumerate(paths) if m == "PUT" and stored_under("call-t", p)
+    ]  # the object folder: id-hash
+    assert len(puts) == len(chunk_rows(directory, "call-t"))
     assert max(puts) < ended_at, "call-ended after the last chunk"
 
     # A call that started after the SIGTERM is recorded and finalized at exit like any other.

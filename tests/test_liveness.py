@@ -28,7 +28,7 @@ from pipecat_roark import outbox
 from pipecat_roark.drain import Drainer, DrainPolicy
 from pipecat_roark.owner import ENV_HEARTBEAT_S, ENV_ORPHAN_GRACE_S, owner_is_gone, parse_identity
 from pipecat_roark.store import connect, now_us
-from test_drain import KEY, assert_arrived_whole, chunk_files, record
+from test_drain import KEY, assert_arrived_whole, chunk_rows, record, stored_under
 
 HERE = Path(__file__).parent
 BOT = HERE / "liveness_bot.py"
@@ -151,8 +151,8 @@ def assert_complete(server: RunningDevServer, directory: Path, call_id: str) -> 
     assert [t["content"] for t in ended["transcript"]] == TURNS
     requests = [(r["method"], r["path"], r["idempotencyKey"]) for r in server.requests()]
     ended_at = requests.index(("POST", "/v1/integrations/pipecat", f"{call_id}:call-ended"))
-    puts = [i for i, (m, p, _) in enumerate(requests) if m == "PUT" and f"/{call_id}/" in p]
-    assert len(puts) == len(chunk_files(directory, call_id)) >= 10
+    puts = [i for i, (m, p, _) in enumerate(requests) if m == "PUT" and stored_under(call_id, p)]
+    assert len(puts) == len(chunk_rows(directory, call_id)) >= 10
     assert max(puts) < ended_at, "call-ended went out after the last chunk"
 
 
