@@ -134,7 +134,8 @@ def main() -> None:
     type=float,
     default=120.0,
     show_default=True,
-    help="Seconds to keep retrying rows in backoff.",
+    help="Stop after this many seconds, even mid-request (leases are handed back; drain"
+    " again to go on).",
 )
 def drain(
     directory: Path, as_json: bool, call_id: str | None, follow: bool, timeout: float
