@@ -258,6 +258,47 @@ async def test_the_bots_background_drainer_delivers_an_odd_id_and_the_next_call(
     assert_arrived_whole(dev_server, data_dir, "after-it")
 
 
+async def test_the_bots_background_drainer_outlives_a_row_that_raises_and_delivers_the_next_calls(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    from pipecat_roark import RoarkObserver
+    from pipecat_roark.drain import stop_background_drainers
+    from pipecat_roark.testing import ScriptedCall, run_pipeline
+    from test_drain import short_script
+
+    faultpoints.inject("drain:load", RuntimeError("boom"), call_id="victim")
+    try:
+        for n, call_id in enumerate(["victim", "next-1", "next-2"]):
+            roark = RoarkObserver(
+                agent_id="bot",
+                api_key=KEY,
+                base_url=dev_server.base_url,
+                pipecat_call_id=call_id,
+                data_dir=data_dir,
+                chunk_bytes=8000,
+            )
+            await run_pipeline(
+                [ScriptedCall(short_script(n)), roark.audio_processor], observers=[roark]
+            )  # type: ignore[arg-type]
+        for _ in range(600):  # bounded: the later calls go out through the same drainer
+            left = await asyncio.to_thread(
+                sql,
+                data_dir,
+                "SELECT count(*) FROM deliveries WHERE call_id != 'victim' AND state != 'delivered'",
+            )
+            if left == [(0,)]:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        faultpoints.clear()
+        await stop_background_drainers()
+    assert_arrived_whole(dev_server, data_dir, "next-1")
+    assert_arrived_whole(dev_server, data_dir, "next-2")
+    state, attempts, error = states(data_dir, "victim")["call-started"]
+    assert state == "pending" and attempts >= 1
+    assert error == "RuntimeError: boom; will retry"
+
+
 @pytest.mark.parametrize(
     ("patch", "reason"),
     [
