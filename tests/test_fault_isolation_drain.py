@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import errno
 import json
+import os
 import random
 import shutil
 import sqlite3
@@ -405,7 +406,8 @@ EXCEPTIONS: list[BaseException] = [
     sqlite3.OperationalError("database is locked"),
     ZeroDivisionError("division by zero"),
 ]
-SEED = 10
+SEED = int(os.environ.get("PIPECAT_ROARK_FAULT_SEED", "10"))
+"""Which exception each step gets; set the variable to try other draws."""
 
 
 @pytest.fixture(scope="module")
