@@ -11,11 +11,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from devserver_fixture import RunningDevServer, running_dev_server, start_dev_server_process
-from pipecat_roark.client import RoarkClient, classify_transport_error, parse_retry_after
+from pipecat_roark.client import (
+    RoarkClient,
+    classify_status,
+    classify_transport_error,
+    parse_retry_after,
+)
 from pipecat_roark.errors import AuthError, PermanentError, RetryableError, UploadUrlExpired
-from pipecat_roark.wire import CallEnded, CallStarted, TranscriptEntry
+from pipecat_roark.wire import HEADER_KEY_MAX, CallEnded, CallStarted, TranscriptEntry, header_key
 
 pytestmark = pytest.mark.anyio
 
@@ -262,3 +269,51 @@ async def test_the_recording_is_a_wav_of_the_chunks_in_index_order(
     assert wav[44:] == b"\x01\x00\x02\x00\x03\x00\x04\x00"
     missing = httpx.get(dev_server.base_url + "/_dev/calls/nope/recording.wav")
     assert missing.status_code == 409
+
+
+# ---- any call id fits in the Idempotency-Key header ----
+
+
+@given(st.text(min_size=0, max_size=600))
+def test_every_key_becomes_a_short_ascii_header_the_same_every_time(key: str) -> None:
+    header = header_key(key)
+    assert header == header_key(key), "deterministic"
+    assert all(0x20 <= ord(c) <= 0x7E for c in header), "printable ASCII only"
+    assert header.strip() == header, "nothing a proxy would trim"
+    assert len(header) <= HEADER_KEY_MAX
+    plain = (
+        len(key) <= HEADER_KEY_MAX
+        and all(0x20 <= ord(c) <= 0x7E and c != "%" for c in key)
+        and key.strip(" ") == key
+    )
+    assert (header == key) == plain, "plain keys go out exactly as older versions sent them"
+
+
+@given(st.text(max_size=300), st.text(max_size=300))
+def test_distinct_keys_never_share_a_header(a: str, b: str) -> None:
+    if a != b:
+        assert header_key(a) != header_key(b)
+
+
+@pytest.mark.parametrize(
+    ("key", "header"),
+    [
+        ("call-1:call-started", "call-1:call-started"),
+        ("réunion-42:call-ended", "r%C3%A9union-42:call-ended"),
+        ("a\x00b:chunk:3", "a%00b:chunk:3"),
+        ("two words:call-started", "two words:call-started"),
+        (" padded:call-ended", "%20padded:call-ended"),
+        ("%C3%A9:call-ended", "%25C3%25A9:call-ended"),
+        ("x" * 250, "x" * 64 + "%sha256:" + hashlib.sha256(b"x" * 250).hexdigest()),
+    ],
+)
+def test_the_header_forms_are_exactly_these(key: str, header: str) -> None:
+    assert header_key(key) == header
+
+
+@pytest.mark.parametrize("status", [300, 301, 302, 303, 304, 307, 308])
+def test_a_redirect_status_is_retryable(status: int) -> None:
+    response = httpx.Response(status, text="moved")
+    error = classify_status(response, "POST /v1/integrations/pipecat", roark=True)
+    assert isinstance(error, RetryableError) and not isinstance(error, UploadUrlExpired)
+    assert str(error) == f"POST /v1/integrations/pipecat: HTTP {status}; will retry"

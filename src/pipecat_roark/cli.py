@@ -155,7 +155,8 @@ def main() -> None:
     type=float,
     default=120.0,
     show_default=True,
-    help="Seconds to keep retrying rows in backoff.",
+    help="Stop after this many seconds, even mid-request (leases are handed back; drain"
+    " again to go on).",
 )
 @click.option(
     "--metrics-port",

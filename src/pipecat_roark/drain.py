@@ -183,7 +183,7 @@ class Drainer:
                 except TimeoutError:
                     report.out_of_time = True
         finally:
-            await self._db(self._release_all)
+            await self._guarded_db("hand back leases", self._release_all)
             await self._summarize(report, call_id)
             self._close()
         return report
@@ -235,7 +235,7 @@ class Drainer:
                         failing = True
                     await self._idle(stop, sleep)
         finally:
-            await asyncio.shield(self._db(self._release_all))
+            await asyncio.shield(self._guarded_db("hand back leases", self._release_all))
             self._close()
 
     async def _pass(

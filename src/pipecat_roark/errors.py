@@ -8,14 +8,18 @@
     │   ├── StoreForeign             a SQLite file that is not ours
     │   └── StoreFromFuture          written by a newer pipecat-roark: never altered
     └── DeliveryError                one delivery attempt to Roark failed
-        ├── RetryableError           try again later (``retry_after`` seconds, if known)
+        ├── RetryableError           try again later (``retry_after`` seconds, if known):
+        │   │                        transport errors, timeouts, 3xx, 408, 429, 5xx
         │   └── UploadUrlExpired     the presigned URL was refused: mint a new one
         ├── AuthError                Roark refused the API key: pause that key
-        └── PermanentError           Roark refused the request itself: the row goes dead
+        └── PermanentError           Roark refused the request, or gave an unusable
+                                     upload URL: the row goes dead
 
 The drainer acts on the class alone; ``client.py`` is the one boundary where httpx
-errors and HTTP statuses become these classes. Every message is one line that says
-what happened and what to do.
+errors and HTTP statuses become these classes. Exceptions from anywhere else while a
+row is handled (a decoder, an encoder, the disk, a bug) are classified by the drainer's
+one per-row boundary (``Drainer._deliver``). Every message is one line that says what
+happened and what to do.
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ class DeliveryError(PipecatRoarkError):
 
 
 class RetryableError(DeliveryError):
-    """Transient: network trouble, 5xx, 408, 429. ``retry_after`` is the server's wish."""
+    """Transient: network trouble, a missed deadline, 3xx, 408, 429, 5xx.
+    ``retry_after`` is the server's wish."""
 
     def __init__(
         self,
@@ -102,4 +107,5 @@ class AuthError(DeliveryError):
 
 
 class PermanentError(DeliveryError):
-    """Roark refused the request (4xx other than 401/403/408/429): retrying will not help."""
+    """Roark refused the request (4xx other than 401/403/408/429), or answered with an
+    upload URL that cannot be used: retrying will not help."""

@@ -31,6 +31,7 @@ __all__ = [
     "call_detail",
     "damaged_calls",
     "health",
+    "missing_chunks",
     "list_calls",
     "queue_status",
 ]
@@ -74,6 +75,24 @@ def damaged_calls(conn: sqlite3.Connection, *, every_call: bool = False) -> dict
     return dict(sorted(found.items()))
 
 
+def missing_chunks(conn: sqlite3.Connection, directory: Path) -> list[dict[str, Any]]:
+    """Undelivered chunks whose file is gone or not the recorded size (a cheap look: the
+    drainer checks the sha256 when it sends, and makes such a chunk dead)."""
+    found = []
+    for call_id, idx, path, size in conn.execute(
+        "SELECT c.call_id, c.idx, c.path, c.size FROM deliveries d"
+        " JOIN chunks c ON c.call_id = d.call_id AND c.idx = d.chunk_idx"
+        " WHERE d.kind = 'chunk' AND d.state IN ('pending', 'leased') ORDER BY d.id"
+    ):
+        try:
+            actual: int | None = (directory / path).stat().st_size
+        except OSError:
+            actual = None
+        if actual != size:
+            found.append({"call": call_id, "index": idx, "path": path, "size": actual})
+    return found
+
+
 def health(data: dict[str, Any], *, max_overdue_s: float) -> list[str]:
     """Why ``queue_status`` data is unhealthy, one line per reason; empty when healthy."""
     reasons = []
@@ -83,6 +102,11 @@ def health(data: dict[str, Any], *, max_overdue_s: float) -> list[str]:
         reasons.append(
             f"{len(data['damagedCalls'])} call(s) with stored events that do not decode:"
             " see `pipecat-roark show <id>`"
+        )
+    if data["missingChunks"]:
+        reasons.append(
+            f"{len(data['missingChunks'])} undelivered chunk file(s) missing or truncated:"
+            " they will go dead (the rest of each call is still delivered)"
         )
     for paused in data["pausedKeys"]:
         reasons.append(f"deliveries paused: Roark refused the API key {paused['keyFingerprint']}")
@@ -149,6 +173,7 @@ def queue_status(
         "lastError": None if last_error is None else {"key": last_error[0], "error": last_error[1]},
         "overdueS": None if overdue is None or overdue > now else round((now - overdue) / 1e6, 3),
         "damagedCalls": list(damaged_calls(conn)),
+        "missingChunks": missing_chunks(conn, directory),
     }
     data["reasons"] = health(data, max_overdue_s=max_overdue_s)
     data["healthy"] = not data["reasons"]

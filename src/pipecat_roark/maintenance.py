@@ -282,7 +282,7 @@ def doctor(
         if db.exists():
             checks.append(_database_check(directory))
             if checks[-1].ok:
-                checks.append(_events_check(directory))
+                checks += _stored_data_checks(directory)
             db_mode = stat.S_IMODE(db.stat().st_mode)
             checks.append(
                 Check("file modes", db_mode & 0o077 == 0, f"{db.name} mode {db_mode:04o}")
@@ -335,24 +335,34 @@ def damage(directory: Path) -> tuple[str | None, int]:
     return None, version
 
 
-def _events_check(directory: Path) -> Check:
-    """Events that no longer decode: their calls are delivered without them (salvage)."""
-    from .inspection import damaged_calls
+def _stored_data_checks(directory: Path) -> list[Check]:
+    """Events that no longer decode (their calls go without them) and undelivered chunk
+    files that are gone (they go dead): salvaged, but worth knowing."""
+    from .inspection import damaged_calls, missing_chunks
 
     conn = connect(directory, read_only=True)
     try:
         found = damaged_calls(conn, every_call=True)
+        gone = missing_chunks(conn, directory)
     finally:
         conn.close()
+    chunks = Check(
+        "chunk files",
+        not gone,
+        "every undelivered chunk file is there"
+        if not gone
+        else f"{len(gone)} undelivered chunk file(s) missing or truncated, first: {gone[0]['path']}",
+    )
     if not found:
-        return Check("stored events", True, "every stored event decodes")
+        return [Check("stored events", True, "every stored event decodes"), chunks]
     names = ", ".join(repr(c)[1:-1] for c in list(found)[:5]) + (" …" if len(found) > 5 else "")
-    return Check(
+    events = Check(
         "stored events",
         False,
         f"{sum(max(n, 0) for n in found.values())} event(s) of {len(found)} call(s) do not"
         f" decode: {names}",
     )
+    return [events, chunks]
 
 
 def _database_check(directory: Path) -> Check:

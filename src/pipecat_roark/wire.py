@@ -154,13 +154,13 @@ def encode(payload: msgspec.Struct) -> bytes:
 HEADER_KEY_MAX = 200
 """Longest Idempotency-Key we send; longer keys go in their hash form."""
 
-# Visible ASCII but "%" (the escape), space (trimmed by proxies) and DEL: a key of these
-# goes out exactly as stored, so every key an older version sent is sent the same way.
-_PLAIN = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"%"}
+# Printable ASCII but "%" (the escape): a key of these, not starting or ending with a
+# space (trimmed on the way), goes out exactly as stored, as older versions sent it.
+_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {"%"}
 
 
 def header_key(key: str) -> str:
-    """The Idempotency-Key header for a stored key: any ``str`` in, visible ASCII out.
+    """The Idempotency-Key header for a stored key: any ``str`` in, printable ASCII out.
 
     Call ids are any text, but a header holds visible ASCII only (httpx raises
     UnicodeEncodeError on the rest, and NUL or a newline can never be sent). A plain key
@@ -168,9 +168,10 @@ def header_key(key: str) -> str:
     ``r%C3%A9union``); past ``HEADER_KEY_MAX`` characters, the first 64 encoded ones are
     kept and ``%sha256:<hex of the whole key>`` follows. Deterministic, so every retry
     and every process sends the same header, and one-to-one: a plain key has no ``%``,
-    an encoded one has ``%XX`` escapes only, a hashed one ``%s``.
+    an encoded one has at least one ``%XX`` escape and no other ``%``, a hashed one
+    ``%sha256:``.
     """
-    if len(key) <= HEADER_KEY_MAX and all(c in _PLAIN for c in key):
+    if len(key) <= HEADER_KEY_MAX and all(c in _PLAIN for c in key) and key.strip(" ") == key:
         return key
     encoded = quote(key.encode("utf-8", "surrogatepass"), safe="!#$&'()*+,/:;=?@[]~")
     if len(encoded) <= HEADER_KEY_MAX:
