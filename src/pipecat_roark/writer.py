@@ -47,6 +47,10 @@ __all__ = ["CallIdReused", "Writer", "WriterStats", "close_all_writers", "writer
 HEARTBEAT_INTERVAL_S = 10.0
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # 1 GiB
 DEFAULT_MIN_FREE_BYTES = 64 << 20  # keep 64 MiB free so events can still commit
+RESERVE_NAME = ".reserve"
+RESERVE_BYTES = 128 << 10
+"""A file kept in the data directory while there is room, and deleted when the disk is
+full: room for the events and the ends of calls once audio has stopped for lack of space."""
 OP_RETRY_DELAYS_S = (0.01, 0.05, 0.2, 0.5)
 """Backoff before each retry of one op that failed with a transient error (<1 s in all)."""
 
@@ -146,6 +150,7 @@ class Writer:
         self._faults: dict[str, set[tuple[int, str]]] = {}
         """Per open call, the (op kind, exception class) pairs that already cost a record."""
         self._spool_bytes = self._measure_spool()
+        self._keep_reserve()
         self._inflight: _Batch | None = None
         self._suspect: Op | None = None
         self._death: str | None = None
@@ -353,6 +358,10 @@ class Writer:
     def _wait_for_database(
         self, batch: _Batch, exc: BaseException, logged: bool, delay: float
     ) -> bool:
+        if (_is_disk_full(exc) or _is_disk_full(exc.__cause__)) and (
+            self._release_reserve() or self._reclaim_wal()
+        ):
+            return logged  # room was made: retry at once
         if not logged:
             logger.error(
                 f"pipecat-roark: cannot write to {self.directory} ({exc}); "
@@ -369,6 +378,50 @@ class Writer:
             return True
         time.sleep(delay)
         return True
+
+    def _keep_reserve(self) -> None:
+        """(Re)create the reserve file when the disk has room for it twice over."""
+        path = self.directory / RESERVE_NAME
+        try:
+            if path.exists():
+                return
+            stat = os.statvfs(self.directory)
+            if stat.f_bavail * stat.f_frsize < 2 * RESERVE_BYTES + self.min_free_bytes:
+                return
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, bytes(RESERVE_BYTES))
+            finally:
+                os.close(fd)
+        except OSError:
+            path.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        try:
+            (self.directory / RESERVE_NAME).unlink()
+        except OSError:
+            return False
+        logger.warning(
+            f"pipecat-roark: the disk of {self.directory} is full; released the "
+            f"{RESERVE_BYTES >> 10} KiB reserve so calls' events and ends can still be written. "
+            "Free space or run `pipecat-roark drain` and `pipecat-roark prune`"
+        )
+        return True
+
+    def _reclaim_wal(self) -> bool:
+        """Copy the -wal into the database and truncate it; True if that freed space.
+
+        The -wal only shrinks at a checkpoint, and the automatic one waits for ~4 MB of
+        frames, mostly older copies of the same few pages: on a full disk that is the
+        room the end of a call needs.
+        """
+        wal = self.directory / f"{DB_NAME}-wal"
+        try:
+            before = wal.stat().st_size
+            self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            return wal.stat().st_size < before
+        except (OSError, sqlite3.Error, _DatabaseDown):
+            return False
 
     def _commit_one_by_one(self, batch: _Batch) -> bool:
         added = False
@@ -808,6 +861,7 @@ class Writer:
                         [(now, call_id) for call_id in self._open_calls],
                     )
             self._spool_bytes = self._measure_spool()
+            self._keep_reserve()
         except Exception as exc:
             logger.warning(f"pipecat-roark: heartbeat to {self.directory} failed: {exc}")
 
@@ -845,7 +899,7 @@ def _connect_or_quarantine(directory: Path) -> sqlite3.Connection:
         return connect(directory)
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+def _is_disk_full(exc: BaseException | None) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in _DISK_FULL
     return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
