@@ -181,7 +181,12 @@ class Writer:
             return False
         done = threading.Event()
         self.submit((OP_BARRIER, done.set))
-        return done.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not done.wait(max(0.0, min(_WATCH_S, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return False
+            self._watch()
+        return True
 
     async def flush(self, limit_s: float) -> bool:
         """Wait, without blocking the event loop, until everything queued is committed."""
@@ -194,11 +199,18 @@ class Writer:
             loop.call_soon_threadsafe(_resolve, future)
 
         self.submit((OP_BARRIER, release))
-        try:
-            await asyncio.wait_for(asyncio.shield(future), limit_s)
-        except TimeoutError:
-            return False
-        return True
+        deadline = loop.time() + limit_s
+        while True:
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(future), max(0.0, min(_WATCH_S, deadline - loop.time()))
+                )
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    return False
+                self._watch()
+                continue
+            return True
 
     def close(self, timeout: float = 5.0) -> bool:
         """Commit what is queued, then stop the thread and close the connection."""
@@ -221,6 +233,11 @@ class Writer:
         )
         thread.start()
         return thread
+
+    def _watch(self) -> None:
+        """A flush that waits also restarts a thread that died with the flush queued."""
+        if self._death is not None:
+            self._restart()
 
     def _restart(self) -> None:
         with self._restart_lock:
@@ -925,6 +942,9 @@ def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 
+
+_WATCH_S = 0.5
+"""How often a waiting flush checks that the writer thread is still alive."""
 
 _WRITERS: dict[Path, Writer] = {}
 _WRITERS_LOCK = threading.Lock()
