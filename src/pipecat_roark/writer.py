@@ -277,7 +277,7 @@ class Writer:
                 batch.careful = True
                 if self._suspect is not None and batch.work and batch.work[0] is self._suspect:
                     op = batch.work.popleft()
-                    self._drop(op, RuntimeError(f"the writer thread died on it ({self._death})"))
+                    self._drop(op, RuntimeError("the writer thread died applying it"))
                 self._suspect = None
             else:
                 wait = max(0.0, next_heartbeat - time.monotonic())
