@@ -15,8 +15,9 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import crashpoints
 
@@ -127,11 +128,18 @@ def read_chunk(root: Path, relpath: str) -> bytes:
     return (root / relpath).read_bytes()
 
 
-def remove_call(root: Path, call_id: str) -> int:
-    """Delete a call's chunk folder; returns the bytes freed."""
-    folder = root / "chunks" / call_folder(call_id)
-    if not folder.is_dir():
-        return 0
-    freed = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    shutil.rmtree(folder, ignore_errors=True)
+def remove_call(root: Path, call_id: str, relpaths: Iterable[str] = ()) -> int:
+    """Delete a call's chunk folder; returns the bytes freed.
+
+    ``relpaths`` are the call's chunk rows: their folder is the call's whatever scheme
+    named it (folder names changed once: ids with capitals were verbatim before).
+    """
+    freed = 0
+    names = {call_folder(call_id)} | {PurePosixPath(p).parent.name for p in relpaths}
+    for name in names:
+        folder = root / "chunks" / name
+        if not name or not folder.is_dir():
+            continue
+        freed += sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
     return freed
