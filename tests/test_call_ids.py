@@ -16,6 +16,7 @@ from loguru import logger
 
 from devserver_fixture import RunningDevServer, running_dev_server
 from helpers import LogCapture, stored_events
+from pipecat_roark import spool
 from pipecat_roark.capture import call_id_problem
 from pipecat_roark.writer import close_all_writers, writer_for
 from test_capture_pipeline import timeline_without_audio
@@ -207,3 +208,13 @@ async def test_prune_removes_a_calls_folder_under_its_old_verbatim_name(
     done = cli(data_dir, "prune", "--older-than", "0s")
     assert done.returncode == 0, done.stderr
     assert list((data_dir / "chunks").iterdir()) == []
+
+
+def test_a_chunk_file_is_never_replaced_by_other_bytes(tmp_path: Path) -> None:
+    first = spool.write_chunk(tmp_path, "same-id", 0, b"first call's audio")
+    again = spool.write_chunk(tmp_path, "same-id", 0, b"first call's audio")  # a retried write
+    assert again == first
+    with pytest.raises(FileExistsError, match="a call id used twice"):
+        spool.write_chunk(tmp_path, "same-id", 0, b"second call's audio")
+    assert (tmp_path / first.relpath).read_bytes() == b"first call's audio"
+    assert [p.name for p in (tmp_path / first.relpath).parent.iterdir()] == ["000000.pcm"]
