@@ -14,11 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from loguru import logger
 
-from devserver_fixture import running_dev_server
+from devserver_fixture import RunningDevServer, running_dev_server
 from helpers import LogCapture, stored_events
+from pipecat_roark import spool
 from pipecat_roark.capture import call_id_problem
 from pipecat_roark.writer import close_all_writers, writer_for
 from test_capture_pipeline import timeline_without_audio
+from test_cli import cli
 from test_drain import assert_arrived_whole, chunk_files, record
 from test_writer_bulkheads import deliver
 
@@ -185,3 +187,34 @@ def test_any_text_is_stored_verbatim_or_refused_and_never_touches_another_call(
     else:
         assert stored == []
         assert len(lines) == 1 and problem in lines[0]
+
+
+async def test_prune_removes_a_calls_folder_under_its_old_verbatim_name(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    await record(data_dir, "Legacy-Call")
+    close_all_writers()
+    # As a version that named folders of ids with capitals verbatim left it:
+    current = next((data_dir / "chunks").iterdir())
+    current.rename(data_dir / "chunks" / "Legacy-Call")
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        conn.execute(
+            "UPDATE chunks SET path = 'chunks/Legacy-Call/' || substr(path, -10)"
+            " WHERE call_id = 'Legacy-Call'"
+        )
+    conn.close()
+    await deliver(data_dir, dev_server, "Legacy-Call")
+
+    done = cli(data_dir, "prune", "--older-than", "0s")
+    assert done.returncode == 0, done.stderr
+    assert list((data_dir / "chunks").iterdir()) == []
+
+
+def test_a_chunk_file_is_never_replaced_by_other_bytes(tmp_path: Path) -> None:
+    first = spool.write_chunk(tmp_path, "same-id", 0, b"first call's audio")
+    again = spool.write_chunk(tmp_path, "same-id", 0, b"first call's audio")  # a retried write
+    assert again == first
+    with pytest.raises(FileExistsError, match="a call id used twice"):
+        spool.write_chunk(tmp_path, "same-id", 0, b"second call's audio")
+    assert (tmp_path / first.relpath).read_bytes() == b"first call's audio"
+    assert [p.name for p in (tmp_path / first.relpath).parent.iterdir()] == ["000000.pcm"]

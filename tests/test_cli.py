@@ -117,8 +117,8 @@ async def test_a_killed_bot_is_recovered_by_cli_drain_whole_and_once(
 async def test_status_calls_show_and_export_report_exactly_what_the_database_holds(
     data_dir: Path, dev_server: RunningDevServer, tmp_path: Path
 ) -> None:
-    # The killed bot's own drainer may fail an attempt (it has no server) before the kill:
-    # its rows come first, so the last error below is the refused call's.
+    # The killed bot first: its drainer may have tried port 9 already, and the newest row
+    # with an error must be the one refused below.
     kill_bot_mid_call(data_dir, "still-open", chunk_bytes=8000)
     for n, call_id in enumerate(["good", "refused", "waiting"]):
         await record(data_dir, call_id, n)

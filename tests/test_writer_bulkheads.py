@@ -9,6 +9,7 @@ import asyncio
 import errno
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,11 +19,11 @@ from devserver_fixture import RunningDevServer
 from helpers import LogCapture, stored_events
 from pipecat_roark import RoarkObserver, faultpoints
 from pipecat_roark.drain import Drainer
-from pipecat_roark.events import BotText, UserText
+from pipecat_roark.events import BotText, CallOpened, UserText
 from pipecat_roark.testing import ScriptedCall, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
 from pipecat_roark.wire import encode
-from pipecat_roark.writer import writer_for
+from pipecat_roark.writer import OP_BARRIER, OP_OPEN, writer_for
 from test_capture_pipeline import timeline_without_audio
 from test_drain import KEY, QUICK, assert_arrived_whole, chunk_files, record, short_script
 
@@ -332,3 +333,29 @@ def assert_chunks_gapless(directory: Path, call_id: str) -> None:
             )
         ]
     assert indexes == list(range(len(indexes))) and len(indexes) >= 2
+
+
+async def test_a_flush_waiting_on_a_thread_that_died_restarts_it(
+    data_dir: Path, logs: LogCapture
+) -> None:
+    writer = writer_for(data_dir)
+    gate = threading.Event()
+    writer.submit((OP_BARRIER, lambda: gate.wait(30)))  # holds the thread until the gate opens
+    fired: list[bool] = []
+
+    def bomb() -> None:
+        if not fired:
+            fired.append(True)
+            raise Meteor("with the flush in its batch")
+
+    writer.add_commit_listener(bomb)
+    writer.submit((OP_OPEN, "lonely", CallOpened(at=1, agent_id="a"), None))
+    flushed = asyncio.ensure_future(writer.flush(30))
+    await asyncio.sleep(0)  # the flush's barrier is queued behind the open: one batch
+    gate.set()
+
+    assert await flushed, "no later record came: the waiting flush restarted the thread"
+    assert fired == [True] and writer.stats.restarts == 1
+    assert call_row(data_dir, "lonely") == ("open", None)
+    [line] = logs.matching("restarted it")
+    assert "had died (Meteor: with the flush in its batch)" in line

@@ -87,9 +87,12 @@ def prune_delivered(
     ]
     freed = 0
     for call_id in victims:
+        paths = [
+            p for (p,) in conn.execute("SELECT path FROM chunks WHERE call_id = ?", (call_id,))
+        ]
         with transaction(conn):
             conn.execute("DELETE FROM calls WHERE id = ?", (call_id,))  # rows cascade
-        freed += spool.remove_call(directory, call_id)
+        freed += spool.remove_call(directory, call_id, paths)
     return PruneResult(len(victims), freed)
 
 

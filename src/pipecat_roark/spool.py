@@ -16,8 +16,9 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import crashpoints
 
@@ -110,18 +111,37 @@ def write_chunk(root: Path, call_id: str, index: int, data: bytes) -> SpooledChu
     return SpooledChunk(rel, len(data), hashlib.sha256(data).hexdigest())
 
 
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
 def _link_no_clobber(tmp: Path, target: Path, data: bytes) -> None:
-    """Give ``tmp`` the name ``target`` unless that name exists (unlike a rename)."""
+    """Give ``tmp`` the name ``target`` unless that name exists (unlike a rename).
+
+    Where the filesystem has no hard links (some network and FUSE mounts), a rename
+    after an existence check does it: only this process's writer names its calls' chunks.
+    """
     try:
         os.link(tmp, target)
     except FileExistsError:
-        if target.read_bytes() != data:
-            raise FileExistsError(
-                errno.EEXIST,
-                "a different chunk file already has this name (a call id used twice?); "
-                "it is kept as it is",
-                str(target),
-            ) from None
+        _same_or_refuse(target, data)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if target.exists():
+            _same_or_refuse(target, data)
+        else:
+            os.replace(tmp, target)
+
+
+def _same_or_refuse(target: Path, data: bytes) -> None:
+    """Writing a chunk again with the same bytes is a no-op; other bytes never replace it."""
+    if target.read_bytes() != data:
+        raise FileExistsError(
+            errno.EEXIST,
+            "a different chunk file already has this name (a call id used twice?); "
+            "it is kept as it is",
+            str(target),
+        )
 
 
 def read_chunk(root: Path, relpath: str) -> bytes:
@@ -137,11 +157,18 @@ def discard_chunk(root: Path, relpath: str) -> None:
         target.parent.rmdir()
 
 
-def remove_call(root: Path, call_id: str) -> int:
-    """Delete a call's chunk folder; returns the bytes freed."""
-    folder = root / "chunks" / call_folder(call_id)
-    if not folder.is_dir():
-        return 0
-    freed = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    shutil.rmtree(folder, ignore_errors=True)
+def remove_call(root: Path, call_id: str, relpaths: Iterable[str] = ()) -> int:
+    """Delete a call's chunk folder; returns the bytes freed.
+
+    ``relpaths`` are the call's chunk rows: their folder is the call's whatever scheme
+    named it (folder names changed once: ids with capitals were verbatim before).
+    """
+    freed = 0
+    names = {call_folder(call_id)} | {PurePosixPath(p).parent.name for p in relpaths}
+    for name in names:
+        folder = root / "chunks" / name
+        if not name or not folder.is_dir():
+            continue
+        freed += sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
     return freed

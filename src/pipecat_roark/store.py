@@ -8,6 +8,7 @@ transcripts are personal data.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import stat
@@ -96,6 +97,8 @@ def make_private_dirs(path: Path) -> None:
             continue  # made by another process meanwhile: not ours to change
         if stat.S_IMODE(folder.stat().st_mode) != 0o700:  # an umask such as 0o277
             folder.chmod(0o700)
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(path))
 
 
 def ensure_dir(path: Path) -> None:

@@ -53,6 +53,10 @@ __all__ = [
 
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # 1 GiB
 DEFAULT_MIN_FREE_BYTES = 64 << 20  # keep 64 MiB free so events can still commit
+RESERVE_NAME = ".reserve"
+RESERVE_BYTES = 128 << 10
+"""A file kept in the data directory while there is room, and deleted when the disk is
+full: room for the events and the ends of calls once audio has stopped for lack of space."""
 OP_RETRY_DELAYS_S = (0.01, 0.05, 0.2, 0.5)
 """Backoff before each retry of one op that failed with a transient error (<1 s in all)."""
 
@@ -156,6 +160,7 @@ class Writer:
         self._faults: dict[str, set[tuple[int, str]]] = {}
         """Per open call, the (op kind, exception class) pairs that already cost a record."""
         self._spool_bytes = self._measure_spool()
+        self._keep_reserve()
         self._inflight: _Batch | None = None
         self._suspect: Op | None = None
         self._death: str | None = None
@@ -186,7 +191,12 @@ class Writer:
             return False
         done = threading.Event()
         self.submit((OP_BARRIER, done.set))
-        return done.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not done.wait(max(0.0, min(_WATCH_S, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return False
+            self._watch()
+        return True
 
     async def flush(self, limit_s: float) -> bool:
         """Wait, without blocking the event loop, until everything queued is committed."""
@@ -199,11 +209,18 @@ class Writer:
             loop.call_soon_threadsafe(_resolve, future)
 
         self.submit((OP_BARRIER, release))
-        try:
-            await asyncio.wait_for(asyncio.shield(future), limit_s)
-        except TimeoutError:
-            return False
-        return True
+        deadline = loop.time() + limit_s
+        while True:
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(future), max(0.0, min(_WATCH_S, deadline - loop.time()))
+                )
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    return False
+                self._watch()
+                continue
+            return True
 
     def close(self, timeout: float = 5.0) -> bool:
         """Commit what is queued, then stop the thread and close the connection."""
@@ -231,6 +248,11 @@ class Writer:
         )
         thread.start()
         return thread
+
+    def _watch(self) -> None:
+        """A flush that waits also restarts a thread that died with the flush queued."""
+        if self._death is not None:
+            self._restart()
 
     def _restart(self) -> None:
         with self._restart_lock:
@@ -270,7 +292,7 @@ class Writer:
                 batch.careful = True
                 if self._suspect is not None and batch.work and batch.work[0] is self._suspect:
                     op = batch.work.popleft()
-                    self._drop(op, RuntimeError(f"the writer thread died on it ({self._death})"))
+                    self._drop(op, RuntimeError("the writer thread died applying it"))
                 self._suspect = None
             else:
                 wait = max(0.0, next_heartbeat - time.monotonic())
@@ -370,6 +392,10 @@ class Writer:
     def _wait_for_database(
         self, batch: _Batch, exc: BaseException, logged: bool, delay: float
     ) -> bool:
+        if (_is_disk_full(exc) or _is_disk_full(exc.__cause__)) and (
+            self._release_reserve() or self._reclaim_wal()
+        ):
+            return logged  # room was made: retry at once
         if not logged:
             logger.error(
                 f"pipecat-roark: cannot write to {self.directory} ({exc}); "
@@ -386,6 +412,50 @@ class Writer:
             return True
         time.sleep(delay)
         return True
+
+    def _keep_reserve(self) -> None:
+        """(Re)create the reserve file when the disk has room for it twice over."""
+        path = self.directory / RESERVE_NAME
+        try:
+            if path.exists():
+                return
+            stat = os.statvfs(self.directory)
+            if stat.f_bavail * stat.f_frsize < 2 * RESERVE_BYTES + self.min_free_bytes:
+                return
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, bytes(RESERVE_BYTES))
+            finally:
+                os.close(fd)
+        except OSError:
+            path.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        try:
+            (self.directory / RESERVE_NAME).unlink()
+        except OSError:
+            return False
+        logger.warning(
+            f"pipecat-roark: the disk of {self.directory} is full; released the "
+            f"{RESERVE_BYTES >> 10} KiB reserve so calls' events and ends can still be written. "
+            "Free space or run `pipecat-roark drain` and `pipecat-roark prune`"
+        )
+        return True
+
+    def _reclaim_wal(self) -> bool:
+        """Copy the -wal into the database and truncate it; True if that freed space.
+
+        The -wal only shrinks at a checkpoint, and the automatic one waits for ~4 MB of
+        frames, mostly older copies of the same few pages: on a full disk that is the
+        room the end of a call needs.
+        """
+        wal = self.directory / f"{DB_NAME}-wal"
+        try:
+            before = wal.stat().st_size
+            self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            return wal.stat().st_size < before
+        except (OSError, sqlite3.Error, _DatabaseDown):
+            return False
 
     def _commit_one_by_one(self, batch: _Batch) -> bool:
         added = False
@@ -831,6 +901,7 @@ class Writer:
                         [(now, call_id) for call_id in self._open_calls],
                     )
             self._spool_bytes = self._measure_spool()
+            self._keep_reserve()
         except Exception as exc:
             logger.warning(f"pipecat-roark: heartbeat to {self.directory} failed: {exc}")
 
@@ -868,7 +939,7 @@ def _connect_or_quarantine(directory: Path) -> sqlite3.Connection:
         return connect(directory)
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+def _is_disk_full(exc: BaseException | None) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in _DISK_FULL
     return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
@@ -894,6 +965,9 @@ def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 
+
+_WATCH_S = 0.5
+"""How often a waiting flush checks that the writer thread is still alive."""
 
 _WRITERS: dict[Path, Writer] = {}
 _WRITERS_LOCK = threading.Lock()
