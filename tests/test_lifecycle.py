@@ -152,7 +152,7 @@ def test_a_host_that_handles_sigterm_lets_its_calls_finish_and_deliver(
     paths = [(r["method"], r["path"], r["idempotencyKey"]) for r in dev_server.requests()]
     ended_at = paths.index(("POST", "/v1/integrations/pipecat", "call-t:call-ended"))
     puts = [i for i, (m, p, _) in enumerate(paths) if m == "PUT" and "/call-t/" in p]
-    assert len(puts) == len(chunk_files(directory, "call-t"))
+    assert len({paths[i][1] for i in puts}) == len(chunk_files(directory, "call-t"))
     assert max(puts) < ended_at, "call-ended after the last chunk"
 
     # A call that started after the SIGTERM is recorded and finalized at exit like any other.
