@@ -147,6 +147,14 @@ def call_row(directory: Path, call_id: str) -> tuple[str, str | None, int, str]:
 
 def assert_complete(server: RunningDevServer, directory: Path, call_id: str) -> None:
     """Every turn and chunk, call-ended once and after the last chunk, its real reason."""
+    with sqlite3.connect(directory / "wal.sqlite") as conn:
+        rows = conn.execute(
+            "SELECT idempotency_key, state, attempts, last_error, lease_owner FROM deliveries"
+            " WHERE call_id = ? AND state != 'delivered'",
+            (call_id,),
+        ).fetchall()
+    conn.close()
+    assert rows == [], f"undelivered rows of {call_id}: {rows}"
     call = assert_arrived_whole(server, directory, call_id)
     ended = call["callEnded"]
     assert ended["callEndedReason"] == REASON

@@ -194,3 +194,36 @@ def test_one_call_that_cannot_be_finalized_keeps_no_other_open(
         assert states == [(c, "ended", "observer-lost") for c in ("a", "b", "c")]
     finally:
         conn.close()
+
+
+def test_the_exit_drain_takes_back_only_the_leases_of_its_own_process(tmp_path: Path) -> None:
+    for call_id in ("a", "b", "c", "d"):
+        open_call(tmp_path, call_id, current_owner())
+    me = current_owner()
+    identity = parse_identity(me.token)
+    assert identity is not None
+    other_ns = Identity(identity.boot_id, "4026500000", identity.start, 5000, "").token()
+    holders = {
+        "a": outbox.lease_owner_id(me, "cancelled-drainer"),
+        "b": outbox.lease_owner_id(Owner(me.host, me.pid, identity.token()), "other-heartbeat"),
+        "c": outbox.lease_owner_id(Owner(me.host, me.pid, other_ns), "pid-1-elsewhere"),
+        "d": outbox.lease_owner_id(Owner("other-host", me.pid, me.token), "same-pid-elsewhere"),
+    }
+    conn = connect(tmp_path)
+    try:
+        for call_id, holder in holders.items():
+            [row] = outbox.claim(
+                conn,
+                owner=holder,
+                now=now_us(),
+                lease_us=60_000_000,
+                limit=1,
+                key_fp=None,
+                call_id=call_id,
+            )
+            assert row.call_id == call_id
+        assert outbox.release_process_leases(conn, me) == 2
+        states = dict(conn.execute("SELECT call_id, state FROM deliveries").fetchall())
+        assert states == {"a": "pending", "b": "pending", "c": "leased", "d": "leased"}
+    finally:
+        conn.close()

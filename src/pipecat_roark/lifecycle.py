@@ -237,9 +237,26 @@ async def _drain_targets(
         if remaining <= 0:
             return
         try:
+            _release_leases_of_this_process(directory)
             await Drainer(directory, api_key, base_url, inline_db=True).run_once(budget_s=remaining)
         except Exception as exc:
             logger.error(f"pipecat-roark: final drain of {directory} failed: {exc}")
+
+
+def _release_leases_of_this_process(directory: Path) -> None:
+    """The process's own drainers are gone or stuck: what they held is the exit drain's now
+    (a row they did send goes again with the same idempotency key)."""
+    from .outbox import release_process_leases
+    from .owner import current_owner
+    from .store import connect
+
+    conn = connect(directory)
+    try:
+        released = release_process_leases(conn, current_owner())
+    finally:
+        conn.close()
+    if released:
+        logger.debug(f"pipecat-roark: the exit drain took back {released} lease(s) of this process")
 
 
 async def deliver_before_exit(

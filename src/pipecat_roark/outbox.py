@@ -16,7 +16,7 @@ from loguru import logger
 
 from . import faultpoints
 from .events import decode_event
-from .owner import Owner, effective_grace_us, owner_is_gone
+from .owner import Owner, effective_grace_us, owner_is_gone, parse_identity
 from .store import finalize_call, transaction
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "lease_owner_id",
     "release",
     "release_dead_owners",
+    "release_process_leases",
     "undelivered_audio_bytes",
     "unpause_key",
 ]
@@ -205,6 +206,30 @@ def lease_owner_id(owner: Owner, instance: str) -> str:
     """A lease owner names its process (with the identity that makes its pid meaningful),
     so a checker in the same PID namespace can take a dead process's leases back early."""
     return f"{owner.host}|{owner.pid}|{owner.token}|{instance}"
+
+
+def release_process_leases(conn: sqlite3.Connection, owner: Owner) -> int:
+    """At exit, every lease this process still holds goes back: a drainer cancelled while
+    its claim was in flight leaves one behind, and the exit drain must not wait out a
+    lease of its own process (on an ephemeral disk, that row would be lost)."""
+    mine = parse_identity(owner.token)
+    released = 0
+    for (lease_owner,) in conn.execute(
+        "SELECT DISTINCT lease_owner FROM deliveries WHERE state = 'leased'"
+    ).fetchall():
+        parts = str(lease_owner).split("|")
+        if len(parts) != 4 or parts[:2] != [owner.host, str(owner.pid)]:
+            continue
+        theirs = parse_identity(parts[2])
+        same = parts[2] == owner.token or (
+            mine is not None
+            and theirs is not None
+            and (theirs.boot_id, theirs.pid_ns, theirs.start)
+            == (mine.boot_id, mine.pid_ns, mine.start)
+        )
+        if same:
+            released += release(conn, str(lease_owner))
+    return released
 
 
 def release_dead_owners(conn: sqlite3.Connection) -> int:
