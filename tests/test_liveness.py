@@ -26,6 +26,7 @@ import pytest
 from devserver_fixture import RunningDevServer
 from pipecat_roark import outbox
 from pipecat_roark.drain import Drainer, DrainPolicy
+from pipecat_roark.lifecycle import DEFAULT_EXIT_DRAIN_S
 from pipecat_roark.owner import ENV_HEARTBEAT_S, ENV_ORPHAN_GRACE_S, owner_is_gone, parse_identity
 from pipecat_roark.store import connect, now_us
 from test_drain import KEY, assert_arrived_whole, chunk_rows, record, stored_under
@@ -33,6 +34,7 @@ from test_drain import KEY, assert_arrived_whole, chunk_rows, record, stored_und
 HERE = Path(__file__).parent
 BOT = HERE / "liveness_bot.py"
 WORKER = HERE / "drain_worker.py"
+LIFECYCLE_BOT = HERE / "lifecycle_bot.py"
 TURNS = ["Hello, thanks for calling.", "I need to change my address.", "Sure, what is the new one?"]
 TURNS += ["Ten Main Street.", "Done. Anything else?", "No, bye.", "Goodbye!"]
 REASON = "customer-ended-call"
@@ -145,6 +147,14 @@ def call_row(directory: Path, call_id: str) -> tuple[str, str | None, int, str]:
 
 def assert_complete(server: RunningDevServer, directory: Path, call_id: str) -> None:
     """Every turn and chunk, call-ended once and after the last chunk, its real reason."""
+    with sqlite3.connect(directory / "wal.sqlite") as conn:
+        rows = conn.execute(
+            "SELECT idempotency_key, state, attempts, last_error, lease_owner FROM deliveries"
+            " WHERE call_id = ? AND state != 'delivered'",
+            (call_id,),
+        ).fetchall()
+    conn.close()
+    assert rows == [], f"undelivered rows of {call_id}: {rows}"
     call = assert_arrived_whole(server, directory, call_id)
     ended = call["callEnded"]
     assert ended["callEndedReason"] == REASON
@@ -152,7 +162,8 @@ def assert_complete(server: RunningDevServer, directory: Path, call_id: str) -> 
     requests = [(r["method"], r["path"], r["idempotencyKey"]) for r in server.requests()]
     ended_at = requests.index(("POST", "/v1/integrations/pipecat", f"{call_id}:call-ended"))
     puts = [i for i, (m, p, _) in enumerate(requests) if m == "PUT" and stored_under(call_id, p)]
-    assert len(puts) == len(chunk_rows(directory, call_id)) >= 10
+    chunks = {requests[i][1] for i in puts}  # a PUT may be repeated: it is idempotent
+    assert len(chunks) == len(chunk_rows(directory, call_id)) >= 10
     assert max(puts) < ended_at, "call-ended went out after the last chunk"
 
 
@@ -325,3 +336,25 @@ def leased(directory: Path) -> list[tuple[int, str]]:
         ).fetchall()
     conn.close()
     return [(int(i), str(o)) for i, o in rows]
+
+
+def test_a_bot_that_is_pid_1_of_its_container_still_leaves_on_sigterm(directory: Path) -> None:
+    """As pid 1 (a container without an init) the kernel ignores a signal whose action is
+    the default: re-raising SIGTERM cannot end the process, so it must leave by itself."""
+    bot_pid_1 = in_own_pid_namespace(
+        [sys.executable, str(LIFECYCLE_BOT), str(directory), "call-t", "default"],
+        env(directory, None),
+    )
+    try:
+        assert bot_pid_1.stdout is not None
+        assert bot_pid_1.stdout.readline().strip() == "ready"
+        os.kill(child_pid(bot_pid_1), signal.SIGTERM)
+        try:
+            bot_pid_1.wait(timeout=DEFAULT_EXIT_DRAIN_S + 10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("pid 1 did not leave after SIGTERM")
+    finally:
+        cleanup(bot_pid_1)
+        bot_pid_1.communicate()
+    assert bot_pid_1.returncode == 128 + signal.SIGTERM
+    assert call_row(directory, "call-t")[:2] == ("ended", "process-exit")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import LogCapture
-from pipecat_roark import outbox
+from pipecat_roark import faultpoints, outbox
 from pipecat_roark.events import CallOpened
 from pipecat_roark.owner import (
     ENV_HEARTBEAT_S,
@@ -171,3 +171,59 @@ def test_bad_liveness_settings_are_named_once_and_the_defaults_used(
         writer.close()
     monkeypatch.setenv(ENV_HEARTBEAT_S, "0.5")
     assert parse_identity(current_owner(heartbeat_interval_s()).token).heartbeat_ms == 500  # type: ignore[union-attr]
+
+
+def test_one_call_that_cannot_be_finalized_keeps_no_other_open(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    elsewhere = Owner("same-host", 1, "v2:other-boot:1:5:5000:")
+    heartbeat = max(open_call(tmp_path, call_id, elsewhere) for call_id in ("a", "b", "c"))
+    later = heartbeat + 60_000_000
+    conn = connect(tmp_path)
+    try:
+        faultpoints.inject("drain:finalize-orphan", RuntimeError("boom"), call_id="b")
+        try:
+            assert outbox.finalize_orphans(conn, now=later, grace_us=20_000_000) == ["a", "c"]
+        finally:
+            faultpoints.clear()
+        [line] = logs.matching("could not finalize call 'b'")
+        assert "(RuntimeError: boom)" in line and "tried again" in line
+        assert conn.execute("SELECT state FROM calls WHERE id = 'b'").fetchone() == ("open",)
+        assert outbox.finalize_orphans(conn, now=later, grace_us=20_000_000) == ["b"]
+        states = conn.execute("SELECT id, state, end_reason FROM calls ORDER BY id").fetchall()
+        assert states == [(c, "ended", "observer-lost") for c in ("a", "b", "c")]
+    finally:
+        conn.close()
+
+
+def test_the_exit_drain_takes_back_only_the_leases_of_its_own_process(tmp_path: Path) -> None:
+    for call_id in ("a", "b", "c", "d"):
+        open_call(tmp_path, call_id, current_owner())
+    me = current_owner()
+    identity = parse_identity(me.token)
+    assert identity is not None
+    other_ns = Identity(identity.boot_id, "4026500000", identity.start, 5000, "").token()
+    holders = {
+        "a": outbox.lease_owner_id(me, "cancelled-drainer"),
+        "b": outbox.lease_owner_id(Owner(me.host, me.pid, identity.token()), "other-heartbeat"),
+        "c": outbox.lease_owner_id(Owner(me.host, me.pid, other_ns), "pid-1-elsewhere"),
+        "d": outbox.lease_owner_id(Owner("other-host", me.pid, me.token), "same-pid-elsewhere"),
+    }
+    conn = connect(tmp_path)
+    try:
+        for call_id, holder in holders.items():
+            [row] = outbox.claim(
+                conn,
+                owner=holder,
+                now=now_us(),
+                lease_us=60_000_000,
+                limit=1,
+                key_fp=None,
+                call_id=call_id,
+            )
+            assert row.call_id == call_id
+        assert outbox.release_process_leases(conn, me) == 2
+        states = dict(conn.execute("SELECT call_id, state FROM deliveries").fetchall())
+        assert states == {"a": "pending", "b": "pending", "c": "leased", "d": "leased"}
+    finally:
+        conn.close()

@@ -11,7 +11,7 @@ Points (each is a step that handles one call's data):
 - writer: ``writer:open``, ``writer:event``, ``writer:chunk-file``, ``writer:chunk``,
   ``writer:finalize``
 - drainer: ``drain:load``, ``drain:assemble``, ``drain:mint-url``, ``drain:read-chunk``,
-  ``drain:put``, ``drain:post``, ``drain:mark-delivered``
+  ``drain:put``, ``drain:post``, ``drain:mark-delivered``, ``drain:finalize-orphan``
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ POINTS = (
     "drain:put",
     "drain:post",
     "drain:mark-delivered",
+    "drain:finalize-orphan",
 )
 
 _ARMED: dict[str, tuple[str | None, BaseException, int]] = {}

@@ -65,8 +65,10 @@ _DELIVERY_TARGETS: dict[tuple[Path, str], tuple[str, str | None, float, bool]] =
 """(directory, key) → (key, base URL, exit drain limit, keep delivered audio)."""
 _LOCK = threading.Lock()
 _atexit_installed = False
-_wake_fd: int | None = None
-"""Write end of the pipe the SIGTERM handler wakes the shutdown thread through."""
+_wake: tuple[int, int] | None = None
+"""(pid, write end of the pipe) the SIGTERM handler wakes the shutdown thread through. The
+pid: a forked child inherits the handler and the pipe but not the thread, and must never
+wake its parent's."""
 _ready_to_die = False
 _host_shutdown = False
 
@@ -110,6 +112,8 @@ def install_exit_hooks() -> None:
         return
     current = signal.getsignal(signal.SIGTERM)
     if current is None or current is signal.SIG_IGN or getattr(current, "_pipecat_roark", False):
+        if current is _on_sigterm:  # ours, maybe inherited by a forked child: its own thread
+            _start_shutdown_thread()
         return  # a handler outside Python's reach, ignored on purpose, or ours already
     try:
         if current is signal.SIG_DFL:
@@ -133,28 +137,28 @@ def _chain_to_host(host: Callable[[int, FrameType | None], Any]) -> Callable[...
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     """Nobody else handles SIGTERM: wake the shutdown thread, or die once it is done."""
-    if _ready_to_die:
+    wake = _wake
+    if _ready_to_die or wake is None or wake[0] != os.getpid():  # done, or no thread here
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return
-    if _wake_fd is not None:
-        with contextlib.suppress(OSError):  # a full pipe: the thread is awake already
-            os.write(_wake_fd, b"\0")
+    with contextlib.suppress(OSError):  # a full pipe: the thread is awake already
+        os.write(wake[1], b"\0")
 
 
 _on_sigterm._pipecat_roark = True  # type: ignore[attr-defined]
 
 
 def _start_shutdown_thread() -> None:
-    global _wake_fd
-    if _wake_fd is not None:
+    global _wake
+    if _wake is not None and _wake[0] == os.getpid():
         return
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     threading.Thread(
         target=_shutdown_on_wake, args=(read_fd,), name="pipecat-roark-sigterm", daemon=True
     ).start()
-    _wake_fd = write_fd
+    _wake = (os.getpid(), write_fd)
 
 
 def _shutdown_on_wake(read_fd: int) -> None:
@@ -243,11 +247,28 @@ async def _drain_targets(
         if remaining <= 0:
             return
         try:
+            _release_leases_of_this_process(directory)
             policy = DrainPolicy(keep_delivered_audio=keep)
             drainer = Drainer(directory, api_key, base_url, policy, inline_db=True)
             await drainer.run_once(budget_s=remaining)
         except Exception as exc:
             logger.error(f"pipecat-roark: final drain of {directory} failed: {exc}")
+
+
+def _release_leases_of_this_process(directory: Path) -> None:
+    """The process's own drainers are gone or stuck: what they held is the exit drain's now
+    (a row they did send goes again with the same idempotency key)."""
+    from .outbox import release_process_leases
+    from .owner import current_owner
+    from .store import connect
+
+    conn = connect(directory)
+    try:
+        released = release_process_leases(conn, current_owner())
+    finally:
+        conn.close()
+    if released:
+        logger.debug(f"pipecat-roark: the exit drain took back {released} lease(s) of this process")
 
 
 async def deliver_before_exit(

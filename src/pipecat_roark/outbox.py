@@ -12,8 +12,11 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from loguru import logger
+
+from . import faultpoints
 from .events import decode_event
-from .owner import Owner, effective_grace_us, owner_is_gone
+from .owner import Owner, effective_grace_us, owner_is_gone, parse_identity
 from .store import finalize_call, transaction
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "release",
     "release_dead_owners",
     "renew_leases",
+    "release_process_leases",
     "undelivered_audio_bytes",
     "unpause_key",
 ]
@@ -225,6 +229,30 @@ def lease_owner_id(owner: Owner, instance: str) -> str:
     return f"{owner.host}|{owner.pid}|{owner.token}|{instance}"
 
 
+def release_process_leases(conn: sqlite3.Connection, owner: Owner) -> int:
+    """At exit, every lease this process still holds goes back: a drainer cancelled while
+    its claim was in flight leaves one behind, and the exit drain must not wait out a
+    lease of its own process (on an ephemeral disk, that row would be lost)."""
+    mine = parse_identity(owner.token)
+    released = 0
+    for (lease_owner,) in conn.execute(
+        "SELECT DISTINCT lease_owner FROM deliveries WHERE state = 'leased'"
+    ).fetchall():
+        parts = str(lease_owner).split("|")
+        if len(parts) != 4 or parts[:2] != [owner.host, str(owner.pid)]:
+            continue
+        theirs = parse_identity(parts[2])
+        same = parts[2] == owner.token or (
+            mine is not None
+            and theirs is not None
+            and (theirs.boot_id, theirs.pid_ns, theirs.start)
+            == (mine.boot_id, mine.pid_ns, mine.start)
+        )
+        if same:
+            released += release(conn, str(lease_owner))
+    return released
+
+
 def release_dead_owners(conn: sqlite3.Connection) -> int:
     """Leases of drainers certainly dead go back at once, not at expiry.
 
@@ -299,20 +327,39 @@ def finalize_orphans(
         cutoff = now - effective_grace_us(token, grace_us)
         if gone is None and heartbeat_at >= cutoff:  # not ours to judge: trust the heartbeat
             continue
-        with transaction(conn):
-            if gone is None:
-                fresh = conn.execute(
-                    "SELECT 1 FROM calls WHERE id = ? AND heartbeat_at >= ?", (orphan, cutoff)
-                ).fetchone()
-                if fresh is not None:  # it heartbeated after we looked
-                    continue
-            last = conn.execute(
-                "SELECT body FROM events WHERE call_id = ? ORDER BY id DESC LIMIT 1", (orphan,)
-            ).fetchone()
-            at = _event_time(last[0]) if last else None
-            if finalize_call(conn, orphan, at or heartbeat_at, reason, add_event=True, now=now):
+        try:
+            if _finalize_one(conn, orphan, None if gone else cutoff, heartbeat_at, reason, now):
                 finalized.append(orphan)
+        except Exception as exc:  # one call's trouble must not keep the others open
+            logger.error(
+                f"pipecat-roark: could not finalize call {orphan!r} whose owner is gone "
+                f"({type(exc).__name__}: {exc}); the other calls go on and it is tried again"
+            )
     return finalized
+
+
+def _finalize_one(
+    conn: sqlite3.Connection,
+    call_id: str,
+    fresh_after: int | None,
+    heartbeat_at: int,
+    reason: str,
+    now: int,
+) -> bool:
+    with transaction(conn):
+        faultpoints.reached("drain:finalize-orphan", call_id)
+        if (
+            fresh_after is not None
+            and conn.execute(
+                "SELECT 1 FROM calls WHERE id = ? AND heartbeat_at >= ?", (call_id, fresh_after)
+            ).fetchone()
+        ):
+            return False  # it heartbeated after we looked
+        last = conn.execute(
+            "SELECT body FROM events WHERE call_id = ? ORDER BY id DESC LIMIT 1", (call_id,)
+        ).fetchone()
+        at = _event_time(last[0]) if last else None
+        return finalize_call(conn, call_id, at or heartbeat_at, reason, add_event=True, now=now)
 
 
 def _event_time(body: bytes) -> int | None:
