@@ -158,7 +158,7 @@ class Drainer:
                 self._probe()
                 report.finalized = await self._db(self._finalize_orphans, call_id)
                 while True:
-                    await self._deliver_due(client, report, call_id)
+                    await self._deliver_due(client, report, call_id, deadline)
                     if report.paused:
                         break
                     wait = await self._db(self._next_due_in, call_id)
@@ -220,12 +220,18 @@ class Drainer:
     # ---- delivery ----
 
     async def _deliver_due(
-        self, client: RoarkClient, report: DrainReport, call_id: str | None
+        self,
+        client: RoarkClient,
+        report: DrainReport,
+        call_id: str | None,
+        deadline: float | None = None,
     ) -> None:
-        """Workers claim one row at a time until nothing is claimable (or the key is refused)."""
+        """Workers claim rows until nothing is claimable, the key is refused, or the
+        ``deadline`` (monotonic) passes: rows that fail fast become due again at once,
+        and without it a budgeted drain would never return."""
 
         async def worker() -> None:
-            while not report.paused:
+            while not report.paused and (deadline is None or time.monotonic() < deadline):
                 rows = await self._db(self._claim, call_id)
                 if not rows:
                     return
