@@ -37,6 +37,7 @@ from pipecat_roark.events import ChunkRecorded
 from pipecat_roark.store import connect
 from pipecat_roark.timeline import assemble_call_ended, assemble_call_started, load_events
 from pipecat_roark.wire import encode
+from test_drain import assert_in_order
 
 BOT = Path(__file__).with_name("capture_bot.py")
 KEY = "rk_crash_key"  # the bot's (capture_bot.KEY)
@@ -253,12 +254,15 @@ def check_arrival(
         assert server.recording(call_id)[44:] == audio, f"seed {seed}: recording differs"
     keys = call["idempotencyKeys"]
     assert all(k.startswith(f"{call_id}:") for k in keys), f"seed {seed}"
+    assert_in_order(call, len(chunks))
     return len(chunks)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDevServer]:
-    with running_dev_server(tmp_path_factory.mktemp("e2e-server")) as running:
+    # Strict order: a recovery that sent a chunk before call-started, or call-ended before
+    # a chunk, is refused (409) and the call cannot arrive whole.
+    with running_dev_server(tmp_path_factory.mktemp("e2e-server"), strict_order=True) as running:
         yield running
 
 
@@ -314,6 +318,7 @@ def test_a_kill_is_counted_only_when_the_process_died_of_sigkill() -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(4 * 3600)
 def test_hundreds_of_kill_points_lose_and_duplicate_nothing(
     tmp_path: Path, server: RunningDevServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
