@@ -54,7 +54,10 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
     return proc.returncode, lines[-1] if lines else ""
 
 
-def kill_bot_mid_call(directory: Path, call_id: str, chunk_bytes: int = 256 * 1024) -> None:
+def start_bot_mid_call(
+    directory: Path, call_id: str, chunk_bytes: int = 256 * 1024
+) -> subprocess.Popen[str]:
+    """A live bot, mid-call (everything so far committed), recording under our key."""
     env = {k: v for k, v in os.environ.items() if k not in ("ROARK_API_KEY", "ROARK_BASE_URL")}
     env["ROARK_API_KEY"] = KEY  # the bot records under our key; it has no server to deliver to
     env["ROARK_BASE_URL"] = "http://127.0.0.1:9"
@@ -68,11 +71,22 @@ def kill_bot_mid_call(directory: Path, call_id: str, chunk_bytes: int = 256 * 10
     assert proc.stdout is not None
     try:
         assert proc.stdout.readline().strip() == "ready"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(30)
-        proc.stdout.close()
+    except BaseException:
+        kill(proc)
+        raise
+    return proc
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert proc.stdout is not None
+    proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
+
+
+def kill_bot_mid_call(directory: Path, call_id: str, chunk_bytes: int = 256 * 1024) -> None:
+    kill(start_bot_mid_call(directory, call_id, chunk_bytes))
 
 
 @pytest.mark.anyio
@@ -189,3 +203,20 @@ async def test_a_call_of_another_host_waits_for_its_heartbeat_grace_then_ends_on
     assert [e.reason for e in closed] == ["observer-lost"]
     call = assert_arrived_whole(dev_server, data_dir, "elsewhere")
     assert call["callEnded"]["callEndedReason"] == "observer-lost"
+
+
+@pytest.mark.anyio
+async def test_a_live_bots_call_is_left_alone_until_its_process_dies(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    bot = start_bot_mid_call(data_dir, "alive")
+    try:  # its owner lives on this host: no heartbeat age makes it an orphan
+        stale = replace(QUICK, orphan_grace_s=0.0)
+        report = await Drainer(data_dir, KEY, dev_server.base_url, stale).run_once(budget_s=30)
+        assert report.finalized == []
+        assert dev_server.call("alive")["callEnded"] is None
+    finally:
+        kill(bot)
+    report = await Drainer(data_dir, KEY, dev_server.base_url, QUICK).run_once(budget_s=30)
+    assert report.finalized == ["alive"]
+    assert dev_server.call("alive")["callEnded"]["callEndedReason"] == "observer-lost"
