@@ -86,14 +86,14 @@ MUTANTS = (
         "src/pipecat_roark/outbox.py",
         "AND s.kind = 'call-started' AND s.state IN ('delivered', 'dead')",
         "AND s.kind = 'call-started'",
-        (DRAIN + "test_a_recorded_call_arrives_whole_and_in_order",),
+        (DRAIN + "test_chunks_wait_for_call_started_and_call_ended_waits_for_every_chunk",),
     ),
     Mutant(
         "order: call-ended does not wait for the chunks",
         "src/pipecat_roark/outbox.py",
         "AND x.kind = 'chunk' AND x.state NOT IN ('delivered', 'dead')",
         "AND x.kind = 'chunk' AND 0",
-        (DRAIN + "test_a_recorded_call_arrives_whole_and_in_order",),
+        (DRAIN + "test_chunks_wait_for_call_started_and_call_ended_waits_for_every_chunk",),
     ),
     Mutant(
         "tail: the end of a call does not wait for the last chunk",
@@ -102,6 +102,13 @@ MUTANTS = (
         "        deadline = loop.time() + TAIL_WAIT_S\n",
         "        return\n",
         ("tests/test_tail.py::test_a_stop_frame_keeps_the_tail",),
+    ),
+    Mutant(
+        "played words: no word counts as played",
+        "src/pipecat_roark/observer.py",
+        "played = isinstance(data.source, BaseOutputTransport) and (",
+        "played = False and (",
+        ("tests/test_played_words.py",),
     ),
     Mutant(
         "orphans: a call of another host is never finalized",

@@ -349,3 +349,20 @@ async def test_run_once_keeps_its_budget_while_every_row_fails_fast(
     report = await asyncio.wait_for(drainer.run_once(budget_s=0.5), timeout=60)
     assert report.delivered == 0 and report.retried > 0
     assert report.pending == len(delivery_states(data_dir)), "nothing lost, nothing dead"
+
+
+async def test_chunks_wait_for_call_started_and_call_ended_waits_for_every_chunk(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    await record(data_dir, "order-1")
+    # One request at a time, so the sequence is known: call-started is refused once, then
+    # the first chunk's URL, which may come back only after a second (Retry-After) while
+    # the other chunks go. A drainer that sent a chunk before call-started, or call-ended
+    # before that chunk, would be refused (409) by the strict server.
+    dev_server.configure(status_sequence=[503, 200, 429], retry_after_s=1.0)
+    one_by_one = DrainPolicy(
+        concurrency=1, claim_batch=1, backoff_base_s=0.01, backoff_cap_s=0.05, poll_s=0.05
+    )
+    report = await Drainer(data_dir, KEY, dev_server.base_url, one_by_one).run_once(budget_s=60)
+    assert report.complete and report.retried == 2, str(report)
+    assert_arrived_whole(dev_server, data_dir, "order-1")  # in order, nothing refused
