@@ -168,7 +168,8 @@ async def test_aflush_keeps_the_tail(data_dir: Path, dev_server: RunningDevServe
 async def test_the_idle_watchdog_keeps_the_tail(
     data_dir: Path, dev_server: RunningDevServer
 ) -> None:
-    roark = observer("tail-idle", idle_timeout_s=0.3)
+    # The script takes a fraction of a second; the watchdog fires 2 s after its last frame.
+    roark = observer("tail-idle", idle_timeout_s=2.0)
     committed = asyncio.Event()
     ended = asyncio.Event()
     loop = asyncio.get_running_loop()
