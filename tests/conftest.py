@@ -38,7 +38,12 @@ def logs() -> Iterator[LogCapture]:
 
 
 @pytest.fixture
-def dev_server(tmp_path: Path) -> Iterator[RunningDevServer]:
-    """A real Roark-compatible server on 127.0.0.1 (no faults; `.configure(...)` adds some)."""
-    with running_dev_server(tmp_path) as server:
+def dev_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RunningDevServer]:
+    """A real Roark-compatible server on 127.0.0.1 (no faults; `.configure(...)` adds some).
+
+    Under ``@pytest.mark.strict_order`` it refuses requests of a call that arrive out of
+    order (409), so a drainer that breaks the order fails the test.
+    """
+    strict = request.node.get_closest_marker("strict_order") is not None
+    with running_dev_server(tmp_path, strict_order=strict) as server:
         yield server

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,22 @@ class RunningDevServer:
 
     def configure(self, **changes: Any) -> None:
         self.http.post("/_dev/config", json=changes).raise_for_status()
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 60.0) -> bool:
+        """Block until ``condition()`` holds, looking again after every answered request
+        (no polling interval to tune); False when ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        changed = self.server.answered_changed
+        while True:
+            with changed:
+                seen = self.server.answered
+            if condition():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with changed:
+                changed.wait_for(lambda s=seen: self.server.answered != s, timeout=remaining)
 
 
 @contextmanager

@@ -2,7 +2,8 @@
 
     python drain_worker.py DATA_DIR API_KEY BASE_URL [GATE_FILE]
 Prints the drain report as one JSON line. With GATE_FILE it first prints "ready" and
-waits (bounded) until that file exists, so several workers start draining together.
+waits (bounded) until that file exists, so several workers start draining together;
+it then delivers one row at a time, so each worker has at most one request in flight.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pipecat_roark.drain import Drainer, DrainPolicy
@@ -25,7 +27,8 @@ async def main(directory: Path, key: str, base_url: str, gate: str | None = None
             if Path(gate).exists():
                 break
             time.sleep(0.01)
-    report = await Drainer(directory, key, base_url, QUICK).run_once(budget_s=60)
+    policy = QUICK if gate is None else replace(QUICK, concurrency=1, claim_batch=1)
+    report = await Drainer(directory, key, base_url, policy).run_once(budget_s=60)
     line = {"delivered": report.delivered, "pending": report.pending, "dead": report.dead_total}
     print(json.dumps(line), flush=True)
 

@@ -21,7 +21,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from helpers import LogCapture, stored_events, without_times
+from helpers import LogCapture, skip_outside_ci, stored_events, without_times
 from pipecat_roark import RoarkObserver
 from pipecat_roark.capture import MAX_TEXT_CHARS
 from pipecat_roark.store import SCHEMA_VERSION
@@ -122,7 +122,7 @@ def tmpfs(mount: Path, size: str) -> Iterator[Path]:
         text=True,
     )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+        skip_outside_ci(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
     try:
         yield mount
     finally:

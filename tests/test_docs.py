@@ -4,6 +4,7 @@ match the code."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import os
 import re
@@ -168,3 +169,34 @@ def test_the_environment_table_names_every_variable_the_code_reads() -> None:
         read |= set(re.findall(r"[\"']((?:PIPECAT_)?ROARK_[A-Z_]+)[\"']", path.read_text()))
     documented = {r[0].strip("`") for r in _table("| environment variable | default | used by |")}
     assert documented == read
+
+
+def test_every_guarantee_names_tests_that_exist() -> None:
+    rows = [
+        [cell.strip() for cell in row.strip().strip("|").split(" | ")]
+        for row in _section("| guarantee | proved by |").splitlines()[2:]
+        if row.startswith("| ")
+    ]
+    assert len(rows) >= 10, "the guarantees table was found"
+    for guarantee, proof in rows:
+        named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", proof)
+        assert named, f"a guarantee without a test: {guarantee[:80]}"
+        for path, name in named:
+            assert name in test_names(ROOT / path), f"{path}::{name} does not exist"
+
+
+def _section(header: str) -> str:
+    return README.split(header, 1)[1].split("\n\n", 1)[0]
+
+
+def test_names(path: Path) -> set[str]:
+    """The test functions a file defines (parsed, not imported)."""
+    if not path.exists():
+        return set()
+    tree = ast.parse(path.read_text())
+    return {
+        node.name
+        for node in tree.body
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.name.startswith("test_")
+    }

@@ -1,4 +1,8 @@
-"""The drainer against the real dev server over 127.0.0.1: every call once, in order, whole."""
+"""The drainer against the real dev server over 127.0.0.1: every call once, in order, whole.
+
+The server runs in strict order mode: a request of a call that arrives out of Roark's
+order (a chunk before call-started, call-ended before its chunks) is refused with 409.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
 from pipecat_roark.wire import encode
 from pipecat_roark.writer import writer_for
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.strict_order]
 
 KEY = "rk_live_drain"
 QUICK = DrainPolicy(backoff_base_s=0.01, backoff_cap_s=0.05, max_attempts=200, poll_s=0.05)
@@ -113,7 +117,22 @@ def assert_arrived_whole(
         assert stored[str(index)]["sha256"] == sha
         assert hashlib.sha256(recording[offset : offset + size]).hexdigest() == sha
         offset += size
+    assert_in_order(call, len(rows))
     return call
+
+
+def assert_in_order(call: dict[str, Any], chunks: int) -> None:
+    """Roark's per-call order, as the requests arrived at the server: call-started first,
+    each chunk's URL minted before its PUT, call-ended after every chunk."""
+    accepted = [a["request"] for a in call["arrivals"] if a["status"] == 200]
+    assert accepted[0] == "call-started", accepted
+    assert accepted[-1] == "call-ended", accepted
+    assert set(accepted) == {"call-started", "call-ended"} | {
+        f"{step}:{i}" for i in range(chunks) for step in ("url", "put")
+    }, accepted
+    for i in range(chunks):
+        assert accepted.index(f"url:{i}") < accepted.index(f"put:{i}"), accepted
+    assert not [a for a in call["arrivals"] if a["status"] == 409], "nothing out of order"
 
 
 async def test_a_recorded_call_arrives_whole_and_in_order(
@@ -146,14 +165,15 @@ async def test_deliveries_go_out_during_the_call(
 ) -> None:
     seen_during_call: list[dict[str, object]] = []
 
+    def a_chunk_arrived() -> bool:
+        calls = dev_server.calls()
+        return bool(calls and calls[0]["chunks"])
+
     async def look(step: int) -> None:
-        if step == 3:
-            for _ in range(200):  # bounded: the background drainer runs in this loop
-                call = await asyncio.to_thread(dev_server.calls)
-                if call and call[0]["chunks"]:
-                    seen_during_call.append(call[0])
-                    return
-                await asyncio.sleep(0.02)
+        # The call holds still at step 3 until a chunk has arrived (the background drainer
+        # runs in this loop, so wait in a thread), however slow the machine is.
+        if step == 3 and await asyncio.to_thread(dev_server.wait_until, a_chunk_arrived):
+            seen_during_call.append(dev_server.calls()[0])
 
     roark = RoarkObserver(
         agent_id="live",
@@ -165,10 +185,9 @@ async def test_deliveries_go_out_during_the_call(
     script = ScriptedCall(short_script(1), on_step=look)  # type: ignore[arg-type]
     try:
         await run_pipeline([script, roark.audio_processor], observers=[roark])
-        for _ in range(400):
-            if dev_server.calls()[0]["ended"]:
-                break
-            await asyncio.sleep(0.02)
+        await asyncio.to_thread(
+            dev_server.wait_until, lambda: any(c["ended"] for c in dev_server.calls())
+        )
     finally:
         await stop_background_drainers(5)
     assert (
@@ -191,17 +210,19 @@ async def test_every_call_arrives_exactly_once_through_storms_of_faults(
         "retry_after_s": 0.05,
         "seed": 7,
     }
-    with running_dev_server(tmp_path, **faults) as server:
+    with running_dev_server(tmp_path, strict_order=True, **faults) as server:
         drainer = Drainer(data_dir, KEY, server.base_url, QUICK)
         report = await drainer.run_once(budget_s=120)
         assert report.complete, str(report)
         assert report.retried > 0, "the storm really hit"
         for n in range(4):
             call = assert_arrived_whole(server, data_dir, f"storm-{n}")
-            assert set(call["idempotencyKeys"]) >= {
+            chunks = len(chunk_files(data_dir, f"storm-{n}"))
+            # Each URL mint carries its attempt (a fresh URL per retry); the rest is exact.
+            assert {k.split(":url:")[0] for k in call["idempotencyKeys"]} == {
                 f"storm-{n}:call-started",
                 f"storm-{n}:call-ended",
-            }
+            } | {f"storm-{n}:chunk:{i}" for i in range(chunks)}
         statuses = {r["status"] for r in server.requests()}
         assert {200, 429, 503}.issubset(statuses)
 
@@ -210,7 +231,7 @@ async def test_slow_answers_and_expiring_urls_still_deliver_once(
     data_dir: Path, tmp_path: Path
 ) -> None:
     await record(data_dir, "slow-1")
-    with running_dev_server(tmp_path, latency_ms=2000, url_ttl_s=-1) as server:
+    with running_dev_server(tmp_path, latency_ms=2000, url_ttl_s=-1, strict_order=True) as server:
         impatient = DrainPolicy(
             backoff_base_s=0.01,
             backoff_cap_s=0.05,
@@ -239,7 +260,7 @@ async def test_a_refused_key_pauses_without_loss_and_resumes_when_fixed(
     data_dir: Path, tmp_path: Path, logs: LogCapture
 ) -> None:
     await record(data_dir, "auth-1")
-    with running_dev_server(tmp_path, accepted_keys=["someone-else"]) as server:
+    with running_dev_server(tmp_path, accepted_keys=["someone-else"], strict_order=True) as server:
         paused = await Drainer(data_dir, KEY, server.base_url, QUICK).run_once()
         again = await Drainer(data_dir, KEY, server.base_url, QUICK).run_once()
         assert paused.paused and again.paused and paused.delivered == 0
@@ -274,7 +295,8 @@ async def test_a_permanent_refusal_makes_a_dead_row_with_its_reason(
     await record(data_dir, "a-bad")
     await record(data_dir, "b-good", 1)
     one_at_a_time = DrainPolicy(concurrency=1, backoff_base_s=0.01, backoff_cap_s=0.05)
-    with running_dev_server(tmp_path, status_sequence=[400]) as server:  # the first request
+    # Not strict: call-started is refused for good, and the rest of the call still goes.
+    with running_dev_server(tmp_path, status_sequence=[400]) as server:
         report = await Drainer(data_dir, KEY, server.base_url, one_at_a_time).run_once()
         assert report.dead == 1 and report.dead_total == 1 and not report.complete
         with sqlite3.connect(data_dir / "wal.sqlite") as conn:
@@ -306,7 +328,14 @@ async def test_a_missing_chunk_file_is_dead_and_the_rest_of_the_call_goes(
         ).fetchone() == (f"chunk file missing: {data_dir / path}",)
     conn.close()
     call = dev_server.call("gap-1")
-    assert call["callEnded"] is not None and "1" not in call["chunks"] and "0" in call["chunks"]
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        stored = dict(conn.execute("SELECT idx, sha256 FROM chunks WHERE call_id = 'gap-1'"))
+    conn.close()
+    assert len(stored) >= 3, "a chunk after the gap"
+    assert call["callEnded"] is not None
+    assert {int(i): c["sha256"] for i, c in call["chunks"].items()} == {
+        i: sha for i, sha in stored.items() if i != 1
+    }, "every chunk but the missing one arrived, byte for byte"
 
 
 async def test_calls_of_another_key_are_skipped_and_reported(
@@ -327,13 +356,42 @@ async def test_ensure_background_drainer_is_one_per_process_and_stops_bounded(
     ensure_background_drainer(data_dir, KEY, dev_server.base_url)
     ensure_background_drainer(data_dir, KEY, dev_server.base_url)
     try:
-        for _ in range(400):
-            calls = dev_server.calls()
-            if calls and calls[0]["ended"]:
-                break
-            await asyncio.sleep(0.02)
+        ended = await asyncio.to_thread(
+            dev_server.wait_until, lambda: any(c["ended"] for c in dev_server.calls())
+        )
+        assert ended
     finally:
         await stop_background_drainers(5)
     assert_arrived_whole(dev_server, data_dir, "bg-1")
     assert sum(1 for t in asyncio.all_tasks() if "pipecat-roark-drainer" in t.get_name()) == 0
     assert writer_for(data_dir).flush_sync(5)
+
+
+async def test_run_once_keeps_its_budget_while_every_row_fails_fast(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    await record(data_dir, "fast-fail")
+    dev_server.configure(fail_rate=1.0)  # every request: 503, due again at once
+    eager = DrainPolicy(backoff_base_s=0.0, backoff_cap_s=0.0, max_attempts=10**9)
+    drainer = Drainer(data_dir, KEY, dev_server.base_url, eager)
+    # 60 s only detects a drain that never returns; the budget is 0.5 s.
+    report = await asyncio.wait_for(drainer.run_once(budget_s=0.5), timeout=60)
+    assert report.delivered == 0 and report.retried > 0
+    assert report.pending == len(delivery_states(data_dir)), "nothing lost, nothing dead"
+
+
+async def test_chunks_wait_for_call_started_and_call_ended_waits_for_every_chunk(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    await record(data_dir, "order-1")
+    # One request at a time, so the sequence is known: call-started is refused once, then
+    # the first chunk's URL, which may come back only after a second (Retry-After) while
+    # the other chunks go. A drainer that sent a chunk before call-started, or call-ended
+    # before that chunk, would be refused (409) by the strict server.
+    dev_server.configure(status_sequence=[503, 200, 429], retry_after_s=1.0)
+    one_by_one = DrainPolicy(
+        concurrency=1, claim_batch=1, backoff_base_s=0.01, backoff_cap_s=0.05, poll_s=0.05
+    )
+    report = await Drainer(data_dir, KEY, dev_server.base_url, one_by_one).run_once(budget_s=60)
+    assert report.complete and report.retried == 2, str(report)
+    assert_arrived_whole(dev_server, data_dir, "order-1")  # in order, nothing refused

@@ -1,5 +1,6 @@
-"""Drainers as real processes: orphans of a killed bot, three drainers on one database,
-and a drainer killed with SIGKILL mid-delivery, then drained again."""
+"""Drainers as real processes: orphans of a killed bot (here and on another host), three
+drainers on one database, and a drainer killed with SIGKILL mid-delivery, then drained
+again. The dev server refuses out-of-order requests (strict order mode)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,8 @@ from test_drain import KEY, QUICK, assert_arrived_whole, delivery_states, record
 HERE = Path(__file__).parent
 WORKER = HERE / "drain_worker.py"
 BOT = HERE / "lifecycle_bot.py"
+
+pytestmark = pytest.mark.strict_order
 
 
 def run_worker(
@@ -49,7 +54,10 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
     return proc.returncode, lines[-1] if lines else ""
 
 
-def kill_bot_mid_call(directory: Path, call_id: str, chunk_bytes: int = 256 * 1024) -> None:
+def start_bot_mid_call(
+    directory: Path, call_id: str, chunk_bytes: int = 256 * 1024
+) -> subprocess.Popen[str]:
+    """A live bot, mid-call (everything so far committed), recording under our key."""
     env = {k: v for k, v in os.environ.items() if k not in ("ROARK_API_KEY", "ROARK_BASE_URL")}
     env["ROARK_API_KEY"] = KEY  # the bot records under our key; it has no server to deliver to
     env["ROARK_BASE_URL"] = "http://127.0.0.1:9"
@@ -63,11 +71,22 @@ def kill_bot_mid_call(directory: Path, call_id: str, chunk_bytes: int = 256 * 10
     assert proc.stdout is not None
     try:
         assert proc.stdout.readline().strip() == "ready"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(30)
-        proc.stdout.close()
+    except BaseException:
+        kill(proc)
+        raise
+    return proc
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert proc.stdout is not None
+    proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
+
+
+def kill_bot_mid_call(directory: Path, call_id: str, chunk_bytes: int = 256 * 1024) -> None:
+    kill(start_bot_mid_call(directory, call_id, chunk_bytes))
 
 
 @pytest.mark.anyio
@@ -99,9 +118,10 @@ async def test_three_drainer_processes_deliver_each_row_once(
 ) -> None:
     for n in range(6):
         await record(data_dir, f"multi-{n}", n)
-    # All three start together, and each answer takes a moment: otherwise whichever
-    # process started first could finish alone before the others looked.
-    dev_server.configure(latency_ms=50)
+    # All three start together, each with one request in flight at a time, and the
+    # server holds the first three requests until all three are in flight: so each
+    # process delivers at least one row, whichever the scheduler runs first.
+    dev_server.configure(rendezvous=3)
     gate = tmp_path / "go"
     procs = [run_worker(data_dir, dev_server.base_url, gate=gate) for _ in range(3)]
     for proc in procs:
@@ -115,7 +135,7 @@ async def test_three_drainer_processes_deliver_each_row_once(
     assert sum(r["delivered"] for r in reports) == rows, (
         "every row delivered by exactly one drainer"
     )
-    assert sum(1 for r in reports if r["delivered"] > 0) >= 2, "the work was shared"
+    assert [r["delivered"] > 0 for r in reports] == [True] * 3, f"the work was shared: {reports}"
     posts: dict[str, int] = {}
     for request in dev_server.requests():
         if request["method"] == "POST":
@@ -148,3 +168,55 @@ async def test_a_drainer_killed_mid_delivery_is_finished_by_the_next_with_the_sa
     else:
         assert call["chunks"]["2"]["puts"] == 2, "the third chunk was PUT again to the same object"
         assert keys["killed-1:chunk:2:url:0"] == 2, "its URL was asked for again with the same key"
+
+
+@pytest.mark.anyio
+async def test_a_call_of_another_host_waits_for_its_heartbeat_grace_then_ends_once(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    kill_bot_mid_call(data_dir, "elsewhere", chunk_bytes=8000)
+    # The same call, as if a bot on another host (another pod, same volume) owned it: its
+    # pid means nothing here, only its heartbeat's age does.
+    heartbeat = time.time_ns() // 1000 - 60_000_000  # a minute ago
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        conn.execute(
+            "UPDATE calls SET owner_host = 'another-host', heartbeat_at = ? WHERE id = ?",
+            (heartbeat, "elsewhere"),
+        )
+    conn.close()
+
+    patient = replace(QUICK, orphan_grace_s=120.0)  # the heartbeat is younger than the grace
+    early = await Drainer(data_dir, KEY, dev_server.base_url, patient).run_once(budget_s=30)
+    assert early.finalized == []
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        assert conn.execute("SELECT state FROM calls").fetchall() == [("open",)]
+    conn.close()
+    assert dev_server.call("elsewhere")["callEnded"] is None, "not ended while it may live"
+
+    expired = replace(QUICK, orphan_grace_s=30.0)  # now the heartbeat is older than the grace
+    first, second = await asyncio.gather(
+        Drainer(data_dir, KEY, dev_server.base_url, expired).run_once(budget_s=30),
+        Drainer(data_dir, KEY, dev_server.base_url, expired).run_once(budget_s=30),
+    )
+    assert sorted(first.finalized + second.finalized) == ["elsewhere"], "finalized exactly once"
+    closed = [e for e in stored_events(data_dir, "elsewhere") if isinstance(e, CallClosed)]
+    assert [e.reason for e in closed] == ["observer-lost"]
+    call = assert_arrived_whole(dev_server, data_dir, "elsewhere")
+    assert call["callEnded"]["callEndedReason"] == "observer-lost"
+
+
+@pytest.mark.anyio
+async def test_a_live_bots_call_is_left_alone_until_its_process_dies(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    bot = start_bot_mid_call(data_dir, "alive")
+    try:  # its owner lives on this host: no heartbeat age makes it an orphan
+        stale = replace(QUICK, orphan_grace_s=0.0)
+        report = await Drainer(data_dir, KEY, dev_server.base_url, stale).run_once(budget_s=30)
+        assert report.finalized == []
+        assert dev_server.call("alive")["callEnded"] is None
+    finally:
+        kill(bot)
+    report = await Drainer(data_dir, KEY, dev_server.base_url, QUICK).run_once(budget_s=30)
+    assert report.finalized == ["alive"]
+    assert dev_server.call("alive")["callEnded"]["callEndedReason"] == "observer-lost"

@@ -19,7 +19,7 @@ from helpers import LogCapture, stored_events, without_times
 from pipecat_roark import RoarkObserver
 from pipecat_roark.lifecycle import DEFAULT_EXIT_DRAIN_S
 from pipecat_roark.store import connect
-from pipecat_roark.testing import Bot, ScriptedCall, User, run_pipeline
+from pipecat_roark.testing import Bot, Pause, ScriptedCall, User, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended
 from pipecat_roark.writer import writer_for
 from test_drain import KEY, assert_arrived_whole, chunk_rows, delivery_states, stored_under
@@ -65,8 +65,13 @@ async def test_a_session_that_goes_silent_is_finalized_as_vanished(
 
 @pytest.mark.anyio
 async def test_a_live_call_is_not_taken_for_vanished(data_dir: Path) -> None:
-    roark = RoarkObserver(agent_id="a", pipecat_call_id="live", deliver=False, idle_timeout_s=0.3)
-    script = ScriptedCall([Bot(["One."]), User("Two."), Bot(["Three."])], pace=1.0)
+    # A real-time call twice as long as the idle timeout, with a frame every 20 ms: only
+    # an event loop frozen for the whole timeout (2 s, a hundred frames) could make it look
+    # idle, where 0.3 s against this script needed just one slow moment of the machine.
+    roark = RoarkObserver(agent_id="a", pipecat_call_id="live", deliver=False, idle_timeout_s=2.0)
+    script = ScriptedCall(
+        [Bot(["One."]), User("Two.", ms=1500), Pause(1500), Bot(["Three."] * 10)], pace=1.0
+    )
     await run_pipeline([script, roark.audio_processor], observers=[roark])
     assert call_row(data_dir, "live") == ("ended", "agent-ended")
 

@@ -5,6 +5,12 @@ behind the presigned URLs (with expiry and signatures), idempotency by key, stat
 on disk, a read API under ``/_dev`` and fault injection. It is a faithful stand-in,
 not a mock: our client and drainer talk to it exactly as they talk to Roark.
 
+It also keeps, per call, the order in which its requests arrived (``arrivals`` in
+``GET /_dev/calls/{id}``), and with ``strict_order`` it refuses with 409 what arrives
+out of the order Roark expects (chunks before call-started, call-ended before the
+chunks whose URLs were minted, anything of a call after its call-ended): the tests
+assert the per-call order directly instead of inferring it from side effects.
+
     pipecat-roark dev-server --port 8787 --data ./roark-dev --fail-rate 0.3
 """
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -23,6 +30,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +72,11 @@ class Faults:
     trickle_s: float = 0.0
     """Roark answers are sent a byte at a time over this many seconds (a stuck peer)."""
     seed: int = 0
+    strict_order: bool = False
+    """Refuse (409) requests of a call that arrive out of order, instead of accepting them."""
+    rendezvous: int = 0
+    """Hold the next N requests until all N are in flight (at most 30 s), then answer them:
+    proves that N clients really work at the same time."""
 
 
 class _Abort(Exception):
@@ -92,6 +105,10 @@ class DevServer:
         self.requests: list[dict[str, Any]] = []
         self._answering: dict[str, list[web.Request]] = {}
         """Requests by Idempotency-Key whose answer is still being sent."""
+        self.answered = 0
+        """Requests answered so far; ``answered_changed`` is notified after each one."""
+        self.answered_changed = threading.Condition()
+        self._rendezvous: list[asyncio.Event] = []
         self._state = _State.load(self.data_dir)
 
     @property
@@ -156,6 +173,8 @@ class DevServer:
 
     async def _faults(self, request: web.Request, *, storage: bool) -> web.Response | None:
         faults = self.faults
+        if faults.rendezvous:
+            await self._meet()
         if faults.latency_ms:
             await asyncio.sleep(faults.latency_ms / 1000)
         if faults.status_sequence:
@@ -173,6 +192,19 @@ class DevServer:
         if faults.fail_rate and self._rng.random() < faults.fail_rate:
             return _error(503, "injected 503: service unavailable")
         return None
+
+    async def _meet(self) -> None:
+        """One of the next ``rendezvous`` requests: wait until all of them have arrived."""
+        arrived = asyncio.Event()
+        self._rendezvous.append(arrived)
+        if len(self._rendezvous) >= self.faults.rendezvous:
+            self.faults.rendezvous = 0
+            for event in self._rendezvous:
+                event.set()
+            self._rendezvous = []
+            return
+        with contextlib.suppress(TimeoutError):  # the others never came: answer anyway
+            await asyncio.wait_for(arrived.wait(), timeout=30)
 
     def _auth(self, request: web.Request) -> web.Response | None:
         key = request.headers.get("x-roark-api-key", "")
@@ -219,6 +251,9 @@ class DevServer:
             answering.remove(request)
             if key and not answering:
                 self._answering.pop(key, None)
+            with self.answered_changed:
+                self.answered += 1
+                self.answered_changed.notify_all()
 
     async def _trickle(self, request: web.Request, response: web.Response) -> web.StreamResponse:
         """Send the answer a byte at a time over ``trickle_s``: each byte comes well within
@@ -261,10 +296,16 @@ class DevServer:
                 payload = msgspec.json.decode(body, type=CallStarted | CallEnded)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 return self._state.remember(key, body, _error(400, f"invalid payload: {exc}"))
+            call_id = payload.pipecat_call_id
+            what = "call-started" if isinstance(payload, CallStarted) else "call-ended"
+            refused = self._out_of_order(call_id, what)
+            if refused is not None:  # not remembered: the same key may come back in order
+                return self._state.arrived(call_id, what, refused)
             self._state.record_event(payload, json.loads(body))
-            return self._state.remember(
-                key, body, web.json_response({"ok": True}), call_id=payload.pipecat_call_id
+            response = self._state.remember(
+                key, body, web.json_response({"ok": True}), call_id=call_id
             )
+            return self._state.arrived(call_id, what, response)
 
     async def _upload_url(self, request: web.Request) -> web.StreamResponse:
         return await self._guarded(request, self._handle_upload_url)
@@ -289,6 +330,9 @@ class DevServer:
                 return self._state.remember(
                     key, body, _error(400, f"invalid chunk-upload-url request: {exc}")
                 )
+            refused = self._out_of_order(call_id, f"url:{index}")
+            if refused is not None:
+                return self._state.arrived(call_id, f"url:{index}", refused)
             s3_key = f"pipecat/{_object_name(call_id)}/{index:06d}.pcm"
             expires = int(time.time() + self.faults.url_ttl_s)
             sig = self._sign(s3_key, expires, content_type)
@@ -304,6 +348,7 @@ class DevServer:
             self._state.expect_chunk(s3_key, call_id, index)
             answer = data if self.faults.bare_url_response else {"data": data}
             response = self._state.remember(key, body, web.json_response(answer), call_id=call_id)
+            self._state.arrived(call_id, f"url:{index}", response)
         if self.faults.garbage_rate and self._rng.random() < self.faults.garbage_rate:
             return web.Response(
                 status=200, body=b'{"data": {"uploadU', content_type="application/json"
@@ -328,8 +373,21 @@ class DevServer:
         if time.time() > expires:
             return _error(403, "AccessDenied: Request has expired")
         async with self._lock:
+            call_id, index = self._state.chunk_of(s3_key)
+            refused = self._out_of_order(call_id, f"put:{index}")
+            if refused is not None:
+                return self._state.arrived(call_id, f"put:{index}", refused)
             self._state.store_chunk(s3_key, body)
-        return web.Response(status=200)
+            return self._state.arrived(call_id, f"put:{index}", web.Response(status=200))
+
+    def _out_of_order(self, call_id: str, what: str) -> web.Response | None:
+        """In strict mode, the 409 for a request that Roark's per-call order forbids now."""
+        if not self.faults.strict_order:
+            return None
+        problem = self._state.order_problem(call_id, what)
+        if problem is None:
+            return None
+        return _error(409, f"out of order: {what} of call {call_id!r} {problem}")
 
     def _sign(self, s3_key: str, expires: int, content_type: str) -> str:
         message = f"{s3_key}\n{expires}\n{content_type}".encode()
@@ -351,7 +409,8 @@ class DevServer:
             if seen.get("callId") == call_id
             or ("callId" not in seen and key.startswith(f"{call_id}:"))
         }
-        return web.json_response({**call, "idempotencyKeys": keys})
+        arrivals = self._state.arrivals.get(call_id, [])
+        return web.json_response({**call, "idempotencyKeys": keys, "arrivals": arrivals})
 
     async def _recording(self, request: web.Request) -> web.Response:
         call_id = _call_id(request)
@@ -401,6 +460,8 @@ class _State:
         self.calls: dict[str, dict[str, Any]] = {}
         self.idempotency: dict[str, dict[str, Any]] = {}
         self.pending_chunks: dict[str, tuple[str, int]] = {}
+        self.arrivals: dict[str, list[dict[str, Any]]] = {}
+        """Per call, every request that reached a handler: {"request", "status"}, in order."""
         self.dirty = False
 
     @classmethod
@@ -413,6 +474,7 @@ class _State:
             state.calls = raw["calls"]
             state.idempotency = raw["idempotency"]
             state.pending_chunks = {k: (v[0], v[1]) for k, v in raw["pending_chunks"].items()}
+            state.arrivals = raw.get("arrivals", {})
         return state
 
     def changed(self) -> None:
@@ -432,6 +494,7 @@ class _State:
                     "calls": self.calls,
                     "idempotency": self.idempotency,
                     "pending_chunks": self.pending_chunks,
+                    "arrivals": self.arrivals,
                 }
             ).encode(),
         )
@@ -441,6 +504,7 @@ class _State:
         self.calls.clear()
         self.idempotency.clear()
         self.pending_chunks.clear()
+        self.arrivals.clear()
         self.changed()
 
     def _call(self, call_id: str) -> dict[str, Any]:
@@ -488,13 +552,37 @@ class _State:
         call.setdefault("eventCounts", {}).setdefault(field_name, 0)
         call["eventCounts"][field_name] += 1
 
+    def arrived(self, call_id: str, what: str, response: web.Response) -> web.Response:
+        self.arrivals.setdefault(call_id, []).append({"request": what, "status": response.status})
+        self.changed()
+        return response
+
+    def order_problem(self, call_id: str, what: str) -> str | None:
+        """Why ``what`` may not arrive now: Roark's order is call-started, then chunks (each
+        URL minted, then PUT), then call-ended."""
+        call = self.calls.get(call_id)
+        if what == "call-started":
+            return None
+        if call is None or call["callStarted"] is None:
+            return "arrived before its call-started"
+        if call["callEnded"] is not None and what != "call-ended":
+            return "arrived after its call-ended"
+        if what == "call-ended":
+            minted = {index for owner, index in self.pending_chunks.values() if owner == call_id}
+            missing = sorted(minted - {int(i) for i in call["chunks"]})
+            if missing:
+                return f"arrived before chunk(s) {missing}, whose upload URLs were minted"
+        return None
+
+    def chunk_of(self, s3_key: str) -> tuple[str, int]:
+        """(call id, chunk index) of an object key."""
+        return self.pending_chunks.get(s3_key, (s3_key.split("/")[1], int(s3_key[-10:-4])))
+
     def expect_chunk(self, s3_key: str, call_id: str, index: int) -> None:
         self.pending_chunks[s3_key] = (call_id, index)
 
     def store_chunk(self, s3_key: str, data: bytes) -> None:
-        call_id, index = self.pending_chunks.get(
-            s3_key, (s3_key.split("/")[1], int(s3_key[-10:-4]))
-        )
+        call_id, index = self.chunk_of(s3_key)
         path = self.directory / s3_key
         make_private_dirs(path.parent)
         _write_private(path, data)

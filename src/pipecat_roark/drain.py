@@ -194,7 +194,7 @@ class Drainer:
         self._probe()
         report.finalized = await self._db(self._finalize_orphans, call_id)
         while True:
-            await self._deliver_due(client, report, call_id)
+            await self._deliver_due(client, report, call_id, deadline)
             if report.paused:
                 return
             wait = await self._db(self._next_due_in, call_id)
@@ -278,16 +278,22 @@ class Drainer:
     # ---- delivery ----
 
     async def _deliver_due(
-        self, client: RoarkClient, report: DrainReport, call_id: str | None
+        self,
+        client: RoarkClient,
+        report: DrainReport,
+        call_id: str | None,
+        deadline: float | None = None,
     ) -> None:
-        """Workers claim one row at a time until nothing is claimable (or the key is refused).
+        """Workers claim rows until nothing is claimable, the key is refused, or the
+        ``deadline`` (monotonic) passes: rows that fail fast become due again at once,
+        and without it a budgeted drain would only stop at the hard timeout.
 
         While they work, the leases they hold are renewed every third of a lease: a row
         is never claimed by another drainer while this one is still sending it.
         """
 
         async def worker() -> None:
-            while not report.paused:
+            while not report.paused and (deadline is None or time.monotonic() < deadline):
                 try:
                     rows = await self._db(self._claim, call_id)
                 except Exception as exc:  # the database, not a row: this pass ends

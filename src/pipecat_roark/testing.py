@@ -5,6 +5,8 @@ usable by anyone who wants to check their wiring without STT/LLM/TTS keys. A scr
 is a list of steps; ``ScriptedCall`` pushes them from the head of a real pipeline the
 way a transport and services would (speaking edges, 20 ms audio ticks, transcription,
 TTS words, tool-call frames, interruptions), then asks the worker to end.
+``PlayedOutput`` is a minimal real output transport, so which words were played is
+decided by Pipecat's own media sender, as in a live call.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pipecat.frames.frames import (
     OutputAudioRawFrame,
     StartFrame,
     TranscriptionFrame,
+    TTSAudioRawFrame,
     TTSTextFrame,
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
@@ -35,6 +38,8 @@ from pipecat.frames.frames import (
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.task import PipelineParams
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import TransportParams
 
 try:  # Pipecat 1.4+
     from pipecat.frames.frames import CancelWorkerFrame as _CancelFrame
@@ -47,7 +52,9 @@ except ImportError:  # pragma: no cover - Pipecat 0.0.x
 
 __all__ = [
     "Bot",
+    "Interrupt",
     "Pause",
+    "PlayedOutput",
     "Realtime",
     "ScriptedCall",
     "Tool",
@@ -83,9 +90,9 @@ class User:
 class Bot:
     """The bot speaks ``words`` (TTS words interleaved with 650 Hz audio).
 
-    ``interrupt_after`` cuts the turn after that many words with an InterruptionFrame;
-    the remaining words are generated (pushed as TTS text) but, without an output
-    transport, a test decides what counts as played.
+    ``interrupt_after`` cuts the turn after that many words with an InterruptionFrame
+    (the rest are never generated). With a ``PlayedOutput`` in the pipeline, the words
+    count as played as the transport releases them.
     """
 
     words: Sequence[str]
@@ -114,7 +121,12 @@ class Pause:
     ms: int
 
 
-Step = User | Bot | Realtime | Tool | Pause
+@dataclass(frozen=True)
+class Interrupt:
+    """The caller talks over the bot: an InterruptionFrame, then the bot stops speaking."""
+
+
+Step = User | Bot | Realtime | Tool | Pause | Interrupt
 
 
 def default_script() -> list[Step]:
@@ -145,7 +157,9 @@ class ScriptedCall(FrameProcessor):
     ``pace`` 1.0 is real time, 0 as fast as the pipeline takes it. ``end`` is how
     the call ends: "end" (EndWorkerFrame), "cancel", "stop", or "hang" (never:
     for crash tests that kill the process), with ``end_reason`` on End/Cancel.
-    ``on_step`` is awaited after each step.
+    ``on_step`` is awaited after each step. ``speaking_edges`` False leaves the bot's
+    speaking edges to a real output transport downstream (``PlayedOutput``), which
+    reports them as it plays, as in a live call.
     """
 
     def __init__(
@@ -156,10 +170,12 @@ class ScriptedCall(FrameProcessor):
         end: str = "end",
         on_step: Callable[[int], Awaitable[None]] | None = None,
         end_reason: str | None = None,
+        speaking_edges: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.end_reason = end_reason
+        self.speaking_edges = speaking_edges
         self.script = list(default_script() if script is None else script)
         self.pace = pace
         self.end = end
@@ -209,9 +225,10 @@ class ScriptedCall(FrameProcessor):
             chunk = tone(650, TICK_MS, start=self._bot_phase)
             self._bot_phase += SAMPLE_RATE * TICK_MS // 1000
             self.stats.bot_audio.extend(chunk)
-            await self.push_frame(
-                OutputAudioRawFrame(audio=chunk, sample_rate=SAMPLE_RATE, num_channels=1)
-            )
+            # As a TTS service makes it: the output transport reports the bot speaking
+            # from TTS audio only (plain output audio could be anything).
+            cls = OutputAudioRawFrame if self.speaking_edges else TTSAudioRawFrame
+            await self.push_frame(cls(audio=chunk, sample_rate=SAMPLE_RATE, num_channels=1))
             await self._tick()
 
     async def _play(self) -> None:
@@ -230,6 +247,9 @@ class ScriptedCall(FrameProcessor):
     async def _play_step(self, step: Step) -> None:
         if isinstance(step, Pause):
             await self._user_audio(step.ms, voiced=False)
+        elif isinstance(step, Interrupt):
+            await self._broadcast(InterruptionFrame)
+            await self._bot_edge(BotStoppedSpeakingFrame)
         elif isinstance(step, User):
             await self._broadcast(UserStartedSpeakingFrame)
             await self._user_audio(step.ms, voiced=True)
@@ -249,7 +269,7 @@ class ScriptedCall(FrameProcessor):
         elif isinstance(step, Bot):
             await self._play_bot(step)
         elif isinstance(step, Realtime):
-            await self._broadcast(BotStartedSpeakingFrame)
+            await self._bot_edge(BotStartedSpeakingFrame)
             for delta in step.deltas:
                 frame = LLMTextFrame(text=delta)
                 await self.push_frame(frame)
@@ -257,7 +277,7 @@ class ScriptedCall(FrameProcessor):
                 tts.includes_inter_frame_spaces = True
                 await self.push_frame(tts)
                 await self._bot_audio(TICK_MS)
-            await self._broadcast(BotStoppedSpeakingFrame)
+            await self._bot_edge(BotStoppedSpeakingFrame)
         elif isinstance(step, Tool):
             await self._broadcast(
                 FunctionCallInProgressFrame,
@@ -275,18 +295,22 @@ class ScriptedCall(FrameProcessor):
             )
 
     async def _play_bot(self, step: Bot) -> None:
-        await self._broadcast(BotStartedSpeakingFrame)
+        await self._bot_edge(BotStartedSpeakingFrame)
         for number, word in enumerate(step.words):
             if step.interrupt_after is not None and number == step.interrupt_after:
                 # As the output transport does: interruption, then the bot stops speaking.
                 await self._broadcast(InterruptionFrame)
-                await self._broadcast(BotStoppedSpeakingFrame)
+                await self._bot_edge(BotStoppedSpeakingFrame)
                 return
             tts = _tts_frame(word)
             tts.includes_inter_frame_spaces = step.spaced
             await self.push_frame(tts)
             await self._bot_audio(step.ms_per_word)
-        await self._broadcast(BotStoppedSpeakingFrame)
+        await self._bot_edge(BotStoppedSpeakingFrame)
+
+    async def _bot_edge(self, frame_cls: type[Frame]) -> None:
+        if self.speaking_edges:
+            await self._broadcast(frame_cls)
 
 
 def _tts_frame(text: str) -> TTSTextFrame:
@@ -344,3 +368,50 @@ async def run_pipeline(
     worker_runner = WorkerRunner(handle_sigint=handle_sigint)
     await worker_runner.add_workers(worker)
     await worker_runner.run()
+
+
+class PlayedOutput(BaseOutputTransport):
+    """A minimal output transport: it "plays" audio by keeping it.
+
+    Pipecat's media sender queues TTS words behind the audio generated before them and
+    releases each word only when that audio has been written, so the words this
+    transport pushes on are the ones a caller would have heard (``spoken``).
+    ``budget_bytes`` stalls playback once that much audio is written (``stalled`` is
+    set) until an interruption arrives: a slow playback a test can interrupt mid-sentence
+    at a known point, instead of racing the clock.
+    """
+
+    def __init__(self, *, budget_bytes: int | None = None, sample_rate: int = SAMPLE_RATE) -> None:
+        super().__init__(
+            TransportParams(audio_out_enabled=True, audio_out_sample_rate=sample_rate),
+            name="PlayedOutput",
+        )
+        self.played = bytearray()
+        self.spoken: list[str] = []
+        self.stalled = asyncio.Event()
+        self._budget = budget_bytes
+        self._resume = asyncio.Event()
+
+    async def start(self, frame: StartFrame) -> None:
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        if self._budget is not None and len(self.played) >= self._budget:
+            self.stalled.set()
+            await self._resume.wait()
+        self.played.extend(frame.audio)
+        return True
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InterruptionFrame):  # the queue is dropped: play on
+            self._budget = None
+            self._resume.set()
+
+    async def push_frame(
+        self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM
+    ) -> None:
+        if isinstance(frame, TTSTextFrame) and direction == FrameDirection.DOWNSTREAM:
+            self.spoken.append(frame.text)
+        await super().push_frame(frame, direction)

@@ -259,7 +259,10 @@ class _Turns:
             self._close_bot(event.at)
 
     def _bot_text(self, event: BotText) -> None:
-        if not _counts(event, self.bot_source) or self.bot_muted:
+        # Muted after an interruption: generated text that never played. Words the output
+        # transport released were heard, and it releases the first word of the next turn
+        # before it reports the bot speaking again.
+        if not _counts(event, self.bot_source) or (self.bot_muted and not event.played):
             return
         if self.bot is None:
             self.bot = _Turn(start=event.at, speech_onset=False)
