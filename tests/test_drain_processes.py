@@ -21,6 +21,7 @@ from devserver_fixture import RunningDevServer
 from helpers import stored_events
 from pipecat_roark.drain import Drainer
 from pipecat_roark.events import CallClosed
+from pipecat_roark.owner import parse_identity
 from test_drain import KEY, QUICK, assert_arrived_whole, delivery_states, record
 
 HERE = Path(__file__).parent
@@ -179,9 +180,15 @@ async def test_a_call_of_another_host_waits_for_its_heartbeat_grace_then_ends_on
     # pid means nothing here, only its heartbeat's age does.
     heartbeat = time.time_ns() // 1000 - 60_000_000  # a minute ago
     with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        (token,) = conn.execute("SELECT owner_token FROM calls WHERE id = 'elsewhere'").fetchone()
+        identity = parse_identity(token)
+        assert identity is not None
+        # Another machine: another host name and another boot, so its pid means nothing here.
+        elsewhere = replace(identity, boot_id="another-boot").token()
         conn.execute(
-            "UPDATE calls SET owner_host = 'another-host', heartbeat_at = ? WHERE id = ?",
-            (heartbeat, "elsewhere"),
+            "UPDATE calls SET owner_host = 'another-host', owner_token = ?, heartbeat_at = ?"
+            " WHERE id = ?",
+            (elsewhere, heartbeat, "elsewhere"),
         )
     conn.close()
 

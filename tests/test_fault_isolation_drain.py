@@ -396,7 +396,8 @@ async def test_a_redirect_is_retried_not_dead(data_dir: Path, dev_server: Runnin
 
 # ---- every step of the drainer, an arbitrary exception on one call's row ----
 
-STEPS = [p for p in faultpoints.POINTS if p.startswith("drain:")]
+# The steps of delivering a row (finalizing an orphan is not one: tests/test_owner.py covers it).
+STEPS = [p for p in faultpoints.POINTS if p.startswith("drain:") and p != "drain:finalize-orphan"]
 EXCEPTIONS: list[BaseException] = [
     RuntimeError("boom"),
     KeyError("missing"),
@@ -454,4 +455,6 @@ async def test_an_exception_at_any_drain_step_touches_only_its_own_call(
         assert cli(data_dir, "retry", "victim").returncode == 0
         done = cli(data_dir, "drain", base_url=server.base_url)
         assert done.returncode == 0, done.stderr
-        assert_arrived_whole(server, data_dir, "victim")
+        # Its dead row settled its place in the order, so the rest went on without it and
+        # the retried row came later: whole, but not in Roark's order.
+        assert_arrived_whole(server, data_dir, "victim", in_order=False)
