@@ -131,9 +131,7 @@ class DevServer:
         app.router.add_get("/_dev/health", self._health)
         # Any call id must fit in the read API's query string: a 2,000-character id of
         # 4-byte characters is 24 KB once percent-encoded (aiohttp's default line is 8 KB).
-        self._runner = web.AppRunner(
-            app, access_log=None, handler_args={"max_line_size": 256 * 1024}
-        )
+        self._runner = web.AppRunner(app, access_log=None, max_line_size=256 * 1024)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self._requested_port)
         await site.start()
