@@ -711,6 +711,13 @@ class RoarkObserver(BaseObserver):
             self._watchdog = None
         at, reason = self._closed or (_now_us(), "unknown")
         self._writer.submit((OP_FINALIZE, self._call_id, at, reason, False))
+        if not self._own_processor and not self._sample_zero_recorded:
+            logger.warning(
+                f"{self}: call {self._call_id} has no recording: the AudioBufferProcessor you "
+                "passed never recorded. Start it with `await processor.start_recording()` "
+                "(Pipecat 1.5+: AudioBufferProcessor(auto_start_recording=True); older "
+                "versions ignore that argument)"
+            )
         if not self._saw_text:
             logger.warning(
                 f"{self}: call-ended with empty transcript for call {self._call_id}: no "
