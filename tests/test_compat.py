@@ -7,6 +7,7 @@ main suite runs it on the locked latest. Each test states what that version does
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from importlib.metadata import version
 from pathlib import Path
@@ -16,11 +17,16 @@ import pytest
 from pipecat.frames.frames import Frame
 from pipecat.pipeline.task import PipelineParams
 
+from devserver_fixture import RunningDevServer
 from helpers import LogCapture, stored_events, without_times
 from pipecat_roark import RoarkObserver, compat
 from pipecat_roark.events import ChunkRecorded, RecordingStarted
 from pipecat_roark.testing import Bot, ScriptedCall, User, run_pipeline
+from pipecat_roark.timeline import assemble_call_ended
+from pipecat_roark.wire import encode
 from test_capture_pipeline import AGENT, EXPECTED_DEFAULT_CALL, timeline_without_audio
+from test_cli import cli, cli_json
+from test_drain import chunk_files, record
 
 pytestmark = pytest.mark.anyio
 
@@ -174,3 +180,28 @@ async def test_a_supplied_audio_processor_that_never_recorded_is_reported(
         assert conn.execute("SELECT state, end_reason FROM calls").fetchall() == [
             ("ended", "agent-ended")
         ]
+
+
+async def test_the_cli_shows_and_drains_a_call_recorded_on_this_pipecat(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    """What a user of this Pipecat does after a call: look at it, then deliver it."""
+    await record(data_dir, "call-1")
+    events = stored_events(data_dir, "call-1")
+    ended = json.loads(encode(assemble_call_ended("call-1", events)))
+    assert ended["callEndedReason"] == "agent-ended"
+    assert [t["content"] for t in ended["transcript"]] == ["Hello 0.", "Question 0?", "Answer 0"]
+
+    durable = chunk_files(data_dir, "call-1")
+    assert len(durable) >= 2
+
+    shown = cli_json(data_dir, "show", "call-1")
+    assert shown["payloads"]["callEnded"] == ended
+    done = cli(data_dir, "drain", base_url=dev_server.base_url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith(f"{len(durable) + 2} delivered")
+
+    call = dev_server.call("call-1")
+    assert call["callEnded"] == ended
+    assert call["eventCounts"] == {"callStarted": 1, "callEnded": 1}
+    assert dev_server.recording("call-1")[44:] == b"".join(durable), "byte-identical audio"

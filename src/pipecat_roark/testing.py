@@ -35,8 +35,9 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.task import PipelineParams
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from . import compat
-from .compat import CancelWorkerFrame, EndWorkerFrame, StopWorkerFrame, tts_text_frame
+# Absolute on purpose: scripts/bench_worker.py loads this file outside the package.
+from pipecat_roark import compat
+from pipecat_roark.compat import CancelWorkerFrame, EndWorkerFrame, StopWorkerFrame, tts_text_frame
 
 __all__ = [
     "Bot",
