@@ -18,7 +18,6 @@ from dotenv import load_dotenv
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.frames.frames import LLMRunFrame
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
@@ -30,9 +29,9 @@ from pipecat.services.cartesia.tts import CartesiaTTSService
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.transports.base_transport import TransportParams
-from pipecat.workers.runner import WorkerRunner
 
 from pipecat_roark import RoarkObserver
+from pipecat_roark.compat import PipelineWorker, WorkerRunner, run_worker
 
 load_dotenv(override=True)
 
@@ -105,9 +104,7 @@ async def bot(runner_args: RunnerArguments) -> None:
         await roark.aflush(reason="client-disconnected")
         await worker.cancel()
 
-    runner = WorkerRunner(handle_sigint=runner_args.handle_sigint)
-    await runner.add_workers(worker)
-    await runner.run()
+    await run_worker(WorkerRunner(handle_sigint=runner_args.handle_sigint), worker)
 
 
 if __name__ == "__main__":

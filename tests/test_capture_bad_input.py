@@ -215,7 +215,7 @@ class GarbageSource(FrameProcessor):
     async def _play(self) -> None:
         for frame in self._frames:
             await self.push_frame(frame)
-        from pipecat.frames.frames import EndWorkerFrame
+        from pipecat_roark.compat import EndWorkerFrame  # EndTaskFrame before Pipecat 1.4
 
         await self.push_frame(EndWorkerFrame(), FrameDirection.UPSTREAM)
 

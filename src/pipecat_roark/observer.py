@@ -47,7 +47,7 @@ from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_output import BaseOutputTransport
 
-from . import config, lifecycle, metrics
+from . import compat, config, lifecycle, metrics
 from .capture import (
     arguments_json,
     call_id_problem,
@@ -382,7 +382,7 @@ class RoarkObserver(BaseObserver):
         except Exception as exc:
             self._hook_failed("cleanup", exc)
         try:
-            await self._finish("unknown")
+            await self._finish_in_teardown()
         except Exception as exc:
             self._hook_failed("cleanup", exc)
 
@@ -674,6 +674,31 @@ class RoarkObserver(BaseObserver):
         # Shielded: a host cancelling its task mid-end must not cancel the finalization.
         await asyncio.shield(self._finish_task)
 
+    async def _finish_in_teardown(self) -> None:
+        """Finish from Pipecat's teardown (our observer's or our processor's cleanup).
+
+        Before Pipecat 1.3, a host that cancels ``runner.run()`` while the teardown awaits
+        hangs it for good: ``PipelineTask.run`` queues a CancelFrame for the push task the
+        cancellation just ended, then waits for an event it has already cleared. Our end
+        awaits (the tail chunk, the commit: bounded), so there the cancellation is taken
+        here, the end completes and the teardown goes on; ``PipelineRunner.run`` of those
+        versions swallows the cancellation anyway. From 1.3 on it propagates as usual.
+        """
+        while True:
+            try:
+                await self._finish("unknown")
+                return
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                finishing = self._finish_task
+                if compat.HAS_WORKER or task is None or finishing is None or finishing.done():
+                    raise
+                task.uncancel()  # bounded: the end itself is (tail and commit waits)
+                logger.debug(
+                    f"{self}: the host cancelled during the end of call {self._call_id}; "
+                    "finishing it first (Pipecat < 1.3 would hang on a cancelled teardown)"
+                )
+
     async def _finish_once(self, default_reason: str) -> None:
         if not self._opened:
             return
@@ -731,6 +756,13 @@ class RoarkObserver(BaseObserver):
         at, reason = self._closed or (_now_us(), "unknown")
         self._writer.submit((OP_FINALIZE, self._call_id, at, reason, False))
         release_call_id(self._call_id, self)
+        if not self._own_processor and not self._sample_zero_recorded:
+            logger.warning(
+                f"{self}: call {self._call_id} has no recording: the AudioBufferProcessor you "
+                "passed never recorded. Start it with `await processor.start_recording()` "
+                "(Pipecat 1.5+: AudioBufferProcessor(auto_start_recording=True); older "
+                "versions ignore that argument)"
+            )
         if not self._saw_text:
             logger.warning(
                 f"{self}: call-ended with empty transcript for call {self._call_id}: no "
@@ -742,7 +774,7 @@ class RoarkObserver(BaseObserver):
         """The pipeline is tearing down. If we were never attached, finish the call from here."""
         self._check_attached()
         if not self._attached and self._opened:
-            await self._finish("unknown")
+            await self._finish_in_teardown()
 
     def _check_attached(self) -> None:
         if self._attached or self._not_attached_warned:

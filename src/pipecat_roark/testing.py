@@ -41,14 +41,9 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import TransportParams
 
-try:  # Pipecat 1.4+
-    from pipecat.frames.frames import CancelWorkerFrame as _CancelFrame
-    from pipecat.frames.frames import EndWorkerFrame as _EndFrame
-    from pipecat.frames.frames import StopWorkerFrame as _StopFrame
-except ImportError:  # pragma: no cover - Pipecat 0.0.x
-    from pipecat.frames.frames import CancelTaskFrame as _CancelFrame
-    from pipecat.frames.frames import EndTaskFrame as _EndFrame
-    from pipecat.frames.frames import StopTaskFrame as _StopFrame
+# Absolute on purpose: scripts/bench_worker.py loads this file outside the package.
+from pipecat_roark import compat
+from pipecat_roark.compat import CancelWorkerFrame, EndWorkerFrame, StopWorkerFrame, tts_text_frame
 
 __all__ = [
     "Bot",
@@ -238,11 +233,13 @@ class ScriptedCall(FrameProcessor):
             if self.on_step is not None:
                 await self.on_step(number)
         if self.end == "end":
-            await self.push_frame(_EndFrame(reason=self.end_reason), FrameDirection.UPSTREAM)
+            await self.push_frame(EndWorkerFrame(reason=self.end_reason), FrameDirection.UPSTREAM)
         elif self.end == "cancel":
-            await self.push_frame(_CancelFrame(reason=self.end_reason), FrameDirection.UPSTREAM)
+            await self.push_frame(
+                CancelWorkerFrame(reason=self.end_reason), FrameDirection.UPSTREAM
+            )
         elif self.end == "stop":
-            await self.push_frame(_StopFrame(), FrameDirection.UPSTREAM)
+            await self.push_frame(StopWorkerFrame(), FrameDirection.UPSTREAM)
 
     async def _play_step(self, step: Step) -> None:
         if isinstance(step, Pause):
@@ -273,7 +270,7 @@ class ScriptedCall(FrameProcessor):
             for delta in step.deltas:
                 frame = LLMTextFrame(text=delta)
                 await self.push_frame(frame)
-                tts = _tts_frame(delta)
+                tts = tts_text_frame(delta)
                 tts.includes_inter_frame_spaces = True
                 await self.push_frame(tts)
                 await self._bot_audio(TICK_MS)
@@ -302,7 +299,7 @@ class ScriptedCall(FrameProcessor):
                 await self._broadcast(InterruptionFrame)
                 await self._bot_edge(BotStoppedSpeakingFrame)
                 return
-            tts = _tts_frame(word)
+            tts = tts_text_frame(word)
             tts.includes_inter_frame_spaces = step.spaced
             await self.push_frame(tts)
             await self._bot_audio(step.ms_per_word)
@@ -311,13 +308,6 @@ class ScriptedCall(FrameProcessor):
     async def _bot_edge(self, frame_cls: type[Frame]) -> None:
         if self.speaking_edges:
             await self._broadcast(frame_cls)
-
-
-def _tts_frame(text: str) -> TTSTextFrame:
-    try:
-        return TTSTextFrame(text=text, text_type="sentence")
-    except TypeError:  # pragma: no cover - Pipecat < 1.13 named it aggregated_by
-        return TTSTextFrame(text=text, aggregated_by="sentence")  # type: ignore[call-arg]
 
 
 async def run_pipeline(
@@ -342,14 +332,10 @@ async def run_pipeline(
         "enable_rtvi": False,
         "enable_turn_tracking": False,
     }
-    try:
-        from pipecat.pipeline.worker import PipelineWorker
-        from pipecat.workers.runner import WorkerRunner
-    except ImportError:  # pragma: no cover - Pipecat 0.0.x
-        legacy = True
-    if legacy:
+    if legacy and compat.HAS_WORKER:
         import warnings
 
+        # The old names, on purpose: this path exists to prove they still record.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             from pipecat.pipeline.runner import PipelineRunner
@@ -357,17 +343,12 @@ async def run_pipeline(
 
             task = PipelineTask(pipeline, **common)
             runner = PipelineRunner(handle_sigint=handle_sigint)
-        # The old names, on purpose: this path exists to prove they still record.
-        if hasattr(runner, "add_workers"):
-            await runner.add_workers(task)
-            await runner.run()
-        else:  # pragma: no cover - Pipecat 0.0.x
-            await runner.run(task)
+        await runner.add_workers(task)
+        await runner.run()
         return
-    worker = PipelineWorker(pipeline, **common)
-    worker_runner = WorkerRunner(handle_sigint=handle_sigint)
-    await worker_runner.add_workers(worker)
-    await worker_runner.run()
+    # Before Pipecat 1.3 these are PipelineTask and PipelineRunner themselves.
+    worker = compat.PipelineWorker(pipeline, **common)
+    await compat.run_worker(compat.WorkerRunner(handle_sigint=handle_sigint), worker)
 
 
 class PlayedOutput(BaseOutputTransport):
