@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from types import FrameType
@@ -24,6 +25,16 @@ def host_handler(signum: int, frame: FrameType | None) -> None:
     os._exit(3)
 
 
+def committed(directory: Path, call_id: str, text: bytes) -> bool:
+    with sqlite3.connect(directory / "wal.sqlite") as conn:
+        found = conn.execute(
+            "SELECT count(*) FROM events WHERE call_id = ? AND instr(body, ?) > 0",
+            (call_id, text),
+        ).fetchone()[0]
+    conn.close()
+    return bool(found)
+
+
 async def main(directory: Path, call_id: str, mode: str, chunk_bytes: int) -> None:
     if mode == "host":
         signal.signal(signal.SIGTERM, host_handler)
@@ -32,8 +43,15 @@ async def main(directory: Path, call_id: str, mode: str, chunk_bytes: int) -> No
     )
 
     async def ready(step: int) -> None:
-        if step == 2 and await writer_for(directory).flush(10):
-            print("ready", flush=True)
+        # The observer sees frames from a queue of its own, so the caller's "Hi." may still
+        # be on its way when this step ends: ready means it is committed.
+        if step != 2:
+            return
+        for _ in range(1000):  # bounded: 10 s
+            if await writer_for(directory).flush(10) and committed(directory, call_id, b"Hi."):
+                print("ready", flush=True)
+                return
+            await asyncio.sleep(0.01)
 
     script = ScriptedCall(
         [Bot(["Hello", "there."]), User("Hi."), Bot(["Still here?"])], end="hang", on_step=ready

@@ -177,14 +177,14 @@ def test_every_guarantee_names_tests_that_exist() -> None:
         named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", proof)
         assert named, f"a guarantee without a test: {guarantee[:80]}"
         for path, name in named:
-            assert name in test_names(ROOT / path), f"{path}::{name} does not exist"
+            assert name in defined_tests(ROOT / path), f"{path}::{name} does not exist"
 
 
 def _section(header: str) -> str:
     return README.split(header, 1)[1].split("\n\n", 1)[0]
 
 
-def test_names(path: Path) -> set[str]:
+def defined_tests(path: Path) -> set[str]:
     """The test functions a file defines (parsed, not imported)."""
     if not path.exists():
         return set()
