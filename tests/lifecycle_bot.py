@@ -2,7 +2,8 @@
 
     python lifecycle_bot.py DATA_DIR CALL_ID MODE [CHUNK_BYTES]
 MODE "default": SIGTERM is left to Python's default; "host": the host installs its own
-SIGTERM handler first (prints "host handler" and leaves with status 3 at once).
+SIGTERM handler first (prints "host handler" and leaves with status 3 at once); "record":
+as "default", but the bot only records (no background drainer touches the database).
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ async def main(directory: Path, call_id: str, mode: str, chunk_bytes: int) -> No
     if mode == "host":
         signal.signal(signal.SIGTERM, host_handler)
     roark = RoarkObserver(
-        agent_id="exit-bot", pipecat_call_id=call_id, data_dir=directory, chunk_bytes=chunk_bytes
+        agent_id="exit-bot",
+        pipecat_call_id=call_id,
+        data_dir=directory,
+        chunk_bytes=chunk_bytes,
+        deliver=mode != "record",
     )
 
     async def ready(step: int) -> None:
