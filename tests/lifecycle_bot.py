@@ -6,6 +6,8 @@ It delivers when ROARK_API_KEY and ROARK_BASE_URL are set. It prints "ready" onc
 first two steps of its call are committed. MODE:
 
 - "default": nobody handles SIGTERM but us; the call never ends by itself.
+- "record": as "default", but the bot only records (no background drainer of its own
+  touches the database: the drain and CLI tests look at the rows it leaves).
 - "host": a host with a graceful shutdown of its own, as uvicorn: it installs its SIGTERM
   handler before any observer (prints "host handler" when it runs), lets the running
   call finish its script (ending with reason ``customer-ended-call``), then starts one
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -55,6 +58,16 @@ def host_handler(signum: int, frame: FrameType | None) -> None:
     print("host handler", flush=True)
 
 
+def committed(directory: Path, call_id: str, text: bytes) -> bool:
+    with sqlite3.connect(directory / "wal.sqlite") as conn:
+        found = conn.execute(
+            "SELECT count(*) FROM events WHERE call_id = ? AND instr(body, ?) > 0",
+            (call_id, text),
+        ).fetchone()[0]
+    conn.close()
+    return bool(found)
+
+
 async def call(
     directory: Path,
     call_id: str,
@@ -62,6 +75,8 @@ async def call(
     script: ScriptedCall,
     ready: str,
     on_ready: Callable[[], object] = lambda: None,
+    *,
+    deliver: bool = True,
 ) -> None:
     roark = RoarkObserver(
         agent_id="exit-bot",
@@ -69,12 +84,20 @@ async def call(
         data_dir=directory,
         chunk_bytes=chunk_bytes,
         exit_drain_s=30.0,
+        deliver=deliver,
     )
 
     async def report(step: int) -> None:
-        if step == 2 and await writer_for(directory).flush(10):
-            print(ready, flush=True)
-            on_ready()
+        # The observer sees frames from a queue of its own, so the caller's "Hi." may still
+        # be on its way when this step ends: ready means it is committed.
+        if step != 2:
+            return
+        for _ in range(1000):  # bounded: 10 s
+            if await writer_for(directory).flush(10) and committed(directory, call_id, b"Hi."):
+                print(ready, flush=True)
+                on_ready()
+                return
+            await asyncio.sleep(0.01)
 
     script.on_step = report
     await run_pipeline([script, roark.audio_processor], observers=[roark])
@@ -157,7 +180,7 @@ async def main(directory: Path, call_id: str, mode: str, chunk_bytes: int, secon
         return
     script = ScriptedCall(FIRST_STEPS + MORE_STEPS[:1], end="hang")
     if mode != "migrate":
-        await call(directory, call_id, chunk_bytes, script, "ready")
+        await call(directory, call_id, chunk_bytes, script, "ready", deliver=mode != "record")
         return
     ready = asyncio.Event()
     running = asyncio.ensure_future(

@@ -58,12 +58,14 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
 def start_bot_mid_call(
     directory: Path, call_id: str, chunk_bytes: int = 256 * 1024
 ) -> subprocess.Popen[str]:
-    """A live bot, mid-call (everything so far committed), recording under our key."""
+    """A live bot, mid-call (everything so far committed), recording under our key.
+
+    It only records: its own drainer would otherwise try (and fail) to deliver every
+    call in the directory, leaving errors on rows the tests look at."""
     env = {k: v for k, v in os.environ.items() if k not in ("ROARK_API_KEY", "ROARK_BASE_URL")}
-    env["ROARK_API_KEY"] = KEY  # the bot records under our key; it has no server to deliver to
-    env["ROARK_BASE_URL"] = "http://127.0.0.1:9"
+    env["ROARK_API_KEY"] = KEY
     proc = subprocess.Popen(
-        [sys.executable, str(BOT), str(directory), call_id, "default", str(chunk_bytes)],
+        [sys.executable, str(BOT), str(directory), call_id, "record", str(chunk_bytes)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
