@@ -33,6 +33,10 @@ BIN = str(Path(sys.executable).parent)
 pytestmark = pytest.mark.anyio
 
 
+SIDECAR = ["pipecat-roark", "drain", "--follow", "--metrics-port", "9464"]
+"""The sidecar both recipes run: it delivers, and serves Prometheus metrics."""
+
+
 def compose() -> dict[str, Any]:
     return yaml.safe_load((DEPLOY / "compose.yaml").read_text())  # type: ignore[no-any-return]
 
@@ -100,7 +104,7 @@ def test_the_recipes_parse_into_a_bot_and_a_sidecar_on_one_volume() -> None:
     for service in services.values():
         assert service["volumes"] == [f"roark-data:{DATA}"]
         assert service["environment"]["PIPECAT_ROARK_DIR"] == DATA
-    assert services["roark-drain"]["command"] == ["pipecat-roark", "drain", "--follow"]
+    assert services["roark-drain"]["command"] == SIDECAR
     assert services["roark-drain"]["healthcheck"]["test"][1:3] == ["pipecat-roark", "status"]
     assert "roark-data" in compose()["volumes"]
 
@@ -109,7 +113,7 @@ def test_the_recipes_parse_into_a_bot_and_a_sidecar_on_one_volume() -> None:
     for container in containers.values():
         assert {"name": "PIPECAT_ROARK_DIR", "value": DATA} in container["env"]
         assert [m["mountPath"] for m in container["volumeMounts"]] == [DATA]
-    assert containers["roark-drain"]["args"] == ["pipecat-roark", "drain", "--follow"]
+    assert containers["roark-drain"]["args"] == SIDECAR
     assert set(probes(containers["roark-drain"])) == {"readinessProbe", "livenessProbe"}
     [deployment] = [d for d in kubernetes() if d["kind"] == "Deployment"]
     pod = deployment["spec"]["template"]["spec"]
@@ -121,7 +125,7 @@ def test_the_recipes_parse_into_a_bot_and_a_sidecar_on_one_volume() -> None:
 def test_every_pipecat_roark_command_in_the_recipes_exists_with_its_options() -> None:
     commands = [c for argv in argvs() for c in pipecat_roark_commands(argv)]
     assert len(commands) >= 10
-    assert ["pipecat-roark", "drain", "--follow"] in commands
+    assert SIDECAR in commands
     for command in commands:
         assert command[0] == "pipecat-roark", command
         sub = main.get_command(click.Context(main), command[1])
