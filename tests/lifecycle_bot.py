@@ -113,8 +113,9 @@ def watch_writers_lock() -> None:
 
 async def run_with_sigterm_runner(directory: Path, call_id: str, chunk_bytes: int) -> None:
     from pipecat.pipeline.pipeline import Pipeline
-    from pipecat.pipeline.worker import PipelineParams, PipelineWorker
-    from pipecat.workers.runner import WorkerRunner
+    from pipecat.pipeline.task import PipelineParams
+
+    from pipecat_roark import compat
 
     roark = RoarkObserver(
         agent_id="exit-bot", pipecat_call_id=call_id, data_dir=directory, chunk_bytes=chunk_bytes
@@ -125,7 +126,7 @@ async def run_with_sigterm_runner(directory: Path, call_id: str, chunk_bytes: in
             print("ready", flush=True)
 
     script = ScriptedCall(FIRST_STEPS + MORE_STEPS[:1], end="hang", on_step=report)
-    worker = PipelineWorker(
+    worker = compat.PipelineWorker(  # PipelineTask before Pipecat 1.3
         Pipeline([script, roark.audio_processor]),
         params=PipelineParams(audio_in_sample_rate=16000, audio_out_sample_rate=16000),
         observers=[roark],
@@ -133,9 +134,8 @@ async def run_with_sigterm_runner(directory: Path, call_id: str, chunk_bytes: in
         enable_rtvi=False,
         enable_turn_tracking=False,
     )
-    runner = WorkerRunner(handle_sigint=False, handle_sigterm=True)
-    await runner.add_workers(worker)
-    await runner.run()
+    runner = compat.WorkerRunner(handle_sigint=False, handle_sigterm=True)
+    await compat.run_worker(runner, worker)
 
 
 async def serve_calls(directory: Path, call_id: str, chunk_bytes: int) -> None:
