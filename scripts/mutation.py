@@ -113,22 +113,22 @@ MUTANTS = (
     Mutant(
         "orphans: a call of another host is never finalized",
         "src/pipecat_roark/outbox.py",
-        "if gone is None and heartbeat_at >= now - grace_us:",
+        "if gone is None and heartbeat_at >= cutoff:",
         "if gone is None:",
         (PROCS + "test_a_call_of_another_host_waits_for_its_heartbeat_grace_then_ends_once",),
     ),
     Mutant(
         "orphans: a call of another host is finalized without waiting for its heartbeat",
         "src/pipecat_roark/outbox.py",
-        "if gone is None and heartbeat_at >= now - grace_us:",
-        "if gone is None and False:",
+        "cutoff = now - effective_grace_us(token, grace_us)",
+        "cutoff = now",
         (PROCS + "test_a_call_of_another_host_waits_for_its_heartbeat_grace_then_ends_once",),
     ),
     Mutant(
-        "orphans: no pid check on this host (heartbeat age only)",
+        "orphans: no pid check in the owner's own namespace (heartbeat age only)",
         "src/pipecat_roark/owner.py",
-        "if host != socket.gethostname():",
-        "if True:",
+        "        or identity.pid_ns != _pid_ns()\n    ):\n        return None",
+        "        or True\n    ):\n        return None",
         (PROCS + "test_a_killed_bots_call_is_finalized_once_as_observer_lost",),
     ),
     Mutant(

@@ -56,7 +56,7 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
 
 
 def start_bot_mid_call(
-    directory: Path, call_id: str, chunk_bytes: int = 256 * 1024
+    directory: Path, call_id: str, chunk_bytes: int = 256 * 1024, **env_extra: str
 ) -> subprocess.Popen[str]:
     """A live bot, mid-call (everything so far committed), recording under our key.
 
@@ -64,6 +64,7 @@ def start_bot_mid_call(
     call in the directory, leaving errors on rows the tests look at."""
     env = {k: v for k, v in os.environ.items() if k not in ("ROARK_API_KEY", "ROARK_BASE_URL")}
     env["ROARK_API_KEY"] = KEY
+    env.update(env_extra)
     proc = subprocess.Popen(
         [sys.executable, str(BOT), str(directory), call_id, "record", str(chunk_bytes)],
         stdout=subprocess.PIPE,
@@ -218,7 +219,13 @@ async def test_a_call_of_another_host_waits_for_its_heartbeat_grace_then_ends_on
 async def test_a_live_bots_call_is_left_alone_until_its_process_dies(
     data_dir: Path, dev_server: RunningDevServer
 ) -> None:
-    bot = start_bot_mid_call(data_dir, "alive")
+    # Its heartbeat has stalled (an hour between beats, the last one a day ago), as a
+    # starved writer thread's would: only the pid, alive in our own namespace, keeps it.
+    bot = start_bot_mid_call(data_dir, "alive", PIPECAT_ROARK_HEARTBEAT_S="3600")
+    day_ago = time.time_ns() // 1000 - 86_400_000_000
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        conn.execute("UPDATE calls SET heartbeat_at = ? WHERE id = 'alive'", (day_ago,))
+    conn.close()
     try:  # its owner lives on this host: no heartbeat age makes it an orphan
         stale = replace(QUICK, orphan_grace_s=0.0)
         report = await Drainer(data_dir, KEY, dev_server.base_url, stale).run_once(budget_s=30)
