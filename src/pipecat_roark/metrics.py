@@ -114,7 +114,7 @@ class QueueCollector(Collector):
         try:
             conn = connect(directory, read_only=True)
             try:
-                status = queue_status(conn, directory, now=now_us())
+                status = queue_status(conn, directory, now=now_us(), scan_damage=False)
             finally:
                 conn.close()
         except Exception as exc:  # no database yet, or unusable: say so, the scrape goes on
