@@ -53,6 +53,10 @@ __all__ = [
 
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # 1 GiB
 DEFAULT_MIN_FREE_BYTES = 64 << 20  # keep 64 MiB free so events can still commit
+DATABASE_RESERVE_BYTES = 256 << 10
+"""Audio never takes the last of this, whatever ``min_free_bytes`` says: the database's
+write-ahead log grows by a few pages per commit until its checkpoint, and the events
+that end the call must still fit after audio has stopped."""
 OP_RETRY_DELAYS_S = (0.01, 0.05, 0.2, 0.5)
 """Backoff before each retry of one op that failed with a transient error (<1 s in all)."""
 
@@ -585,8 +589,9 @@ class Writer:
         except OSError:
             return None
         free = stat.f_bavail * stat.f_frsize
-        if free - size < self.min_free_bytes:
-            return f"free disk space is below {self.min_free_bytes} bytes ({free} left)"
+        floor = max(self.min_free_bytes, DATABASE_RESERVE_BYTES)
+        if free - size < floor:
+            return f"free disk space is below {floor} bytes ({free} left)"
         return None
 
     def _stop_audio(self, call_id: str, reason: str) -> None:
