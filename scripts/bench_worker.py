@@ -1,7 +1,7 @@
 """One side of a side-by-side benchmark, run in its own process by scripts/bench.py.
 
     python scripts/bench_worker.py overhead MODE ROUNDS BASE_URL DIR
-    python scripts/bench_worker.py audio MODE ROUNDS BASE_URL DIR
+    python scripts/bench_worker.py audio MODE ROUNDS BASE_URL DIR [FRAMES]
     python scripts/bench_worker.py arrival MODE ROUNDS BASE_URL DIR
     python scripts/bench_worker.py longcall MODE MINUTES BASE_URL DIR
 
@@ -194,18 +194,20 @@ async def overhead(mode: str, rounds: int, base_url: str, directory: Path) -> di
     return {"times": times}
 
 
-async def audio(mode: str, rounds: int, base_url: str, directory: Path) -> dict[str, Any]:
-    """The audio-only call: AUDIO_FRAMES frames through AUDIO_HOPS hops at pace 0."""
+async def audio(
+    mode: str, rounds: int, base_url: str, directory: Path, frames: int = AUDIO_FRAMES
+) -> dict[str, Any]:
+    """The audio-only call: ``frames`` frames through AUDIO_HOPS hops at pace 0."""
     times = []
     for n in range(rounds + 1):  # round 0 warms up: not counted
         start = time.perf_counter()
         await play(
-            mode, [], base_url, directory, f"{mode}-audio-{n}", pace=0.0, audio_frames=AUDIO_FRAMES
+            mode, [], base_url, directory, f"{mode}-audio-{n}", pace=0.0, audio_frames=frames
         )
         if n:
             times.append(time.perf_counter() - start)
     await _drain_leftovers(mode)
-    return {"times": times, "frames": AUDIO_FRAMES}
+    return {"times": times, "frames": frames}
 
 
 async def arrival(mode: str, rounds: int, base_url: str, directory: Path) -> dict[str, Any]:
@@ -282,8 +284,9 @@ def main() -> None:
     logger.remove()
     logger.add(sys.stderr, level="ERROR")
     what, mode, rounds, base_url, directory = sys.argv[1:6]
+    extra = [int(arg) for arg in sys.argv[6:]]
     run = {"overhead": overhead, "audio": audio, "arrival": arrival, "longcall": longcall}[what]
-    result = asyncio.run(run(mode, int(rounds), base_url, Path(directory)))
+    result = asyncio.run(run(mode, int(rounds), base_url, Path(directory), *extra))
     print(json.dumps(result), flush=True)
 
 

@@ -163,6 +163,9 @@ def _neighbours(start: FrameProcessor, upstream: bool) -> tuple[bool, bool]:
     return False, False
 
 
+_RECORDED_AUDIO = (InputAudioRawFrame, OutputAudioRawFrame)
+
+
 def _whole_samples(frame: AudioRawFrame) -> bool:
     audio = frame.audio
     channels = frame.num_channels if isinstance(frame.num_channels, int) else 0
@@ -198,28 +201,24 @@ class RoarkAudioBufferProcessor(AudioBufferProcessor):
         await super().queue_frame(frame, direction, *args, **kwargs)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
-        roark = self._roark
-        if isinstance(frame, (InputAudioRawFrame, OutputAudioRawFrame)) and not _whole_samples(
-            frame
-        ):
-            # Pipecat's buffer raises on a partial sample and the pipeline can stall on
-            # it: pass such a frame on unrecorded instead.
-            roark._guard(roark._partial_audio, frame)
-            await FrameProcessor.process_frame(self, frame, direction)
-            await self.push_frame(frame, direction)
+        if isinstance(frame, _RECORDED_AUDIO):  # nearly every frame: one check, then the buffer
+            if not _whole_samples(frame):
+                # Pipecat's buffer raises on a partial sample and the pipeline can stall on
+                # it: pass such a frame on unrecorded instead.
+                self._roark._guard(self._roark._partial_audio, frame)
+                await FrameProcessor.process_frame(self, frame, direction)
+                await self.push_frame(frame, direction)
+                return
+            if self._awaiting_sample_zero and self._recording and frame.audio:
+                self._awaiting_sample_zero = False
+                self._roark._guard(self._roark._recording_started)
+            await super().process_frame(frame, direction)
             return
+        roark = self._roark
         if isinstance(frame, StartFrame):
             roark._guard(roark._processor_saw_start)
         elif isinstance(frame, (EndFrame, CancelFrame, StopFrame)):
             roark._guard(roark._terminal_frame, frame)
-        elif (
-            self._awaiting_sample_zero
-            and self._recording
-            and isinstance(frame, (InputAudioRawFrame, OutputAudioRawFrame))
-            and frame.audio
-        ):
-            self._awaiting_sample_zero = False
-            roark._guard(roark._recording_started)
         await super().process_frame(frame, direction)
         if isinstance(frame, StartFrame) and not self._recording:
             await self.start_recording()
