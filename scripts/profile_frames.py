@@ -1,13 +1,14 @@
 """Where the per-frame time goes: CPU per frame by observer, split by thread, plus counts.
 
-    uv run python scripts/profile_frames.py [FRAMES [BASE_URL]]                # ours, baselines
+    uv run python scripts/profile_frames.py [FRAMES [BASE_URL [MODE,…]]]       # ours, baselines
     .bench/reference-venv/bin/python scripts/profile_frames.py FRAMES BASE_URL  # Roark's 0.2.5
 
 BASE_URL is a running `pipecat-roark dev-server` for the modes that deliver.
 
 Plays the audio-only call of scripts/bench (audio frames only, 5 pass-through hops,
-pace 0) once to warm up and three times measured, per mode, in this one process, and
-prints one line per mode: process CPU per frame over no observer, the writer thread's
+pace 0) once to warm up (imports, the drainer's HTTP client) and three times measured,
+per mode, in this one process (a delivering drainer keeps running between plays), and
+prints one line per mode: process CPU per frame over no observer (the first mode), the writer thread's
 share (read from /proc), and what Pipecat handed the observer per frame. CPU time, not
 wall time: on a shared machine wall time mostly measures the neighbours.
 """
@@ -98,13 +99,13 @@ async def measure(
             from pipecat_roark.writer import writer_for
 
             await writer_for(directory).flush(60)  # its work for this call counts
-        if mode == "ours":
-            from pipecat_roark.drain import stop_background_drainers
-
-            await stop_background_drainers(30)
         if n:
             cpus.append(time.process_time() - cpu)
             writer.append(writer_cpu_s() - wcpu)
+    if mode == "ours":  # it delivered the calls before while the next one played
+        from pipecat_roark.drain import stop_background_drainers
+
+        await stop_background_drainers(30)
     return (
         statistics.median(cpus) / frames,
         statistics.median(writer) / frames,
@@ -130,6 +131,8 @@ def main() -> None:
         import pipecat_roark.writer  # noqa: F401  (ours, not Roark's 0.2.5)
 
         modes = ["none", "noop", "noop-first", "capture"] + (["ours"] if len(sys.argv) > 2 else [])
+        if len(sys.argv) > 3:
+            modes = sys.argv[3].split(",")
     except ImportError:
         modes = ["none", "reference"]
     base = None
