@@ -143,7 +143,7 @@ def _neighbours(start: FrameProcessor, upstream: bool) -> tuple[bool, bool]:
     """
     node: Any = start
     for _ in range(_CHAIN_LIMIT):
-        node = node.previous if upstream else node.next
+        node = getattr(node, "previous" if upstream else "next", None)
         if node is None:
             return False, True
         if isinstance(node, BaseOutputTransport):
