@@ -308,8 +308,9 @@ async def lag_probe(
     """N real-time calls in this loop with a probe that sleeps 10 ms and notes the oversleep.
 
     Returns (oversleeps in s, process CPU s, wall s). ``mode`` is "noop" (a no-op observer,
-    the same armed AudioBufferProcessor) or "ours" (recording, durable, delivering). One
-    call runs first, unmeasured, in both modes.
+    the same armed AudioBufferProcessor), "ours" (recording, durable, delivering) or
+    "capture" (recording and durable; a sidecar would deliver). One call runs first,
+    unmeasured, in every mode.
     """
     from bench_worker import ArmedRecorder, Hop, NoopObserver, long_call, scripted
 
@@ -327,13 +328,14 @@ async def lag_probe(
     async def one(n: int) -> None:
         await asyncio.sleep(n * 0.01)  # calls start staggered, as real ones do
         observer: Any
-        if mode == "ours":
+        if mode in ("ours", "capture"):
             observer = RoarkObserver(
                 api_key=KEY,
                 agent_id="bench",
-                pipecat_call_id=f"lag-{n}",
+                pipecat_call_id=f"{directory.name}-{n}",  # every round its own calls
                 data_dir=directory,
                 base_url=base_url,
+                deliver=mode == "ours",
             )
             recorder = observer.audio_processor
         else:
@@ -373,10 +375,11 @@ def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> l
         f"measuring at {chosen} calls",
         flush=True,
     )
-    lags: dict[str, list[float]] = {"noop": [], "ours": []}
-    cpus: dict[str, list[float]] = {"noop": [], "ours": []}
+    modes = ("noop", "ours", "capture")
+    lags: dict[str, list[float]] = {m: [] for m in modes}
+    cpus: dict[str, list[float]] = {m: [] for m in modes}
     for round_ in range(rounds):
-        for mode in ("noop", "ours"):
+        for mode in modes:
             got, cpu, _ = asyncio.run(
                 lag_probe(mode, base_url, tmp / f"lag-{mode}-{round_}", chosen, turns)
             )
@@ -404,6 +407,24 @@ def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> l
             f"{median(cpus['noop']):.2f} s",
             median(cpus["ours"]) / median(cpus["noop"]),
             "≤ 1.05×",
+            cmd,
+        ),
+        Row(
+            f"event-loop lag p99 during {chosen} real-time calls: recording only (a drain"
+            " --follow sidecar delivers) vs a recording no-op",
+            f"{p(lags['capture'], 0.99) * 1000:.2f} ms",
+            f"{noop * 1000:.2f} ms",
+            p(lags["capture"], 0.99) / noop if noop > 0 else None,
+            "",
+            cmd,
+        ),
+        Row(
+            f"bot process CPU for {chosen} real-time calls: recording only (a drain --follow"
+            " sidecar delivers) vs a recording no-op",
+            f"{median(cpus['capture']):.2f} s",
+            f"{median(cpus['noop']):.2f} s",
+            median(cpus["capture"]) / median(cpus["noop"]),
+            "",
             cmd,
         ),
     ]
