@@ -17,9 +17,10 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import TransportParams
 
-from helpers import stored_events, without_times
+from helpers import LogCapture, stored_events, without_times
 from pipecat_roark import RoarkObserver
 from pipecat_roark.events import BotSpeech, BotText, UserSpeech
+from pipecat_roark.observer import PLAYED_BACKLOG
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, User, run_pipeline
 
 pytestmark = pytest.mark.anyio
@@ -145,3 +146,18 @@ async def test_an_output_transport_after_the_audio_processor_keeps_every_push(
         ("words.", True),
     ]
     assert any(isinstance(e, BotSpeech) for e in stored_events(data_dir, "misplaced"))
+
+
+async def test_played_texts_an_absent_observer_cannot_order_are_bounded_and_said_once(
+    data_dir: Path, logs: LogCapture
+) -> None:
+    # The observer is left out of the worker: nothing ever puts the noted texts in order.
+    roark = RoarkObserver(agent_id="bot", pipecat_call_id="absent", deliver=False)
+    words = [f"w{n}" for n in range(PLAYED_BACKLOG + 10)]
+    await run_pipeline(
+        [ScriptedCall([Bot(words, ms_per_word=20)]), LoopbackOutput(), roark.audio_processor]
+    )
+    [line] = logs.matching("played TTS texts behind the pipeline")
+    assert f"the observer is {PLAYED_BACKLOG} played TTS texts behind" in line
+    # The end of the call records what is still noted, in order: the newest PLAYED_BACKLOG.
+    assert bot_texts(data_dir, "absent") == [(w, True) for w in words[-PLAYED_BACKLOG:]]

@@ -377,6 +377,7 @@ class RoarkObserver(BaseObserver):
         self._hook_errors: set[str] = set()
         self._not_attached_warned = False
         self._partial_audio_warned = False
+        self._played_backlog_warned = False
         self._dispatch: dict[type, Handler | None] = {}
         self._rules: list[tuple[type | tuple[type, ...], Handler | None]] = [
             (AudioRawFrame, self._on_audio if self._sample_zero_pending else None),
@@ -540,8 +541,17 @@ class RoarkObserver(BaseObserver):
 
     def _note_played(self, processor: FrameProcessor, frame: Frame, direction: Any) -> None:
         """Our audio processor is being handed ``frame`` by the output transport (inline)."""
-        if direction == FrameDirection.DOWNSTREAM:
-            self._played_pending.append((processor.get_clock().get_time(), frame))
+        if direction != FrameDirection.DOWNSTREAM:
+            return
+        pending = self._played_pending
+        if len(pending) == PLAYED_BACKLOG and not self._played_backlog_warned:
+            self._played_backlog_warned = True
+            logger.warning(
+                f"{self}: call {self._call_id}: the observer is {PLAYED_BACKLOG} played TTS "
+                "texts behind the pipeline; the oldest are recorded as TTS text only, not as "
+                "played. Check that RoarkObserver is in PipelineWorker(observers=[...])"
+            )
+        pending.append((processor.get_clock().get_time(), frame))
 
     def _release_played(self, before: int | None) -> None:
         """Record the noted texts pushed before the push stamped ``before`` (None: all)."""
