@@ -1,11 +1,12 @@
 """One side of a side-by-side benchmark, run in its own process by scripts/bench.py.
 
     python scripts/bench_worker.py overhead MODE ROUNDS BASE_URL DIR
+    python scripts/bench_worker.py audio MODE ROUNDS BASE_URL DIR [FRAMES]
     python scripts/bench_worker.py arrival MODE ROUNDS BASE_URL DIR
     python scripts/bench_worker.py longcall MODE MINUTES BASE_URL DIR
 
-MODE is none | noop | capture (ours, recording only) | ours (recording and delivering
-during the call) | reference. "reference" runs under the scratch venv that has
+MODE is none | noop (a no-op observer; the same AudioBufferProcessor records) | capture
+(ours, recording only) | ours (recording and delivering during the call) | reference. "reference" runs under the scratch venv that has
 Roark's own `pipecat-roark==0.2.5` installed (which is also called `pipecat_roark`), so
 the scripted call is loaded from our testing.py by path: both sides play the same call.
 Prints one JSON line.
@@ -55,6 +56,8 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  #
 
 KEY = "bench-key-not-secret"
 HOPS = 4  # stand-ins for STT, LLM, TTS and the output transport: every hop is observed
+AUDIO_HOPS = 5  # the audio-only workload of issue 12: 5 pass-through hops
+AUDIO_FRAMES = 20_000  # 20 ms frames, user and bot alternating: 200 s of each side
 
 
 class Hop(FrameProcessor):
@@ -93,6 +96,22 @@ def long_call(turns: int) -> list[Any]:
             steps.append(scripted.Tool(f"t{turn}", "lookup", {"turn": turn}, {"ok": True}))
         steps.append(scripted.Bot([f"Answer{turn}", "is", "that", "it", "works."], ms_per_word=300))
     return steps
+
+
+class AudioOnlyCall(scripted.ScriptedCall):  # type: ignore[misc, name-defined]
+    """Audio frames only: ``frames`` 20 ms frames, user and bot alternating, then the end."""
+
+    def __init__(self, frames: int, **kwargs: Any) -> None:
+        super().__init__([], **kwargs)
+        self.frames = frames
+
+    async def _play(self) -> None:
+        for n in range(self.frames):
+            if n % 2:
+                await self._bot_audio(scripted.TICK_MS)
+            else:
+                await self._user_audio(scripted.TICK_MS, voiced=True)
+        await self.push_frame(scripted._EndFrame(), FrameDirection.UPSTREAM)
 
 
 def short_call() -> list[Any]:
@@ -142,18 +161,23 @@ async def play(
     call_id: str,
     pace: float,
     on_step: Any = None,
+    audio_frames: int = 0,
 ) -> None:
+    """Play ``script`` (or, with ``audio_frames``, the audio-only call) through the hops."""
     observer = make_observer(mode, base_url, directory, call_id)
     recorder = (
         observer.audio_processor
         if hasattr(observer, "audio_processor")
         else ArmedRecorder(num_channels=2, buffer_size=256 * 1024)
     )
-    call = scripted.ScriptedCall(script, pace=pace, on_step=on_step)
+    if audio_frames:
+        call = AudioOnlyCall(audio_frames, pace=pace, on_step=on_step)
+    else:
+        call = scripted.ScriptedCall(script, pace=pace, on_step=on_step)
     call.stats.user_audio = call.stats.bot_audio = _Discard()  # tests keep it; we must not
     processors = [
         call,
-        *(Hop() for _ in range(HOPS)),
+        *(Hop() for _ in range(AUDIO_HOPS if audio_frames else HOPS)),
         recorder,
     ]
     await scripted.run_pipeline(processors, observers=[] if observer is None else [observer])
@@ -168,6 +192,22 @@ async def overhead(mode: str, rounds: int, base_url: str, directory: Path) -> di
             times.append(time.perf_counter() - start)
     await _drain_leftovers(mode)
     return {"times": times}
+
+
+async def audio(
+    mode: str, rounds: int, base_url: str, directory: Path, frames: int = AUDIO_FRAMES
+) -> dict[str, Any]:
+    """The audio-only call: ``frames`` frames through AUDIO_HOPS hops at pace 0."""
+    times = []
+    for n in range(rounds + 1):  # round 0 warms up: not counted
+        start = time.perf_counter()
+        await play(
+            mode, [], base_url, directory, f"{mode}-audio-{n}", pace=0.0, audio_frames=frames
+        )
+        if n:
+            times.append(time.perf_counter() - start)
+    await _drain_leftovers(mode)
+    return {"times": times, "frames": frames}
 
 
 async def arrival(mode: str, rounds: int, base_url: str, directory: Path) -> dict[str, Any]:
@@ -244,8 +284,9 @@ def main() -> None:
     logger.remove()
     logger.add(sys.stderr, level="ERROR")
     what, mode, rounds, base_url, directory = sys.argv[1:6]
-    run = {"overhead": overhead, "arrival": arrival, "longcall": longcall}[what]
-    result = asyncio.run(run(mode, int(rounds), base_url, Path(directory)))
+    extra = [int(arg) for arg in sys.argv[6:]]
+    run = {"overhead": overhead, "audio": audio, "arrival": arrival, "longcall": longcall}[what]
+    result = asyncio.run(run(mode, int(rounds), base_url, Path(directory), *extra))
     print(json.dumps(result), flush=True)
 
 

@@ -34,7 +34,9 @@ def test_the_quick_benchmark_runs_every_row_and_writes_nothing(tmp_path: Path) -
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for row in (
         "RoarkObserver recording vs no observer",
-        "RoarkObserver recording vs a no-op observer",
+        "mixed call: overhead over no observer, ours vs a recording no-op",
+        "audio-only call: overhead over no observer, ours vs a recording no-op",
+        "event-loop lag p99 during",
         "frame → committed",
         "concurrent calls and a drain --follow sidecar",
         "bot process CPU for 10 concurrent calls",

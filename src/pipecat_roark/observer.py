@@ -9,6 +9,13 @@ at teardown, so being cheap here is what makes the end of the call arrive at all
 The default ``audio_processor`` does the time-critical parts inline, in the pipeline
 itself: it arms recording on the StartFrame, notes the recording's sample 0, and sees
 End/Cancel/Stop frames even when the observer lags or was never attached.
+
+Each frame is observed once where Pipecat allows it (1.x: ``observe_every_push`` False),
+which halves what Pipecat queues for us per frame. The one fact that needs a later push,
+"this TTS text left the output transport", is then noted by the default audio processor
+(it sits after ``transport.output()`` and is handed exactly what the transport released)
+at the moment it is handed the frame, stamped with the pipeline clock; the observer puts
+it back in push order by that stamp. Pipelines where that cannot work keep every push.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from pipecat.frames.frames import (
     UserStoppedSpeakingFrame,
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.pipeline.base_pipeline import BasePipeline
+from pipecat.pipeline.pipeline import Pipeline, PipelineSink, PipelineSource
 from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_output import BaseOutputTransport
@@ -119,6 +128,43 @@ def _reason(frame: Frame, default: str) -> str:
 
 Handler = Callable[[FramePushed, Any], None]
 
+PLAYED_BACKLOG = 4096
+"""TTS texts released by the output transport and not yet put in order by the observer."""
+
+_CHAIN_LIMIT = 256
+
+
+def _neighbours(start: FrameProcessor, upstream: bool) -> tuple[bool, bool]:
+    """Walk the pipeline from ``start`` one way: (an output transport met, all of it seen).
+
+    Nested ``Pipeline``s are climbed out of through their source/sink up to the worker;
+    any other container (a ParallelPipeline, a pipeline met as one step) hides processors
+    we cannot see, and makes the answer unknown.
+    """
+    node: Any = start
+    for _ in range(_CHAIN_LIMIT):
+        node = getattr(node, "previous" if upstream else "next", None)
+        if node is None:
+            return False, True
+        if isinstance(node, BaseOutputTransport):
+            return True, True
+        if isinstance(node, PipelineSource if upstream else PipelineSink):
+            handler = getattr(
+                node, "_upstream_push_frame" if upstream else "_downstream_push_frame", None
+            )
+            parent = getattr(handler, "__self__", None)
+            if not isinstance(parent, FrameProcessor):
+                return False, True  # the worker's own edge: the whole pipeline was walked
+            if type(parent) is not Pipeline:
+                return False, False
+            node = parent
+        elif isinstance(node, BasePipeline):
+            return False, False
+    return False, False
+
+
+_RECORDED_AUDIO = (InputAudioRawFrame, OutputAudioRawFrame)
+
 
 def _whole_samples(frame: AudioRawFrame) -> bool:
     audio = frame.audio
@@ -140,33 +186,57 @@ class RoarkAudioBufferProcessor(AudioBufferProcessor):
         super().__init__(**kwargs)
         self._roark = owner
         self._awaiting_sample_zero = True
+        self._notes_played = False
+
+    async def queue_frame(
+        self,
+        frame: Frame,
+        direction: FrameDirection = FrameDirection.DOWNSTREAM,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        # Called by the output transport as it pushes: exactly the moment the text played.
+        if self._notes_played and isinstance(frame, TTSTextFrame):
+            self._roark._guard(self._roark._note_played, self, frame, direction)
+        await super().queue_frame(frame, direction, *args, **kwargs)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
-        roark = self._roark
-        if isinstance(frame, (InputAudioRawFrame, OutputAudioRawFrame)) and not _whole_samples(
-            frame
-        ):
-            # Pipecat's buffer raises on a partial sample and the pipeline can stall on
-            # it: pass such a frame on unrecorded instead.
-            roark._guard(roark._partial_audio, frame)
-            await FrameProcessor.process_frame(self, frame, direction)
-            await self.push_frame(frame, direction)
+        if isinstance(frame, _RECORDED_AUDIO):  # nearly every frame: one check, then the buffer
+            if not _whole_samples(frame):
+                # Pipecat's buffer raises on a partial sample and the pipeline can stall on
+                # it: pass such a frame on unrecorded instead.
+                self._roark._guard(self._roark._partial_audio, frame)
+                await FrameProcessor.process_frame(self, frame, direction)
+                await self.push_frame(frame, direction)
+                return
+            if self._awaiting_sample_zero and self._recording and frame.audio:
+                self._awaiting_sample_zero = False
+                self._roark._guard(self._roark._recording_started)
+            await super().process_frame(frame, direction)
             return
+        roark = self._roark
         if isinstance(frame, StartFrame):
             roark._guard(roark._processor_saw_start)
         elif isinstance(frame, (EndFrame, CancelFrame, StopFrame)):
             roark._guard(roark._terminal_frame, frame)
-        elif (
-            self._awaiting_sample_zero
-            and self._recording
-            and isinstance(frame, (InputAudioRawFrame, OutputAudioRawFrame))
-            and frame.audio
-        ):
-            self._awaiting_sample_zero = False
-            roark._guard(roark._recording_started)
         await super().process_frame(frame, direction)
         if isinstance(frame, StartFrame) and not self._recording:
             await self.start_recording()
+
+    async def setup(self, setup: Any) -> None:
+        await super().setup(setup)
+        # Linked and about to run, before any frame flows: the shape is known now.
+        self._roark._guard(self._choose_observation)
+
+    def _choose_observation(self) -> None:
+        """First pushes only, unless the pipeline's shape needs the later ones (see module)."""
+        after_output, seen_up = _neighbours(self, upstream=True)
+        before_output, seen_down = _neighbours(self, upstream=False)
+        if after_output and not before_output and seen_down:
+            self._notes_played = True
+            self._roark._every_push = False
+        elif not after_output and not before_output and seen_up and seen_down:
+            self._roark._every_push = False  # no output transport: no push but the first matters
 
     async def cleanup(self) -> None:
         await super().cleanup()
@@ -270,6 +340,8 @@ class RoarkObserver(BaseObserver):
         self._audio_processor.add_event_handler("on_audio_data", self._on_audio_data)
 
         # Call state, touched only from the event loop.
+        self._every_push = True  # until our audio processor has seen the pipeline's shape
+        self._played_pending: deque[tuple[int, Frame]] = deque(maxlen=PLAYED_BACKLOG)
         self._opened = False
         self._attached = False
         self._closed: tuple[int, str] | None = None
@@ -305,6 +377,7 @@ class RoarkObserver(BaseObserver):
         self._hook_errors: set[str] = set()
         self._not_attached_warned = False
         self._partial_audio_warned = False
+        self._played_backlog_warned = False
         self._dispatch: dict[type, Handler | None] = {}
         self._rules: list[tuple[type | tuple[type, ...], Handler | None]] = [
             (AudioRawFrame, self._on_audio if self._sample_zero_pending else None),
@@ -336,6 +409,11 @@ class RoarkObserver(BaseObserver):
     def data_dir(self) -> Path:
         return self._directory
 
+    @property
+    def observe_every_push(self) -> bool:
+        """Read by Pipecat 1.x at each push: False delivers each frame's first push only."""
+        return self._every_push
+
     async def aflush(self, reason: str = "client-disconnected") -> None:
         """End the call now (e.g. on client disconnect) and make it durable. Idempotent.
 
@@ -356,6 +434,8 @@ class RoarkObserver(BaseObserver):
     async def on_push_frame(self, data: FramePushed) -> None:
         self._last_frame = _monotonic()
         try:
+            if self._played_pending:
+                self._release_played(data.timestamp)
             frame = data.frame
             cls = frame.__class__
             handler = self._dispatch.get(cls, _UNSEEN)
@@ -454,13 +534,38 @@ class RoarkObserver(BaseObserver):
         played = isinstance(data.source, BaseOutputTransport) and (
             data.direction == FrameDirection.DOWNSTREAM
         )
-        first = self._first(data, frame)
         if played:
-            if frame.id in self._played_ids:
-                return
-            self._played_ids.append(frame.id)
-        elif not first:
+            self._played(frame)
+        elif self._first(data, frame):
+            self._bot_text(frame, played=False)
+
+    def _note_played(self, processor: FrameProcessor, frame: Frame, direction: Any) -> None:
+        """Our audio processor is being handed ``frame`` by the output transport (inline)."""
+        if direction != FrameDirection.DOWNSTREAM:
             return
+        pending = self._played_pending
+        if len(pending) == PLAYED_BACKLOG and not self._played_backlog_warned:
+            self._played_backlog_warned = True
+            logger.warning(
+                f"{self}: call {self._call_id}: the observer is {PLAYED_BACKLOG} played TTS "
+                "texts behind the pipeline; the oldest are recorded as TTS text only, not as "
+                "played. Check that RoarkObserver is in PipelineWorker(observers=[...])"
+            )
+        pending.append((processor.get_clock().get_time(), frame))
+
+    def _release_played(self, before: int | None) -> None:
+        """Record the noted texts pushed before the push stamped ``before`` (None: all)."""
+        pending = self._played_pending
+        while pending and (before is None or pending[0][0] < before):
+            self._played(pending.popleft()[1])
+
+    def _played(self, frame: Frame) -> None:
+        if frame.id in self._played_ids:  # seen both ways while the mode switched
+            return
+        self._played_ids.append(frame.id)
+        self._bot_text(frame, played=True)
+
+    def _bot_text(self, frame: Frame, *, played: bool) -> None:
         text = clean_text(getattr(frame, "text", ""))
         if not text:
             return
@@ -702,6 +807,7 @@ class RoarkObserver(BaseObserver):
     async def _finish_once(self, default_reason: str) -> None:
         if not self._opened:
             return
+        self._release_played(None)
         self._close(_now_us(), default_reason)
         try:
             await self._wait_for_tail()

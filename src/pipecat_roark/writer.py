@@ -57,6 +57,10 @@ RESERVE_NAME = ".reserve"
 RESERVE_BYTES = 128 << 10
 """A file kept in the data directory while there is room, and deleted when the disk is
 full: room for the events and the ends of calls once audio has stopped for lack of space."""
+DATABASE_RESERVE_BYTES = 256 << 10
+"""Audio never takes the last of this, whatever ``min_free_bytes`` says: the database's
+write-ahead log grows by a few pages per commit until its checkpoint, and the events
+that end the call must still fit after audio has stopped."""
 OP_RETRY_DELAYS_S = (0.01, 0.05, 0.2, 0.5)
 """Backoff before each retry of one op that failed with a transient error (<1 s in all)."""
 
@@ -655,8 +659,9 @@ class Writer:
         except OSError:
             return None
         free = stat.f_bavail * stat.f_frsize
-        if free - size < self.min_free_bytes:
-            return f"free disk space is below {self.min_free_bytes} bytes ({free} left)"
+        floor = max(self.min_free_bytes, DATABASE_RESERVE_BYTES)
+        if free - size < floor:
+            return f"free disk space is below {floor} bytes ({free} left)"
         return None
 
     def _stop_audio(self, call_id: str, reason: str) -> None:
