@@ -270,6 +270,12 @@ async def test_an_observer_left_in_pipeline_params_is_reported_and_audio_still_r
     from pipecat_roark.compat import PipelineWorker, WorkerRunner, run_worker
 
     roark = RoarkObserver(**AGENT, pipecat_call_id="call-1", deliver=False, chunk_bytes=16000)
+    emitted: list[bytes] = []
+
+    @roark.audio_processor.event_handler("on_audio_data")
+    async def tap(processor: object, audio: bytes, sample_rate: int, num_channels: int) -> None:
+        emitted.append(audio)
+
     params = PipelineParams(
         audio_in_sample_rate=16000, audio_out_sample_rate=16000, observers=[roark]
     )  # type: ignore[call-arg]
@@ -290,7 +296,9 @@ async def test_an_observer_left_in_pipeline_params_is_reported_and_audio_still_r
         assert conn.execute("SELECT state, end_reason FROM calls").fetchall() == [
             ("ended", "agent-ended")
         ]
-        assert conn.execute("SELECT count(*) FROM chunks").fetchone()[0] >= 3
+        sizes = [r[0] for r in conn.execute("SELECT size FROM chunks ORDER BY idx")]
+    assert len(emitted) >= 3, "the script is long enough for several chunks"
+    assert sizes == [len(chunk) for chunk in emitted], "every chunk the processor made"
 
 
 async def test_cancelling_the_host_task_during_the_end_still_records_the_end(
