@@ -153,6 +153,9 @@ async def serve_calls(directory: Path, call_id: str, chunk_bytes: int) -> None:
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    # Listening before we say so: a request sent at once waits in the backlog until
+    # uvicorn accepts it, instead of being refused (the test then waited for ever).
+    sock.listen(16)
     print(f"listening {sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(app, lifespan="off", log_level="warning")
     await uvicorn.Server(config).serve(sockets=[sock])
