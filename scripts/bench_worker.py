@@ -111,7 +111,7 @@ class AudioOnlyCall(scripted.ScriptedCall):  # type: ignore[misc, name-defined]
                 await self._bot_audio(scripted.TICK_MS)
             else:
                 await self._user_audio(scripted.TICK_MS, voiced=True)
-        await self.push_frame(scripted._EndFrame(), FrameDirection.UPSTREAM)
+        await self.push_frame(scripted.EndWorkerFrame(), FrameDirection.UPSTREAM)
 
 
 def short_call() -> list[Any]:
