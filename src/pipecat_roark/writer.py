@@ -538,7 +538,7 @@ class Writer:
         seen.add((kind, type(exc).__name__))
         if kind in (OP_CHUNK, OP_CHUNK_READY):
             if kind == OP_CHUNK_READY:
-                (self.directory / op[3].relpath).unlink(missing_ok=True)
+                spool.discard_chunk(self.directory, op[3].relpath)
             if _is_disk_full(exc):
                 self._stop_audio(call_id, f"disk full committing audio ({exc})")
             else:
@@ -575,8 +575,8 @@ class Writer:
     def _discard(self, op: Op) -> None:
         """An op of a call that is not recorded (see ``_skipped``): no line per op."""
         self.stats.dropped_ops += 1
-        if op[0] == OP_CHUNK_READY:
-            (self.directory / op[3].relpath).unlink(missing_ok=True)
+        if op[0] == OP_CHUNK_READY:  # its folder too, once empty: nothing of the call stays
+            spool.discard_chunk(self.directory, op[3].relpath)
         elif op[0] == OP_FINALIZE:
             self._skipped.pop(op[1], None)
             self._faults.pop(op[1], None)
