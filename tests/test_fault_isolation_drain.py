@@ -225,26 +225,30 @@ async def test_an_id_that_cannot_go_in_a_header_is_encoded_in_the_key_and_sent_v
     ], "the stored id stays verbatim"
 
 
-async def test_the_bots_background_drainer_delivers_an_odd_id_and_the_next_call(
-    data_dir: Path, dev_server: RunningDevServer
-) -> None:
+async def bot_call(directory: Path, base_url: str, call_id: str, n: int) -> None:
+    """A short call recorded by a delivering bot: its own background drainer sends it."""
     from pipecat_roark import RoarkObserver
-    from pipecat_roark.drain import stop_background_drainers
     from pipecat_roark.testing import ScriptedCall, run_pipeline
     from test_drain import short_script
 
+    roark = RoarkObserver(
+        agent_id="bot",
+        api_key=KEY,
+        base_url=base_url,
+        pipecat_call_id=call_id,
+        data_dir=directory,
+        chunk_bytes=8000,
+    )
+    await run_pipeline([ScriptedCall(short_script(n)), roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
+
+
+async def test_the_bots_background_drainer_delivers_an_odd_id_and_the_next_call(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    from pipecat_roark.drain import stop_background_drainers
+
     for n, call_id in enumerate(["réunion-42", "after-it"]):
-        roark = RoarkObserver(
-            agent_id="bot",
-            api_key=KEY,
-            base_url=dev_server.base_url,
-            pipecat_call_id=call_id,
-            data_dir=data_dir,
-            chunk_bytes=8000,
-        )
-        await run_pipeline(
-            [ScriptedCall(short_script(n)), roark.audio_processor], observers=[roark]
-        )  # type: ignore[arg-type]
+        await bot_call(data_dir, dev_server.base_url, call_id, n)
     try:
         for _ in range(600):  # bounded: both calls delivered by the bot's own drainer
             left = await asyncio.to_thread(
@@ -262,25 +266,12 @@ async def test_the_bots_background_drainer_delivers_an_odd_id_and_the_next_call(
 async def test_the_bots_background_drainer_outlives_a_row_that_raises_and_delivers_the_next_calls(
     data_dir: Path, dev_server: RunningDevServer
 ) -> None:
-    from pipecat_roark import RoarkObserver
     from pipecat_roark.drain import stop_background_drainers
-    from pipecat_roark.testing import ScriptedCall, run_pipeline
-    from test_drain import short_script
 
     faultpoints.inject("drain:load", RuntimeError("boom"), call_id="victim")
     try:
         for n, call_id in enumerate(["victim", "next-1", "next-2"]):
-            roark = RoarkObserver(
-                agent_id="bot",
-                api_key=KEY,
-                base_url=dev_server.base_url,
-                pipecat_call_id=call_id,
-                data_dir=data_dir,
-                chunk_bytes=8000,
-            )
-            await run_pipeline(
-                [ScriptedCall(short_script(n)), roark.audio_processor], observers=[roark]
-            )  # type: ignore[arg-type]
+            await bot_call(data_dir, dev_server.base_url, call_id, n)
         for _ in range(600):  # bounded: the later calls go out through the same drainer
             left = await asyncio.to_thread(
                 sql,
