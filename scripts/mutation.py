@@ -66,7 +66,7 @@ MUTANTS = (
     ),
     Mutant(
         "key format: call-ended",
-        "src/pipecat_roark/store.py",
+        "src/pipecat_roark/wire.py",
         'f"{call_id}:call-ended"',
         'f"{call_id}:ended"',
         (DRAIN + "test_a_recorded_call_arrives_whole_and_in_order",),

@@ -29,14 +29,20 @@ import anyio
 import msgspec
 from loguru import logger
 
-from . import config, crashpoints, faultpoints, metrics, outbox, spool
+from . import config, crashpoints, faultpoints, metrics, outbox, paused_keys, spool
 from .client import RoarkClient
 from .errors import AuthError, DeliveryError, PermanentError, RetryableError, UploadUrlExpired
 from .maintenance import discard_delivered_audio, prune_delivered
 from .outbox import Delivery
 from .owner import current_owner, orphan_grace_s
 from .store import connect, now_us
-from .timeline import StoredEvents, assemble_call_ended, assemble_call_started, read_events
+from .timeline import (
+    DEFAULT_RECOVERY_REASON,
+    StoredEvents,
+    assemble_call_ended,
+    assemble_call_started,
+    read_events,
+)
 from .writer import writer_for
 
 __all__ = [
@@ -620,7 +626,7 @@ class Drainer:
 
     def _pause(self, reason: str) -> bool:
         assert self.key_fp is not None
-        return outbox.pause_key(self._conn_or_open(), self.key_fp, reason, now_us())
+        return paused_keys.pause_key(self._conn_or_open(), self.key_fp, reason, now_us())
 
     def _probe(self) -> None:
         """Try a paused key again; the pause is lifted by the first delivery that succeeds."""
@@ -630,7 +636,7 @@ class Drainer:
     def _clear_pause(self) -> None:
         assert self.key_fp is not None
         self._maybe_paused = False
-        if outbox.unpause_key(self._conn_or_open(), self.key_fp):
+        if paused_keys.unpause_key(self._conn_or_open(), self.key_fp):
             logger.info(
                 f"pipecat-roark: Roark accepts the API key {self.key_fp} again; deliveries resumed"
             )
@@ -644,10 +650,10 @@ class Drainer:
             call_id=call_id,
         )
         for call_id in finalized:
-            metrics.finalized("observer-lost")
+            metrics.finalized(DEFAULT_RECOVERY_REASON)
             logger.warning(
                 f"pipecat-roark: call {call_id} never ended (its process is gone); finalized "
-                "from what was recorded with reason observer-lost"
+                f"from what was recorded with reason {DEFAULT_RECOVERY_REASON}"
             )
         return finalized
 
@@ -708,27 +714,9 @@ class Drainer:
 
     async def _summarize(self, report: DrainReport, call_id: str | None) -> None:
         def count() -> tuple[int, int, list[str]]:
-            conn = self._conn_or_open()
-            mine = "(c.key_fp IS NULL OR c.key_fp = ?) AND (? IS NULL OR d.call_id = ?)"
-            pending = conn.execute(
-                "SELECT count(*) FROM deliveries d JOIN calls c ON c.id = d.call_id"
-                f" WHERE d.state IN ('pending', 'leased') AND {mine}",
-                (self.key_fp, call_id, call_id),
-            ).fetchone()[0]
-            dead = conn.execute(
-                f"SELECT count(*) FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state = 'dead' AND {mine}",
-                (self.key_fp, call_id, call_id),
-            ).fetchone()[0]
-            others = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT DISTINCT c.id FROM calls c JOIN deliveries d ON d.call_id = c.id"
-                    " WHERE d.state IN ('pending', 'leased') AND c.key_fp IS NOT NULL AND c.key_fp != ?"
-                    " AND (? IS NULL OR c.id = ?) ORDER BY c.id",
-                    (self.key_fp, call_id, call_id),
-                )
-            ]
-            return int(pending), int(dead), others
+            return outbox.undelivered_counts(
+                self._conn_or_open(), key_fp=self.key_fp, call_id=call_id
+            )
 
         try:
             report.pending, report.dead_total, report.skipped_calls = await self._db(count)

@@ -26,6 +26,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from .timeline import DEFAULT_RECOVERY_REASON
+
 __all__ = [
     "CALLS_FINALIZED",
     "DELIVERED_BYTES",
@@ -76,7 +78,7 @@ _KNOWN_REASONS = frozenset(
         "client-disconnected",
         "session-vanished",
         "process-exit",
-        "observer-lost",
+        DEFAULT_RECOVERY_REASON,
     }
 )
 

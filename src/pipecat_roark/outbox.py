@@ -15,27 +15,30 @@ from dataclasses import dataclass
 from loguru import logger
 
 from . import faultpoints
-from .events import decode_event
+from .events import CallClosed, decode_event, encode_event
 from .owner import Owner, effective_grace_us, owner_is_gone, parse_identity
-from .store import finalize_call, transaction
+from .store import transaction
+from .timeline import DEFAULT_RECOVERY_REASON
+from .wire import call_ended_key, call_started_key, chunk_key
 
 __all__ = [
     "Delivery",
     "claim",
+    "enqueue_call_started",
+    "enqueue_chunk",
+    "finalize_call",
     "finalize_orphans",
     "mark_dead",
     "mark_delivered",
     "mark_retry",
     "next_due",
-    "pause_key",
-    "paused_reason",
     "lease_owner_id",
     "release",
     "release_dead_owners",
     "renew_leases",
     "release_process_leases",
     "undelivered_audio_bytes",
-    "unpause_key",
+    "undelivered_counts",
 ]
 
 
@@ -94,6 +97,52 @@ WHERE d.state IN ('pending', 'leased') AND {_READY}
 """
 
 
+def enqueue_call_started(conn: sqlite3.Connection, call_id: str, now: int) -> None:
+    """Queue a call's call-started delivery (inside the caller's transaction; once)."""
+    conn.execute(
+        "INSERT OR IGNORE INTO deliveries (call_id, kind, idempotency_key, next_attempt_at,"
+        " created_at) VALUES (?, 'call-started', ?, ?, ?)",
+        (call_id, call_started_key(call_id), now, now),
+    )
+
+
+def enqueue_chunk(conn: sqlite3.Connection, call_id: str, index: int, now: int) -> None:
+    """Queue the delivery of chunk ``index`` of a call (inside the caller's transaction; once)."""
+    conn.execute(
+        "INSERT OR IGNORE INTO deliveries (call_id, kind, chunk_idx, idempotency_key,"
+        " next_attempt_at, created_at) VALUES (?, 'chunk', ?, ?, ?, ?)",
+        (call_id, index, chunk_key(call_id, index), now, now),
+    )
+
+
+def finalize_call(
+    conn: sqlite3.Connection, call_id: str, at: int, reason: str, *, add_event: bool, now: int
+) -> bool:
+    """End an open call and queue its call-ended delivery (inside the caller's transaction).
+
+    The one place a call ends, whether its observer saw the end or a drainer finalizes
+    an orphan: both must leave the same rows. Returns False if the call was not open.
+    """
+    cursor = conn.execute(
+        "UPDATE calls SET state = 'ended', ended_at = ?, end_reason = ?, heartbeat_at = ?"
+        " WHERE id = ? AND state = 'open'",
+        (at, reason, now, call_id),
+    )
+    if cursor.rowcount == 0:
+        return False
+    if add_event:
+        conn.execute(
+            "INSERT INTO events (call_id, body) VALUES (?, ?)",
+            (call_id, encode_event(CallClosed(at=at, reason=reason))),
+        )
+    conn.execute(
+        "INSERT OR IGNORE INTO deliveries (call_id, kind, idempotency_key, next_attempt_at,"
+        " created_at) VALUES (?, 'call-ended', ?, ?, ?)",
+        (call_id, call_ended_key(call_id), now, now),
+    )
+    return True
+
+
 def undelivered_audio_bytes(conn: sqlite3.Connection) -> int:
     """Bytes of recorded chunks Roark does not have yet (pending, leased or dead)."""
     row = conn.execute(
@@ -114,6 +163,34 @@ def next_due(
         {"key_fp": key_fp, "call_id": call_id},
     ).fetchone()[0]
     return (None if earliest is None else int(earliest)), bool(row[1])
+
+
+def undelivered_counts(
+    conn: sqlite3.Connection, *, key_fp: str | None, call_id: str | None = None
+) -> tuple[int, int, list[str]]:
+    """What a drain with ``key_fp`` leaves behind: (its rows pending or leased, its dead
+    rows, the calls with undelivered rows recorded under another key)."""
+    mine = "(c.key_fp IS NULL OR c.key_fp = ?) AND (? IS NULL OR d.call_id = ?)"
+    pending = conn.execute(
+        "SELECT count(*) FROM deliveries d JOIN calls c ON c.id = d.call_id"
+        f" WHERE d.state IN ('pending', 'leased') AND {mine}",
+        (key_fp, call_id, call_id),
+    ).fetchone()[0]
+    dead = conn.execute(
+        "SELECT count(*) FROM deliveries d JOIN calls c ON c.id = d.call_id"
+        f" WHERE d.state = 'dead' AND {mine}",
+        (key_fp, call_id, call_id),
+    ).fetchone()[0]
+    others = [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT c.id FROM calls c JOIN deliveries d ON d.call_id = c.id"
+            " WHERE d.state IN ('pending', 'leased') AND c.key_fp IS NOT NULL AND c.key_fp != ?"
+            " AND (? IS NULL OR c.id = ?) ORDER BY c.id",
+            (key_fp, call_id, call_id),
+        )
+    ]
+    return int(pending), int(dead), others
 
 
 def claim(
@@ -274,34 +351,12 @@ def release_dead_owners(conn: sqlite3.Connection) -> int:
     return released
 
 
-def pause_key(conn: sqlite3.Connection, key_fp: str, reason: str, now: int) -> bool:
-    """Returns True if the key was not paused before (so the caller says it once)."""
-    with transaction(conn):
-        cursor = conn.execute(
-            "INSERT OR IGNORE INTO paused_keys (key_fp, paused_at, reason) VALUES (?, ?, ?)",
-            (key_fp, now, reason),
-        )
-        return cursor.rowcount == 1
-
-
-def unpause_key(conn: sqlite3.Connection, key_fp: str) -> bool:
-    with transaction(conn):
-        return conn.execute("DELETE FROM paused_keys WHERE key_fp = ?", (key_fp,)).rowcount == 1
-
-
-def paused_reason(conn: sqlite3.Connection, key_fp: str) -> tuple[int, str] | None:
-    row = conn.execute(
-        "SELECT paused_at, reason FROM paused_keys WHERE key_fp = ?", (key_fp,)
-    ).fetchone()
-    return None if row is None else (int(row[0]), str(row[1]))
-
-
 def finalize_orphans(
     conn: sqlite3.Connection,
     *,
     now: int,
     grace_us: int,
-    reason: str = "observer-lost",
+    reason: str = DEFAULT_RECOVERY_REASON,
     call_id: str | None = None,
 ) -> list[str]:
     """End open calls whose owner is gone.

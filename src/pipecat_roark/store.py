@@ -22,10 +22,8 @@ from urllib.parse import quote
 
 from . import crashpoints
 from .errors import StoreCorrupt, StoreForeign, StoreFromFuture, StoreUnavailable
-from .events import CallClosed, encode_event
 
 __all__ = [
-    "finalize_call",
     "APPLICATION_ID",
     "DB_NAME",
     "Migration",
@@ -318,31 +316,3 @@ def transaction(
         raise
     else:
         conn.execute("COMMIT")
-
-
-def finalize_call(
-    conn: sqlite3.Connection, call_id: str, at: int, reason: str, *, add_event: bool, now: int
-) -> bool:
-    """End an open call and queue its call-ended delivery (inside the caller's transaction).
-
-    The one place a call ends, whether its observer saw the end or a drainer finalizes
-    an orphan: both must leave the same rows. Returns False if the call was not open.
-    """
-    cursor = conn.execute(
-        "UPDATE calls SET state = 'ended', ended_at = ?, end_reason = ?, heartbeat_at = ?"
-        " WHERE id = ? AND state = 'open'",
-        (at, reason, now, call_id),
-    )
-    if cursor.rowcount == 0:
-        return False
-    if add_event:
-        conn.execute(
-            "INSERT INTO events (call_id, body) VALUES (?, ?)",
-            (call_id, encode_event(CallClosed(at=at, reason=reason))),
-        )
-    conn.execute(
-        "INSERT OR IGNORE INTO deliveries (call_id, kind, idempotency_key, next_attempt_at,"
-        " created_at) VALUES (?, 'call-ended', ?, ?, ?)",
-        (call_id, f"{call_id}:call-ended", now, now),
-    )
-    return True

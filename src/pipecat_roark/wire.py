@@ -23,8 +23,12 @@ __all__ = [
     "ToolResultEntry",
     "TranscriptEntry",
     "decode_chunk_upload_url",
+    "call_ended_key",
+    "call_started_key",
+    "chunk_key",
     "encode",
     "header_key",
+    "key_label",
 ]
 
 PCM_CONTENT_TYPE = "audio/pcm"
@@ -157,6 +161,27 @@ HEADER_KEY_MAX = 200
 # Printable ASCII but "%" (the escape): a key of these, not starting or ending with a
 # space (trimmed on the way), goes out exactly as stored, as older versions sent it.
 _PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {"%"}
+
+
+def call_started_key(call_id: str) -> str:
+    """The idempotency key of a call's call-started event."""
+    return f"{call_id}:call-started"
+
+
+def chunk_key(call_id: str, index: int) -> str:
+    """The idempotency key of chunk ``index`` of a call (its upload URL and its PUT)."""
+    return f"{call_id}:chunk:{index}"
+
+
+def call_ended_key(call_id: str) -> str:
+    """The idempotency key of a call's call-ended event."""
+    return f"{call_id}:call-ended"
+
+
+def key_label(key: str, call_id: str) -> str:
+    """What a key names within its call (``call-started``, ``chunk:3``, ``call-ended``):
+    the inverse of the three key functions above, for display."""
+    return key.removeprefix(f"{call_id}:")
 
 
 def header_key(key: str) -> str:

@@ -38,9 +38,9 @@ from loguru import logger
 from . import crashpoints, faultpoints, metrics, spool
 from .errors import PipecatRoarkError, StoreCorrupt
 from .events import CallOpened, ChunkRecorded, encode_event
-from .outbox import undelivered_audio_bytes
+from .outbox import finalize_call, undelivered_audio_bytes
 from .owner import Owner, current_owner, heartbeat_interval_s
-from .store import DB_NAME, connect, finalize_call, now_us, quarantine, transaction
+from .store import DB_NAME, connect, now_us, quarantine, transaction
 
 __all__ = [
     "CallIdReused",
