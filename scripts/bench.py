@@ -356,7 +356,7 @@ async def lag_probe(
     done.set()
     await prober
     if mode == "ours":
-        from pipecat_roark.drain import stop_background_drainers
+        from pipecat_roark.background_drainer import stop_background_drainers
 
         await stop_background_drainers(30)
     return lags, cpu, wall

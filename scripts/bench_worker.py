@@ -246,7 +246,7 @@ async def _arrived(http: Any, call_id: str) -> float:
 
 async def _drain_leftovers(mode: str) -> None:
     if mode == "ours":
-        from pipecat_roark.drain import stop_background_drainers
+        from pipecat_roark.background_drainer import stop_background_drainers
 
         await stop_background_drainers(10)
 

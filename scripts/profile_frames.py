@@ -103,7 +103,7 @@ async def measure(
             cpus.append(time.process_time() - cpu)
             writer.append(writer_cpu_s() - wcpu)
     if mode == "ours":  # it delivered the calls before while the next one played
-        from pipecat_roark.drain import stop_background_drainers
+        from pipecat_roark.background_drainer import stop_background_drainers
 
         await stop_background_drainers(30)
     return (

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from devserver_fixture import RunningDevServer, running_dev_server
-from pipecat_roark.drain import Drainer, stop_background_drainers
+from pipecat_roark.background_drainer import stop_background_drainers
+from pipecat_roark.drain import Drainer
 from pipecat_roark.observer import RoarkObserver
 from pipecat_roark.testing import ScriptedCall, run_pipeline
 from test_cli import cli, cli_json, sql

@@ -18,12 +18,8 @@ import pytest
 from devserver_fixture import RunningDevServer, running_dev_server
 from helpers import LogCapture, stored_events
 from pipecat_roark import RoarkObserver
-from pipecat_roark.drain import (
-    Drainer,
-    DrainPolicy,
-    ensure_background_drainer,
-    stop_background_drainers,
-)
+from pipecat_roark.background_drainer import ensure_background_drainer, stop_background_drainers
+from pipecat_roark.drain import Drainer, DrainPolicy
 from pipecat_roark.testing import Bot, ScriptedCall, Tool, User, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
 from pipecat_roark.wire import encode

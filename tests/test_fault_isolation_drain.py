@@ -245,7 +245,7 @@ async def bot_call(directory: Path, base_url: str, call_id: str, n: int) -> None
 async def test_the_bots_background_drainer_delivers_an_odd_id_and_the_next_call(
     data_dir: Path, dev_server: RunningDevServer
 ) -> None:
-    from pipecat_roark.drain import stop_background_drainers
+    from pipecat_roark.background_drainer import stop_background_drainers
 
     for n, call_id in enumerate(["réunion-42", "after-it"]):
         await bot_call(data_dir, dev_server.base_url, call_id, n)
@@ -266,7 +266,7 @@ async def test_the_bots_background_drainer_delivers_an_odd_id_and_the_next_call(
 async def test_the_bots_background_drainer_outlives_a_row_that_raises_and_delivers_the_next_calls(
     data_dir: Path, dev_server: RunningDevServer
 ) -> None:
-    from pipecat_roark.drain import stop_background_drainers
+    from pipecat_roark.background_drainer import stop_background_drainers
 
     faultpoints.inject("drain:load", RuntimeError("boom"), call_id="victim")
     try:

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devserver_fixture import RunningDevServer
-from pipecat_roark.drain import stop_background_drainers
+from pipecat_roark.background_drainer import stop_background_drainers
 from pipecat_roark.observer import RoarkObserver
 from pipecat_roark.testing import ScriptedCall, run_pipeline
 from test_cli import cli, sql, start_cli

@@ -18,7 +18,7 @@
 The drainer acts on the class alone; ``client.py`` is the one boundary where httpx
 errors and HTTP statuses become these classes. Exceptions from anywhere else while a
 row is handled (a decoder, an encoder, the disk, a bug) are classified by the drainer's
-one per-row boundary (``Drainer._deliver``). Every message is one line that says what
+one per-row boundary (``RowDelivery.deliver``). Every message is one line that says what
 happened and what to do.
 """
 

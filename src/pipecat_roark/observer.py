@@ -57,6 +57,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_output import BaseOutputTransport
 
 from . import compat, config, lifecycle, metrics
+from .background_drainer import ensure_background_drainer
 from .capture import (
     arguments_json,
     call_id_problem,
@@ -66,7 +67,6 @@ from .capture import (
     resolve_call_id,
     result_text,
 )
-from .drain import ensure_background_drainer
 from .errors import PipecatRoarkError
 from .events import (
     BotSpeech,

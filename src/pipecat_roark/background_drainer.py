@@ -1,0 +1,82 @@
+"""The background drainer of a bot process: one per database and key, in the bot's loop.
+
+Started by the first RoarkObserver that delivers, woken by the writer's commits, and
+stopped (bounded, leases handed back) when the bot's loop winds down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from loguru import logger
+
+from . import config
+from .drain import Drainer
+from .drain_policy import DrainPolicy
+from .writer import writer_for
+
+__all__ = ["ensure_background_drainer", "stop_background_drainers"]
+
+_BACKGROUND: dict[tuple[Path, str | None], tuple[Drainer, asyncio.Task[None], asyncio.Event]] = {}
+
+
+def ensure_background_drainer(
+    directory: Path, api_key: str, base_url: str | None, *, keep_delivered_audio: bool = False
+) -> None:
+    """Start this process's drainer for ``directory`` and key in the running loop (once).
+
+    The first observer's settings hold for the drainer's life. Never raises and never
+    blocks: delivery problems are logged, the call goes on.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+        key = (directory.expanduser().resolve(), config.key_fingerprint(api_key))
+        current = _BACKGROUND.get(key)
+        if current is not None and not current[1].done() and current[1].get_loop() is loop:
+            return
+        policy = DrainPolicy(keep_delivered_audio=keep_delivered_audio)
+        drainer = Drainer(directory, api_key, base_url, policy)
+        stop = asyncio.Event()
+        task = loop.create_task(
+            _run_background(drainer, stop), name=f"pipecat-roark-drainer:{directory}"
+        )
+        _BACKGROUND[key] = (drainer, task, stop)
+
+        def on_commit() -> None:
+            loop.call_soon_threadsafe(drainer.wake)
+
+        writer_for(directory).add_commit_listener(on_commit)
+        task.add_done_callback(lambda _: writer_for(directory).remove_commit_listener(on_commit))
+    except Exception as exc:
+        logger.error(
+            f"pipecat-roark: the background drainer did not start ({exc}); run `pipecat-roark drain`"
+        )
+
+
+async def _run_background(drainer: Drainer, stop: asyncio.Event) -> None:
+    try:
+        await drainer.run_forever(stop)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        logger.error(
+            f"pipecat-roark: the background drainer stopped ({exc}); run `pipecat-roark drain`"
+        )
+
+
+async def stop_background_drainers(limit_s: float = 5.0) -> None:
+    """Stop this loop's background drainers, bounded: leases are released, nothing is lost."""
+    loop = asyncio.get_running_loop()
+    mine = [(k, v) for k, v in _BACKGROUND.items() if v[1].get_loop() is loop]
+    for key, (_, _task, stop) in mine:
+        stop.set()
+        _BACKGROUND.pop(key, None)
+    tasks = [task for _, (_, task, _) in mine]
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=limit_s)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=1.0)

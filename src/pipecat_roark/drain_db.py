@@ -1,0 +1,75 @@
+"""The drainer's one database connection: opened lazily, serialized, off the event loop.
+
+Every sqlite3 call runs in a worker thread under one lock (a ``sqlite3.Connection``
+serves one statement at a time), so the bot's loop never waits on the disk. The exit
+drain runs it inline instead: its loop is its own and serves nothing else, and no
+thread may be started at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from loguru import logger
+
+from .store import connect
+
+__all__ = ["DrainDatabase"]
+
+T = TypeVar("T")
+
+
+class DrainDatabase:
+    """One connection to ``<directory>/wal.sqlite`` for one drainer."""
+
+    def __init__(self, directory: Path, *, inline: bool = False) -> None:
+        self.directory = directory
+        self._inline = inline
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` under the lock, off the loop; it may use ``conn()``."""
+
+        def locked() -> T:
+            with self._lock:
+                return function(*args)
+
+        return await self.blocking(locked)
+
+    async def blocking(self, function: Callable[..., T], *args: Any) -> T:
+        """Blocking work off the event loop; inline in the exit drain, whose loop is its
+        own and which must start no threads at interpreter exit."""
+        if self._inline:
+            return function(*args)
+        return await asyncio.to_thread(function, *args)
+
+    async def guarded(self, what: str, function: Callable[..., object], *args: Any) -> bool:
+        """Bookkeeping whose failure must not stop delivery: logged, and False."""
+        try:
+            await self.run(function, *args)
+        except Exception as exc:
+            logger.warning(f"pipecat-roark: could not {what} in {self.directory}: {exc}")
+            return False
+        return True
+
+    def conn(self) -> sqlite3.Connection:
+        """The connection, opened (and migrated) on first use; only inside ``run``."""
+        if self._conn is None:
+            self._conn = connect(self.directory)
+        return self._conn
+
+    def conn_if_open(self) -> sqlite3.Connection | None:
+        """The connection if one was opened, without opening one."""
+        return self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
