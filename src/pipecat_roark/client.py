@@ -34,6 +34,8 @@ from .wire import (
 )
 
 __all__ = [
+    "EVENT_PATH",
+    "UPLOAD_URL_PATH",
     "RoarkClient",
     "classify_status",
     "classify_transport_error",
@@ -42,7 +44,9 @@ __all__ = [
 ]
 
 EVENT_PATH = "/v1/integrations/pipecat"
+"""Roark's endpoint for call-started and call-ended (roark-api.md); the dev server serves it."""
 UPLOAD_URL_PATH = "/v1/integrations/pipecat/chunk-upload-url"
+"""Roark's endpoint that mints a chunk's presigned upload URL."""
 _BODY_LIMIT = 500
 _REQUEST_NAMES = {EVENT_PATH: "call-event", UPLOAD_URL_PATH: "chunk-upload-url"}
 
