@@ -82,16 +82,8 @@ from .events import (
     UserText,
 )
 from .lifecycle import DEFAULT_EXIT_DRAIN_S
-from .writer import (
-    DEFAULT_MAX_SPOOL_BYTES,
-    DEFAULT_MIN_FREE_BYTES,
-    OP_CHUNK,
-    OP_EVENT,
-    OP_FINALIZE,
-    OP_OPEN,
-    Writer,
-    writer_for,
-)
+from .ops import ChunkOp, EventOp, FinalizeOp, OpenOp
+from .writer import DEFAULT_MAX_SPOOL_BYTES, DEFAULT_MIN_FREE_BYTES, Writer, writer_for
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "RoarkAudioBufferProcessor", "RoarkObserver"]
 
@@ -494,7 +486,7 @@ class RoarkObserver(BaseObserver):
 
     def _emit(self, event: Event) -> None:
         if self._writer is not None and self._opened and not self._finalized:
-            self._writer.submit((OP_EVENT, self._call_id, event))
+            self._writer.submit(EventOp(self._call_id, event))
 
     def _on_audio(self, data: FramePushed, frame: Frame) -> None:
         processor = self._audio_processor
@@ -669,7 +661,7 @@ class RoarkObserver(BaseObserver):
             agent_name=self._agent_name,
             agent_prompt=self._agent_prompt,
         )
-        self._writer.submit((OP_OPEN, self._call_id, opened, self._key_fp))
+        self._writer.submit(OpenOp(self._call_id, opened, self._key_fp))
         self._last_frame = time.monotonic()
         self._arm_watchdog()
         self._start_delivery()
@@ -743,7 +735,7 @@ class RoarkObserver(BaseObserver):
             return
         self._closed = (at, reason)
         if self._opened and self._writer is not None and not self._finalized:
-            self._writer.submit((OP_EVENT, self._call_id, CallClosed(at=at, reason=reason)))
+            self._writer.submit(EventOp(self._call_id, CallClosed(at=at, reason=reason)))
 
     async def _on_audio_data(
         self, processor: Any, audio: bytes, sample_rate: int, num_channels: int
@@ -759,8 +751,7 @@ class RoarkObserver(BaseObserver):
             index = self._next_chunk
             self._next_chunk += 1
             self._writer.submit(
-                (
-                    OP_CHUNK,
+                ChunkOp(
                     self._call_id,
                     index,
                     bytes(audio),
@@ -860,7 +851,7 @@ class RoarkObserver(BaseObserver):
             self._watchdog.cancel()
             self._watchdog = None
         at, reason = self._closed or (_now_us(), "unknown")
-        self._writer.submit((OP_FINALIZE, self._call_id, at, reason, False))
+        self._writer.submit(FinalizeOp(self._call_id, at, reason))
         release_call_id(self._call_id, self)
         if not self._own_processor and not self._sample_zero_recorded:
             logger.warning(

@@ -1,6 +1,6 @@
 """The group-commit writer: one thread per database file per process.
 
-Observers never touch SQLite. They put small tuples on a queue (a C-level append,
+Observers never touch SQLite. They put small typed ops (``ops.py``) on a queue (a C-level append,
 safe from any thread) and return; this thread takes everything queued, commits it in
 one transaction, and goes back for more. Batches grow only under load, so a quiet
 call commits within a millisecond and a busy process still commits ~every few ms; a
@@ -38,6 +38,17 @@ from loguru import logger
 from . import crashpoints, faultpoints, metrics, spool
 from .errors import PipecatRoarkError, StoreCorrupt
 from .events import CallOpened, ChunkRecorded, encode_event
+from .ops import (
+    BarrierOp,
+    CallOp,
+    ChunkOp,
+    EventOp,
+    FinalizeOp,
+    Op,
+    OpenOp,
+    SpooledChunkOp,
+    StopOp,
+)
 from .outbox import undelivered_audio_bytes
 from .owner import Owner, current_owner, heartbeat_interval_s
 from .store import DB_NAME, connect, finalize_call, now_us, quarantine, transaction
@@ -63,19 +74,6 @@ write-ahead log grows by a few pages per commit until its checkpoint, and the ev
 that end the call must still fit after audio has stopped."""
 OP_RETRY_DELAYS_S = (0.01, 0.05, 0.2, 0.5)
 """Backoff before each retry of one op that failed with a transient error (<1 s in all)."""
-
-# Queue items are plain tuples: the hot path builds them without any allocation but the tuple.
-OP_OPEN = 0  # (OP_OPEN, call_id, CallOpened, key_fp)
-OP_EVENT = 1  # (OP_EVENT, call_id, Event)
-OP_CHUNK = 2  # (OP_CHUNK, call_id, index, data, sample_rate, num_channels, at)
-OP_FINALIZE = 3  # (OP_FINALIZE, call_id, at, reason, add_closed_event)
-OP_BARRIER = 4  # (OP_BARRIER, callback) - called once everything queued before it is committed
-OP_STOP = 5  # (OP_STOP,)
-OP_CHUNK_READY = (
-    6  # OP_CHUNK after its file is durable: (…, call_id, index, SpooledChunk, rate, channels, at)
-)
-
-Op = tuple[Any, ...]
 
 _TRANSIENT_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.EIO, errno.EAGAIN, errno.EINTR, errno.EACCES, errno.EBUSY}
@@ -114,14 +112,14 @@ class _OpenCall:
 
     opened: CallOpened
     key_fp: str | None
-    chunks: list[tuple[int, spool.SpooledChunk, int, int, int]] = field(default_factory=list)
+    chunks: list[SpooledChunkOp] = field(default_factory=list)
 
 
 @dataclass
 class _Batch:
     """Ops taken from the queue together; kept by the writer until they are settled."""
 
-    work: deque[Op]
+    work: deque[CallOp]
     barriers: list[Callable[[], None]]
     stop: bool
     careful: bool = False
@@ -161,12 +159,12 @@ class Writer:
         self._audio_stopped: set[str] = set()
         self._skipped: dict[str, str] = {}
         """Calls whose ops are dropped until their end: why (a reused id, a failed open)."""
-        self._faults: dict[str, set[tuple[int, str]]] = {}
+        self._faults: dict[str, set[tuple[type[CallOp], str]]] = {}
         """Per open call, the (op kind, exception class) pairs that already cost a record."""
         self._spool_bytes = self._measure_spool()
         self._keep_reserve()
         self._inflight: _Batch | None = None
-        self._suspect: Op | None = None
+        self._suspect: CallOp | None = None
         self._death: str | None = None
         self._closing = False
         self._lost = ""
@@ -194,7 +192,7 @@ class Writer:
         if self._closing:
             return False
         done = threading.Event()
-        self.submit((OP_BARRIER, done.set))
+        self.submit(BarrierOp(done.set))
         deadline = time.monotonic() + timeout
         while not done.wait(max(0.0, min(_WATCH_S, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
@@ -212,7 +210,7 @@ class Writer:
         def release() -> None:
             loop.call_soon_threadsafe(_resolve, future)
 
-        self.submit((OP_BARRIER, release))
+        self.submit(BarrierOp(release))
         deadline = loop.time() + limit_s
         while True:
             try:
@@ -230,7 +228,7 @@ class Writer:
         """Commit what is queued, then stop the thread and close the connection."""
         self._closing = True
         if self._thread.is_alive():
-            self._queue.put((OP_STOP,))
+            self._queue.put(StopOp())
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
@@ -323,11 +321,17 @@ class Writer:
                 ops.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        return _Batch(
-            work=deque(op for op in ops if op[0] not in (OP_BARRIER, OP_STOP)),
-            barriers=[op[1] for op in ops if op[0] == OP_BARRIER],
-            stop=any(op[0] == OP_STOP for op in ops),
-        )
+        work: deque[CallOp] = deque()
+        barriers: list[Callable[[], None]] = []
+        stop = False
+        for op in ops:
+            if isinstance(op, BarrierOp):
+                barriers.append(op.release)
+            elif isinstance(op, StopOp):
+                stop = True
+            else:
+                work.append(op)
+        return _Batch(work=work, barriers=barriers, stop=stop)
 
     def _process(self, batch: _Batch) -> None:
         self._check_file()
@@ -336,7 +340,7 @@ class Writer:
             started = time.perf_counter()
             self._screen(batch)
             self._spool_chunks(batch)
-            if any(op[0] == OP_CHUNK_READY for op in batch.work):
+            if any(isinstance(op, SpooledChunkOp) for op in batch.work):
                 crashpoints.reached("chunk-file-durable")
             crashpoints.reached("before-commit")
             added_deliveries = self._commit_work(batch)
@@ -382,7 +386,7 @@ class Writer:
                 delay = min(delay * 2, 2.0)
             except BaseException as exc:  # any class: one bad op must not end the thread
                 self.stats.failed_batches += 1
-                if _is_disk_full(exc) and any(op[0] == OP_CHUNK_READY for op in batch.work):
+                if _is_disk_full(exc) and any(isinstance(op, SpooledChunkOp) for op in batch.work):
                     self._shed_audio(batch, str(exc))
                 elif self._database_refuses(exc):
                     streak_logged = self._wait_for_database(batch, exc, streak_logged, delay)
@@ -472,17 +476,17 @@ class Writer:
             self._suspect = None
         return added
 
-    def _commit_one(self, op: Op) -> bool:
+    def _commit_one(self, op: CallOp) -> bool:
         """Commit one op in its own transaction; retry transient errors; else drop it."""
         for delay in (*OP_RETRY_DELAYS_S, None):
-            if op[1] in self._skipped:
+            if op.call_id in self._skipped:
                 self._discard(op)
                 return False
             try:
                 with transaction(self._db()):
                     added = self._apply_all((op,))
             except BaseException as exc:
-                if _is_disk_full(exc) and op[0] == OP_CHUNK_READY:
+                if _is_disk_full(exc) and isinstance(op, SpooledChunkOp):
                     self._drop(op, exc)
                     return False
                 if self._database_refuses(exc):
@@ -497,10 +501,11 @@ class Writer:
             return added
         return False  # pragma: no cover - the last delay is None
 
-    def _worth_retrying(self, op: Op, exc: BaseException) -> bool:
+    def _worth_retrying(self, op: CallOp, exc: BaseException) -> bool:
         """Transient, and this call has not already lost an op of this kind to it: a
         persistent fault on one call must not stall every other call for each of its ops."""
-        return _is_transient(exc) and (op[0], type(exc).__name__) not in self._faults.get(op[1], ())
+        fault = (type(op), type(exc).__name__)
+        return _is_transient(exc) and fault not in self._faults.get(op.call_id, ())
 
     def _database_refuses(self, exc: BaseException) -> bool:
         """Is the database itself unwritable (rather than this op bad)? A probe write says."""
@@ -528,23 +533,23 @@ class Writer:
 
     # ---- what happens to one op that cannot be recorded ----
 
-    def _drop(self, op: Op, exc: BaseException) -> None:
+    def _drop(self, op: CallOp, exc: BaseException) -> None:
         """Lose only this op's record (a chunk: the rest of its call's audio), and say so."""
-        kind, call_id = op[0], op[1]
+        kind, call_id = type(op), op.call_id
         self.stats.dropped_ops += 1
         cause = f"{type(exc).__name__}: {exc}"
         seen = self._faults.setdefault(call_id, set())
         first = (kind, type(exc).__name__) not in seen
         seen.add((kind, type(exc).__name__))
-        if kind in (OP_CHUNK, OP_CHUNK_READY):
-            if kind == OP_CHUNK_READY:
-                spool.discard_chunk(self.directory, op[3].relpath)
+        if isinstance(op, (ChunkOp, SpooledChunkOp)):
+            if isinstance(op, SpooledChunkOp):
+                spool.discard_chunk(self.directory, op.chunk.relpath)
             if _is_disk_full(exc):
                 self._stop_audio(call_id, f"disk full committing audio ({exc})")
             else:
-                self._stop_audio(call_id, f"chunk {op[2]} could not be recorded ({cause})")
+                self._stop_audio(call_id, f"chunk {op.idx} could not be recorded ({cause})")
             return
-        if kind == OP_OPEN:
+        if isinstance(op, OpenOp):
             if isinstance(exc, CallIdReused):
                 self._skipped[call_id] = str(exc)
                 logger.error(f"pipecat-roark: {exc}")
@@ -555,7 +560,7 @@ class Writer:
                 f"({cause}); it is not recorded. Other calls are not affected"
             )
             return
-        if kind == OP_FINALIZE:
+        if isinstance(op, FinalizeOp):
             self._open_calls.pop(call_id, None)
             self._audio_stopped.discard(call_id)
             self._faults.pop(call_id, None)
@@ -567,30 +572,34 @@ class Writer:
         if not first:
             return
         logger.error(
-            f"pipecat-roark: dropped one {_OP_NAMES.get(kind, kind)} record for call "
+            f"pipecat-roark: dropped one {_OP_NAMES[kind]} record for call "
             f"{call_id!r} ({cause}); the rest of the call is kept (further such drops for this "
             "call are counted, not logged)"
         )
 
-    def _discard(self, op: Op) -> None:
+    def _discard(self, op: CallOp) -> None:
         """An op of a call that is not recorded (see ``_skipped``): no line per op."""
         self.stats.dropped_ops += 1
-        if op[0] == OP_CHUNK_READY:  # its folder too, once empty: nothing of the call stays
-            spool.discard_chunk(self.directory, op[3].relpath)
-        elif op[0] == OP_FINALIZE:
-            self._skipped.pop(op[1], None)
-            self._faults.pop(op[1], None)
+        if isinstance(op, SpooledChunkOp):  # its folder too, once empty: nothing of it stays
+            spool.discard_chunk(self.directory, op.chunk.relpath)
+        elif isinstance(op, FinalizeOp):
+            self._skipped.pop(op.call_id, None)
+            self._faults.pop(op.call_id, None)
 
     def _screen(self, batch: _Batch) -> None:
         """Refuse a reused call id before any of its files are written; drop the ops of
         calls that are not recorded. In queue order: a refusal affects only later ops."""
         skipped = self._skipped
-        if not skipped and not any(op[0] == OP_OPEN for op in batch.work):
+        if not skipped and not any(isinstance(op, OpenOp) for op in batch.work):
             return
-        kept: deque[Op] = deque()
+        kept: deque[CallOp] = deque()
         for op in batch.work:
-            call_id = op[1]
-            if op[0] == OP_OPEN and call_id not in skipped and self._already_recorded(call_id):
+            call_id = op.call_id
+            if (
+                isinstance(op, OpenOp)
+                and call_id not in skipped
+                and self._already_recorded(call_id)
+            ):
                 self._drop(op, _reused(call_id, self.directory))
             elif call_id in skipped:
                 self._discard(op)
@@ -610,22 +619,25 @@ class Writer:
     # ---- chunk files ----
 
     def _spool_chunks(self, batch: _Batch) -> None:
-        """Write the batch's chunk files durably; chunk ops become OP_CHUNK_READY (or go)."""
-        if not any(op[0] == OP_CHUNK for op in batch.work):
+        """Write the batch's chunk files durably; a ChunkOp becomes a SpooledChunkOp (or goes)."""
+        if not any(isinstance(op, ChunkOp) for op in batch.work):
             return
-        out: deque[Op] = deque()
+        out: deque[CallOp] = deque()
         for op in batch.work:
-            if op[0] != OP_CHUNK:
+            if not isinstance(op, ChunkOp):
                 out.append(op)
                 continue
-            _, call_id, index, data, sample_rate, num_channels, at = op
             chunk = self._write_chunk(op)
             if chunk is not None:
-                out.append((OP_CHUNK_READY, call_id, index, chunk, sample_rate, num_channels, at))
+                out.append(
+                    SpooledChunkOp(
+                        op.call_id, op.idx, chunk, op.sample_rate, op.num_channels, op.at
+                    )
+                )
         batch.work = out
 
-    def _write_chunk(self, op: Op) -> spool.SpooledChunk | None:
-        _, call_id, index, data, _, _, _ = op
+    def _write_chunk(self, op: ChunkOp) -> spool.SpooledChunk | None:
+        call_id, index, data = op.call_id, op.idx, op.data
         if call_id in self._audio_stopped or call_id in self._skipped:
             self.stats.chunks_skipped += 1
             return None
@@ -683,67 +695,66 @@ class Writer:
         of its recording; the caller retries, and every round removes at least one chunk.
         """
         work = list(batch.work)
-        positions = [i for i, op in enumerate(work) if op[0] == OP_CHUNK_READY]
+        positions = [i for i, op in enumerate(work) if isinstance(op, SpooledChunkOp)]
         shed = set(positions[len(positions) // 2 :])
-        kept: deque[Op] = deque()
+        kept: deque[CallOp] = deque()
         for i, op in enumerate(work):
-            if i not in shed:
+            if i not in shed or not isinstance(op, SpooledChunkOp):
                 kept.append(op)
                 continue
-            (self.directory / op[3].relpath).unlink(missing_ok=True)
-            self._stop_audio(op[1], f"disk full committing audio ({error})")
+            (self.directory / op.chunk.relpath).unlink(missing_ok=True)
+            self._stop_audio(op.call_id, f"disk full committing audio ({error})")
         batch.work = kept
 
     # ---- applying ops (inside the caller's transaction) ----
 
-    def _settle(self, work: Iterable[Op]) -> None:
+    def _settle(self, work: Iterable[CallOp]) -> None:
         """After a commit: what this process remembers about its open calls."""
         stats = self.stats
         count = 0
         for op in work:
             count += 1
-            kind = op[0]
-            if kind == OP_OPEN:
-                if op[1] not in self._open_calls:
-                    self._open_calls[op[1]] = _OpenCall(op[2], op[3])
-            elif kind == OP_CHUNK_READY:
-                call = self._open_calls.get(op[1])
+            if isinstance(op, OpenOp):
+                if op.call_id not in self._open_calls:
+                    self._open_calls[op.call_id] = _OpenCall(op.opened, op.key_fp)
+            elif isinstance(op, SpooledChunkOp):
+                call = self._open_calls.get(op.call_id)
                 if call is not None:
-                    call.chunks.append((op[2], op[3], op[4], op[5], op[6]))
-            elif kind == OP_FINALIZE:
-                ended = self._ended.pop(op[1], None)
+                    call.chunks.append(op)
+            elif isinstance(op, FinalizeOp):
+                call_id = op.call_id
+                ended = self._ended.pop(call_id, None)
                 if ended is not None:  # counted once committed, not when first tried
                     metrics.finalized(ended)
-                self._open_calls.pop(op[1], None)
+                self._open_calls.pop(call_id, None)
                 # Only after the commit: a retried batch must still know which calls lost audio.
-                self._audio_stopped.discard(op[1])
-                self._skipped.pop(op[1], None)
-                self._faults.pop(op[1], None)
+                self._audio_stopped.discard(call_id)
+                self._skipped.pop(call_id, None)
+                self._faults.pop(call_id, None)
         stats.batches += 1
         stats.ops += count
         stats.max_batch = max(stats.max_batch, count)
 
-    def _apply_all(self, work: Iterable[Op]) -> bool:
+    def _apply_all(self, work: Iterable[CallOp]) -> bool:
         added = False
         events: list[tuple[str, bytes]] = []
         reached = faultpoints.reached
         now = now_us()
         for op in work:
-            kind = op[0]
-            if kind == OP_EVENT:
-                reached("writer:event", op[1])
-                events.append((op[1], encode_event(op[2])))
+            if isinstance(op, EventOp):
+                reached("writer:event", op.call_id)
+                events.append((op.call_id, encode_event(op.event)))
                 continue
             if events:
                 self._insert_events(events)
                 events = []
-            if kind == OP_OPEN:
-                added = self._open(op[1], op[2], op[3], now) or added
-            elif kind == OP_CHUNK_READY:
-                reached("writer:chunk", op[1])
-                added = self._chunk(*op[1:], now=now) or added
-            elif kind == OP_FINALIZE:
-                added = self._finalize(op[1], op[2], op[3], op[4], now) or added
+            if isinstance(op, OpenOp):
+                added = self._open(op.call_id, op.opened, op.key_fp, now) or added
+            elif isinstance(op, SpooledChunkOp):
+                reached("writer:chunk", op.call_id)
+                added = self._chunk(op, now=now) or added
+            elif isinstance(op, FinalizeOp):
+                added = self._finalize(op.call_id, op.at, op.reason, now) or added
         if events:
             self._insert_events(events)
         return added
@@ -781,17 +792,8 @@ class Writer:
         )
         return True
 
-    def _chunk(
-        self,
-        call_id: str,
-        index: int,
-        chunk: spool.SpooledChunk,
-        sample_rate: int,
-        num_channels: int,
-        at: int,
-        *,
-        now: int,
-    ) -> bool:
+    def _chunk(self, op: SpooledChunkOp, *, now: int) -> bool:
+        call_id, index, chunk, sample_rate, num_channels, at = op
         conn = self._db()
         cursor = conn.execute(
             "INSERT OR IGNORE INTO chunks (call_id, idx, path, size, sha256, sample_rate,"
@@ -825,9 +827,9 @@ class Writer:
         )
         return True
 
-    def _finalize(self, call_id: str, at: int, reason: str, add_event: bool, now: int) -> bool:
+    def _finalize(self, call_id: str, at: int, reason: str, now: int) -> bool:
         faultpoints.reached("writer:finalize", call_id)
-        ended = finalize_call(self._db(), call_id, at, reason, add_event=add_event, now=now)
+        ended = finalize_call(self._db(), call_id, at, reason, add_event=False, now=now)
         if ended:
             self._ended[call_id] = reason
         return ended
@@ -881,9 +883,9 @@ class Writer:
             try:
                 with transaction(self._db()):
                     self._open(call_id, call.opened, call.key_fp, now)
-                    for index, chunk, rate, channels, at in call.chunks:
-                        if (self.directory / chunk.relpath).exists():
-                            self._chunk(call_id, index, chunk, rate, channels, at, now=now)
+                    for chunk_op in call.chunks:
+                        if (self.directory / chunk_op.chunk.relpath).exists():
+                            self._chunk(chunk_op, now=now)
             except Exception as exc:
                 self._open_calls.pop(call_id, None)
                 self._skipped[call_id] = str(exc)
@@ -957,12 +959,12 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError)
 
 
-_OP_NAMES = {
-    OP_OPEN: "call-open",
-    OP_EVENT: "event",
-    OP_CHUNK: "chunk",
-    OP_CHUNK_READY: "chunk",
-    OP_FINALIZE: "call-end",
+_OP_NAMES: dict[type[CallOp], str] = {
+    OpenOp: "call-open",
+    EventOp: "event",
+    ChunkOp: "chunk",
+    SpooledChunkOp: "chunk",
+    FinalizeOp: "call-end",
 }
 
 
