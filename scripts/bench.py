@@ -273,10 +273,9 @@ async def durable_latency(
             start = time.perf_counter()
             await super().on_push_frame(data)
             Timed.seen += 1
-            if Timed.seen % sample_every == 0 and self._writer is not None:
-                self._writer.submit(
-                    BarrierOp(lambda: latencies.append(time.perf_counter() - start))
-                )
+            writer = self._recorder.writer
+            if Timed.seen % sample_every == 0 and writer is not None:
+                writer.submit(BarrierOp(lambda: latencies.append(time.perf_counter() - start)))
 
     async def one(n: int) -> None:
         observer_class = Timed if sample_every else RoarkObserver
