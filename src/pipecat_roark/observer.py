@@ -2,7 +2,7 @@
 
 The observer never talks to the network and never awaits disk on the frame path:
 ``on_push_frame`` looks the frame's class up in a per-instance table (audio exits
-first), turns the few frames that matter into small event structs and hands them to
+first); the few frames that matter become small event structs (facts.py) handed to
 the call's ``CallRecorder`` (recorder.py), which owns the call's state and is the only
 code that talks to the process's writer thread. Pipecat drops whatever is still queued
 for an observer at teardown, so being cheap here is what makes the end of the call
@@ -23,47 +23,18 @@ it back in push order by that stamp. Pipelines where that cannot work keep every
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
-from pipecat.frames.frames import (
-    AudioRawFrame,
-    BotStartedSpeakingFrame,
-    BotStoppedSpeakingFrame,
-    CancelFrame,
-    EndFrame,
-    Frame,
-    FunctionCallInProgressFrame,
-    FunctionCallResultFrame,
-    InterimTranscriptionFrame,
-    InterruptionFrame,
-    LLMTextFrame,
-    StartFrame,
-    StopFrame,
-    TranscriptionFrame,
-    TTSTextFrame,
-    UserStartedSpeakingFrame,
-    UserStoppedSpeakingFrame,
-)
+from pipecat.frames.frames import Frame
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.processors.frame_processor import FrameProcessor
 
 from . import config, lifecycle, metrics
-from .capture import arguments_json, clean_text, resolve_call_id, result_text
-from .events import (
-    BotSpeech,
-    BotText,
-    Interruption,
-    ToolCall,
-    ToolResult,
-    UserSpeech,
-    UserText,
-)
+from .capture import clean_text, resolve_call_id
+from .facts import FrameFacts
 from .lifecycle import DEFAULT_EXIT_DRAIN_S
 from .recorder import DEFAULT_IDLE_TIMEOUT_S, CallRecorder
 from .recording import RoarkAudioBufferProcessor
@@ -79,11 +50,6 @@ _missing_key_warned = False
 
 
 _monotonic = time.monotonic
-
-Handler = Callable[[FramePushed, Any], None]
-
-PLAYED_BACKLOG = 4096
-"""TTS texts released by the output transport and not yet put in order by the observer."""
 
 
 class RoarkObserver(BaseObserver):
@@ -187,7 +153,9 @@ class RoarkObserver(BaseObserver):
 
         # Frame state, touched only from the event loop.
         self._every_push = True  # until our audio processor has seen the pipeline's shape
-        self._played_pending: deque[tuple[int, Frame]] = deque(maxlen=PLAYED_BACKLOG)
+        self._facts = FrameFacts(recorder, self._audio_processor, own=own_processor)
+        self._dispatch = self._facts.dispatch
+        self._played_pending = self._facts.played.pending
         lifecycle.register(
             self,
             api_key=self._api_key if deliver else None,
@@ -197,31 +165,6 @@ class RoarkObserver(BaseObserver):
             keep_delivered_audio=keep_delivered_audio,
         )
         lifecycle.install_exit_hooks()
-        self._user_speaking = False
-        self._bot_speaking = False
-        self._tool_calls_seen: set[str] = set()
-        self._tool_results_seen: set[str] = set()
-        self._recent_ids: deque[int] = deque(maxlen=256)
-        self._played_ids: deque[int] = deque(maxlen=256)
-        self._seen_ids: set[int] = set()
-        self._seen_order: deque[int] = deque()
-        self._played_backlog_warned = False
-        self._dispatch: dict[type, Handler | None] = {}
-        # With a processor of the user's, sample 0 is seen from here (ours reports it inline).
-        self._rules: list[tuple[type | tuple[type, ...], Handler | None]] = [
-            (AudioRawFrame, None if own_processor else self._on_audio),
-            (StartFrame, self._on_start),
-            ((EndFrame, CancelFrame, StopFrame), self._on_terminal),
-            (InterimTranscriptionFrame, None),
-            (TranscriptionFrame, self._on_transcription),
-            (TTSTextFrame, self._on_tts_text),
-            (LLMTextFrame, self._on_llm_text),
-            ((UserStartedSpeakingFrame, UserStoppedSpeakingFrame), self._on_user_speech),
-            ((BotStartedSpeakingFrame, BotStoppedSpeakingFrame), self._on_bot_speech),
-            (InterruptionFrame, self._on_interruption),
-            (FunctionCallInProgressFrame, self._on_tool_call),
-            (FunctionCallResultFrame, self._on_tool_result),
-        ]
 
     # ---- public API ----
 
@@ -260,14 +203,14 @@ class RoarkObserver(BaseObserver):
         self._recorder.last_frame = _monotonic()
         try:
             if self._played_pending:
-                self._release_played(data.timestamp)
+                self._facts.played.release(data.timestamp)
             frame = data.frame
             cls = frame.__class__
             handler = self._dispatch.get(cls, _UNSEEN)
             if handler is None:
                 return
             if handler is _UNSEEN:
-                handler = self._resolve(cls)
+                handler = self._facts.resolve(cls)
                 if handler is None:
                     return
             handler(data, frame)
@@ -293,193 +236,6 @@ class RoarkObserver(BaseObserver):
 
     # ---- frame handlers (event loop; must stay cheap) ----
 
-    def _resolve(self, cls: type) -> Handler | None:
-        self._recorder.attached = True
-        handler: Handler | None = None
-        for types, candidate in self._rules:
-            if issubclass(cls, types):
-                handler = candidate
-                break
-        self._dispatch[cls] = handler
-        return handler
-
-    def _first(self, data: FramePushed, frame: Frame) -> bool:
-        first = getattr(data, "first_push", None)
-        if first is not None:
-            return bool(first)
-        # Pipecat 0.0.x has no first_push: remember recent ids ourselves (bounded).
-        frame_id = frame.id
-        if frame_id in self._seen_ids:
-            return False
-        self._seen_ids.add(frame_id)
-        self._seen_order.append(frame_id)
-        if len(self._seen_order) > 4096:
-            self._seen_ids.discard(self._seen_order.popleft())
-        return True
-
-    def _on_audio(self, data: FramePushed, frame: Frame) -> None:
-        processor = self._audio_processor
-        if (
-            data.destination is processor
-            and getattr(processor, "_recording", True)
-            and getattr(frame, "audio", b"")
-        ):
-            self._recording_started()
-
-    def _recording_started(self) -> None:
-        """Sample 0 seen passing into a processor of the user's: stop watching audio."""
-        if not self._recorder.recording_started():
-            return
-        for cls, handler in list(self._dispatch.items()):
-            if handler == self._on_audio:
-                self._dispatch[cls] = None
-        self._rules[0] = (AudioRawFrame, None)
-
-    def _on_start(self, data: FramePushed, frame: Frame) -> None:
-        self._recorder.open(now_us())
-
-    def _on_terminal(self, data: FramePushed, frame: Frame) -> None:
-        self._recorder.terminal_frame(frame)
-
-    def _on_transcription(self, data: FramePushed, frame: Frame) -> None:
-        if not self._first(data, frame):
-            return
-        text = clean_text(getattr(frame, "text", ""))
-        if not text.strip():
-            return
-        self._recorder.saw_text = True
-        language = getattr(frame, "language", None)
-        self._recorder.emit(
-            UserText(
-                at=now_us(),
-                text=text,
-                user_id=clean_text(getattr(frame, "user_id", "")) or None,
-                language=None
-                if language is None
-                else clean_text(getattr(language, "value", language)),
-            )
-        )
-
-    def _on_tts_text(self, data: FramePushed, frame: Frame) -> None:
-        played = isinstance(data.source, BaseOutputTransport) and (
-            data.direction == FrameDirection.DOWNSTREAM
-        )
-        if played:
-            self._played(frame)
-        elif self._first(data, frame):
-            self._bot_text(frame, played=False)
-
-    def _note_played(self, processor: FrameProcessor, frame: Frame, direction: Any) -> None:
-        """Our audio processor is being handed ``frame`` by the output transport (inline)."""
-        if direction != FrameDirection.DOWNSTREAM:
-            return
-        pending = self._played_pending
-        if len(pending) == PLAYED_BACKLOG and not self._played_backlog_warned:
-            self._played_backlog_warned = True
-            logger.warning(
-                f"{self}: call {self._recorder.call_id}: the observer is {PLAYED_BACKLOG} played TTS "
-                "texts behind the pipeline; the oldest are recorded as TTS text only, not as "
-                "played. Check that RoarkObserver is in PipelineWorker(observers=[...])"
-            )
-        pending.append((processor.get_clock().get_time(), frame))
-
-    def _release_played(self, before: int | None) -> None:
-        """Record the noted texts pushed before the push stamped ``before`` (None: all)."""
-        pending = self._played_pending
-        while pending and (before is None or pending[0][0] < before):
-            self._played(pending.popleft()[1])
-
-    def _played(self, frame: Frame) -> None:
-        if frame.id in self._played_ids:  # seen both ways while the mode switched
-            return
-        self._played_ids.append(frame.id)
-        self._bot_text(frame, played=True)
-
-    def _bot_text(self, frame: Frame, *, played: bool) -> None:
-        text = clean_text(getattr(frame, "text", ""))
-        if not text:
-            return
-        self._recorder.saw_text = True
-        self._recorder.emit(
-            BotText(
-                at=now_us(),
-                text=text,
-                spaced=bool(getattr(frame, "includes_inter_frame_spaces", False)),
-                source="tts",
-                played=played,
-            )
-        )
-
-    def _on_llm_text(self, data: FramePushed, frame: Frame) -> None:
-        if not self._first(data, frame):
-            return
-        text = clean_text(getattr(frame, "text", ""))
-        if text:
-            self._recorder.emit(
-                BotText(
-                    at=now_us(),
-                    text=text,
-                    spaced=bool(getattr(frame, "includes_inter_frame_spaces", True)),
-                    source="llm",
-                )
-            )
-
-    def _on_user_speech(self, data: FramePushed, frame: Frame) -> None:
-        # Edge-triggered: broadcast copies and repeats from several processors collapse.
-        started = isinstance(frame, UserStartedSpeakingFrame)
-        if started == self._user_speaking:
-            return
-        self._user_speaking = started
-        self._recorder.emit(UserSpeech(at=now_us(), started=started))
-
-    def _on_bot_speech(self, data: FramePushed, frame: Frame) -> None:
-        started = isinstance(frame, BotStartedSpeakingFrame)
-        if started == self._bot_speaking:
-            return
-        self._bot_speaking = started
-        self._recorder.emit(BotSpeech(at=now_us(), started=started))
-
-    def _on_interruption(self, data: FramePushed, frame: Frame) -> None:
-        if not self._first(data, frame):
-            return
-        sibling = getattr(frame, "broadcast_sibling_id", None)
-        if sibling is not None and sibling in self._recent_ids:
-            return
-        self._recent_ids.append(frame.id)
-        self._bot_speaking = False  # the bot's turn is cut; its next start is a new turn
-        self._recorder.emit(Interruption(at=now_us()))
-
-    def _on_tool_call(self, data: FramePushed, frame: Frame) -> None:
-        tool_call_id = clean_text(getattr(frame, "tool_call_id", ""))
-        if tool_call_id in self._tool_calls_seen:
-            return
-        self._tool_calls_seen.add(tool_call_id)
-        self._recorder.emit(
-            ToolCall(
-                at=now_us(),
-                tool_call_id=tool_call_id,
-                name=clean_text(getattr(frame, "function_name", "")),
-                arguments=arguments_json(getattr(frame, "arguments", None)),
-            )
-        )
-
-    def _on_tool_result(self, data: FramePushed, frame: Frame) -> None:
-        tool_call_id = clean_text(getattr(frame, "tool_call_id", ""))
-        if tool_call_id in self._tool_results_seen:
-            return
-        self._tool_results_seen.add(tool_call_id)
-        result = getattr(frame, "result", None)
-        if result is None and getattr(frame, "error", None):
-            result = frame.error  # type: ignore[attr-defined]
-        self._recorder.emit(
-            ToolResult(
-                at=now_us(),
-                tool_call_id=tool_call_id,
-                name=clean_text(getattr(frame, "function_name", "")),
-                content=result_text(result),
-            )
-        )
-
     def end_abruptly(self, reason: str) -> Writer | None:
         """Process exit: finalize now without awaiting (the event loop may be gone or
         blocked); returns the writer to flush if the call was open (see ``CallRecorder``)."""
@@ -489,8 +245,11 @@ class RoarkObserver(BaseObserver):
         """Our audio processor saw the pipeline's shape: later pushes carry nothing we need."""
         self._every_push = False
 
+    def _note_played(self, processor: FrameProcessor, frame: Frame, direction: Any) -> None:
+        self._facts.played.note_played(processor, frame, direction)
+
     def _release_all_played(self) -> None:
-        self._release_played(None)
+        self._facts.played.release(None)
 
     # ---- process wiring ----
 
