@@ -34,11 +34,13 @@ from pipecat.processors.frame_processor import FrameProcessor
 
 from . import config, lifecycle, metrics
 from .capture import clean_text, resolve_call_id
+from .events import CallOpened
 from .facts import FrameFacts
 from .lifecycle import DEFAULT_EXIT_DRAIN_S
-from .recorder import DEFAULT_IDLE_TIMEOUT_S, CallRecorder
+from .recorder import CallDelivery, CallRecorder
 from .recording import RoarkAudioBufferProcessor
 from .store import now_us
+from .watchdog import DEFAULT_IDLE_TIMEOUT_S
 from .writer import DEFAULT_MAX_SPOOL_BYTES, DEFAULT_MIN_FREE_BYTES, Writer
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "RoarkAudioBufferProcessor", "RoarkObserver"]
@@ -119,19 +121,24 @@ class RoarkObserver(BaseObserver):
         self._recorder = recorder = CallRecorder(
             name=str(self),
             call_id=call_id,
-            agent_id=clean_text(agent_id),
-            agent_name=None if agent_name is None else clean_text(agent_name),
-            agent_prompt=None if agent_prompt is None else clean_text(agent_prompt),
+            agent=CallOpened(
+                at=0,
+                agent_id=clean_text(agent_id),
+                agent_name=None if agent_name is None else clean_text(agent_name),
+                agent_prompt=None if agent_prompt is None else clean_text(agent_prompt),
+            ),
             key_fp=config.key_fingerprint(self._api_key),
-            api_key=self._api_key,
-            directory=self._directory,
-            base_url=base_url,
-            deliver=deliver,
+            delivery=CallDelivery(
+                self._directory,
+                self._api_key,
+                base_url,
+                deliver,
+                exit_drain_s,
+                keep_delivered_audio,
+            ),
             max_spool_bytes=max_spool_bytes,
             min_free_bytes=min_free_bytes,
             idle_timeout_s=idle_timeout_s,
-            exit_drain_s=exit_drain_s,
-            keep_delivered_audio=keep_delivered_audio,
             before_end=self._release_all_played,
         )
         self._warn_if_no_key()
@@ -155,6 +162,8 @@ class RoarkObserver(BaseObserver):
         self._every_push = True  # until our audio processor has seen the pipeline's shape
         self._facts = FrameFacts(recorder, self._audio_processor, own=own_processor)
         self._dispatch = self._facts.dispatch
+        self._watchdog = recorder.watchdog
+        self._hooks = recorder.hooks
         self._played_pending = self._facts.played.pending
         lifecycle.register(
             self,
@@ -195,12 +204,12 @@ class RoarkObserver(BaseObserver):
         try:
             await self._recorder.end_now(reason)
         except Exception as exc:
-            self._recorder.hook_failed("aflush", exc)
+            self._hooks.failed("aflush", exc)
 
     # ---- BaseObserver hooks (each wrapped: an exception would silence us for good) ----
 
     async def on_push_frame(self, data: FramePushed) -> None:
-        self._recorder.last_frame = _monotonic()
+        self._watchdog.last_frame = _monotonic()
         try:
             if self._played_pending:
                 self._facts.played.release(data.timestamp)
@@ -215,24 +224,24 @@ class RoarkObserver(BaseObserver):
                     return
             handler(data, frame)
         except Exception as exc:
-            self._recorder.hook_failed("on_push_frame", exc)
+            self._hooks.failed("on_push_frame", exc)
 
     async def on_pipeline_started(self) -> None:
         try:
             self._recorder.attached = True
             self._recorder.open(now_us())
         except Exception as exc:
-            self._recorder.hook_failed("on_pipeline_started", exc)
+            self._hooks.failed("on_pipeline_started", exc)
 
     async def cleanup(self) -> None:
         try:
             await super().cleanup()
         except Exception as exc:
-            self._recorder.hook_failed("cleanup", exc)
+            self._hooks.failed("cleanup", exc)
         try:
             await self._recorder.finish_in_teardown()
         except Exception as exc:
-            self._recorder.hook_failed("cleanup", exc)
+            self._hooks.failed("cleanup", exc)
 
     # ---- frame handlers (event loop; must stay cheap) ----
 

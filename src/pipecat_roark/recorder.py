@@ -12,36 +12,34 @@ queued for an observer at teardown.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from loguru import logger
 from pipecat.frames.frames import Frame, StopFrame
 from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
 
 from . import compat, lifecycle
+from .audio_tail import wait_for_tail
 from .capture import call_id_problem, claim_call_id, clean_text, release_call_id
 from .drain import ensure_background_drainer
 from .errors import PipecatRoarkError
 from .events import CallClosed, CallOpened, Event, RecordingStarted
+from .hooks import HookGuard
 from .ops import ChunkOp, EventOp, FinalizeOp, OpenOp
 from .store import now_us
+from .watchdog import IdleWatchdog
 from .writer import Writer, writer_for
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT_S", "CallRecorder"]
-
-TAIL_WAIT_S = 2.0
-"""How long the end of a call waits for the recording's last chunk handler."""
+__all__ = ["CallDelivery", "CallRecorder"]
 
 FLUSH_WAIT_S = 5.0
 """How long the end of a call waits for its records to be committed."""
 
 NOT_ATTACHED_CHECK_S = 5.0
-DEFAULT_IDLE_TIMEOUT_S = 600.0
-"""No frame at all for this long means the session vanished (the pipeline produces audio
-frames continuously while a call lives, even in silence)."""
 
 
 def _reason(frame: Frame, default: str) -> str:
@@ -49,6 +47,41 @@ def _reason(frame: Frame, default: str) -> str:
     if reason is None or reason == "":
         return default
     return clean_text(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class CallDelivery:
+    """How a call reaches Roark from this process: the background drainer while it runs,
+    and at most ``exit_drain_s`` of delivery when it ends during the host's shutdown."""
+
+    directory: Path
+    api_key: str | None
+    base_url: str | None
+    deliver: bool
+    exit_drain_s: float
+    keep_delivered_audio: bool
+
+    def start(self) -> None:
+        """Deliver while the call runs: this process's background drainer (started once)."""
+        if self.deliver and self.api_key:
+            ensure_background_drainer(
+                self.directory,
+                self.api_key,
+                self.base_url,
+                keep_delivered_audio=self.keep_delivered_audio,
+            )
+
+    async def after_end(self, call_id: str) -> None:
+        """The call is committed: if the host is shutting down, deliver it now (bounded)."""
+        if lifecycle.host_is_shutting_down() and self.deliver and self.api_key:
+            await lifecycle.deliver_before_exit(
+                self.directory,
+                self.api_key,
+                self.base_url,
+                call_id,
+                self.exit_drain_s,
+                keep_delivered_audio=self.keep_delivered_audio,
+            )
 
 
 class CallRecorder:
@@ -63,41 +96,32 @@ class CallRecorder:
         *,
         name: str,
         call_id: str,
-        agent_id: str,
-        agent_name: str | None,
-        agent_prompt: str | None,
+        agent: CallOpened,
         key_fp: str | None,
-        api_key: str | None,
-        directory: Path,
-        base_url: str | None,
-        deliver: bool,
+        delivery: CallDelivery,
         max_spool_bytes: int,
         min_free_bytes: int,
         idle_timeout_s: float | None,
-        exit_drain_s: float,
-        keep_delivered_audio: bool,
         before_end: Callable[[], None],
     ) -> None:
         self._name = name
         self.call_id = call_id
-        self._agent = (agent_id, agent_name, agent_prompt)
+        self._agent = agent
+        """The call's opening event, stamped when the call opens."""
+        self.hooks = HookGuard(self, call_id)
         self._before_end = before_end
         """Called as the end begins, before the call closes: the observer records what it
         still holds back (played texts not yet put in order)."""
         self._key_fp = key_fp
-        self._api_key = api_key
-        self._directory = directory
-        self._base_url = base_url
-        self._deliver = deliver
-        self._idle_timeout_s = idle_timeout_s
-        self._exit_drain_s = exit_drain_s
-        self._keep_delivered_audio = keep_delivered_audio
+        self._delivery = delivery
         self.writer: Writer | None = None
         refused = call_id_problem(call_id)
         try:
             if refused is None:
                 self.writer = writer_for(
-                    directory, max_spool_bytes=max_spool_bytes, min_free_bytes=min_free_bytes
+                    delivery.directory,
+                    max_spool_bytes=max_spool_bytes,
+                    min_free_bytes=min_free_bytes,
                 )
         except PipecatRoarkError as exc:
             refused = str(exc)
@@ -111,15 +135,19 @@ class CallRecorder:
         self._closed: tuple[int, str] | None = None
         self.finalized = False
         self.finish_task: asyncio.Task[None] | None = None
-        self.last_frame = time.monotonic()
-        """Monotonic time of the observer's latest frame, for the watchdog."""
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._vanished: asyncio.Task[None] | None = None
+        self.watchdog = IdleWatchdog(
+            idle_timeout_s,
+            who=self,
+            call_id=call_id,
+            ended=self._ending,
+            on_vanished=self._end_vanished,
+            guard=self.hooks.guard,
+        )
+        """Its ``last_frame`` is stamped by the observer at every frame."""
         self._next_chunk = 0
         self.sample_zero_recorded = False
         self.saw_text = False
         """A transcript or TTS text was seen (else the end of the call warns)."""
-        self._hook_errors: set[str] = set()
         self._not_attached_warned = False
 
     def __str__(self) -> str:
@@ -145,14 +173,10 @@ class CallRecorder:
             )
             return
         self.opened = True
-        agent_id, agent_name, agent_prompt = self._agent
-        opened = CallOpened(
-            at=at, agent_id=agent_id, agent_name=agent_name, agent_prompt=agent_prompt
-        )
+        opened = msgspec.structs.replace(self._agent, at=at)
         self.writer.submit(OpenOp(self.call_id, opened, self._key_fp))
-        self.last_frame = time.monotonic()
-        self._arm_watchdog()
-        self._start_delivery()
+        self.watchdog.start()
+        self._delivery.start()
 
     def emit(self, event: Event) -> None:
         """Append one fact to the open call's timeline (nothing before open or after the end)."""
@@ -183,7 +207,7 @@ class CallRecorder:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        loop.call_later(NOT_ATTACHED_CHECK_S, self.guard, self._check_attached)
+        loop.call_later(NOT_ATTACHED_CHECK_S, self.hooks.guard, self._check_attached)
 
     def terminal_frame(self, frame: Frame) -> None:
         """An End/Cancel/Stop frame: the call ends with its reason."""
@@ -215,7 +239,7 @@ class CallRecorder:
                 )
             )
         except Exception as exc:
-            self.hook_failed("on_audio_data", exc)
+            self.hooks.failed("on_audio_data", exc)
 
     # ---- the end of the call ----
 
@@ -240,37 +264,14 @@ class CallRecorder:
         self._finalize()
         return self.writer
 
-    def _arm_watchdog(self) -> None:
-        if self._idle_timeout_s is None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        remaining = self._idle_timeout_s - (time.monotonic() - self.last_frame)
-        delay = max(0.05, min(remaining, self._idle_timeout_s / 4, 30.0))
-        self._watchdog = loop.call_later(delay, self.guard, self._watchdog_tick)
-
-    def _watchdog_tick(self) -> None:
-        self._watchdog = None
-        if self.finalized or self.finish_task is not None or self._idle_timeout_s is None:
-            return
-        idle = time.monotonic() - self.last_frame
-        if idle < self._idle_timeout_s:
-            self._arm_watchdog()
-            return
-        logger.warning(
-            f"{self}: no frame for {idle:.0f} s: the session vanished without an EndFrame; "
-            f"finalizing call {self.call_id} (reason session-vanished). Call "
-            "`await roark.aflush()` when your client disconnects to end calls sooner"
-        )
-        self._vanished = asyncio.ensure_future(self._end_vanished())
+    def _ending(self) -> bool:
+        return self.finalized or self.finish_task is not None
 
     async def _end_vanished(self) -> None:
         try:
             await self.end_now("session-vanished")
         except Exception as exc:
-            self.hook_failed("aflush", exc)
+            self.hooks.failed("aflush", exc)
 
     async def _finish(self, default_reason: str) -> None:
         """Close, wait for the tail chunk, finalize, make durable. Safe to call repeatedly."""
@@ -310,7 +311,8 @@ class CallRecorder:
         self._before_end()
         self.close(now_us(), default_reason)
         try:
-            await self._wait_for_tail()
+            if self._processor is not None:
+                await wait_for_tail(self._processor)
         finally:
             self._finalize()
         if self.writer is not None and not await self.writer.flush(FLUSH_WAIT_S):
@@ -318,49 +320,14 @@ class CallRecorder:
                 f"{self}: call {self.call_id} was not committed within {FLUSH_WAIT_S:.0f} s; "
                 "it is still queued and will be written when the disk allows"
             )
-        elif lifecycle.host_is_shutting_down() and self._deliver and self._api_key:
-            await lifecycle.deliver_before_exit(
-                self._directory,
-                self._api_key,
-                self._base_url,
-                self.call_id,
-                self._exit_drain_s,
-                keep_delivered_audio=self._keep_delivered_audio,
-            )
-
-    async def _wait_for_tail(self) -> None:
-        """Wait (bounded) for the recording's last chunk: Pipecat hands it to a background task."""
-        processor = self._processor
-        if processor is None:
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TAIL_WAIT_S
-        stopped_it = False
-        while loop.time() < deadline:
-            pending = [
-                task
-                for name, task in list(getattr(processor, "_event_tasks", ()))
-                if name == "on_audio_data" and not task.done()
-            ]
-            if pending:
-                await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
-                continue
-            if not getattr(processor, "_recording", False):
-                return
-            if not stopped_it and loop.time() > deadline - TAIL_WAIT_S / 2:
-                # The processor will not stop by itself (e.g. StopFrame): flush its tail.
-                stopped_it = True
-                await processor.stop_recording()
-                continue
-            await asyncio.sleep(0.01)
+        else:
+            await self._delivery.after_end(self.call_id)
 
     def _finalize(self) -> None:
         if self.finalized or not self.opened or self.writer is None:
             return
         self.finalized = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        self.watchdog.cancel()
         at, reason = self._closed or (now_us(), "unknown")
         self.writer.submit(FinalizeOp(self.call_id, at, reason))
         release_call_id(self.call_id, self)
@@ -393,34 +360,4 @@ class CallRecorder:
             "not attached. Pass it as PipelineWorker(pipeline, observers=[roark]) (or "
             "PipelineTask(pipeline, observers=[roark])); PipelineParams(observers=...) is "
             "silently ignored by Pipecat 1.x. Only audio is recorded for this call"
-        )
-
-    def _start_delivery(self) -> None:
-        """Deliver while the call runs: this process's background drainer (started once)."""
-        if self._deliver and self._api_key and self.writer is not None:
-            ensure_background_drainer(
-                self._directory,
-                self._api_key,
-                self._base_url,
-                keep_delivered_audio=self._keep_delivered_audio,
-            )
-
-    # ---- failure handling ----
-
-    def guard(self, function: Callable[..., object], *args: Any) -> None:
-        """Run a callback; log and swallow what it raises (nothing reaches the pipeline)."""
-        try:
-            function(*args)
-        except Exception as exc:
-            self.hook_failed(getattr(function, "__name__", "callback"), exc)
-
-    def hook_failed(self, where: str, exc: BaseException) -> None:
-        """Log one failure, once per place and exception class: the call goes on."""
-        key = f"{where}:{type(exc).__name__}"
-        if key in self._hook_errors:
-            return
-        self._hook_errors.add(key)
-        logger.opt(exception=exc).error(
-            f"{self}: {where} failed ({type(exc).__name__}: {exc}); that frame was skipped and "
-            f"call {self.call_id} goes on. Please report this with the traceback"
         )

@@ -118,7 +118,7 @@ class RoarkAudioBufferProcessor(AudioBufferProcessor):
     ) -> None:
         # Called by the output transport as it pushes: exactly the moment the text played.
         if self._notes_played and isinstance(frame, TTSTextFrame):
-            self._recorder.guard(self._note_played, self, frame, direction)
+            self._recorder.hooks.guard(self._note_played, self, frame, direction)
         await super().queue_frame(frame, direction, *args, **kwargs)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
@@ -126,20 +126,20 @@ class RoarkAudioBufferProcessor(AudioBufferProcessor):
             if not _whole_samples(frame):
                 # Pipecat's buffer raises on a partial sample and the pipeline can stall on
                 # it: pass such a frame on unrecorded instead.
-                self._recorder.guard(self._partial_audio, frame)
+                self._recorder.hooks.guard(self._partial_audio, frame)
                 await FrameProcessor.process_frame(self, frame, direction)
                 await self.push_frame(frame, direction)
                 return
             if self._awaiting_sample_zero and self._recording and frame.audio:
                 self._awaiting_sample_zero = False
-                self._recorder.guard(self._recorder.recording_started)
+                self._recorder.hooks.guard(self._recorder.recording_started)
             await super().process_frame(frame, direction)
             return
         recorder = self._recorder
         if isinstance(frame, StartFrame):
-            recorder.guard(recorder.processor_saw_start)
+            recorder.hooks.guard(recorder.processor_saw_start)
         elif isinstance(frame, (EndFrame, CancelFrame, StopFrame)):
-            recorder.guard(recorder.terminal_frame, frame)
+            recorder.hooks.guard(recorder.terminal_frame, frame)
         await super().process_frame(frame, direction)
         if isinstance(frame, StartFrame) and not self._recording:
             await self.start_recording()
@@ -147,7 +147,7 @@ class RoarkAudioBufferProcessor(AudioBufferProcessor):
     async def setup(self, setup: Any) -> None:
         await super().setup(setup)
         # Linked and about to run, before any frame flows: the shape is known now.
-        self._recorder.guard(self._choose_observation)
+        self._recorder.hooks.guard(self._choose_observation)
 
     def _choose_observation(self) -> None:
         """First pushes only, unless the pipeline's shape needs the later ones (see module)."""
