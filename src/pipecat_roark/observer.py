@@ -41,7 +41,7 @@ from .recorder import CallDelivery, CallRecorder
 from .recording import RoarkAudioBufferProcessor
 from .store import now_us
 from .watchdog import DEFAULT_IDLE_TIMEOUT_S
-from .writer import DEFAULT_MAX_SPOOL_BYTES, DEFAULT_MIN_FREE_BYTES, Writer
+from .writer import DEFAULT_MAX_SPOOL_BYTES, Writer
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "RoarkAudioBufferProcessor", "RoarkObserver"]
 
@@ -108,7 +108,7 @@ class RoarkObserver(BaseObserver):
         deliver: bool = True,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
-        min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+        min_free_bytes: int = config.DEFAULT_MIN_FREE_BYTES,
         idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
         exit_drain_s: float = DEFAULT_EXIT_DRAIN_S,
         keep_delivered_audio: bool = False,
