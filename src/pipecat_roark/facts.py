@@ -98,7 +98,9 @@ class PlayedTexts:
 class FrameFacts:
     """The per-frame dispatch table and its handlers: frames in, facts to the recorder."""
 
-    def __init__(self, recorder: CallRecorder, processor: AudioBufferProcessor, *, own: bool):
+    def __init__(
+        self, recorder: CallRecorder, processor: AudioBufferProcessor, *, own: bool
+    ) -> None:
         self._recorder = recorder
         self._processor = processor
         self.played = PlayedTexts(recorder, self._record_played)

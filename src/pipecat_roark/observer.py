@@ -243,12 +243,12 @@ class RoarkObserver(BaseObserver):
         except Exception as exc:
             self._hooks.failed("cleanup", exc)
 
-    # ---- frame handlers (event loop; must stay cheap) ----
-
     def end_abruptly(self, reason: str) -> Writer | None:
         """Process exit: finalize now without awaiting (the event loop may be gone or
         blocked); returns the writer to flush if the call was open (see ``CallRecorder``)."""
         return self._recorder.end_abruptly(reason)
+
+    # ---- what our audio processor and the recorder call back ----
 
     def _observe_first_pushes_only(self) -> None:
         """Our audio processor saw the pipeline's shape: later pushes carry nothing we need."""

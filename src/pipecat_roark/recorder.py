@@ -129,11 +129,11 @@ class CallRecorder:
             logger.error(f"{self}: call {call_id!a} will not be recorded: {refused}")
         self._processor: AudioBufferProcessor | None = None
         self._own_processor = True
-        self.opened = False
+        self._opened = False
         self.attached = False
         """The observer has seen a frame: it, not the processor's cleanup, ends the call."""
         self._closed: tuple[int, str] | None = None
-        self.finalized = False
+        self._finalized = False
         self.finish_task: asyncio.Task[None] | None = None
         self.watchdog = IdleWatchdog(
             idle_timeout_s,
@@ -145,7 +145,7 @@ class CallRecorder:
         )
         """Its ``last_frame`` is stamped by the observer at every frame."""
         self._next_chunk = 0
-        self.sample_zero_recorded = False
+        self._sample_zero_recorded = False
         self.saw_text = False
         """A transcript or TTS text was seen (else the end of the call warns)."""
         self._not_attached_warned = False
@@ -163,7 +163,7 @@ class CallRecorder:
 
     def open(self, at: int) -> None:
         """Record the call's start, once; refused when another live call holds its id."""
-        if self.opened or self.writer is None:
+        if self._opened or self.writer is None:
             return
         if not claim_call_id(self.call_id, self):
             self.writer = None
@@ -172,7 +172,7 @@ class CallRecorder:
                 "process is recording under the same id. Give each call its own pipecat_call_id"
             )
             return
-        self.opened = True
+        self._opened = True
         opened = msgspec.structs.replace(self._agent, at=at)
         self.writer.submit(OpenOp(self.call_id, opened, self._key_fp))
         self.watchdog.start()
@@ -180,14 +180,14 @@ class CallRecorder:
 
     def emit(self, event: Event) -> None:
         """Append one fact to the open call's timeline (nothing before open or after the end)."""
-        if self.writer is not None and self.opened and not self.finalized:
+        if self.writer is not None and self._opened and not self._finalized:
             self.writer.submit(EventOp(self.call_id, event))
 
     def recording_started(self) -> bool:
         """The recording's sample 0 passed now; False if it was already noted."""
-        if self.sample_zero_recorded:
+        if self._sample_zero_recorded:
             return False
-        self.sample_zero_recorded = True
+        self._sample_zero_recorded = True
         self.open(now_us())
         self.emit(RecordingStarted(at=now_us()))
         return True
@@ -197,7 +197,7 @@ class CallRecorder:
         if self._closed is not None:
             return
         self._closed = (at, reason)
-        if self.opened and self.writer is not None and not self.finalized:
+        if self._opened and self.writer is not None and not self._finalized:
             self.writer.submit(EventOp(self.call_id, CallClosed(at=at, reason=reason)))
 
     def processor_saw_start(self) -> None:
@@ -221,10 +221,10 @@ class CallRecorder:
         # Runs as a Pipecat background task; it must enqueue before its first await so
         # chunks keep the order the processor emitted them in.
         try:
-            if not audio or self.writer is None or self.finalized:
+            if not audio or self.writer is None or self._finalized:
                 return
             self.open(now_us())
-            if not self.opened or self.writer is None:  # refused
+            if not self._opened or self.writer is None:  # refused
                 return
             index = self._next_chunk
             self._next_chunk += 1
@@ -258,14 +258,14 @@ class CallRecorder:
         The recording's tail still buffered in the AudioBufferProcessor (up to one chunk)
         cannot be flushed here and is lost; everything already recorded is kept.
         """
-        if not self.opened or self.finalized or self.writer is None:
+        if not self._opened or self._finalized or self.writer is None:
             return None
         self.close(now_us(), reason)
         self._finalize()
         return self.writer
 
     def _ending(self) -> bool:
-        return self.finalized or self.finish_task is not None
+        return self._finalized or self.finish_task is not None
 
     async def _end_vanished(self) -> None:
         try:
@@ -306,7 +306,7 @@ class CallRecorder:
                 )
 
     async def _finish_once(self, default_reason: str) -> None:
-        if not self.opened:
+        if not self._opened:
             return
         self._before_end()
         self.close(now_us(), default_reason)
@@ -324,14 +324,14 @@ class CallRecorder:
             await self._delivery.after_end(self.call_id)
 
     def _finalize(self) -> None:
-        if self.finalized or not self.opened or self.writer is None:
+        if self._finalized or not self._opened or self.writer is None:
             return
-        self.finalized = True
+        self._finalized = True
         self.watchdog.cancel()
         at, reason = self._closed or (now_us(), "unknown")
         self.writer.submit(FinalizeOp(self.call_id, at, reason))
         release_call_id(self.call_id, self)
-        if not self._own_processor and not self.sample_zero_recorded:
+        if not self._own_processor and not self._sample_zero_recorded:
             logger.warning(
                 f"{self}: call {self.call_id} has no recording: the AudioBufferProcessor you "
                 "passed never recorded. Start it with `await processor.start_recording()` "
@@ -348,7 +348,7 @@ class CallRecorder:
     async def processor_cleanup(self) -> None:
         """The pipeline is tearing down. If we were never attached, finish the call from here."""
         self._check_attached()
-        if not self.attached and self.opened:
+        if not self.attached and self._opened:
             await self.finish_in_teardown()
 
     def _check_attached(self) -> None:
