@@ -260,7 +260,7 @@ async def durable_latency(
     from bench_worker import Hop, long_call, scripted
 
     from pipecat_roark import RoarkObserver
-    from pipecat_roark.writer import OP_BARRIER
+    from pipecat_roark.ops import BarrierOp
 
     latencies: list[float] = []
 
@@ -273,10 +273,9 @@ async def durable_latency(
             start = time.perf_counter()
             await super().on_push_frame(data)
             Timed.seen += 1
-            if Timed.seen % sample_every == 0 and self._writer is not None:
-                self._writer.submit(
-                    (OP_BARRIER, lambda: latencies.append(time.perf_counter() - start))
-                )
+            writer = self._recorder.writer
+            if Timed.seen % sample_every == 0 and writer is not None:
+                writer.submit(BarrierOp(lambda: latencies.append(time.perf_counter() - start)))
 
     async def one(n: int) -> None:
         observer_class = Timed if sample_every else RoarkObserver
@@ -583,7 +582,8 @@ def long_call_rows(base_url: str, tmp: Path, minutes: int) -> list[Row]:
 
 def store_rows(tmp: Path, events: int) -> list[Row]:
     from pipecat_roark.events import CallOpened, UserText, encode_event
-    from pipecat_roark.writer import OP_EVENT, OP_OPEN, Writer
+    from pipecat_roark.ops import EventOp, OpenOp
+    from pipecat_roark.writer import Writer
 
     calls = 100
     bodies = [
@@ -592,11 +592,11 @@ def store_rows(tmp: Path, events: int) -> list[Row]:
     ]
     writer = Writer(tmp / "store")
     for c in range(calls):
-        writer.submit((OP_OPEN, f"s{c}", CallOpened(at=1, agent_id="bench"), None))
+        writer.submit(OpenOp(f"s{c}", CallOpened(at=1, agent_id="bench"), None))
     writer.flush_sync(60)
     start = time.perf_counter()
     for n, event in enumerate(bodies):
-        writer.submit((OP_EVENT, f"s{n % calls}", event))
+        writer.submit(EventOp(f"s{n % calls}", event))
     assert writer.flush_sync(600)
     ours = events / (time.perf_counter() - start)
     writer.close()

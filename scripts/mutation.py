@@ -52,14 +52,14 @@ MUTANTS = (
     ),
     Mutant(
         "key format: call-started",
-        "src/pipecat_roark/writer.py",
+        "src/pipecat_roark/wire.py",
         'f"{call_id}:call-started"',
         'f"{call_id}:started"',
         (DRAIN + "test_a_recorded_call_arrives_whole_and_in_order",),
     ),
     Mutant(
         "key format: chunk",
-        "src/pipecat_roark/writer.py",
+        "src/pipecat_roark/wire.py",
         'f"{call_id}:chunk:{index}"',
         'f"{call_id}:chunk-{index}"',
         (DRAIN + "test_every_call_arrives_exactly_once_through_storms_of_faults",),

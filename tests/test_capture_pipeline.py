@@ -317,15 +317,15 @@ async def test_cancelling_the_host_task_during_the_end_still_records_the_end(
     script = ScriptedCall([Bot(["Hello."]), User("Hi.")], on_step=on_step)
     task = asyncio.ensure_future(run_pipeline([script, roark.audio_processor], observers=[roark]))
     for _ in range(3000):  # bounded: until the observer is inside its end
-        if roark._finish_task is not None or task.done():
+        if roark._recorder.finish_task is not None or task.done():
             break
         await asyncio.sleep(0.01)
-    assert roark._finish_task is not None and not roark._finish_task.done()
+    assert roark._recorder.finish_task is not None and not roark._recorder.finish_task.done()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     blocker.execute("ROLLBACK")
     blocker.close()
-    await roark._finish_task
+    await roark._recorder.finish_task
     assert await writer_for(data_dir).flush(10)
     with sqlite3.connect(data_dir / "wal.sqlite") as conn:
         assert conn.execute("SELECT state, end_reason FROM calls").fetchall() == [

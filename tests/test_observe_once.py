@@ -20,7 +20,7 @@ from pipecat.transports.base_transport import TransportParams
 from helpers import LogCapture, stored_events, without_times
 from pipecat_roark import RoarkObserver
 from pipecat_roark.events import BotSpeech, BotText, UserSpeech
-from pipecat_roark.observer import PLAYED_BACKLOG
+from pipecat_roark.facts import PLAYED_BACKLOG
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, User, run_pipeline
 
 pytestmark = pytest.mark.anyio

@@ -19,6 +19,7 @@ import pytest
 from helpers import LogCapture
 from pipecat_roark import faultpoints, outbox
 from pipecat_roark.events import CallOpened
+from pipecat_roark.ops import OpenOp
 from pipecat_roark.owner import (
     ENV_HEARTBEAT_S,
     ENV_ORPHAN_GRACE_S,
@@ -31,7 +32,7 @@ from pipecat_roark.owner import (
     parse_identity,
 )
 from pipecat_roark.store import connect, now_us
-from pipecat_roark.writer import OP_OPEN, Writer
+from pipecat_roark.writer import Writer
 
 SHOW_OWNER = (
     "import sys; from pipecat_roark.owner import current_owner; "
@@ -111,7 +112,7 @@ def open_call(directory: Path, call_id: str, owner: Owner) -> int:
     """A call recorded by a real writer under ``owner``; returns its heartbeat time."""
     writer = Writer(directory, owner=owner)
     try:
-        writer.submit((OP_OPEN, call_id, CallOpened(at=now_us(), agent_id="a"), None))
+        writer.submit(OpenOp(call_id, CallOpened(at=now_us(), agent_id="a"), None))
         assert writer.flush_sync(10)
     finally:
         writer.close()

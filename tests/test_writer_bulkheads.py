@@ -20,10 +20,11 @@ from helpers import LogCapture, stored_events
 from pipecat_roark import RoarkObserver, faultpoints
 from pipecat_roark.drain import Drainer
 from pipecat_roark.events import BotText, CallOpened, UserText
+from pipecat_roark.ops import BarrierOp, OpenOp
 from pipecat_roark.testing import ScriptedCall, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
 from pipecat_roark.wire import encode
-from pipecat_roark.writer import OP_BARRIER, OP_OPEN, writer_for
+from pipecat_roark.writer import writer_for
 from test_capture_pipeline import timeline_without_audio
 from test_drain import KEY, QUICK, assert_arrived_whole, chunk_files, record, short_script
 
@@ -340,7 +341,7 @@ async def test_a_flush_waiting_on_a_thread_that_died_restarts_it(
 ) -> None:
     writer = writer_for(data_dir)
     gate = threading.Event()
-    writer.submit((OP_BARRIER, lambda: gate.wait(30)))  # holds the thread until the gate opens
+    writer.submit(BarrierOp(lambda: gate.wait(30)))  # holds the thread until the gate opens
     fired: list[bool] = []
 
     def bomb() -> None:
@@ -349,7 +350,7 @@ async def test_a_flush_waiting_on_a_thread_that_died_restarts_it(
             raise Meteor("with the flush in its batch")
 
     writer.add_commit_listener(bomb)
-    writer.submit((OP_OPEN, "lonely", CallOpened(at=1, agent_id="a"), None))
+    writer.submit(OpenOp("lonely", CallOpened(at=1, agent_id="a"), None))
     flushed = asyncio.ensure_future(writer.flush(30))
     await asyncio.sleep(0)  # the flush's barrier is queued behind the open: one batch
     gate.set()

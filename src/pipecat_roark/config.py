@@ -17,6 +17,7 @@ from .errors import ConfigError
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "DEFAULT_MIN_FREE_BYTES",
     "ENV_API_KEY",
     "ENV_BASE_URL",
     "ENV_DIR",
@@ -30,6 +31,9 @@ DEFAULT_BASE_URL = "https://api.roark.ai"
 ENV_API_KEY = "ROARK_API_KEY"
 ENV_BASE_URL = "ROARK_BASE_URL"
 ENV_DIR = "PIPECAT_ROARK_DIR"
+DEFAULT_MIN_FREE_BYTES = 64 << 20
+"""Free disk space to leave alone (64 MiB): below it new audio is not recorded, so the
+events of every call can still commit; ``doctor`` warns below it."""
 
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 

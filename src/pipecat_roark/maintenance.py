@@ -291,7 +291,8 @@ def doctor(
                 Check("file modes", db_mode & 0o077 == 0, f"{db.name} mode {db_mode:04o}")
             )
         free = shutil.disk_usage(directory).free
-        checks.append(Check("disk space", free > 64 << 20, f"{free / 2**30:.1f} GiB free"))
+        floor = config.DEFAULT_MIN_FREE_BYTES
+        checks.append(Check("disk space", free > floor, f"{free / 2**30:.1f} GiB free"))
     fp = config.key_fingerprint(api_key)
     checks.append(
         Check(

@@ -1,0 +1,363 @@
+"""CallRecorder: the state of one call and the only code that hands its records to the writer.
+
+The observer turns frames into facts and the audio processor reports what it sees; both
+tell this recorder, which decides what the call's records are: it opens the call once,
+appends its events while it is open, numbers its recording chunks, closes it with the
+first end reason it hears, and finalizes it exactly once: at the end of the pipeline,
+when the watchdog finds the session vanished, or abruptly at process exit. Its end waits,
+bounded, for the recording's tail and for the commit, because Pipecat drops what is still
+queued for an observer at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from loguru import logger
+from pipecat.frames.frames import Frame, StopFrame
+from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
+
+from . import compat, lifecycle
+from .audio_tail import wait_for_tail
+from .background_drainer import ensure_background_drainer
+from .capture import call_id_problem, claim_call_id, clean_text, release_call_id
+from .errors import PipecatRoarkError
+from .events import CallClosed, CallOpened, Event, RecordingStarted
+from .hooks import HookGuard
+from .ops import ChunkOp, EventOp, FinalizeOp, OpenOp
+from .store import now_us
+from .watchdog import IdleWatchdog
+from .writer import Writer, writer_for
+
+__all__ = ["CallDelivery", "CallRecorder"]
+
+FLUSH_WAIT_S = 5.0
+"""How long the end of a call waits for its records to be committed."""
+
+NOT_ATTACHED_CHECK_S = 5.0
+
+
+def _reason(frame: Frame, default: str) -> str:
+    reason = getattr(frame, "reason", None)
+    if reason is None or reason == "":
+        return default
+    return clean_text(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class CallDelivery:
+    """How a call reaches Roark from this process: the background drainer while it runs,
+    and at most ``exit_drain_s`` of delivery when it ends during the host's shutdown."""
+
+    directory: Path
+    api_key: str | None
+    base_url: str | None
+    deliver: bool
+    exit_drain_s: float
+    keep_delivered_audio: bool
+
+    def start(self) -> None:
+        """Deliver while the call runs: this process's background drainer (started once)."""
+        if self.deliver and self.api_key:
+            ensure_background_drainer(
+                self.directory,
+                self.api_key,
+                self.base_url,
+                keep_delivered_audio=self.keep_delivered_audio,
+            )
+
+    async def after_end(self, call_id: str) -> None:
+        """The call is committed: if the host is shutting down, deliver it now (bounded)."""
+        if lifecycle.host_is_shutting_down() and self.deliver and self.api_key:
+            await lifecycle.deliver_before_exit(
+                self.directory,
+                self.api_key,
+                self.base_url,
+                call_id,
+                self.exit_drain_s,
+                keep_delivered_audio=self.keep_delivered_audio,
+            )
+
+
+class CallRecorder:
+    """One call's state (open, closed, finalized) and its records, in the process's writer.
+
+    Touched only from the event loop, except ``end_abruptly`` (process exit). Every
+    failure is logged once per kind under the observer's name and swallowed.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        call_id: str,
+        agent: CallOpened,
+        key_fp: str | None,
+        delivery: CallDelivery,
+        max_spool_bytes: int,
+        min_free_bytes: int,
+        idle_timeout_s: float | None,
+        before_end: Callable[[], None],
+    ) -> None:
+        self._name = name
+        self.call_id = call_id
+        self._agent = agent
+        """The call's opening event, stamped when the call opens."""
+        self.hooks = HookGuard(self, call_id)
+        self._before_end = before_end
+        """Called as the end begins, before the call closes: the observer records what it
+        still holds back (played texts not yet put in order)."""
+        self._key_fp = key_fp
+        self._delivery = delivery
+        self.writer: Writer | None = None
+        refused = call_id_problem(call_id)
+        try:
+            if refused is None:
+                self.writer = writer_for(
+                    delivery.directory,
+                    max_spool_bytes=max_spool_bytes,
+                    min_free_bytes=min_free_bytes,
+                )
+        except PipecatRoarkError as exc:
+            refused = str(exc)
+        if refused is not None:
+            logger.error(f"{self}: call {call_id!a} will not be recorded: {refused}")
+        self._processor: AudioBufferProcessor | None = None
+        self._own_processor = True
+        self._opened = False
+        self.attached = False
+        """The observer has seen a frame: it, not the processor's cleanup, ends the call."""
+        self._closed: tuple[int, str] | None = None
+        self._finalized = False
+        self.finish_task: asyncio.Task[None] | None = None
+        self.watchdog = IdleWatchdog(
+            idle_timeout_s,
+            who=self,
+            call_id=call_id,
+            ended=self._ending,
+            on_vanished=self._end_vanished,
+            guard=self.hooks.guard,
+        )
+        """Its ``last_frame`` is stamped by the observer at every frame."""
+        self._next_chunk = 0
+        self._sample_zero_recorded = False
+        self.saw_text = False
+        """A transcript or TTS text was seen (else the end of the call warns)."""
+        self._not_attached_warned = False
+
+    def __str__(self) -> str:
+        return self._name
+
+    def use_processor(self, processor: AudioBufferProcessor, *, own: bool) -> None:
+        """Take the recording from ``processor`` (``own``: the default one, armed by itself)."""
+        self._processor = processor
+        self._own_processor = own
+        processor.add_event_handler("on_audio_data", self._on_audio_data)
+
+    # ---- the call's records ----
+
+    def open(self, at: int) -> None:
+        """Record the call's start, once; refused when another live call holds its id."""
+        if self._opened or self.writer is None:
+            return
+        if not claim_call_id(self.call_id, self):
+            self.writer = None
+            logger.error(
+                f"{self}: call {self.call_id!a} will not be recorded: another call in this "
+                "process is recording under the same id. Give each call its own pipecat_call_id"
+            )
+            return
+        self._opened = True
+        opened = msgspec.structs.replace(self._agent, at=at)
+        self.writer.submit(OpenOp(self.call_id, opened, self._key_fp))
+        self.watchdog.start()
+        self._delivery.start()
+
+    def emit(self, event: Event) -> None:
+        """Append one fact to the open call's timeline (nothing before open or after the end)."""
+        if self.writer is not None and self._opened and not self._finalized:
+            self.writer.submit(EventOp(self.call_id, event))
+
+    def recording_started(self) -> bool:
+        """The recording's sample 0 passed now; False if it was already noted."""
+        if self._sample_zero_recorded:
+            return False
+        self._sample_zero_recorded = True
+        self.open(now_us())
+        self.emit(RecordingStarted(at=now_us()))
+        return True
+
+    def close(self, at: int, reason: str) -> None:
+        """Note the call's end and its reason; the first one heard wins."""
+        if self._closed is not None:
+            return
+        self._closed = (at, reason)
+        if self._opened and self.writer is not None and not self._finalized:
+            self.writer.submit(EventOp(self.call_id, CallClosed(at=at, reason=reason)))
+
+    def processor_saw_start(self) -> None:
+        """The StartFrame reached the audio processor: open, and check the observer later."""
+        self.open(now_us())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.call_later(NOT_ATTACHED_CHECK_S, self.hooks.guard, self._check_attached)
+
+    def terminal_frame(self, frame: Frame) -> None:
+        """An End/Cancel/Stop frame: the call ends with its reason."""
+        reason = "unknown" if isinstance(frame, StopFrame) else _reason(frame, "agent-ended")
+        self.open(now_us())
+        self.close(now_us(), reason)
+
+    async def _on_audio_data(
+        self, processor: Any, audio: bytes, sample_rate: int, num_channels: int
+    ) -> None:
+        # Runs as a Pipecat background task; it must enqueue before its first await so
+        # chunks keep the order the processor emitted them in.
+        try:
+            if not audio or self.writer is None or self._finalized:
+                return
+            self.open(now_us())
+            if not self._opened or self.writer is None:  # refused
+                return
+            index = self._next_chunk
+            self._next_chunk += 1
+            self.writer.submit(
+                ChunkOp(
+                    self.call_id,
+                    index,
+                    bytes(audio),
+                    int(sample_rate),
+                    int(num_channels),
+                    now_us(),
+                )
+            )
+        except Exception as exc:
+            self.hooks.failed("on_audio_data", exc)
+
+    # ---- the end of the call ----
+
+    async def end_now(self, reason: str) -> None:
+        """End the call now with ``reason`` (unless it already ended) and make it durable."""
+        self.close(now_us(), clean_text(reason))
+        processor = self._processor
+        if getattr(processor, "_recording", False) and processor is not None:
+            await processor.stop_recording()
+        await self._finish("unknown")
+
+    def end_abruptly(self, reason: str) -> Writer | None:
+        """Process exit: finalize now without awaiting (the event loop may be gone or
+        blocked); returns the writer to flush if the call was open.
+
+        The recording's tail still buffered in the AudioBufferProcessor (up to one chunk)
+        cannot be flushed here and is lost; everything already recorded is kept.
+        """
+        if not self._opened or self._finalized or self.writer is None:
+            return None
+        self.close(now_us(), reason)
+        self._finalize()
+        return self.writer
+
+    def _ending(self) -> bool:
+        return self._finalized or self.finish_task is not None
+
+    async def _end_vanished(self) -> None:
+        try:
+            await self.end_now("session-vanished")
+        except Exception as exc:
+            self.hooks.failed("aflush", exc)
+
+    async def _finish(self, default_reason: str) -> None:
+        """Close, wait for the tail chunk, finalize, make durable. Safe to call repeatedly."""
+        if self.finish_task is None:
+            self.finish_task = asyncio.ensure_future(self._finish_once(default_reason))
+        # Shielded: a host cancelling its task mid-end must not cancel the finalization.
+        await asyncio.shield(self.finish_task)
+
+    async def finish_in_teardown(self) -> None:
+        """Finish from Pipecat's teardown (our observer's or our processor's cleanup).
+
+        Before Pipecat 1.3, a host that cancels ``runner.run()`` while the teardown awaits
+        hangs it for good: ``PipelineTask.run`` queues a CancelFrame for the push task the
+        cancellation just ended, then waits for an event it has already cleared. Our end
+        awaits (the tail chunk, the commit: bounded), so there the cancellation is taken
+        here, the end completes and the teardown goes on; ``PipelineRunner.run`` of those
+        versions swallows the cancellation anyway. From 1.3 on it propagates as usual.
+        """
+        while True:
+            try:
+                await self._finish("unknown")
+                return
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                finishing = self.finish_task
+                if compat.HAS_WORKER or task is None or finishing is None or finishing.done():
+                    raise
+                task.uncancel()  # bounded: the end itself is (tail and commit waits)
+                logger.debug(
+                    f"{self}: the host cancelled during the end of call {self.call_id}; "
+                    "finishing it first (Pipecat < 1.3 would hang on a cancelled teardown)"
+                )
+
+    async def _finish_once(self, default_reason: str) -> None:
+        if not self._opened:
+            return
+        self._before_end()
+        self.close(now_us(), default_reason)
+        try:
+            if self._processor is not None:
+                await wait_for_tail(self._processor)
+        finally:
+            self._finalize()
+        if self.writer is not None and not await self.writer.flush(FLUSH_WAIT_S):
+            logger.warning(
+                f"{self}: call {self.call_id} was not committed within {FLUSH_WAIT_S:.0f} s; "
+                "it is still queued and will be written when the disk allows"
+            )
+        else:
+            await self._delivery.after_end(self.call_id)
+
+    def _finalize(self) -> None:
+        if self._finalized or not self._opened or self.writer is None:
+            return
+        self._finalized = True
+        self.watchdog.cancel()
+        at, reason = self._closed or (now_us(), "unknown")
+        self.writer.submit(FinalizeOp(self.call_id, at, reason))
+        release_call_id(self.call_id, self)
+        if not self._own_processor and not self._sample_zero_recorded:
+            logger.warning(
+                f"{self}: call {self.call_id} has no recording: the AudioBufferProcessor you "
+                "passed never recorded. Start it with `await processor.start_recording()` "
+                "(Pipecat 1.5+: AudioBufferProcessor(auto_start_recording=True); older "
+                "versions ignore that argument)"
+            )
+        if not self.saw_text:
+            logger.warning(
+                f"{self}: call-ended with empty transcript for call {self.call_id}: no "
+                "TranscriptionFrame or TTSTextFrame was seen. Check that STT/TTS services "
+                "are in the pipeline and the observer is attached"
+            )
+
+    async def processor_cleanup(self) -> None:
+        """The pipeline is tearing down. If we were never attached, finish the call from here."""
+        self._check_attached()
+        if not self.attached and self._opened:
+            await self.finish_in_teardown()
+
+    def _check_attached(self) -> None:
+        if self.attached or self._not_attached_warned:
+            return
+        self._not_attached_warned = True
+        logger.warning(
+            f"{self}: the audio processor started but RoarkObserver received no frames: it is "
+            "not attached. Pass it as PipelineWorker(pipeline, observers=[roark]) (or "
+            "PipelineTask(pipeline, observers=[roark])); PipelineParams(observers=...) is "
+            "silently ignored by Pipecat 1.x. Only audio is recorded for this call"
+        )
