@@ -16,6 +16,7 @@ import msgspec
 
 from .events import decode_event
 from .outbox import undelivered_audio_bytes
+from .store import DB_NAME
 from .timeline import (
     DEFAULT_RECOVERY_REASON,
     assemble_call_ended,
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_MAX_OVERDUE_S",
     "SALVAGE_NOTE",
     "call_detail",
+    "call_record_state",
     "damaged_calls",
     "health",
     "missing_chunks",
@@ -189,7 +191,7 @@ def queue_status(
 def _db_bytes(directory: Path) -> int:
     total = 0
     for suffix in ("", "-wal", "-shm"):
-        path = directory / f"wal.sqlite{suffix}"
+        path = directory / f"{DB_NAME}{suffix}"
         if path.exists():
             total += path.stat().st_size
     return total
@@ -264,6 +266,13 @@ def list_calls(
         if len(out) >= limit:
             break
     return out
+
+
+def call_record_state(conn: sqlite3.Connection, call_id: str) -> str | None:
+    """A call's recorded state (``open`` or ``ended``), or None when there is no such call:
+    what ``retry`` and ``forget`` check before they touch anything."""
+    row = conn.execute("SELECT state FROM calls WHERE id = ?", (call_id,)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def call_detail(conn: sqlite3.Connection, call_id: str) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ import httpx
 
 from . import config, spool
 from .errors import ConfigError, PipecatRoarkError, StoreCorrupt
-from .store import DB_NAME, SCHEMA_VERSION, connect, transaction
+from .store import DB_NAME, SCHEMA_VERSION, connect, quarantine, transaction
 
 __all__ = [
     "Check",
@@ -38,6 +38,7 @@ __all__ = [
     "parse_duration",
     "private_file",
     "prune_delivered",
+    "repair",
     "retry",
 ]
 
@@ -314,6 +315,14 @@ def doctor(
                 Check("base url", False, f"{url} unreachable: {type(exc).__name__}: {exc}")
             )
     return checks
+
+
+def repair(directory: Path) -> Path | None:
+    """Move a corrupt database aside (timestamped, never deleted) so the next call starts a
+    fresh one; returns where it went, or None when there is none or it is sound."""
+    if not (directory / DB_NAME).exists() or damage(directory)[0] is None:
+        return None
+    return quarantine(directory)
 
 
 def damage(directory: Path) -> tuple[str | None, int]:

@@ -367,3 +367,15 @@ def _event_time(body: bytes) -> int | None:
         return decode_event(body).at
     except Exception:  # a damaged event must not block finalizing the call
         return None
+
+
+# Read side and maintenance (used by inspection, maintenance and the CLI)
+
+
+def queued_count(conn: sqlite3.Connection) -> int:
+    """Rows still to be delivered (pending or leased): what a drain starts with."""
+    return int(
+        conn.execute(
+            "SELECT count(*) FROM deliveries WHERE state IN ('pending', 'leased')"
+        ).fetchone()[0]
+    )
