@@ -1,4 +1,4 @@
-"""What an operator does to the WAL: retry, prune, export a recording, check health.
+"""What an operator does to the WAL: prune, forget, export a recording, check and repair.
 
 Each is a library function the CLI wraps (and the drainer calls ``prune_delivered`` for
 automatic retention). Nothing here deletes undelivered data.
@@ -39,7 +39,6 @@ __all__ = [
     "private_file",
     "prune_delivered",
     "repair",
-    "retry",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -52,18 +51,6 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise ConfigError(f"{text!r} is not a duration: use e.g. 90s, 30m, 12h, 7d or 2w")
     return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def retry(conn: sqlite3.Connection, *, call_id: str | None, now: int) -> int:
-    """Dead and backing-off rows (of one call, or all) become due now with attempts reset."""
-    with transaction(conn):
-        return conn.execute(
-            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-            " lease_owner = NULL, lease_expires_at = NULL"
-            " WHERE (state = 'dead' OR (state = 'pending' AND attempts > 0))"
-            " AND (? IS NULL OR call_id = ?)",
-            (now, call_id, call_id),
-        ).rowcount
 
 
 @dataclass(frozen=True)

@@ -92,14 +92,14 @@ def retry(directory: Path, as_json: bool, call_id: str | None, all_dead: bool) -
         pipecat-roark retry 6f1c2a4e-...
     """
     from ..inspection import call_record_state
-    from ..maintenance import retry as retry_rows
+    from ..outbox import make_due_again
 
     if call_id is None and not all_dead:
         fail("say what to retry: a CALL id, or --dead for every dead row")
     with writing(directory) as conn:
         if call_id is not None and call_record_state(conn, call_id) is None:
             fail(f"no call {call_id!r} in {directory}; list them with `pipecat-roark calls`")
-        count = retry_rows(conn, call_id=call_id, now=now_us())
+        count = make_due_again(conn, call_id=call_id, now=now_us())
     if as_json:
         emit_json({"retried": count})
     else:
