@@ -60,8 +60,7 @@ def dev_server(
         pipecat-roark dev-server --port 8787 --fail-rate 0.3
         ROARK_BASE_URL=http://127.0.0.1:8787 ROARK_API_KEY=dev pipecat-roark drain
     """
-    from .devserver import serve
-    from .devserver_faults import Faults
+    from .devserver import Faults, serve
 
     faults = Faults(
         fail_rate=fail_rate,

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .devserver_state import error_response
+from .state import error_response
 
 __all__ = ["Abort", "FaultInjector", "Faults", "connected"]
 

@@ -1,18 +1,6 @@
-"""A local Roark-compatible server: the demo's Roark and the tests' real HTTP peer.
-
-Same paths, headers, status codes and bodies as roark-api.md, plus the object storage
-behind the presigned URLs (with expiry and signatures), idempotency by key, state kept
-on disk, a read API under ``/_dev`` and fault injection. It is a faithful stand-in,
-not a mock: our client and drainer talk to it exactly as they talk to Roark.
-
-It also keeps, per call, the order in which its requests arrived (``arrivals`` in
-``GET /_dev/calls/{id}``), and with ``strict_order`` it refuses with 409 what arrives
-out of the order Roark expects (chunks before call-started, call-ended before the
-chunks whose URLs were minted, anything of a call after its call-ended): the tests
-assert the per-call order directly instead of inferring it from side effects.
-
-    pipecat-roark dev-server --port 8787 --data ./roark-dev --fail-rate 0.3
-"""
+"""The dev server itself: Roark's two endpoints and the object storage behind its presigned
+URLs, over the received state (``state``), the fault injector (``faults``) and the ``/_dev``
+API (``dev_api``); ``serve`` runs it in the foreground and ``spawn`` as a process."""
 
 from __future__ import annotations
 
@@ -33,13 +21,13 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from .client import EVENT_PATH, UPLOAD_URL_PATH
-from .devserver_dev_api import DevApi
-from .devserver_faults import Abort, FaultInjector, Faults, connected
-from .devserver_state import ReceivedState, error_response
-from .wire import CallEnded, CallStarted
+from ..client import EVENT_PATH, UPLOAD_URL_PATH
+from ..wire import CallEnded, CallStarted
+from .dev_api import DevApi
+from .faults import Abort, FaultInjector, Faults, connected
+from .state import ReceivedState, error_response
 
-__all__ = ["DevServer", "Faults", "serve", "spawn"]
+__all__ = ["DevServer", "serve", "spawn"]
 
 STORAGE_PREFIX = "/_storage/"
 
@@ -346,9 +334,3 @@ def spawn(data_dir: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
         proc.wait()
         raise RuntimeError(f"the dev server did not start: {line!r}")
     return proc, line.split()[-1]
-
-
-if __name__ == "__main__":
-    from pipecat_roark.devserver_command import dev_server
-
-    dev_server(prog_name="python -m pipecat_roark.devserver")

@@ -9,8 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .devserver_faults import FaultInjector
-from .devserver_state import ReceivedState, error_response
+from .faults import FaultInjector
+from .state import ReceivedState, error_response
 
 __all__ = ["DevApi"]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .store import make_private_dirs
-from .wire import CallEnded, CallStarted
+from ..store import make_private_dirs
+from ..wire import CallEnded, CallStarted
 
 __all__ = ["ReceivedState", "error_response", "wav_bytes", "write_private"]
 
