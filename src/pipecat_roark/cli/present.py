@@ -30,19 +30,23 @@ def shown(value: object) -> str:
 
 
 def styled(text: str, style: str) -> Text:
+    """Our own colour on our own words: a style, never markup parsed out of the text."""
     return Text(text, style=style)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
+    """One ``error:`` line on stderr and exit ``code`` (2: usage or configuration)."""
     err.print(Text.assemble(styled("error:", "red"), " ", shown(message)))
     sys.exit(code)
 
 
 def emit_json(data: Any) -> None:
+    """``--json`` output: indented, anything not JSON-native as its ``str``."""
     click.echo(json.dumps(data, indent=2, default=str))
 
 
 def format_age(seconds: float | None) -> str:
+    """An age as a person reads it: 45s, 12m, 3.5h (``none`` when there is none)."""
     if seconds is None:
         return "none"
     if seconds < 120:
@@ -53,4 +57,5 @@ def format_age(seconds: float | None) -> str:
 
 
 def format_mb(size: int) -> str:
+    """Bytes as decimal megabytes, one decimal."""
     return f"{size / 1e6:.1f} MB"

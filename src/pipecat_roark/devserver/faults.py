@@ -60,6 +60,8 @@ class FaultInjector:
         self._rendezvous: list[asyncio.Event] = []
 
     def configure(self, **changes: Any) -> None:
+        """Change settings by name (a new ``seed`` restarts the chances); raises ValueError
+        for a name ``Faults`` does not have."""
         for name, value in changes.items():
             if not hasattr(self.faults, name):
                 raise ValueError(f"unknown dev-server setting {name!r}")
