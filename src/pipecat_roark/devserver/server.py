@@ -43,7 +43,7 @@ class DevServer:
             self._tmp = tempfile.TemporaryDirectory(prefix="roark-dev-")
             data_dir = Path(self._tmp.name)
         self.data_dir = data_dir
-        self.injector = FaultInjector(faults or Faults())
+        self._injector = FaultInjector(faults or Faults())
         self._secret = secrets.token_bytes(32)
         self._requested_port = port
         self._runner: web.AppRunner | None = None
@@ -61,7 +61,7 @@ class DevServer:
     @property
     def faults(self) -> Faults:
         """The fault settings in force (changed by ``configure`` or ``POST /_dev/config``)."""
-        return self.injector.faults
+        return self._injector.faults
 
     @property
     def base_url(self) -> str:
@@ -72,7 +72,7 @@ class DevServer:
         app.router.add_post(EVENT_PATH, self._event)
         app.router.add_post(UPLOAD_URL_PATH, self._upload_url)
         app.router.add_put(STORAGE_PREFIX + "{key:.+}", self._put)
-        DevApi(self._state, self.requests, self._lock, self.injector).add_routes(app.router)
+        DevApi(self._state, self.requests, self._lock, self._injector).add_routes(app.router)
         # Any call id must fit in the read API's query string: a 2,000-character id of
         # 4-byte characters is 24 KB once percent-encoded (aiohttp's default line is 8 KB).
         self._runner = web.AppRunner(app, access_log=None, max_line_size=256 * 1024)
@@ -109,7 +109,7 @@ class DevServer:
 
     def configure(self, **changes: Any) -> None:
         """Change fault settings by name; raises ValueError for a name ``Faults`` lacks."""
-        self.injector.configure(**changes)
+        self._injector.configure(**changes)
 
     # ---- auth and the request log ----
 
@@ -145,10 +145,10 @@ class DevServer:
         self.requests.append(record)
         answering.append(request)
         try:
-            response = await self.injector.before_answer() or await handler(request, body)
+            response = await self._injector.before_answer() or await handler(request, body)
             record["status"] = response.status
             if self.faults.trickle_s > 0 and not storage:
-                return await self.injector.trickle(request, response)
+                return await self._injector.trickle(request, response)
             return response
         except Abort:
             if request.transport is not None:
@@ -235,7 +235,7 @@ class DevServer:
             answer = data if self.faults.bare_url_response else {"data": data}
             response = self._state.remember(key, body, web.json_response(answer), call_id=call_id)
             self._state.arrived(call_id, f"url:{index}", response)
-        if self.injector.chance(self.faults.garbage_rate):
+        if self._injector.chance(self.faults.garbage_rate):
             return web.Response(
                 status=200, body=b'{"data": {"uploadU', content_type="application/json"
             )
