@@ -15,7 +15,17 @@ from typing import Any
 import msgspec
 
 from .events import decode_event
-from .outbox import undelivered_audio_bytes
+from .outbox import (
+    call_deliveries,
+    calls_delivered_with_note,
+    counts_by_kind_and_state,
+    earliest_untouched_due_at,
+    last_undelivered_error,
+    oldest_queued_at,
+    undelivered_audio_bytes,
+    undelivered_chunk_files,
+)
+from .store import DB_NAME
 from .timeline import (
     DEFAULT_RECOVERY_REASON,
     assemble_call_ended,
@@ -29,6 +39,7 @@ __all__ = [
     "DEFAULT_MAX_OVERDUE_S",
     "SALVAGE_NOTE",
     "call_detail",
+    "call_record_state",
     "damaged_calls",
     "health",
     "missing_chunks",
@@ -52,14 +63,7 @@ def damaged_calls(conn: sqlite3.Connection, *, every_call: bool = False) -> dict
     By default only calls whose payloads are still to be sent are decoded (bounded by
     the backlog); ``every_call`` reads every event, for ``doctor``.
     """
-    found: dict[str, int] = {
-        str(call_id): -1
-        for (call_id,) in conn.execute(
-            "SELECT DISTINCT call_id FROM deliveries WHERE state = 'delivered'"
-            " AND last_error LIKE ? || '%'",
-            (SALVAGE_NOTE,),
-        )
-    }
+    found: dict[str, int] = dict.fromkeys(calls_delivered_with_note(conn, SALVAGE_NOTE), -1)
     scope = (
         "SELECT id FROM calls"
         if every_call
@@ -79,11 +83,7 @@ def missing_chunks(conn: sqlite3.Connection, directory: Path) -> list[dict[str, 
     """Undelivered chunks whose file is gone or not the recorded size (a cheap look: the
     drainer checks the sha256 when it sends, and makes such a chunk dead)."""
     found = []
-    for call_id, idx, path, size in conn.execute(
-        "SELECT c.call_id, c.idx, c.path, c.size FROM deliveries d"
-        " JOIN chunks c ON c.call_id = d.call_id AND c.idx = d.chunk_idx"
-        " WHERE d.kind = 'chunk' AND d.state IN ('pending', 'leased') ORDER BY d.id"
-    ):
+    for call_id, idx, path, size in undelivered_chunk_files(conn):
         try:
             actual: int | None = (directory / path).stat().st_size
         except OSError:
@@ -137,34 +137,23 @@ def queue_status(
     by_kind: dict[str, dict[str, int]] = {
         k: dict.fromkeys(STATES, 0) for k in ("call-started", "chunk", "call-ended")
     }
-    for kind, state, count in conn.execute(
-        "SELECT kind, state, count(*) FROM deliveries GROUP BY kind, state"
-    ):
+    for kind, state, count in counts_by_kind_and_state(conn):
         by_state[state] += count
         by_kind[kind][state] = count
     calls = dict(conn.execute("SELECT state, count(*) FROM calls GROUP BY state").fetchall())
-    oldest = conn.execute(
-        "SELECT MIN(created_at) FROM deliveries WHERE state IN ('pending', 'leased')"
-    ).fetchone()[0]
+    oldest = oldest_queued_at(conn)
     chunk_bytes = conn.execute(
         "SELECT COALESCE(SUM(size), 0) FROM chunks WHERE discarded_at IS NULL"
     ).fetchone()[0]
     undelivered_bytes = undelivered_audio_bytes(conn)
-    last_error = conn.execute(
-        "SELECT idempotency_key, last_error FROM deliveries WHERE last_error IS NOT NULL"
-        " AND state != 'delivered' ORDER BY id DESC LIMIT 1"
-    ).fetchone()
+    last_error = last_undelivered_error(conn)
     paused = [
         {"keyFingerprint": fp, "pausedAt": iso(at), "reason": reason}
         for fp, at, reason in conn.execute(
             "SELECT key_fp, paused_at, reason FROM paused_keys ORDER BY key_fp"
         )
     ]
-    # Due and untouched: pending past its next attempt, or leased past its lease's end.
-    overdue = conn.execute(
-        "SELECT MIN(CASE WHEN state = 'pending' THEN next_attempt_at ELSE lease_expires_at END)"
-        " FROM deliveries WHERE state IN ('pending', 'leased')"
-    ).fetchone()[0]
+    overdue = earliest_untouched_due_at(conn)
     data: dict[str, Any] = {
         "directory": str(directory),
         "deliveries": by_state,
@@ -189,7 +178,7 @@ def queue_status(
 def _db_bytes(directory: Path) -> int:
     total = 0
     for suffix in ("", "-wal", "-shm"):
-        path = directory / f"wal.sqlite{suffix}"
+        path = directory / f"{DB_NAME}{suffix}"
         if path.exists():
             total += path.stat().st_size
     return total
@@ -266,6 +255,13 @@ def list_calls(
     return out
 
 
+def call_record_state(conn: sqlite3.Connection, call_id: str) -> str | None:
+    """A call's recorded state (``open`` or ``ended``), or None when there is no such call:
+    what ``retry`` and ``forget`` check before they touch anything."""
+    row = conn.execute("SELECT state FROM calls WHERE id = ?", (call_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
 def call_detail(conn: sqlite3.Connection, call_id: str) -> dict[str, Any] | None:
     row = conn.execute(
         "SELECT id, agent_id, agent_name, key_fp, state, end_reason, sample_rate, num_channels,"
@@ -311,19 +307,15 @@ def call_detail(conn: sqlite3.Connection, call_id: str) -> dict[str, Any] | None
         payloads["error"] = str(exc)
     deliveries = [
         {
-            "key": key,
-            "kind": kind,
-            "state": state,
-            "attempts": attempts,
-            "nextAttemptAt": iso(next_at) if state == "pending" else None,
-            "lastError": error,
-            "deliveredAt": None if delivered is None else iso(delivered),
+            "key": row.key,
+            "kind": row.kind,
+            "state": row.state,
+            "attempts": row.attempts,
+            "nextAttemptAt": iso(row.next_attempt_at) if row.state == "pending" else None,
+            "lastError": row.last_error,
+            "deliveredAt": None if row.delivered_at is None else iso(row.delivered_at),
         }
-        for key, kind, state, attempts, next_at, error, delivered in conn.execute(
-            "SELECT idempotency_key, kind, state, attempts, next_attempt_at, last_error, delivered_at"
-            " FROM deliveries WHERE call_id = ? ORDER BY id",
-            (call_id,),
-        )
+        for row in call_deliveries(conn, call_id)
     ]
     return {
         "call": call,

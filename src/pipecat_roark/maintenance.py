@@ -1,4 +1,4 @@
-"""What an operator does to the WAL: retry, prune, export a recording, check health.
+"""What an operator does to the WAL: prune, forget, export a recording, check and repair.
 
 Each is a library function the CLI wraps (and the drainer calls ``prune_delivered`` for
 automatic retention). Nothing here deletes undelivered data.
@@ -23,7 +23,7 @@ import httpx
 
 from . import config, spool
 from .errors import ConfigError, PipecatRoarkError, StoreCorrupt
-from .store import DB_NAME, SCHEMA_VERSION, connect, transaction
+from .store import DB_NAME, SCHEMA_VERSION, connect, quarantine, transaction
 
 __all__ = [
     "Check",
@@ -38,7 +38,7 @@ __all__ = [
     "parse_duration",
     "private_file",
     "prune_delivered",
-    "retry",
+    "repair",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -51,18 +51,6 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise ConfigError(f"{text!r} is not a duration: use e.g. 90s, 30m, 12h, 7d or 2w")
     return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def retry(conn: sqlite3.Connection, *, call_id: str | None, now: int) -> int:
-    """Dead and backing-off rows (of one call, or all) become due now with attempts reset."""
-    with transaction(conn):
-        return conn.execute(
-            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-            " lease_owner = NULL, lease_expires_at = NULL"
-            " WHERE (state = 'dead' OR (state = 'pending' AND attempts > 0))"
-            " AND (? IS NULL OR call_id = ?)",
-            (now, call_id, call_id),
-        ).rowcount
 
 
 @dataclass(frozen=True)
@@ -315,6 +303,14 @@ def doctor(
                 Check("base url", False, f"{url} unreachable: {type(exc).__name__}: {exc}")
             )
     return checks
+
+
+def repair(directory: Path) -> Path | None:
+    """Move a corrupt database aside (timestamped, never deleted) so the next call starts a
+    fresh one; returns where it went, or None when there is none or it is sound."""
+    if not (directory / DB_NAME).exists() or damage(directory)[0] is None:
+        return None
+    return quarantine(directory)
 
 
 def damage(directory: Path) -> tuple[str | None, int]:

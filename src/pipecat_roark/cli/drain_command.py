@@ -1,0 +1,207 @@
+"""``pipecat-roark drain``: deliver the queue once, or follow it as a sidecar, with a progress
+bar on a terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import config
+from ..outbox import queued_count
+from ..store import connect
+from .group import common_options, main, reading, require_database
+from .present import emit_json, err, fail, out, shown
+
+
+@main.command()
+@common_options
+@click.option("--call", "call_id", help="Deliver only this call.")
+@click.option(
+    "--follow", is_flag=True, help="Keep running and deliver new calls as they come (a sidecar)."
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Stop after this many seconds, even mid-request (leases are handed back; drain"
+    " again to go on).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    envvar="PIPECAT_ROARK_METRICS_PORT",
+    show_envvar=True,
+    help="Serve Prometheus metrics on this port at /metrics (0: any free port).",
+)
+@click.option(
+    "--metrics-addr",
+    default="0.0.0.0",
+    show_default=True,
+    envvar="PIPECAT_ROARK_METRICS_ADDR",
+    show_envvar=True,
+    help="Address the metrics endpoint binds.",
+)
+@click.option(
+    "--keep-delivered-audio",
+    is_flag=True,
+    help="Keep chunk files after Roark has the whole call (default: delete them then).",
+)
+def drain(
+    directory: Path,
+    as_json: bool,
+    call_id: str | None,
+    follow: bool,
+    timeout: float,
+    metrics_port: int | None,
+    metrics_addr: str,
+    keep_delivered_audio: bool,
+) -> None:
+    """Deliver everything pending to Roark, including calls that never ended.
+
+    Uses ROARK_API_KEY and ROARK_BASE_URL. Calls recorded under another key are
+    skipped and reported. With --follow (a sidecar) the database is created if the bot
+    has not recorded yet, and open calls of processes in another PID namespace are
+    ended only after PIPECAT_ROARK_ORPHAN_GRACE_S (default 20) seconds without a
+    heartbeat. Ctrl-C stops cleanly: leases are released, nothing is lost.
+    Once Roark has a whole call, its chunk files are deleted (rows stay until
+    retention prunes them). Exits 1 if anything is left undelivered or dead.
+
+    \b
+    Example:
+        ROARK_API_KEY=... pipecat-roark drain
+        pipecat-roark drain --call 6f1c... --timeout 30
+        pipecat-roark drain --follow --metrics-port 9464
+    """
+    from ..drain import Drainer, DrainPolicy, DrainReport
+
+    api_key = config.resolve_api_key(None)
+    if not api_key:
+        fail(f"set {config.ENV_API_KEY} to the Roark API key the calls were recorded with")
+    base_url = config.resolve_base_url(None)
+    if follow:  # a sidecar may start on an empty volume, before the bot's first call
+        connect(directory).close()
+    else:
+        require_database(directory)
+    with reading(directory) as conn:
+        total = queued_count(conn)
+    progress = _Progress(total, enabled=not as_json and out.is_terminal)
+    policy = DrainPolicy(keep_delivered_audio=keep_delivered_audio)
+    drainer = Drainer(directory, api_key, base_url, policy, on_progress=progress.update)
+    metrics_url = None
+    if metrics_port is not None:
+        from ..metrics import serve
+
+        try:
+            bound = serve(metrics_port, metrics_addr, directory)
+        except OSError as exc:
+            fail(
+                f"cannot serve metrics on {metrics_addr}:{metrics_port} ({exc.strerror or exc}); "
+                "choose another --metrics-port"
+            )
+        metrics_url = f"http://{metrics_addr}:{bound}/metrics"
+
+    async def run() -> DrainReport | None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        task = asyncio.current_task()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set if follow else task.cancel)  # type: ignore[union-attr]
+        if metrics_url is not None:
+            err.print(f"metrics at {metrics_url}")
+        if not as_json:  # after the handlers: from here on a signal stops us cleanly
+            out.print(
+                f"draining {shown(directory)} to {shown(base_url)} with key {drainer.key_fp} "
+                f"({total} rows queued)"
+                + (" and following new calls (Ctrl-C stops)" if follow else "")
+            )
+
+        if follow:
+            await drainer.run_forever(stop)
+            return None
+        return await drainer.run_once(call_id=call_id, budget_s=timeout)
+
+    with progress:
+        try:
+            report = asyncio.run(run())
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            err.print("stopped: leases released; run `pipecat-roark drain` again to go on")
+            sys.exit(1)
+    if report is None:
+        return
+    if as_json:
+        emit_json(
+            {
+                "delivered": report.delivered,
+                "chunks": report.chunks,
+                "bytes": report.bytes,
+                "retried": report.retried,
+                "dead": report.dead,
+                "pending": report.pending,
+                "deadTotal": report.dead_total,
+                "finalized": report.finalized,
+                "skippedCalls": report.skipped_calls,
+                "paused": report.paused,
+                "lastError": report.last_error,
+                "complete": report.complete,
+            }
+        )
+    else:
+        out.print(shown(report))
+        for skipped in report.skipped_calls:
+            err.print(
+                f"skipped call {shown(skipped)}: recorded under another API key (set that key "
+                "and drain again)"
+            )
+        if report.paused:
+            err.print(
+                "Roark refused the API key: set a valid ROARK_API_KEY and run `pipecat-roark drain`"
+            )
+        elif report.last_error and not report.complete:
+            err.print(f"last error: {shown(report.last_error)}")
+    sys.exit(0 if report.complete and not report.skipped_calls else 1)
+
+
+class _Progress:
+    """A rich progress bar on a terminal (rows, calls, chunks, MB, MB/s, ETA); nothing
+    otherwise (a summary line follows)."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.enabled = enabled
+        self._started = time.monotonic()
+        self._bar = Progress(
+            TextColumn("delivering"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} rows"),
+            TextColumn("{task.description}", markup=False),
+            TimeRemainingColumn(),
+            console=out,
+            disable=not enabled,
+        )
+        self._task = self._bar.add_task("", total=max(total, 1))
+
+    def __enter__(self) -> _Progress:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(None, None, None)
+
+    def update(self, report: Any) -> None:
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        self._bar.update(
+            self._task,
+            completed=report.delivered + report.dead,
+            description=(
+                f"{len(report.calls)} calls · {report.chunks} chunks · "
+                f"{report.bytes / 1e6:.1f} MB at {report.bytes / 1e6 / elapsed:.1f} MB/s"
+            ),
+        )
