@@ -45,7 +45,7 @@ PROCS = "tests/test_drain_processes.py::"
 MUTANTS = (
     Mutant(
         "lease: a live lease can be claimed",
-        "src/pipecat_roark/outbox.py",
+        "src/pipecat_roark/outbox/rows.py",
         "d.state = 'leased' AND d.lease_expires_at < :now",
         "d.state = 'leased' AND d.lease_expires_at > :now",
         (PROCS + "test_three_drainer_processes_deliver_each_row_once",),
@@ -83,14 +83,14 @@ MUTANTS = (
     ),
     Mutant(
         "order: chunks do not wait for call-started",
-        "src/pipecat_roark/outbox.py",
+        "src/pipecat_roark/outbox/rows.py",
         "AND s.kind = 'call-started' AND s.state IN ('delivered', 'dead')",
         "AND s.kind = 'call-started'",
         (DRAIN + "test_chunks_wait_for_call_started_and_call_ended_waits_for_every_chunk",),
     ),
     Mutant(
         "order: call-ended does not wait for the chunks",
-        "src/pipecat_roark/outbox.py",
+        "src/pipecat_roark/outbox/rows.py",
         "AND x.kind = 'chunk' AND x.state NOT IN ('delivered', 'dead')",
         "AND x.kind = 'chunk' AND 0",
         (DRAIN + "test_chunks_wait_for_call_started_and_call_ended_waits_for_every_chunk",),
@@ -112,14 +112,14 @@ MUTANTS = (
     ),
     Mutant(
         "orphans: a call of another host is never finalized",
-        "src/pipecat_roark/outbox.py",
+        "src/pipecat_roark/outbox/orphans.py",
         "if gone is None and heartbeat_at >= cutoff:",
         "if gone is None:",
         (PROCS + "test_a_call_of_another_host_waits_for_its_heartbeat_grace_then_ends_once",),
     ),
     Mutant(
         "orphans: a call of another host is finalized without waiting for its heartbeat",
-        "src/pipecat_roark/outbox.py",
+        "src/pipecat_roark/outbox/orphans.py",
         "cutoff = now - effective_grace_us(token, grace_us)",
         "cutoff = now",
         (PROCS + "test_a_call_of_another_host_waits_for_its_heartbeat_grace_then_ends_once",),
@@ -133,7 +133,7 @@ MUTANTS = (
     ),
     Mutant(
         "orphans: a live owner's call is finalized",
-        "src/pipecat_roark/outbox.py",
+        "src/pipecat_roark/outbox/orphans.py",
         "if gone is False:",
         "if gone is False and False:",
         (PROCS + "test_a_live_bots_call_is_left_alone_until_its_process_dies",),

@@ -136,22 +136,7 @@ def drain(
     if report is None:
         return
     if as_json:
-        emit_json(
-            {
-                "delivered": report.delivered,
-                "chunks": report.chunks,
-                "bytes": report.bytes,
-                "retried": report.retried,
-                "dead": report.dead,
-                "pending": report.pending,
-                "deadTotal": report.dead_total,
-                "finalized": report.finalized,
-                "skippedCalls": report.skipped_calls,
-                "paused": report.paused,
-                "lastError": report.last_error,
-                "complete": report.complete,
-            }
-        )
+        emit_json(report.as_json())
     else:
         out.print(shown(report))
         for skipped in report.skipped_calls:

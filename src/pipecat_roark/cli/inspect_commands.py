@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 
 from ..store import now_us
+from ..wire import key_label
 from .group import common_options, main, parse_since, reading
 from .present import emit_json, fail, format_age, format_mb, out, shown, styled
 
@@ -152,7 +153,7 @@ def show(directory: Path, as_json: bool, call_id: str) -> None:
         deliveries.add_column(column)
     for row in detail["deliveries"]:
         deliveries.add_row(
-            shown(row["key"].removeprefix(f"{call_id}:")),
+            shown(key_label(row["key"], call_id)),
             shown(row["state"]),
             str(row["attempts"]),
             row["nextAttemptAt"] or "",
