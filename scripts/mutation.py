@@ -105,8 +105,8 @@ MUTANTS = (
     Mutant(
         "played words: no word counts as played",
         "src/pipecat_roark/facts.py",
-        "played = isinstance(data.source, BaseOutputTransport) and (",
-        "played = False and (",
+        "self._bot_text(frame, played=True)",
+        "self._bot_text(frame, played=False)",
         ("tests/test_played_words.py",),
     ),
     Mutant(
