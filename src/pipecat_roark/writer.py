@@ -27,7 +27,7 @@ from typing import Any
 
 from loguru import logger
 
-from . import call_rows, crashpoints, metrics
+from . import calls_table, crashpoints, metrics
 from .batch_commit import Batch, BatchCommitter
 from .chunk_spooler import ChunkSpooler
 from .config import DEFAULT_MIN_FREE_BYTES
@@ -286,7 +286,7 @@ class Writer:
             self._wal.check_file()
             if self._book.open_calls:
                 with transaction(self._wal.db()):
-                    call_rows.touch_open_calls(self._wal.db(), self._book.open_calls, now_us())
+                    calls_table.touch_open_calls(self._wal.db(), self._book.open_calls, now_us())
             self._spooler.measure(self._wal.db())
             self._wal.keep_reserve()
         except Exception as exc:
