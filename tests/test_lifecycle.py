@@ -18,11 +18,10 @@ import pytest
 from devserver_fixture import RunningDevServer
 from helpers import LogCapture, stored_events, without_times
 from pipecat_roark import RoarkObserver, compat
-from pipecat_roark.lifecycle import DEFAULT_EXIT_DRAIN_S
+from pipecat_roark.lifecycle import DEFAULT_EXIT_DRAIN_S, writer_for
 from pipecat_roark.store import connect
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, User, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended
-from pipecat_roark.writer import writer_for
 from test_drain import KEY, assert_arrived_whole, chunk_rows, delivery_states, stored_under
 
 BOT = Path(__file__).with_name("lifecycle_bot.py")
