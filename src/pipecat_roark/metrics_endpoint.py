@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from . import config
 from .inspection import queue_status
 from .lifecycle import running_writer
 from .store import connect, now_us
@@ -135,7 +136,7 @@ def serve(port: int, addr: str, directory: Path) -> int:
     with _LOCK:
         if not _QUEUE.directories:
             REGISTRY.register(_QUEUE)
-        _QUEUE.directories.add(directory.expanduser().resolve())
+        _QUEUE.directories.add(config.registry_key(directory))
         bound = _SERVED.get((addr, port))
         if bound is None:
             server, _thread = start_http_server(port, addr=addr)
