@@ -9,6 +9,7 @@ they never run.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,91 @@ def test_the_checks_resolve_packages_and_skip_type_checking_imports(tmp_path: Pa
         "wire": set(),
         "cli.group": {""},
     }
+
+
+# Process-wide state is lifecycle's (issue 14): a module-level name that code mutates at run
+# time is a singleton, and every singleton lives in lifecycle.ProcessState. The exceptions,
+# each with its reason:
+STATE_OUTSIDE_LIFECYCLE = {
+    ("crashpoints", "_hits"): "the SIGKILL test hook counts hits in its own process",
+    ("faultpoints", "_ARMED"): "the fault-injection test hook's armed points",
+    ("writer_state", "EXITING"): "read by the writer, below lifecycle; only lifecycle sets it",
+}
+_MUTATORS = {"add", "append", "clear", "discard", "pop", "popitem", "remove", "set"}
+_MUTATORS |= {"setdefault", "update", "extend", "insert"}
+
+
+def mutated_globals(path: Path) -> set[str]:
+    """Module-level names of ``path`` that its functions rebind (``global``), store into
+    (``x[k] = …``, ``del x[k]``, ``x.attr = …``) or call a mutating method on."""
+    tree = ast.parse(path.read_text(), str(path))
+    top = {
+        target.id
+        for node in tree.body
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Name)
+    }
+    found: set[str] = set()
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.Global):
+                found.update(n for n in node.names if n in top)
+            elif isinstance(node, ast.Subscript | ast.Attribute) and isinstance(
+                node.ctx, ast.Store | ast.Del
+            ):
+                found.update(_root(node.value) & top)
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in _MUTATORS
+            ):
+                found.update(_root(node.func.value) & top)
+    return found
+
+
+def _root(node: ast.expr) -> set[str]:
+    """The name an attribute/subscript chain starts from (``x`` of ``x.a[k].b``)."""
+    while isinstance(node, ast.Attribute | ast.Subscript):
+        node = node.value
+    return {node.id} if isinstance(node, ast.Name) else set()
+
+
+def state_outside_lifecycle(package: Path) -> list[str]:
+    return sorted(
+        f"{name}.{variable}"
+        for name, path in modules(package).items()
+        if name != "lifecycle"
+        for variable in mutated_globals(path)
+        if (name, variable) not in STATE_OUTSIDE_LIFECYCLE
+    )
+
+
+def test_every_process_wide_singleton_lives_in_lifecycle() -> None:
+    assert state_outside_lifecycle(PACKAGE) == []
+
+
+def test_only_lifecycle_sets_or_clears_the_exit_flag() -> None:
+    setters = sorted(
+        name
+        for name, path in modules(PACKAGE).items()
+        if re.search(r"\bEXITING\.(set|clear)\(", path.read_text())
+    )
+    assert setters == ["lifecycle"]
+
+
+def test_the_singleton_check_catches_each_way_of_keeping_state(tmp_path: Path) -> None:
+    package = write_package(
+        tmp_path,
+        {
+            "a.py": "_SEEN = set()\ndef f(x):\n    _SEEN.add(x)\n",
+            "b.py": "_N = 0\ndef f():\n    global _N\n    _N += 1\n",
+            "c.py": "_BY = {}\ndef f(k, v):\n    _BY[k] = v\n",
+            "d.py": "TABLE = {'a': 1}\ndef f(k):\n    return TABLE[k]\n",
+            "e.py": "_Q = Q()\ndef f(d):\n    _Q.dirs.add(d)\n",
+            "lifecycle.py": "_MINE = {}\ndef f(k):\n    _MINE[k] = 1\n",
+        },
+    )
+    assert state_outside_lifecycle(package) == ["a._SEEN", "b._N", "c._BY", "e._Q"]

@@ -8,18 +8,14 @@ helper returns something storable instead of raising.
 from __future__ import annotations
 
 import json
-import threading
 import uuid
-import weakref
 from typing import Any
 
 __all__ = [
     "MAX_TEXT_CHARS",
     "arguments_json",
     "call_id_problem",
-    "claim_call_id",
     "clean_text",
-    "release_call_id",
     "resolve_call_id",
     "result_text",
 ]
@@ -101,28 +97,3 @@ def call_id_problem(call_id: str) -> str | None:
             "which no database or file can store; pass a pipecat_call_id that is valid text"
         )
     return None
-
-
-_LIVE_IDS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-_LIVE_LOCK = threading.Lock()
-
-
-def claim_call_id(call_id: str, session: Any) -> bool:
-    """Take ``call_id`` for ``session`` in this process; False if another live session has it.
-
-    Two sessions recording under one id at once would interleave in one call; the
-    writer cannot tell their records apart, so the second is refused here, in memory.
-    A session that is garbage-collected releases its id by itself.
-    """
-    with _LIVE_LOCK:
-        holder = _LIVE_IDS.get(call_id)
-        if holder is not None and holder is not session:
-            return False
-        _LIVE_IDS[call_id] = session
-        return True
-
-
-def release_call_id(call_id: str, session: Any) -> None:
-    with _LIVE_LOCK:
-        if _LIVE_IDS.get(call_id) is session:
-            del _LIVE_IDS[call_id]

@@ -121,6 +121,19 @@ class ProcessState:
     never wake its parent's."""
     ready_to_die: bool = False
     host_shutdown: bool = False
+    call_ids: weakref.WeakValueDictionary[str, Any] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
+    """The call ids live sessions record under, guarded by ``lock``; a session that is
+    garbage-collected lets go of its id by itself."""
+    metrics_collector: Any = None
+    """The queue collector registered with Prometheus (``metrics_endpoint``), once."""
+    metrics_directories: set[Path] = field(default_factory=set)
+    """The data directories the metrics endpoint reports, by ``config.registry_key``."""
+    metrics_ports: dict[tuple[str, int], int] = field(default_factory=dict)
+    """(address, asked port) → the port bound, so each endpoint is served once."""
+    warned_missing_key: bool = False
+    """The one warning that calls are recorded without an API key has been given."""
 
 
 PROCESS = ProcessState()
@@ -142,6 +155,30 @@ def running_writer(directory: Path) -> Writer | None:
     """This process's live writer for ``directory``, if one runs (never starts one)."""
     writer = PROCESS.writers.get(config.registry_key(directory))
     return writer if writer is not None and writer.alive else None
+
+
+def claim_call_id(call_id: str, session: Any) -> bool:
+    """Take ``call_id`` for ``session`` in this process.
+
+    Two sessions recording under one id at once would interleave in one call; the
+    writer cannot tell their records apart, so the second is refused here, in memory.
+
+    Returns:
+        False if another live session holds the id, True once ``session`` holds it.
+    """
+    with PROCESS.lock:
+        holder = PROCESS.call_ids.get(call_id)
+        if holder is not None and holder is not session:
+            return False
+        PROCESS.call_ids[call_id] = session
+        return True
+
+
+def release_call_id(call_id: str, session: Any) -> None:
+    """Let go of ``call_id`` if ``session`` holds it (its call is over)."""
+    with PROCESS.lock:
+        if PROCESS.call_ids.get(call_id) is session:
+            del PROCESS.call_ids[call_id]
 
 
 def close_all_writers(timeout: float = 5.0) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from . import config
 from .inspection import queue_status
-from .lifecycle import running_writer
+from .lifecycle import PROCESS, running_writer
 from .store import connect, now_us
 
 __all__ = [
@@ -47,9 +46,6 @@ DEFAULT_METRICS_ADDR = "0.0.0.0"
 class QueueCollector(Collector):
     """The queue's state read from each database at scrape time (read-only, never writes)."""
 
-    def __init__(self) -> None:
-        self.directories: set[Path] = set()
-
     def describe(self) -> list[Metric]:
         # Nothing up front: registering must not read a database.
         return []
@@ -59,7 +55,7 @@ class QueueCollector(Collector):
             name: GaugeMetricFamily(name, doc, labels=["dir", *extra])
             for name, (doc, extra) in _QUEUE_GAUGES.items()
         }
-        for directory in sorted(self.directories):
+        for directory in sorted(PROCESS.metrics_directories):
             self._read(directory, families)
         yield from families.values()
 
@@ -123,25 +119,22 @@ _QUEUE_GAUGES: dict[str, tuple[str, list[str]]] = {
     ),
 }
 
-_QUEUE = QueueCollector()
-_SERVED: dict[tuple[str, int], int] = {}
-_LOCK = threading.Lock()
-
 
 def serve(port: int, addr: str, directory: Path) -> int:
     """Serve ``/metrics`` on ``addr:port`` (once per process and address); returns the port.
 
     Port 0 picks a free port. Raises OSError when the port cannot be bound.
     """
-    with _LOCK:
-        if not _QUEUE.directories:
-            REGISTRY.register(_QUEUE)
-        _QUEUE.directories.add(config.registry_key(directory))
-        bound = _SERVED.get((addr, port))
+    with PROCESS.lock:
+        if PROCESS.metrics_collector is None:
+            PROCESS.metrics_collector = QueueCollector()
+            REGISTRY.register(PROCESS.metrics_collector)
+        PROCESS.metrics_directories.add(config.registry_key(directory))
+        bound = PROCESS.metrics_ports.get((addr, port))
         if bound is None:
             server, _thread = start_http_server(port, addr=addr)
             bound = int(server.server_port)
-            _SERVED[(addr, port)] = bound
+            PROCESS.metrics_ports[(addr, port)] = bound
         return bound
 
 

@@ -49,9 +49,6 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "RoarkAudioBufferProcessor", "RoarkObserver"]
 DEFAULT_CHUNK_BYTES = 256 * 1024
 """Bytes of one stereo recording chunk (AudioBufferProcessor counts one mono track)."""
 
-_missing_key_warned = False
-
-
 _monotonic = time.monotonic
 
 
@@ -267,9 +264,8 @@ class RoarkObserver(BaseObserver):
             )
 
     def _warn_if_no_key(self) -> None:
-        global _missing_key_warned
-        if self._api_key is None and not _missing_key_warned:
-            _missing_key_warned = True
+        if self._api_key is None and not lifecycle.PROCESS.warned_missing_key:
+            lifecycle.PROCESS.warned_missing_key = True
             logger.warning(
                 f"pipecat-roark: no Roark API key (api_key= or {config.ENV_API_KEY}); calls are "
                 f"recorded in {self._directory} and will be delivered by "

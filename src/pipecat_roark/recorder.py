@@ -24,11 +24,11 @@ from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
 from . import compat, wiring_warnings
 from .audio_tail import wait_for_tail
 from .call_delivery import CallDelivery
-from .capture import call_id_problem, claim_call_id, clean_text, release_call_id
+from .capture import call_id_problem, clean_text
 from .errors import PipecatRoarkError
 from .events import CallClosed, CallOpened, Event, RecordingStarted
 from .hooks import HookGuard
-from .lifecycle import writer_for
+from .lifecycle import claim_call_id, release_call_id, writer_for
 from .ops import ChunkOp, EventOp, FinalizeOp, OpenOp
 from .store import now_us
 from .watchdog import IdleWatchdog
