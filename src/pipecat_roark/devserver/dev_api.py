@@ -1,5 +1,7 @@
-"""The dev server's own API under ``/_dev``: what it received (calls, recordings, requests)
-and its fault settings, for the tests and the demo to read and change."""
+"""The dev server's own API under ``/_dev``, for the tests and the demo to read and change.
+
+What it received (calls, recordings, requests) and its fault settings.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class DevApi:
         self._injector = injector
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
+        """Serve the ``/_dev`` routes from ``router``'s application."""
         router.add_get("/_dev/calls", self._list_calls)
         router.add_get("/_dev/calls/{call_id}", self._get_call)
         router.add_get("/_dev/calls/{call_id}/recording.wav", self._recording)
@@ -87,5 +90,9 @@ class DevApi:
 
 
 def _call_id(request: web.Request) -> str:
-    """``/_dev/call?id=…`` (any id) or ``/_dev/calls/{id}`` (ids without a slash)."""
+    """``/_dev/call?id=…`` (any id) or ``/_dev/calls/{id}`` (ids without a slash).
+
+    Returns:
+        The call id the request names.
+    """
     return request.query["id"] if "id" in request.query else request.match_info["call_id"]
