@@ -29,7 +29,12 @@ MAX_TEXT_CHARS = 100_000
 
 
 def clean_text(raw: Any) -> str:
-    """A str that UTF-8 can encode, at most MAX_TEXT_CHARS long."""
+    """A str that UTF-8 can encode, at most MAX_TEXT_CHARS long.
+
+    Returns:
+        ``raw`` as text (``""`` for None), cut with "…" past the limit, lone surrogates
+        replaced.
+    """
     value: str = raw if isinstance(raw, str) else ("" if raw is None else str(raw))
     if len(value) > MAX_TEXT_CHARS:
         value = value[: MAX_TEXT_CHARS - 1] + "…"
@@ -45,7 +50,12 @@ def _compact(value: Any) -> str:
 
 
 def arguments_json(value: Any) -> str:
-    """Tool-call arguments as Roark wants them: JSON text; strings verbatim, None → "{}"."""
+    """Tool-call arguments as Roark wants them: JSON text.
+
+    Returns:
+        Strings verbatim, None as ``{}``, anything else compact JSON (its repr if it is
+        not serialisable), cleaned by ``clean_text``.
+    """
     if value is None:
         return "{}"
     if isinstance(value, str):
@@ -57,7 +67,12 @@ def arguments_json(value: Any) -> str:
 
 
 def result_text(value: Any) -> str:
-    """Tool results: strings verbatim, dicts/lists compact JSON, other scalars str(), None → ""."""
+    """A tool result as the text Roark stores.
+
+    Returns:
+        Strings verbatim, dicts/lists compact JSON (their repr if not serialisable),
+        other scalars ``str()``, None ``""``; cleaned by ``clean_text``.
+    """
     if value is None:
         return ""
     if isinstance(value, str):
@@ -71,7 +86,14 @@ def result_text(value: Any) -> str:
 
 
 def resolve_call_id(explicit: str | None, runner_args: Any) -> str:
-    """``pipecat_call_id``, else SmallWebRTC's ``pc_id``, else Pipecat Cloud's ``session_id``, else a UUID."""
+    """The id a call is recorded under: the first of these that is set.
+
+    ``pipecat_call_id``, else SmallWebRTC's ``pc_id``, else Pipecat Cloud's
+    ``session_id``, else a new UUID.
+
+    Returns:
+        The call id, as text.
+    """
     if explicit:
         return str(explicit)
     if runner_args is not None:
@@ -92,6 +114,9 @@ def call_id_problem(call_id: str) -> str | None:
     ``..``, any length: unsafe ids get a hashed chunk folder). A lone surrogate has no
     UTF-8 form: such an id is refused rather than altered, since a changed id would
     no longer match the caller's records.
+
+    Returns:
+        A sentence for the log when the id cannot be stored, else None.
     """
     try:
         call_id.encode("utf-8")
@@ -113,6 +138,10 @@ def claim_call_id(call_id: str, session: Any) -> bool:
     Two sessions recording under one id at once would interleave in one call; the
     writer cannot tell their records apart, so the second is refused here, in memory.
     A session that is garbage-collected releases its id by itself.
+
+    Returns:
+        True if ``session`` holds the id now (or already did); False if another live
+        session has it.
     """
     with _LIVE_LOCK:
         holder = _LIVE_IDS.get(call_id)
@@ -123,6 +152,7 @@ def claim_call_id(call_id: str, session: Any) -> bool:
 
 
 def release_call_id(call_id: str, session: Any) -> None:
+    """Give ``call_id`` back when ``session`` ends, if ``session`` is the one holding it."""
     with _LIVE_LOCK:
         if _LIVE_IDS.get(call_id) is session:
             del _LIVE_IDS[call_id]

@@ -63,7 +63,14 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class WalFile:
-    """The one write connection of a process to ``<directory>/wal.sqlite``."""
+    """The one write connection of a process to ``<directory>/wal.sqlite``.
+
+    Args:
+        directory: the data directory; a damaged database there is moved aside at once.
+        min_free_bytes: free space that must remain, beyond twice the reserve, before the
+            reserve file is (re)created.
+        stats: the writer's counters (``reopened`` counts fresh databases).
+    """
 
     def __init__(self, directory: Path, *, min_free_bytes: int, stats: WriterStats) -> None:
         self.directory = directory

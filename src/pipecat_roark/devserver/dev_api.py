@@ -18,7 +18,14 @@ __all__ = ["DevApi"]
 
 
 class DevApi:
-    """The ``/_dev`` routes over the server's state, request log and fault injector."""
+    """The ``/_dev`` routes over the server's state, request log and fault injector.
+
+    Args:
+        state: what the server received.
+        requests: the server's request log, cleared by ``POST /_dev/reset``.
+        lock: the server's lock over ``state``, held while resetting.
+        injector: the fault settings ``POST /_dev/config`` changes.
+    """
 
     def __init__(
         self,

@@ -55,7 +55,11 @@ class Abort(Exception):
 
 
 class FaultInjector:
-    """Applies the ``Faults`` to each request, with seeded chances so a run can be replayed."""
+    """Applies the ``Faults`` to each request, with seeded chances so a run can be replayed.
+
+    Args:
+        faults: the settings, kept and changed in place by ``configure``.
+    """
 
     def __init__(self, faults: Faults) -> None:
         self.faults = faults
