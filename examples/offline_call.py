@@ -33,10 +33,9 @@ from rich.panel import Panel
 from rich.prompt import Confirm
 from rich.table import Table
 
-from pipecat_roark import RoarkObserver, config
+from pipecat_roark import Drainer, RoarkObserver, config
 from pipecat_roark.background_drainer import stop_background_drainers
 from pipecat_roark.devserver import DevServer
-from pipecat_roark.drain import Drainer
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, Step, Tool, User, run_pipeline
 
 DEMO_KEY = "demo-key-not-secret"

@@ -364,7 +364,7 @@ async def lag_probe(
 def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> list[Row]:
     """Event-loop lag and bot CPU at the call count where the recording no-op uses ≤ ~70% of
     a core (starting from ``calls``): ours vs the recording no-op, interleaved rounds."""
-    from pipecat_roark.writer import close_all_writers
+    from pipecat_roark.lifecycle import close_all_writers
 
     _, cpu, wall = asyncio.run(lag_probe("noop", base_url, tmp / "lag-size", calls, turns))
     share = cpu / wall
@@ -444,7 +444,7 @@ def fsync_seconds(directory: Path, count: int) -> float:
 
 
 def durable_rows(tmp: Path, calls: int, turns: int) -> list[Row]:
-    from pipecat_roark.writer import close_all_writers
+    from pipecat_roark.lifecycle import close_all_writers
 
     directory = tmp / "durable"
     latencies = asyncio.run(durable_latency(directory, calls, turns, sample_every=50))
@@ -472,8 +472,8 @@ def load_rows(base_url: str, tmp: Path, calls: int, turns: int) -> list[Row]:
         "ROARK_BASE_URL": base_url,
     }
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    from pipecat_roark.lifecycle import close_all_writers
     from pipecat_roark.store import connect
-    from pipecat_roark.writer import close_all_writers
 
     connect(directory).close()
     sidecar = subprocess.Popen(
@@ -670,7 +670,7 @@ async def record_template(directory: Path, seconds: int, call_id: str = "templat
     from bench_worker import long_call, scripted
 
     from pipecat_roark import RoarkObserver
-    from pipecat_roark.writer import close_all_writers
+    from pipecat_roark.lifecycle import close_all_writers
 
     roark = RoarkObserver(
         api_key=KEY, agent_id="bench", pipecat_call_id=call_id, data_dir=directory, deliver=False
@@ -755,7 +755,7 @@ def drain_rows(base_url: str, tmp: Path, calls: int, seconds: int) -> list[Row]:
 
 def operations_rows(base_url: str, tmp: Path, calls: int, seconds: int, live: int) -> list[Row]:
     """What running it in production adds: the metrics endpoint, and the owners' heartbeats."""
-    from pipecat_roark import metrics, writer
+    from pipecat_roark import lifecycle, metrics_endpoint
     from pipecat_roark.drain import Drainer, DrainPolicy
     from pipecat_roark.owner import ENV_HEARTBEAT_S, heartbeat_interval_s
 
@@ -769,7 +769,7 @@ def operations_rows(base_url: str, tmp: Path, calls: int, seconds: int, live: in
         stop = threading.Event()
         scraper = None
         if scraped:
-            port = metrics.serve(0, "127.0.0.1", directory)
+            port = metrics_endpoint.serve(0, "127.0.0.1", directory)
 
             def scrape() -> None:
                 with httpx.Client(timeout=10) as http:
@@ -804,7 +804,7 @@ def operations_rows(base_url: str, tmp: Path, calls: int, seconds: int, live: in
                 cpu = time.process_time()
                 asyncio.run(durable_latency(tmp / f"beats-{mode}-{round_}", live, 2, KEY, 0))
                 beats[mode].append(time.process_time() - cpu)
-                writer.close_all_writers()
+                lifecycle.close_all_writers()
     finally:
         if saved is None:
             os.environ.pop(ENV_HEARTBEAT_S, None)

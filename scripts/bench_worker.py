@@ -270,7 +270,7 @@ async def longcall(mode: str, minutes: int, base_url: str, directory: Path) -> d
                 # Pace 0 plays audio ~100x faster than real time; at real time the writer
                 # keeps up. Let it catch up, so this measures what a call holds, not a
                 # backlog that only this speed creates.
-                from pipecat_roark.writer import writer_for
+                from pipecat_roark.lifecycle import writer_for
 
                 await writer_for(directory).flush(60)
             samples.append(rss_bytes())

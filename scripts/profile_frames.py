@@ -96,7 +96,7 @@ async def measure(
         call_id = f"profile-{mode}-{n}-{os.getpid()}"
         await bw.play(mode, [], base_url, directory, call_id, 0.0, audio_frames=frames)
         if mode in ("capture", "ours"):
-            from pipecat_roark.writer import writer_for
+            from pipecat_roark.lifecycle import writer_for
 
             await writer_for(directory).flush(60)  # its work for this call counts
         if n:

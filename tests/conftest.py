@@ -10,7 +10,7 @@ from loguru import logger
 
 from devserver_fixture import RunningDevServer, running_dev_server
 from helpers import LogCapture
-from pipecat_roark.writer import close_all_writers
+from pipecat_roark.lifecycle import close_all_writers
 
 
 @pytest.fixture

@@ -37,9 +37,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pipecat_roark import RoarkObserver, writer
+from pipecat_roark import RoarkObserver, lifecycle
+from pipecat_roark.lifecycle import writer_for
 from pipecat_roark.testing import Bot, ScriptedCall, Step, User, run_pipeline
-from pipecat_roark.writer import writer_for
 
 FIRST_STEPS: list[Step] = [Bot(["Hello", "there."]), User("Hi.")]
 MORE_STEPS: list[Step] = [
@@ -105,7 +105,7 @@ async def call(
 
 def watch_writers_lock() -> None:
     for _ in range(60_000):  # bounded: at most about a minute
-        if writer._WRITERS_LOCK.locked():
+        if lifecycle.PROCESS.writers_lock.locked():
             print("locked", flush=True)
             return
         time.sleep(0.001)

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from pipecat_roark import RoarkObserver
+from pipecat_roark.lifecycle import writer_for
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, Step, User, run_pipeline
-from pipecat_roark.writer import writer_for
 
 REASON = "customer-ended-call"
 SCRIPT: list[Step] = [

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from pipecat_roark import RoarkObserver
+from pipecat_roark.lifecycle import writer_for
 from pipecat_roark.testing import ScriptedCall, run_pipeline
-from pipecat_roark.writer import writer_for
 from test_tail import CHUNK_BYTES, KEY, tail_script
 
 

@@ -18,7 +18,7 @@ from devserver_fixture import RunningDevServer, running_dev_server
 from helpers import LogCapture, stored_events
 from pipecat_roark import spool
 from pipecat_roark.capture import call_id_problem
-from pipecat_roark.writer import close_all_writers, writer_for
+from pipecat_roark.lifecycle import close_all_writers, writer_for
 from test_capture_pipeline import timeline_without_audio
 from test_cli import cli
 from test_drain import assert_arrived_whole, chunk_files, record

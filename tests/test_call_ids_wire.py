@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from devserver_fixture import RunningDevServer, running_dev_server
 from pipecat_roark import RoarkObserver
 from pipecat_roark.drain import Drainer
+from pipecat_roark.lifecycle import close_all_writers
 from pipecat_roark.testing import Bot, ScriptedCall, User, run_pipeline
 from pipecat_roark.wire import HEADER_KEY_MAX, header_key
-from pipecat_roark.writer import close_all_writers
 from test_cli import sql
 from test_drain import KEY, QUICK, assert_arrived_whole
 

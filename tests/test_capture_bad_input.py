@@ -24,9 +24,9 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from helpers import LogCapture, skip_outside_ci, stored_events, without_times
 from pipecat_roark import RoarkObserver
 from pipecat_roark.capture import MAX_TEXT_CHARS
+from pipecat_roark.lifecycle import close_all_writers, writer_for
 from pipecat_roark.store import SCHEMA_VERSION
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, User, run_pipeline
-from pipecat_roark.writer import close_all_writers, writer_for
 from test_capture_pipeline import AGENT, EXPECTED_DEFAULT_CALL, timeline_without_audio
 
 pytestmark = pytest.mark.anyio

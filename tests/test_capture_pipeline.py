@@ -13,8 +13,8 @@ from pipecat.pipeline.task import PipelineParams
 from helpers import LogCapture, stored_events, without_times
 from pipecat_roark import RoarkObserver, compat
 from pipecat_roark.events import ChunkRecorded, RecordingStarted
+from pipecat_roark.lifecycle import writer_for
 from pipecat_roark.testing import Bot, Pause, Realtime, ScriptedCall, Tool, User, run_pipeline
-from pipecat_roark.writer import writer_for
 
 pytestmark = pytest.mark.anyio
 

@@ -33,10 +33,10 @@ from pipecat.frames.frames import (
 
 from helpers import has_null, stored_events
 from pipecat_roark import RoarkObserver
+from pipecat_roark.lifecycle import close_all_writers
 from pipecat_roark.testing import run_pipeline
 from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
 from pipecat_roark.wire import CallEnded, CallStarted, encode
-from pipecat_roark.writer import close_all_writers
 from test_capture_bad_input import GarbageSource
 
 TEXT = st.one_of(

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from pipecat_roark import RoarkObserver
+from pipecat_roark.lifecycle import close_all_writers
 from pipecat_roark.store import connect
 from pipecat_roark.testing import Bot, ScriptedCall, run_pipeline
-from pipecat_roark.writer import close_all_writers
 from test_cli import cli, cli_env
 from test_drain import KEY, record
 

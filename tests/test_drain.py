@@ -20,10 +20,10 @@ from helpers import LogCapture, stored_events
 from pipecat_roark import RoarkObserver
 from pipecat_roark.background_drainer import ensure_background_drainer, stop_background_drainers
 from pipecat_roark.drain import Drainer, DrainPolicy
+from pipecat_roark.lifecycle import writer_for
 from pipecat_roark.testing import Bot, ScriptedCall, Tool, User, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
 from pipecat_roark.wire import encode
-from pipecat_roark.writer import writer_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.strict_order]
 

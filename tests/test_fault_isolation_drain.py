@@ -26,9 +26,9 @@ from devserver_fixture import RunningDevServer, running_dev_server
 from pipecat_roark import faultpoints
 from pipecat_roark.drain import Drainer
 from pipecat_roark.events import Event, decode_event
+from pipecat_roark.lifecycle import close_all_writers
 from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
 from pipecat_roark.wire import encode
-from pipecat_roark.writer import close_all_writers
 from test_cli import cli, cli_env, cli_json, sql
 from test_drain import KEY, QUICK, assert_arrived_whole, record
 
@@ -238,6 +238,7 @@ async def bot_call(directory: Path, base_url: str, call_id: str, n: int) -> None
         pipecat_call_id=call_id,
         data_dir=directory,
         chunk_bytes=8000,
+        exit_drain_s=0,  # the background drainer is under test; no exit drain at pytest's exit
     )
     await run_pipeline([ScriptedCall(short_script(n)), roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
 

@@ -12,7 +12,7 @@ import pytest
 from devserver_fixture import running_dev_server
 from helpers import LogCapture
 from pipecat_roark.drain import Drainer
-from pipecat_roark.writer import close_all_writers
+from pipecat_roark.lifecycle import close_all_writers
 from test_cli import cli
 from test_drain import KEY, QUICK, assert_arrived_whole, delivery_states, record
 

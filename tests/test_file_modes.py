@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from devserver_fixture import running_dev_server
-from pipecat_roark.writer import close_all_writers
+from pipecat_roark.lifecycle import close_all_writers
 from test_cli import cli
 from test_drain import record
 from test_writer_bulkheads import deliver

@@ -17,13 +17,20 @@ import pytest
 
 from devserver_fixture import RunningDevServer
 from helpers import LogCapture, stored_events, without_times
-from pipecat_roark import RoarkObserver, compat
-from pipecat_roark.lifecycle import DEFAULT_EXIT_DRAIN_S
+from pipecat_roark import RoarkObserver, compat, lifecycle
+from pipecat_roark.background_drainer import stop_background_drainers
+from pipecat_roark.lifecycle import DEFAULT_EXIT_DRAIN_S, writer_for
 from pipecat_roark.store import connect
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, User, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended
-from pipecat_roark.writer import writer_for
-from test_drain import KEY, assert_arrived_whole, chunk_rows, delivery_states, stored_under
+from test_drain import (
+    KEY,
+    assert_arrived_whole,
+    chunk_rows,
+    delivery_states,
+    short_script,
+    stored_under,
+)
 
 BOT = Path(__file__).with_name("lifecycle_bot.py")
 Popen = subprocess.Popen[str]
@@ -120,6 +127,28 @@ def run_bot_and_sigterm(
         proc.kill()
         proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, "\n".join(seen) + out, err)
+
+
+@pytest.mark.anyio
+async def test_shut_down_delivers_what_the_bots_own_drainer_could_not(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    dev_server.configure(status_sequence=[503] * 10_000)  # the bot's own drainer gets nowhere
+    roark = RoarkObserver(
+        agent_id="exit",
+        api_key=KEY,
+        base_url=dev_server.base_url,
+        pipecat_call_id="left-over",
+        chunk_bytes=8000,
+        exit_drain_s=30,
+    )
+    script = ScriptedCall(short_script(1))
+    await run_pipeline([script, roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
+    await stop_background_drainers(5)
+    assert dev_server.calls() == []
+    dev_server.configure(status_sequence=[])
+    await asyncio.to_thread(lifecycle.shut_down)  # what atexit runs: the key comes from roark
+    assert_arrived_whole(dev_server, data_dir, "left-over")
 
 
 def test_sigterm_finalizes_open_calls_and_still_kills_the_process(tmp_path: Path) -> None:

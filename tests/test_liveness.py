@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from devserver_fixture import RunningDevServer
-from pipecat_roark import outbox
+from pipecat_roark import call_ending, outbox
 from pipecat_roark.drain import Drainer, DrainPolicy
 from pipecat_roark.lifecycle import DEFAULT_EXIT_DRAIN_S
 from pipecat_roark.owner import ENV_HEARTBEAT_S, ENV_ORPHAN_GRACE_S, owner_is_gone, parse_identity
@@ -253,7 +253,7 @@ async def test_a_call_of_another_namespace_ends_only_after_its_heartbeat_is_stal
         conn = connect(directory)
         try:
             for _ in range(600):  # bounded: 120 s
-                assert outbox.finalize_orphans(conn, now=now_us(), grace_us=grace_us) == []
+                assert call_ending.finalize_orphans(conn, now=now_us(), grace_us=grace_us) == []
                 if call_row(directory, "elsewhere")[2] > opened_at + 2 * grace_us:
                     break
                 await asyncio.sleep(0.2)

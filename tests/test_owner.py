@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import LogCapture
-from pipecat_roark import faultpoints, outbox
+from pipecat_roark import call_ending, faultpoints, outbox
 from pipecat_roark.events import CallOpened
 from pipecat_roark.ops import OpenOp
 from pipecat_roark.owner import (
@@ -140,10 +140,10 @@ def test_calls_judged_by_heartbeat_end_once_only_after_the_grace(
     try:
         grace_us = int(grace_s * 1e6)
         just_before = heartbeat + int(ended_after_s * 1e6) - 1
-        assert outbox.finalize_orphans(conn, now=just_before, grace_us=grace_us) == []
+        assert call_ending.finalize_orphans(conn, now=just_before, grace_us=grace_us) == []
         after = heartbeat + int(ended_after_s * 1e6) + 1
-        assert outbox.finalize_orphans(conn, now=after, grace_us=grace_us) == ["c"]
-        assert outbox.finalize_orphans(conn, now=after + 1, grace_us=grace_us) == []
+        assert call_ending.finalize_orphans(conn, now=after, grace_us=grace_us) == ["c"]
+        assert call_ending.finalize_orphans(conn, now=after + 1, grace_us=grace_us) == []
         row = conn.execute("SELECT state, end_reason FROM calls").fetchone()
         assert row == ("ended", "observer-lost")
     finally:
@@ -184,13 +184,13 @@ def test_one_call_that_cannot_be_finalized_keeps_no_other_open(
     try:
         faultpoints.inject("drain:finalize-orphan", RuntimeError("boom"), call_id="b")
         try:
-            assert outbox.finalize_orphans(conn, now=later, grace_us=20_000_000) == ["a", "c"]
+            assert call_ending.finalize_orphans(conn, now=later, grace_us=20_000_000) == ["a", "c"]
         finally:
             faultpoints.clear()
         [line] = logs.matching("could not finalize call 'b'")
         assert "(RuntimeError: boom)" in line and "tried again" in line
         assert conn.execute("SELECT state FROM calls WHERE id = 'b'").fetchone() == ("open",)
-        assert outbox.finalize_orphans(conn, now=later, grace_us=20_000_000) == ["b"]
+        assert call_ending.finalize_orphans(conn, now=later, grace_us=20_000_000) == ["b"]
         states = conn.execute("SELECT id, state, end_reason FROM calls ORDER BY id").fetchall()
         assert states == [(c, "ended", "observer-lost") for c in ("a", "b", "c")]
     finally:

@@ -13,7 +13,7 @@ import pytest
 from devserver_fixture import RunningDevServer
 from helpers import LogCapture
 from pipecat_roark.drain import Drainer
-from pipecat_roark.writer import close_all_writers
+from pipecat_roark.lifecycle import close_all_writers
 from test_drain import KEY, QUICK, chunk_files, record
 
 pytestmark = pytest.mark.anyio

@@ -24,8 +24,8 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from devserver_fixture import RunningDevServer
 from pipecat_roark import RoarkObserver
 from pipecat_roark.drain import Drainer, DrainPolicy
+from pipecat_roark.lifecycle import writer_for
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, ScriptStats, Step, User, run_pipeline
-from pipecat_roark.writer import writer_for
 
 pytestmark = pytest.mark.strict_order
 

@@ -145,7 +145,8 @@ async def test_a_second_process_assembles_the_same_payloads_from_the_database(
     code = (
         "import sys; from pathlib import Path\n"
         "from pipecat_roark.store import connect\n"
-        "from pipecat_roark.timeline import load_events, assemble_call_started, assemble_call_ended\n"
+        "from pipecat_roark.events_table import load_events\n"
+        "from pipecat_roark.timeline import assemble_call_started, assemble_call_ended\n"
         "from pipecat_roark.wire import encode\n"
         "conn = connect(Path(sys.argv[1]), read_only=True)\n"
         "events = load_events(conn, 'call-1')\n"

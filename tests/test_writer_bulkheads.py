@@ -20,11 +20,11 @@ from helpers import LogCapture, stored_events
 from pipecat_roark import RoarkObserver, faultpoints
 from pipecat_roark.drain import Drainer
 from pipecat_roark.events import BotText, CallOpened, UserText
+from pipecat_roark.lifecycle import writer_for
 from pipecat_roark.ops import BarrierOp, OpenOp
 from pipecat_roark.testing import ScriptedCall, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
 from pipecat_roark.wire import encode
-from pipecat_roark.writer import writer_for
 from test_capture_pipeline import timeline_without_audio
 from test_drain import KEY, QUICK, assert_arrived_whole, chunk_files, record, short_script
 

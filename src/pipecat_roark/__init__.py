@@ -2,8 +2,12 @@
 
     from pipecat_roark import RoarkObserver
 
-The observer (and Pipecat with it) is imported lazily, so the ``pipecat-roark`` CLI
-starts fast and works where only the database is at hand.
+The public API is what ``__all__`` names: the observer and its audio processor, the
+drainer (``Drainer``, ``DrainPolicy``, ``DrainReport``) and the errors. Besides this
+root, ``pipecat_roark.testing`` and ``pipecat_roark.devserver`` are supported for import;
+every other module is internal. The observer (and Pipecat with it) and the drainer are
+imported lazily, so the ``pipecat-roark`` CLI starts fast and works where only the
+database is at hand.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .drain import Drainer, DrainPolicy, DrainReport
     from .observer import RoarkAudioBufferProcessor, RoarkObserver
 
 try:
@@ -38,6 +43,9 @@ __all__ = [
     "AuthError",
     "ConfigError",
     "DeliveryError",
+    "DrainPolicy",
+    "DrainReport",
+    "Drainer",
     "PermanentError",
     "PipecatRoarkError",
     "RetryableError",
@@ -52,12 +60,18 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {"RoarkObserver", "RoarkAudioBufferProcessor"}
+_FROM_OBSERVER = frozenset({"RoarkObserver", "RoarkAudioBufferProcessor"})
+_FROM_DRAIN = frozenset({"Drainer", "DrainPolicy", "DrainReport"})
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
+    """Import on first use: the observer brings Pipecat, the drainer httpx (CLI speed)."""
+    if name in _FROM_OBSERVER:
         from . import observer
 
         return getattr(observer, name)
+    if name in _FROM_DRAIN:
+        from . import drain
+
+        return getattr(drain, name)
     raise AttributeError(f"module 'pipecat_roark' has no attribute {name!r}")

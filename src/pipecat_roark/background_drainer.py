@@ -1,7 +1,8 @@
 """The background drainer of a bot process: one per database and key, in the bot's loop.
 
 Started by the first RoarkObserver that delivers, woken by the writer's commits, and
-stopped (bounded, leases handed back) when the bot's loop winds down.
+stopped (bounded, leases handed back) when the bot's loop winds down, or by
+``lifecycle.shut_down``. The registry of running ones is ``lifecycle.PROCESS.drainers``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from loguru import logger
 from . import config
 from .drain import Drainer
 from .drain_policy import DrainPolicy
-from .writer import writer_for
+from .lifecycle import PROCESS, RunningDrainer, writer_for
 
 __all__ = ["ensure_background_drainer", "stop_background_drainers"]
-
-_BACKGROUND: dict[tuple[Path, str | None], tuple[Drainer, asyncio.Task[None], asyncio.Event]] = {}
 
 
 def ensure_background_drainer(
@@ -31,9 +30,9 @@ def ensure_background_drainer(
     """
     try:
         loop = asyncio.get_running_loop()
-        key = (directory.expanduser().resolve(), config.key_fingerprint(api_key))
-        current = _BACKGROUND.get(key)
-        if current is not None and not current[1].done() and current[1].get_loop() is loop:
+        key = (config.registry_key(directory), config.key_fingerprint(api_key))
+        current = PROCESS.drainers.get(key)
+        if current is not None and not current.task.done() and current.task.get_loop() is loop:
             return
         policy = DrainPolicy(keep_delivered_audio=keep_delivered_audio)
         drainer = Drainer(directory, api_key, base_url, policy)
@@ -41,7 +40,7 @@ def ensure_background_drainer(
         task = loop.create_task(
             _run_background(drainer, stop), name=f"pipecat-roark-drainer:{directory}"
         )
-        _BACKGROUND[key] = (drainer, task, stop)
+        PROCESS.drainers[key] = RunningDrainer(drainer, task, stop)
 
         def on_commit() -> None:
             loop.call_soon_threadsafe(drainer.wake)
@@ -68,11 +67,11 @@ async def _run_background(drainer: Drainer, stop: asyncio.Event) -> None:
 async def stop_background_drainers(limit_s: float = 5.0) -> None:
     """Stop this loop's background drainers, bounded: leases are released, nothing is lost."""
     loop = asyncio.get_running_loop()
-    mine = [(k, v) for k, v in _BACKGROUND.items() if v[1].get_loop() is loop]
-    for key, (_, _task, stop) in mine:
-        stop.set()
-        _BACKGROUND.pop(key, None)
-    tasks = [task for _, (_, task, _) in mine]
+    mine = [(k, v) for k, v in PROCESS.drainers.items() if v.task.get_loop() is loop]
+    for key, running in mine:
+        running.stop.set()
+        PROCESS.drainers.pop(key, None)
+    tasks = [running.task for _, running in mine]
     if not tasks:
         return
     _, pending = await asyncio.wait(tasks, timeout=limit_s)

@@ -22,6 +22,7 @@ __all__ = [
     "ENV_BASE_URL",
     "ENV_DIR",
     "key_fingerprint",
+    "registry_key",
     "resolve_api_key",
     "resolve_base_url",
     "resolve_dir",
@@ -46,6 +47,11 @@ def resolve_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path(platformdirs.user_state_dir("pipecat-roark", appauthor=False))
+
+
+def registry_key(directory: Path) -> Path:
+    """The one spelling of a data directory that the process's registries are keyed by."""
+    return directory.expanduser().resolve()
 
 
 def resolve_api_key(explicit: str | None = None) -> str | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from . import metrics, outbox
+from . import call_ending, metrics, outbox
 from .drain_policy import DrainPolicy
 from .maintenance import prune_delivered
 from .store import now_us
@@ -26,7 +26,7 @@ def finalize_orphans(
     """Take back the leases of dead drainers and end the calls whose owner is gone;
     returns the ids of the calls ended."""
     outbox.release_dead_owners(conn)
-    finalized = outbox.finalize_orphans(
+    finalized = call_ending.finalize_orphans(
         conn,
         now=now_us(),
         grace_us=int(policy.orphan_grace_s * 1e6),

@@ -3,7 +3,9 @@ one call in full.
 
 Plain dicts of plain values, so ``--json`` prints exactly what the tables show. Every
 query runs on a connection opened with ``PRAGMA query_only``: looking never writes.
-The health decision lives here, not in the CLI, so every caller judges alike.
+The health decision lives here, not in the CLI, so every caller judges alike. The
+statements are the tables' owners' (``calls_table``, ``events_table``, ``chunks_table``,
+``paused_keys``, ``outbox``): this module composes and shapes what they read.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 
 import msgspec
 
+from . import calls_table, chunks_table, paused_keys
 from .events import decode_event
+from .events_table import bodies_to_check, read_events
 from .outbox import (
     call_deliveries,
     calls_delivered_with_note,
@@ -31,7 +35,6 @@ from .timeline import (
     assemble_call_ended,
     assemble_call_started,
     iso,
-    read_events,
 )
 from .wire import encode
 
@@ -39,7 +42,6 @@ __all__ = [
     "DEFAULT_MAX_OVERDUE_S",
     "SALVAGE_NOTE",
     "call_detail",
-    "call_record_state",
     "damaged_calls",
     "health",
     "missing_chunks",
@@ -64,14 +66,7 @@ def damaged_calls(conn: sqlite3.Connection, *, every_call: bool = False) -> dict
     the backlog); ``every_call`` reads every event, for ``doctor``.
     """
     found: dict[str, int] = dict.fromkeys(calls_delivered_with_note(conn, SALVAGE_NOTE), -1)
-    scope = (
-        "SELECT id FROM calls"
-        if every_call
-        else "SELECT call_id FROM deliveries WHERE kind != 'chunk' AND state != 'delivered'"
-    )
-    for call_id, body in conn.execute(
-        f"SELECT call_id, body FROM events WHERE call_id IN ({scope})"
-    ):
+    for call_id, body in bodies_to_check(conn, every_call=every_call):
         try:
             decode_event(body)
         except (msgspec.DecodeError, msgspec.ValidationError, TypeError):
@@ -140,18 +135,14 @@ def queue_status(
     for kind, state, count in counts_by_kind_and_state(conn):
         by_state[state] += count
         by_kind[kind][state] = count
-    calls = dict(conn.execute("SELECT state, count(*) FROM calls GROUP BY state").fetchall())
+    calls = calls_table.counts_by_state(conn)
     oldest = oldest_queued_at(conn)
-    chunk_bytes = conn.execute(
-        "SELECT COALESCE(SUM(size), 0) FROM chunks WHERE discarded_at IS NULL"
-    ).fetchone()[0]
+    chunk_bytes = chunks_table.bytes_on_disk(conn)
     undelivered_bytes = undelivered_audio_bytes(conn)
     last_error = last_undelivered_error(conn)
     paused = [
         {"keyFingerprint": fp, "pausedAt": iso(at), "reason": reason}
-        for fp, at, reason in conn.execute(
-            "SELECT key_fp, paused_at, reason FROM paused_keys ORDER BY key_fp"
-        )
+        for fp, at, reason in paused_keys.paused(conn)
     ]
     overdue = earliest_untouched_due_at(conn)
     data: dict[str, Any] = {
@@ -184,19 +175,6 @@ def _db_bytes(directory: Path) -> int:
     return total
 
 
-_CALLS = """
-SELECT c.id, c.agent_id, c.agent_name, c.state, c.end_reason, c.started_at, c.ended_at,
-       SUM(d.state = 'delivered'), COUNT(d.id), SUM(d.state = 'dead'),
-       SUM(d.kind = 'chunk'), SUM(d.kind = 'chunk' AND d.state = 'delivered'),
-       (SELECT last_error FROM deliveries e WHERE e.call_id = c.id AND e.last_error IS NOT NULL
-          AND e.state != 'delivered' ORDER BY e.id DESC LIMIT 1)
-FROM calls c LEFT JOIN deliveries d ON d.call_id = c.id
-WHERE (:agent IS NULL OR c.agent_id = :agent) AND (:since IS NULL OR c.started_at >= :since)
-GROUP BY c.id
-ORDER BY c.started_at DESC
-"""
-
-
 def call_state(state: str, delivered: int, total: int, dead: int) -> str:
     """open (still recording) · dead (a row gave up) · delivered (all of it) · pending."""
     if state == "open":
@@ -217,7 +195,7 @@ def list_calls(
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for row in conn.execute(_CALLS, {"agent": agent, "since": since_us}):
+    for row in calls_table.call_summaries(conn, agent=agent, since_us=since_us):
         (
             call_id,
             agent_id,
@@ -255,19 +233,8 @@ def list_calls(
     return out
 
 
-def call_record_state(conn: sqlite3.Connection, call_id: str) -> str | None:
-    """A call's recorded state (``open`` or ``ended``), or None when there is no such call:
-    what ``retry`` and ``forget`` check before they touch anything."""
-    row = conn.execute("SELECT state FROM calls WHERE id = ?", (call_id,)).fetchone()
-    return None if row is None else str(row[0])
-
-
 def call_detail(conn: sqlite3.Connection, call_id: str) -> dict[str, Any] | None:
-    row = conn.execute(
-        "SELECT id, agent_id, agent_name, key_fp, state, end_reason, sample_rate, num_channels,"
-        " owner_host, owner_pid, started_at, ended_at, heartbeat_at FROM calls WHERE id = ?",
-        (call_id,),
-    ).fetchone()
+    row = calls_table.call_row(conn, call_id)
     if row is None:
         return None
     names = [

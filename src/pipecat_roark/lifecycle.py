@@ -15,6 +15,19 @@ started with the hook does the work, with the writers each observer already hold
 ``writer_for``, whose lock the interrupted main thread may hold, e.g. while it migrates
 another data directory), and if the main thread is stuck in C code the process still
 leaves within a second of the drain.
+
+Everything process-wide lives here, in one ``ProcessState`` (``PROCESS``): the writers,
+the background drainers, the live observers and their delivery settings, and the SIGTERM
+state; every registry is keyed by ``config.registry_key(directory)``. ``shut_down`` is the
+one shutdown order (finalize open calls, flush their writers, stop the background
+drainers, the exit drain, close the writers), used by atexit, the SIGTERM thread and tests.
+
+No API key is kept here. The exit drain asks each registered ``DeliveryTarget`` for its
+key at exit time; a target is the observer's own ``CallDelivery`` (frozen, holding the
+settings the observer was made with). Its reference here is strong on purpose: an
+observer whose call ended and was collected before exit still has its rows drained at
+exit, as its settings say. One target per data directory and key fingerprint: a later
+observer's settings replace an earlier one's, and the exit drain forgets them once run.
 """
 
 from __future__ import annotations
@@ -28,23 +41,36 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
 from loguru import logger
 
+from . import config
+from .drain import Drainer
+from .exit_drain import DeliveryTarget, run_exit_drain
+from .writer import Writer
+from .writer_state import EXITING
+
 __all__ = [
     "DEFAULT_EXIT_DRAIN_S",
-    "deliver_before_exit",
+    "PROCESS",
+    "ProcessState",
+    "RunningDrainer",
+    "close_all_writers",
     "host_is_shutting_down",
     "install_exit_hooks",
     "register",
-    "run_final_drain",
+    "running_writer",
+    "shut_down",
+    "writer_for",
 ]
 
 DEFAULT_EXIT_DRAIN_S = 5.0
 _FINALIZE_COMMIT_S = 2.0
+_CLOSE_WRITERS_S = 3.0
 _REKILL_WAIT_S = 1.0
 """After the final drain: how long the main thread gets to die of the re-raised SIGTERM
 before the process leaves with status 143 anyway (the main thread is stuck in C code)."""
@@ -60,54 +86,113 @@ class EndsAbruptly(Protocol):
         """Finalize now without awaiting; return the writer to flush if the call was open."""
 
 
-_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
-_DELIVERY_TARGETS: dict[tuple[Path, str], tuple[str, str | None, float, bool]] = {}
-"""(directory, key) → (key, base URL, exit drain limit, keep delivered audio)."""
-_LOCK = threading.Lock()
-_atexit_installed = False
-_wake: tuple[int, int] | None = None
-"""(pid, write end of the pipe) the SIGTERM handler wakes the shutdown thread through. The
-pid: a forked child inherits the handler and the pipe but not the thread, and must never
-wake its parent's."""
-_ready_to_die = False
-_host_shutdown = False
+@dataclass(frozen=True, slots=True)
+class RunningDrainer:
+    """A background drainer in the bot's loop: the task runs until ``stop`` is set."""
+
+    drainer: Drainer
+    task: asyncio.Task[None]
+    stop: asyncio.Event
+
+    def stop_from_any_thread(self) -> None:
+        """Ask it to stop (leases handed back) from outside its loop; a closed loop: gone."""
+        loop = self.task.get_loop()
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            if not loop.is_closed() and not self.task.done():
+                loop.call_soon_threadsafe(self.stop.set)
 
 
-def register(
-    observer: EndsAbruptly,
-    *,
-    api_key: str | None,
-    base_url: str | None,
-    directory: Path,
-    exit_drain_s: float,
-    keep_delivered_audio: bool = False,
-) -> None:
+@dataclass
+class ProcessState:
+    """Every process-wide singleton of pipecat-roark, in one place."""
+
+    writers: dict[Path, Writer] = field(default_factory=dict)
+    writers_lock: threading.Lock = field(default_factory=threading.Lock)
+    """Only ``writer_for`` and ``close_all_writers`` take it (never the SIGTERM thread)."""
+    drainers: dict[tuple[Path, str | None], RunningDrainer] = field(default_factory=dict)
+    """By data directory and key fingerprint; touched only from event loops."""
+    observers: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
+    deliveries: dict[tuple[Path, str | None], DeliveryTarget] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Guards ``observers`` and ``deliveries``."""
+    wake: tuple[int, int] | None = None
+    """(pid, write end of the pipe) the SIGTERM handler wakes the shutdown thread through.
+    The pid: a forked child inherits the handler and the pipe but not the thread, and must
+    never wake its parent's."""
+    ready_to_die: bool = False
+    host_shutdown: bool = False
+
+
+PROCESS = ProcessState()
+
+
+def writer_for(directory: Path, **kwargs: Any) -> Writer:
+    """The process's writer for ``directory``, started on first use. Raises StoreError."""
+    key = config.registry_key(directory)
+    with PROCESS.writers_lock:
+        writer = PROCESS.writers.get(key)
+        if writer is None or not writer.alive:
+            EXITING.clear()  # recording again: whatever exit set it is over (tests, embedders)
+            writer = Writer(key, **kwargs)
+            PROCESS.writers[key] = writer
+        return writer
+
+
+def running_writer(directory: Path) -> Writer | None:
+    """This process's live writer for ``directory``, if one runs (never starts one)."""
+    writer = PROCESS.writers.get(config.registry_key(directory))
+    return writer if writer is not None and writer.alive else None
+
+
+def close_all_writers(timeout: float = 5.0) -> None:
+    """Commit what every writer holds and stop them (interpreter exit, tests)."""
+    with PROCESS.writers_lock:
+        writers = list(PROCESS.writers.values())
+        PROCESS.writers.clear()
+    deadline = time.monotonic() + timeout
+    for writer in writers:
+        writer.close(max(0.1, deadline - time.monotonic()))
+
+
+def register(observer: EndsAbruptly, delivery: DeliveryTarget) -> None:
     """Track an observer so process exit can finalize its call and drain what it recorded."""
-    with _LOCK:
-        _LIVE.add(observer)
-        if api_key and exit_drain_s > 0:
-            _DELIVERY_TARGETS[(directory, api_key)] = (
-                api_key,
-                base_url,
-                exit_drain_s,
-                keep_delivered_audio,
+    with PROCESS.lock:
+        PROCESS.observers.add(observer)
+        if delivery.deliver and delivery.api_key and delivery.exit_drain_s > 0:
+            key = (
+                config.registry_key(delivery.directory),
+                config.key_fingerprint(delivery.api_key),
             )
+            PROCESS.deliveries[key] = delivery
+
+
+def shut_down(reason: str = "process-exit", *, close_writers: bool = True) -> None:
+    """The one shutdown order: finalize open calls, flush their writers, stop the
+    background drainers, run the exit drain, finalize calls that opened meanwhile, close
+    the writers (``close_writers``: not from the SIGTERM thread, which never takes the
+    writers' lock and leaves the process right after)."""
+    _finalize_open_calls(reason)
+    for running in list(PROCESS.drainers.values()):
+        running.stop_from_any_thread()
+    with PROCESS.lock:
+        targets = list(PROCESS.deliveries.values())
+        PROCESS.deliveries.clear()
+    run_exit_drain(targets)
+    _finalize_open_calls(reason)  # calls that started during the drain
+    if close_writers:
+        close_all_writers(timeout=_CLOSE_WRITERS_S)
+        EXITING.set()  # a writer still waiting for its disk gives up
 
 
 def host_is_shutting_down() -> bool:
     """A host that handles SIGTERM itself got one: calls ending now deliver before exit."""
-    return _host_shutdown
+    return PROCESS.host_shutdown
 
 
 def install_exit_hooks() -> None:
-    """atexit once per process; and on every new observer (main thread only), look again
-    at who handles SIGTERM: a runner may have come and gone since the last call."""
-    global _atexit_installed
-    with _LOCK:
-        first = not _atexit_installed
-        _atexit_installed = True
-    if first:
-        atexit.register(_on_exit)  # runs before the writers' own atexit close (LIFO)
+    """On every new observer (main thread only), look again at who handles SIGTERM: a
+    runner may have come and gone since the last call. (atexit runs ``shut_down`` from
+    this module's import on.)"""
     if threading.current_thread() is not threading.main_thread():
         return
     current = signal.getsignal(signal.SIGTERM)
@@ -127,8 +212,7 @@ def install_exit_hooks() -> None:
 
 def _chain_to_host(host: Callable[[int, FrameType | None], Any]) -> Callable[..., Any]:
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        global _host_shutdown
-        _host_shutdown = True  # no lock: one store, read by observers as their calls end
+        PROCESS.host_shutdown = True  # no lock: one store, read by observers as their calls end
         host(signum, frame)
 
     on_sigterm._pipecat_roark = True  # type: ignore[attr-defined]
@@ -137,8 +221,8 @@ def _chain_to_host(host: Callable[[int, FrameType | None], Any]) -> Callable[...
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     """Nobody else handles SIGTERM: wake the shutdown thread, or die once it is done."""
-    wake = _wake
-    if _ready_to_die or wake is None or wake[0] != os.getpid():  # done, or no thread here
+    wake = PROCESS.wake
+    if PROCESS.ready_to_die or wake is None or wake[0] != os.getpid():  # done, or no thread here
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return
@@ -150,32 +234,28 @@ _on_sigterm._pipecat_roark = True  # type: ignore[attr-defined]
 
 
 def _start_shutdown_thread() -> None:
-    global _wake
-    if _wake is not None and _wake[0] == os.getpid():
+    if PROCESS.wake is not None and PROCESS.wake[0] == os.getpid():
         return
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     threading.Thread(
         target=_shutdown_on_wake, args=(read_fd,), name="pipecat-roark-sigterm", daemon=True
     ).start()
-    _wake = (os.getpid(), write_fd)
+    PROCESS.wake = (os.getpid(), write_fd)
 
 
 def _shutdown_on_wake(read_fd: int) -> None:
-    global _ready_to_die
     try:
         os.read(read_fd, 1)
     except OSError:
         return
     logger.info("pipecat-roark: SIGTERM and no host handles it: ending open calls")
     try:
-        _finalize_open_calls("process-exit")
-        run_final_drain()
-        _finalize_open_calls("process-exit")  # calls that started during the drain
+        shut_down("process-exit", close_writers=False)
     except Exception as exc:  # the process must still go
         logger.error(f"pipecat-roark: shutting down after SIGTERM failed: {exc}")
     finally:
-        _ready_to_die = True
+        PROCESS.ready_to_die = True
         main = threading.main_thread().ident
         if main is not None:  # to that thread: a signal to the process may land in this one
             signal.pthread_kill(main, signal.SIGTERM)  # its handler re-raises it, unhandled
@@ -183,14 +263,9 @@ def _shutdown_on_wake(read_fd: int) -> None:
         os._exit(128 + signal.SIGTERM)
 
 
-def _on_exit() -> None:
-    _finalize_open_calls("process-exit")
-    run_final_drain()
-
-
 def _finalize_open_calls(reason: str) -> None:
-    with _LOCK:
-        observers = list(_LIVE)
+    with PROCESS.lock:
+        observers = list(PROCESS.observers)
     writers: list[Flushable] = []
     for observer in observers:
         try:
@@ -207,94 +282,4 @@ def _finalize_open_calls(reason: str) -> None:
             logger.error(f"pipecat-roark: could not commit calls at exit: {exc}")
 
 
-def run_final_drain() -> None:
-    """Deliver what this process recorded, bounded by each observer's ``exit_drain_s``.
-
-    Runs in a thread of its own with a fresh event loop: the bot's loop may be gone, or
-    blocked in the main thread, and neither may be touched.
-    """
-    with _LOCK:
-        targets = list(_DELIVERY_TARGETS.items())
-        _DELIVERY_TARGETS.clear()
-    if not targets:
-        return
-    budget = max(limit for _, (_, _, limit, _) in targets)
-    deadline = time.monotonic() + budget
-
-    def drain_all() -> None:
-        asyncio.run(_drain_targets(targets, deadline))
-
-    thread = threading.Thread(target=drain_all, name="pipecat-roark-exit-drain", daemon=True)
-    thread.start()
-    thread.join(budget + 0.5)
-    if thread.is_alive():
-        logger.warning(
-            f"pipecat-roark: the final drain did not finish within {budget:.0f} s; what is left "
-            "stays on disk for `pipecat-roark drain` (mount a volume on ephemeral containers)"
-        )
-
-
-async def _drain_targets(
-    targets: list[tuple[tuple[Path, str], tuple[str, str | None, float, bool]]], deadline: float
-) -> None:
-    from .drain import (
-        Drainer,
-        DrainPolicy,
-    )  # here: the observer imports us, the drainer imports the writer
-
-    for (directory, _), (api_key, base_url, _limit, keep) in targets:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
-        try:
-            _release_leases_of_this_process(directory)
-            policy = DrainPolicy(keep_delivered_audio=keep)
-            drainer = Drainer(directory, api_key, base_url, policy, inline_db=True)
-            await drainer.run_once(budget_s=remaining)
-        except Exception as exc:
-            logger.error(f"pipecat-roark: final drain of {directory} failed: {exc}")
-
-
-def _release_leases_of_this_process(directory: Path) -> None:
-    """The process's own drainers are gone or stuck: what they held is the exit drain's now
-    (a row they did send goes again with the same idempotency key)."""
-    from .outbox import release_process_leases
-    from .owner import current_owner
-    from .store import connect
-
-    conn = connect(directory)
-    try:
-        released = release_process_leases(conn, current_owner())
-    finally:
-        conn.close()
-    if released:
-        logger.debug(f"pipecat-roark: the exit drain took back {released} lease(s) of this process")
-
-
-async def deliver_before_exit(
-    directory: Path,
-    api_key: str,
-    base_url: str | None,
-    call_id: str,
-    limit_s: float,
-    *,
-    keep_delivered_audio: bool = False,
-) -> None:
-    """A call ended while its host shuts down: deliver it now, bounded, in this loop.
-
-    A host like uvicorn restores the default SIGTERM action once its requests are done
-    and re-raises the signal, so the process may die without running atexit.
-    """
-    from .drain import Drainer, DrainPolicy
-
-    if limit_s <= 0:
-        return
-    try:
-        policy = DrainPolicy(keep_delivered_audio=keep_delivered_audio)
-        drainer = Drainer(directory, api_key, base_url, policy)
-        await asyncio.wait_for(drainer.run_once(call_id=call_id, budget_s=limit_s), limit_s)
-    except Exception as exc:  # TimeoutError included: what is left stays on disk
-        logger.warning(
-            f"pipecat-roark: call {call_id} was not fully delivered before shutdown ({exc!r}); "
-            "it stays on disk for `pipecat-roark drain`"
-        )
+atexit.register(shut_down)

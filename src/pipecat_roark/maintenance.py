@@ -1,7 +1,9 @@
 """What an operator does to the WAL: prune, forget, export a recording, check and repair.
 
 Each is a library function the CLI wraps (and the drainer calls ``prune_delivered`` for
-automatic retention). Nothing here deletes undelivered data.
+automatic retention). Nothing here deletes undelivered data. The statements are the
+tables' owners' (``calls_table``, ``chunks_table``, ``events_table``, ``outbox``); this
+module composes them in its transactions.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import BinaryIO
 
 import httpx
 
-from . import config, spool
+from . import calls_table, chunks_table, config, events_table, outbox, spool
 from .errors import ConfigError, PipecatRoarkError, StoreCorrupt
 from .store import DB_NAME, SCHEMA_VERSION, connect, quarantine, transaction
 
@@ -64,22 +66,12 @@ def prune_delivered(
 ) -> PruneResult:
     """Delete ended calls that were delivered whole (every row) and ended before the cutoff."""
     cutoff = now - int(older_than_s * 1e6)
-    victims = [
-        r[0]
-        for r in conn.execute(
-            "SELECT c.id FROM calls c WHERE c.state = 'ended' AND c.ended_at < ?"
-            " AND EXISTS (SELECT 1 FROM deliveries d WHERE d.call_id = c.id)"
-            " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.call_id = c.id AND d.state != 'delivered')",
-            (cutoff,),
-        )
-    ]
+    victims = calls_table.delivered_whole_ended_before(conn, cutoff)
     freed = 0
     for call_id in victims:
-        paths = [
-            p for (p,) in conn.execute("SELECT path FROM chunks WHERE call_id = ?", (call_id,))
-        ]
+        paths = chunks_table.chunk_paths(conn, call_id)
         with transaction(conn):
-            conn.execute("DELETE FROM calls WHERE id = ?", (call_id,))  # rows cascade
+            calls_table.delete_call(conn, call_id)  # rows cascade
         freed += spool.remove_call(directory, call_id, paths)
     return PruneResult(len(victims), freed)
 
@@ -94,31 +86,16 @@ def discard_delivered_audio(
     ``discarded_at``) until retention prunes the call, so ``show`` and ``calls`` still
     tell its story.
     """
-    whole = conn.execute(
-        "SELECT 1 FROM calls c WHERE c.id = ? AND c.state = 'ended'"
-        " AND EXISTS (SELECT 1 FROM deliveries d WHERE d.call_id = c.id AND d.kind = 'call-ended')"
-        " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.call_id = c.id"
-        " AND d.state != 'delivered')",
-        (call_id,),
-    ).fetchone()
-    if whole is None:
+    if not calls_table.delivered_whole(conn, call_id):
         return 0
-    rows = conn.execute(
-        "SELECT c.idx, c.path, c.size FROM chunks c JOIN deliveries d"
-        " ON d.call_id = c.call_id AND d.kind = 'chunk' AND d.chunk_idx = c.idx"
-        " WHERE c.call_id = ? AND d.state = 'delivered' AND c.discarded_at IS NULL",
-        (call_id,),
-    ).fetchall()
+    rows = chunks_table.delivered_chunks_on_disk(conn, call_id)
     freed = 0
     for _idx, rel, size in rows:
         spool.discard_chunk(directory, rel)
         freed += int(size)
     if rows:
         with transaction(conn):
-            conn.executemany(
-                "UPDATE chunks SET discarded_at = ? WHERE call_id = ? AND idx = ?",
-                [(now, call_id, idx) for idx, _, _ in rows],
-            )
+            chunks_table.mark_discarded(conn, call_id, [idx for idx, _, _ in rows], now)
     return freed
 
 
@@ -138,25 +115,23 @@ def forget_call(
     An open call is refused unless ``force``: its process may still be recording it, and
     would write into a call that no longer exists. Raises PipecatRoarkError.
     """
-    row = conn.execute("SELECT state FROM calls WHERE id = ?", (call_id,)).fetchone()
-    if row is None:
+    state = calls_table.call_record_state(conn, call_id)
+    if state is None:
         raise PipecatRoarkError(
             f"no call {call_id!r} in {directory}; list them with `pipecat-roark calls`"
         )
-    state = str(row[0])
     if state == "open" and not force:
         raise PipecatRoarkError(
             f"call {call_id!r} is still open (a process may be recording it); end it first, "
             "or pass --force to erase it anyway"
         )
     with transaction(conn):
-        rows = sum(
-            conn.execute(f"SELECT count(*) FROM {table} WHERE call_id = ?", (call_id,)).fetchone()[
-                0
-            ]
-            for table in ("events", "chunks", "deliveries")
+        rows = (
+            events_table.count_for_call(conn, call_id)
+            + chunks_table.count_for_call(conn, call_id)
+            + outbox.count_for_call(conn, call_id)
         )
-        conn.execute("DELETE FROM calls WHERE id = ?", (call_id,))  # the rest cascades
+        calls_table.delete_call(conn, call_id)  # the rest cascades
     freed = spool.remove_call(directory, call_id)
     return ForgetResult(call_id, state, rows + 1, freed)
 
@@ -172,11 +147,7 @@ class ExportResult:
 
 def export_wav(conn: sqlite3.Connection, directory: Path, call_id: str, out: Path) -> ExportResult:
     """Rebuild the recording from the chunk files, in index order, as a 16-bit WAV (0600)."""
-    rows = conn.execute(
-        "SELECT idx, path, size, sample_rate, num_channels, discarded_at IS NOT NULL"
-        " FROM chunks WHERE call_id = ? ORDER BY idx",
-        (call_id,),
-    ).fetchall()
+    rows = chunks_table.recorded_chunks(conn, call_id)
     if not rows:
         raise PipecatRoarkError(f"call {call_id!r} has no recorded audio to export")
     indexes = [r[0] for r in rows]

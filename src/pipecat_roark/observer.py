@@ -32,12 +32,13 @@ from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
 from pipecat.processors.frame_processor import FrameProcessor
 
-from . import config, lifecycle, metrics
+from . import config, lifecycle, metrics_endpoint
+from .call_delivery import CallDelivery
 from .capture import clean_text, resolve_call_id
 from .events import CallOpened
 from .facts import FrameFacts
 from .lifecycle import DEFAULT_EXIT_DRAIN_S
-from .recorder import CallDelivery, CallRecorder
+from .recorder import CallRecorder
 from .recording import RoarkAudioBufferProcessor
 from .store import now_us
 from .watchdog import DEFAULT_IDLE_TIMEOUT_S
@@ -118,6 +119,9 @@ class RoarkObserver(BaseObserver):
         call_id = resolve_call_id(pipecat_call_id, runner_args)
         self._api_key = config.resolve_api_key(api_key)
         self._directory = config.resolve_dir(data_dir)
+        delivery = CallDelivery(
+            self._directory, self._api_key, base_url, deliver, exit_drain_s, keep_delivered_audio
+        )
         self._recorder = recorder = CallRecorder(
             name=str(self),
             call_id=call_id,
@@ -128,14 +132,7 @@ class RoarkObserver(BaseObserver):
                 agent_prompt=None if agent_prompt is None else clean_text(agent_prompt),
             ),
             key_fp=config.key_fingerprint(self._api_key),
-            delivery=CallDelivery(
-                self._directory,
-                self._api_key,
-                base_url,
-                deliver,
-                exit_drain_s,
-                keep_delivered_audio,
-            ),
+            delivery=delivery,
             max_spool_bytes=max_spool_bytes,
             min_free_bytes=min_free_bytes,
             idle_timeout_s=idle_timeout_s,
@@ -165,14 +162,7 @@ class RoarkObserver(BaseObserver):
         self._watchdog = recorder.watchdog
         self._hooks = recorder.hooks
         self._played_pending = self._facts.played.pending
-        lifecycle.register(
-            self,
-            api_key=self._api_key if deliver else None,
-            base_url=base_url,
-            directory=self._directory,
-            exit_drain_s=exit_drain_s,
-            keep_delivered_audio=keep_delivered_audio,
-        )
+        lifecycle.register(self, delivery)
         lifecycle.install_exit_hooks()
 
     # ---- public API ----
@@ -264,12 +254,12 @@ class RoarkObserver(BaseObserver):
 
     def _serve_metrics(self, port: int | None) -> None:
         """The opt-in Prometheus endpoint; a port that cannot be bound costs metrics, not the call."""
-        port = metrics.resolve_port(port)
+        port = metrics_endpoint.resolve_port(port)
         if port is None or self._recorder.writer is None:
             return
-        addr = metrics.resolve_addr()
+        addr = metrics_endpoint.resolve_addr()
         try:
-            metrics.serve(port, addr, self._directory)
+            metrics_endpoint.serve(port, addr, self._directory)
         except OSError as exc:
             logger.error(
                 f"{self}: cannot serve metrics on {addr}:{port} ({exc.strerror or exc}); "

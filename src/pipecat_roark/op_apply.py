@@ -14,7 +14,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from . import call_rows, faultpoints, metrics, outbox
+from . import calls_table, chunks_table, events_table, faultpoints, metrics, outbox
+from .call_ending import finalize_call
 from .events import CallOpened, ChunkRecorded, encode_event
 from .ops import CallOp, EventOp, FinalizeOp, OpenOp, SpooledChunkOp
 from .owner import Owner
@@ -95,7 +96,7 @@ class OpApplier:
         if call_id in self._book.open_calls:
             return True
         try:
-            return call_rows.call_exists(self._wal.db(), call_id)
+            return calls_table.call_exists(self._wal.db(), call_id)
         except Exception:  # the op's own transaction meets the problem and reports it
             return False
 
@@ -123,12 +124,12 @@ class OpApplier:
         return done
 
     def _insert_events(self, events: list[tuple[str, bytes]]) -> None:
-        call_rows.insert_events(self._wal.db(), events)
+        events_table.insert_events(self._wal.db(), events)
         self._stats.events += len(events)
 
     def _open(self, call_id: str, opened: CallOpened, key_fp: str | None, now: int) -> bool:
         faultpoints.reached("writer:open", call_id)
-        if not call_rows.insert_call(self._wal.db(), call_id, opened, key_fp, self._owner, now):
+        if not calls_table.insert_call(self._wal.db(), call_id, opened, key_fp, self._owner, now):
             raise reused(call_id, self._directory)  # another process took the id since screening
         self._insert_events([(call_id, encode_event(opened))])
         outbox.enqueue_call_started(self._wal.db(), call_id, now)
@@ -136,7 +137,7 @@ class OpApplier:
 
     def _chunk(self, op: SpooledChunkOp, *, now: int) -> bool:
         conn = self._wal.db()
-        if not call_rows.insert_chunk(conn, op):
+        if not chunks_table.insert_chunk(conn, op):
             return False
         self._stats.chunks += 1
         recorded = ChunkRecorded(
@@ -147,13 +148,13 @@ class OpApplier:
             num_channels=op.num_channels,
         )
         self._insert_events([(op.call_id, encode_event(recorded))])
-        call_rows.set_audio_format(conn, op.call_id, op.sample_rate, op.num_channels)
+        calls_table.set_audio_format(conn, op.call_id, op.sample_rate, op.num_channels)
         outbox.enqueue_chunk(conn, op.call_id, op.idx, now)
         return True
 
     def _finalize(self, call_id: str, at: int, reason: str, now: int) -> bool:
         faultpoints.reached("writer:finalize", call_id)
-        ended = outbox.finalize_call(self._wal.db(), call_id, at, reason, add_event=False, now=now)
+        ended = finalize_call(self._wal.db(), call_id, at, reason, add_event=False, now=now)
         if ended:
             self._book.ended[call_id] = reason
         return ended

@@ -2,7 +2,8 @@
 
 A refused key pauses deliveries of its calls in every process that shares the
 database, and nothing is dropped; the first delivery that succeeds with the key lifts
-the pause. Only the key's fingerprint is stored, never the key.
+the pause. Only the key's fingerprint is stored, never the key. Every statement on
+the table is here (``tests/test_table_owners.py`` keeps it so).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sqlite3
 
 from .store import transaction
 
-__all__ = ["pause_key", "unpause_key"]
+__all__ = ["pause_key", "paused", "unpause_key"]
 
 
 def pause_key(conn: sqlite3.Connection, key_fp: str, reason: str, now: int) -> bool:
@@ -28,3 +29,10 @@ def unpause_key(conn: sqlite3.Connection, key_fp: str) -> bool:
     """Lift the pause; returns True if the key was paused (so the caller says it once)."""
     with transaction(conn):
         return conn.execute("DELETE FROM paused_keys WHERE key_fp = ?", (key_fp,)).rowcount == 1
+
+
+def paused(conn: sqlite3.Connection) -> list[tuple[str, int, str]]:
+    """(key fingerprint, paused at, reason) of every paused key, by fingerprint."""
+    return conn.execute(
+        "SELECT key_fp, paused_at, reason FROM paused_keys ORDER BY key_fp"
+    ).fetchall()

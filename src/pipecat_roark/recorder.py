@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,20 @@ from loguru import logger
 from pipecat.frames.frames import Frame, StopFrame
 from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
 
-from . import compat, lifecycle
+from . import compat, wiring_warnings
 from .audio_tail import wait_for_tail
-from .background_drainer import ensure_background_drainer
+from .call_delivery import CallDelivery
 from .capture import call_id_problem, claim_call_id, clean_text, release_call_id
 from .errors import PipecatRoarkError
 from .events import CallClosed, CallOpened, Event, RecordingStarted
 from .hooks import HookGuard
+from .lifecycle import writer_for
 from .ops import ChunkOp, EventOp, FinalizeOp, OpenOp
 from .store import now_us
 from .watchdog import IdleWatchdog
-from .writer import Writer, writer_for
+from .writer import Writer
 
-__all__ = ["CallDelivery", "CallRecorder"]
+__all__ = ["CallRecorder"]
 
 FLUSH_WAIT_S = 5.0
 """How long the end of a call waits for its records to be committed."""
@@ -49,39 +49,19 @@ def _reason(frame: Frame, default: str) -> str:
     return clean_text(reason)
 
 
-@dataclass(frozen=True, slots=True)
-class CallDelivery:
-    """How a call reaches Roark from this process: the background drainer while it runs,
-    and at most ``exit_drain_s`` of delivery when it ends during the host's shutdown."""
-
-    directory: Path
-    api_key: str | None
-    base_url: str | None
-    deliver: bool
-    exit_drain_s: float
-    keep_delivered_audio: bool
-
-    def start(self) -> None:
-        """Deliver while the call runs: this process's background drainer (started once)."""
-        if self.deliver and self.api_key:
-            ensure_background_drainer(
-                self.directory,
-                self.api_key,
-                self.base_url,
-                keep_delivered_audio=self.keep_delivered_audio,
-            )
-
-    async def after_end(self, call_id: str) -> None:
-        """The call is committed: if the host is shutting down, deliver it now (bounded)."""
-        if lifecycle.host_is_shutting_down() and self.deliver and self.api_key:
-            await lifecycle.deliver_before_exit(
-                self.directory,
-                self.api_key,
-                self.base_url,
-                call_id,
-                self.exit_drain_s,
-                keep_delivered_audio=self.keep_delivered_audio,
-            )
+def _writer_or_refusal(
+    call_id: str, directory: Path, max_spool_bytes: int, min_free_bytes: int
+) -> tuple[Writer | None, str | None]:
+    """The process's writer for the call, or why the call will not be recorded."""
+    refused = call_id_problem(call_id)
+    if refused is not None:
+        return None, refused
+    try:
+        return writer_for(
+            directory, max_spool_bytes=max_spool_bytes, min_free_bytes=min_free_bytes
+        ), None
+    except PipecatRoarkError as exc:
+        return None, str(exc)
 
 
 class CallRecorder:
@@ -114,17 +94,9 @@ class CallRecorder:
         still holds back (played texts not yet put in order)."""
         self._key_fp = key_fp
         self._delivery = delivery
-        self.writer: Writer | None = None
-        refused = call_id_problem(call_id)
-        try:
-            if refused is None:
-                self.writer = writer_for(
-                    delivery.directory,
-                    max_spool_bytes=max_spool_bytes,
-                    min_free_bytes=min_free_bytes,
-                )
-        except PipecatRoarkError as exc:
-            refused = str(exc)
+        self.writer, refused = _writer_or_refusal(
+            call_id, delivery.directory, max_spool_bytes, min_free_bytes
+        )
         if refused is not None:
             logger.error(f"{self}: call {call_id!a} will not be recorded: {refused}")
         self._processor: AudioBufferProcessor | None = None
@@ -228,16 +200,8 @@ class CallRecorder:
                 return
             index = self._next_chunk
             self._next_chunk += 1
-            self.writer.submit(
-                ChunkOp(
-                    self.call_id,
-                    index,
-                    bytes(audio),
-                    int(sample_rate),
-                    int(num_channels),
-                    now_us(),
-                )
-            )
+            chunk = bytes(audio), int(sample_rate), int(num_channels)
+            self.writer.submit(ChunkOp(self.call_id, index, *chunk, now_us()))
         except Exception as exc:
             self.hooks.failed("on_audio_data", exc)
 
@@ -332,18 +296,9 @@ class CallRecorder:
         self.writer.submit(FinalizeOp(self.call_id, at, reason))
         release_call_id(self.call_id, self)
         if not self._own_processor and not self._sample_zero_recorded:
-            logger.warning(
-                f"{self}: call {self.call_id} has no recording: the AudioBufferProcessor you "
-                "passed never recorded. Start it with `await processor.start_recording()` "
-                "(Pipecat 1.5+: AudioBufferProcessor(auto_start_recording=True); older "
-                "versions ignore that argument)"
-            )
+            wiring_warnings.no_recording(self, self.call_id)
         if not self.saw_text:
-            logger.warning(
-                f"{self}: call-ended with empty transcript for call {self.call_id}: no "
-                "TranscriptionFrame or TTSTextFrame was seen. Check that STT/TTS services "
-                "are in the pipeline and the observer is attached"
-            )
+            wiring_warnings.empty_transcript(self, self.call_id)
 
     async def processor_cleanup(self) -> None:
         """The pipeline is tearing down. If we were never attached, finish the call from here."""
@@ -355,9 +310,4 @@ class CallRecorder:
         if self.attached or self._not_attached_warned:
             return
         self._not_attached_warned = True
-        logger.warning(
-            f"{self}: the audio processor started but RoarkObserver received no frames: it is "
-            "not attached. Pass it as PipelineWorker(pipeline, observers=[roark]) (or "
-            "PipelineTask(pipeline, observers=[roark])); PipelineParams(observers=...) is "
-            "silently ignored by Pipecat 1.x. Only audio is recorded for this call"
-        )
+        wiring_warnings.not_attached(self)

@@ -14,9 +14,9 @@ from pathlib import Path
 import msgspec
 from loguru import logger
 
-from . import faultpoints, spool
+from . import chunks_table, faultpoints, spool
+from .events_table import StoredEvents, read_events
 from .outbox import Delivery
-from .timeline import StoredEvents, read_events
 
 __all__ = [
     "PERMANENT_FOREIGN",
@@ -46,10 +46,7 @@ def describe(exc: BaseException) -> str:
 
 def chunk_file(conn: sqlite3.Connection, row: Delivery) -> tuple[str, int, str]:
     """(path, size, sha256) recorded for the chunk a row delivers."""
-    found = conn.execute(
-        "SELECT path, size, sha256 FROM chunks WHERE call_id = ? AND idx = ?",
-        (row.call_id, row.chunk_idx),
-    ).fetchone()
+    found = chunks_table.chunk_file(conn, row.call_id, row.chunk_idx)
     if found is None:
         raise Unsendable(f"chunk {row.chunk_idx} of call {row.call_id!r} has no row")
     return str(found[0]), int(found[1]), str(found[2])

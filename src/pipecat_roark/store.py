@@ -4,6 +4,11 @@ Every process (bot workers, ``pipecat-roark`` commands) opens the same file; SQL
 WAL mode lets them read while one writes, and ``busy_timeout`` turns short write
 contention into waiting instead of errors. Files we create are 0600, folders 0700:
 transcripts are personal data.
+
+Store owns the schema (migrations, ``user_version``, the one look at ``sqlite_schema``),
+never a table's rows: each table's statements are in its owner module (``calls_table``,
+``events_table``, ``chunks_table``, ``paused_keys``, the ``outbox`` package), as
+``tests/test_table_owners.py`` checks.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A call's stored events → the exact Roark payloads. Pure: no clock, no I/O but ``read_events``.
+"""A call's stored events → the exact Roark payloads. Pure: no clock, no I/O.
 
 Assembly happens at delivery time, not capture time, so a fix here also fixes calls
 recorded before it, and a call cut off by a crash still yields its partial turns.
@@ -21,12 +21,9 @@ The turn rules are the reference observer's, learned the hard way (roark-api.md)
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-
-import msgspec
 
 from .events import (
     BotSpeech,
@@ -41,7 +38,6 @@ from .events import (
     ToolResult,
     UserSpeech,
     UserText,
-    decode_event,
 )
 from .wire import CallEnded, CallStarted, ToolCallEntry, ToolEntry, ToolResultEntry, TranscriptEntry
 
@@ -49,10 +45,7 @@ __all__ = [
     "DEFAULT_RECOVERY_REASON",
     "assemble_call_ended",
     "assemble_call_started",
-    "StoredEvents",
     "iso",
-    "load_events",
-    "read_events",
 ]
 
 DEFAULT_RECOVERY_REASON = "observer-lost"
@@ -70,45 +63,6 @@ def iso(at_us: int) -> str:
         .replace(microsecond=micros)
         .isoformat(timespec="microseconds")
     )
-
-
-@dataclass(frozen=True)
-class StoredEvents:
-    """A call's events that decode, and what was lost: damage is salvaged, never fatal."""
-
-    events: list[Event]
-    undecodable: list[tuple[int, str]]
-    """(event row id, why) of each stored event that no longer decodes."""
-
-
-def read_events(conn: sqlite3.Connection, call_id: str) -> StoredEvents:
-    """A call's events in the order the observer saw them, skipping any that do not decode.
-
-    A damaged page or a body from a bad build costs only that event: the rest of the call
-    is still worth sending.
-
-    Returns:
-        The events that decode, in order, and the row id and reason of each that did not.
-    """
-    events: list[Event] = []
-    undecodable: list[tuple[int, str]] = []
-    for row_id, body in conn.execute(
-        "SELECT id, body FROM events WHERE call_id = ? ORDER BY id", (call_id,)
-    ):
-        try:
-            events.append(decode_event(body))
-        except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as exc:
-            undecodable.append((int(row_id), str(exc)))
-    return StoredEvents(events, undecodable)
-
-
-def load_events(conn: sqlite3.Connection, call_id: str) -> list[Event]:
-    """The events of ``read_events`` alone, for callers that only assemble.
-
-    Returns:
-        The call's decodable events, in the order the observer saw them.
-    """
-    return read_events(conn, call_id).events
 
 
 def assemble_call_started(call_id: str, events: Sequence[Event]) -> CallStarted:

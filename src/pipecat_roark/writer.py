@@ -6,8 +6,8 @@ commits it in one transaction, and goes back for more. Batches grow only under l
 a quiet call commits within a millisecond and a busy process still commits ~every few
 ms; a kill -9 loses only what was queued since the last commit.
 
-This module is the thread, its queue and its supervisor (submit, flush, close, restart)
-and the process's registry of writers. What a batch becomes lives beside it: chunk files
+This module is the thread, its queue and its supervisor (submit, flush, close, restart);
+the process's registry of writers (``writer_for``) is ``lifecycle``'s. What a batch becomes lives beside it: chunk files
 in ``chunk_spooler``, the bulkheads of a commit in ``batch_commit``, the rows of each op
 in ``op_apply``, the database file itself in ``wal_file``. If the thread dies anyway,
 the next ``submit`` starts it again with the queue intact.
@@ -16,18 +16,16 @@ the next ``submit`` starts it again with the queue intact.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
-from . import call_rows, crashpoints, metrics
+from . import calls_table, crashpoints, metrics
 from .batch_commit import Batch, BatchCommitter
 from .chunk_spooler import ChunkSpooler
 from .config import DEFAULT_MIN_FREE_BYTES
@@ -36,16 +34,9 @@ from .ops import BarrierOp, CallOp, Op, SpooledChunkOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
 from .store import now_us, transaction
 from .wal_file import WalFile
-from .writer_state import EXITING, CallBook, WriterStats
+from .writer_state import CallBook, WriterStats
 
-__all__ = [
-    "DEFAULT_MAX_SPOOL_BYTES",
-    "Writer",
-    "WriterStats",
-    "close_all_writers",
-    "running_writer",
-    "writer_for",
-]
+__all__ = ["DEFAULT_MAX_SPOOL_BYTES", "Writer", "WriterStats"]
 
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # 1 GiB
 
@@ -286,7 +277,7 @@ class Writer:
             self._wal.check_file()
             if self._book.open_calls:
                 with transaction(self._wal.db()):
-                    call_rows.touch_open_calls(self._wal.db(), self._book.open_calls, now_us())
+                    calls_table.touch_open_calls(self._wal.db(), self._book.open_calls, now_us())
             self._spooler.measure(self._wal.db())
             self._wal.keep_reserve()
         except Exception as exc:
@@ -300,41 +291,3 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 _WATCH_S = 0.5
 """How often a waiting flush checks that the writer thread is still alive."""
-
-_WRITERS: dict[Path, Writer] = {}
-_WRITERS_LOCK = threading.Lock()
-
-
-def writer_for(directory: Path, **kwargs: Any) -> Writer:
-    """The process's writer for ``directory``, started on first use. Raises StoreError."""
-    key = directory.expanduser().resolve()
-    with _WRITERS_LOCK:
-        writer = _WRITERS.get(key)
-        if writer is None or not writer.alive:
-            writer = Writer(key, **kwargs)
-            _WRITERS[key] = writer
-        return writer
-
-
-def running_writer(directory: Path) -> Writer | None:
-    """This process's live writer for ``directory``, if one runs (never starts one)."""
-    writer = _WRITERS.get(directory.expanduser().resolve())
-    return writer if writer is not None and writer.alive else None
-
-
-def close_all_writers(timeout: float = 5.0) -> None:
-    """Commit what every writer holds and stop them (interpreter exit, tests)."""
-    with _WRITERS_LOCK:
-        writers = list(_WRITERS.values())
-        _WRITERS.clear()
-    deadline = time.monotonic() + timeout
-    for writer in writers:
-        writer.close(max(0.1, deadline - time.monotonic()))
-
-
-def _at_exit() -> None:
-    close_all_writers(timeout=3.0)
-    EXITING.set()
-
-
-atexit.register(_at_exit)

@@ -6,6 +6,7 @@ Shared by the parts of the writer (``writer``, ``batch_commit``, ``op_apply``,
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,10 @@ from .ops import CallOp, SpooledChunkOp
 __all__ = ["EXITING", "CallBook", "CallIdReused", "OpenCall", "WriterStats", "reused"]
 
 EXITING = threading.Event()
-"""Set at interpreter exit: a writer waiting for its disk gives up instead of waiting."""
+"""Set by ``lifecycle.shut_down`` once the writers are closed: a writer still waiting for its
+disk gives up instead of waiting. It cannot go stale: ``lifecycle.writer_for`` clears it
+when it starts a writer (the process records again), and a forked child starts clear."""
+os.register_at_fork(after_in_child=EXITING.clear)
 
 
 class CallIdReused(PipecatRoarkError):

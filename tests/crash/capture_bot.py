@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from pipecat_roark import RoarkObserver
+from pipecat_roark.lifecycle import writer_for
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, Step, Tool, User, run_pipeline
-from pipecat_roark.writer import writer_for
 
 KEY = "rk_crash_key"
 WORDS = ["order", "late", "shipped", "refund", "address", "tomorrow", "sorry", "thanks"]

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from pipecat_roark.events import ChunkRecorded, UserText
+from pipecat_roark.events_table import load_events
 from pipecat_roark.store import connect
-from pipecat_roark.timeline import assemble_call_ended, load_events
+from pipecat_roark.timeline import assemble_call_ended
 
 BOT = Path(__file__).with_name("capture_bot.py")
 REPORT_DEADLINE_S = 60.0

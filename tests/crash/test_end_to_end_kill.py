@@ -34,8 +34,9 @@ import pytest
 
 from devserver_fixture import RunningDevServer, running_dev_server
 from pipecat_roark.events import ChunkRecorded
+from pipecat_roark.events_table import load_events
 from pipecat_roark.store import connect
-from pipecat_roark.timeline import assemble_call_ended, assemble_call_started, load_events
+from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
 from pipecat_roark.wire import encode
 from test_drain import assert_in_order
 

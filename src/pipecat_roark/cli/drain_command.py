@@ -98,7 +98,7 @@ def drain(
     drainer = Drainer(directory, api_key, base_url, policy, on_progress=progress.update)
     metrics_url = None
     if metrics_port is not None:
-        from ..metrics import serve
+        from ..metrics_endpoint import serve
 
         try:
             bound = serve(metrics_port, metrics_addr, directory)

@@ -93,7 +93,7 @@ def retry(directory: Path, as_json: bool, call_id: str | None, all_dead: bool) -
         pipecat-roark retry --dead
         pipecat-roark retry 6f1c2a4e-...
     """
-    from ..inspection import call_record_state
+    from ..calls_table import call_record_state
     from ..outbox import make_due_again
 
     if call_id is None and not all_dead:
@@ -152,7 +152,7 @@ def forget(directory: Path, as_json: bool, call_id: str, yes: bool, force: bool)
         pipecat-roark forget 6f1c2a4e-...
         pipecat-roark forget 6f1c2a4e-... --yes --json
     """
-    from ..inspection import call_record_state
+    from ..calls_table import call_record_state
     from ..maintenance import forget_call
 
     with writing(directory) as conn:

@@ -7,12 +7,13 @@ rows become claimable again when its lease expires (the retry carries the same
 idempotency key). Every outcome is written only while we still hold the lease.
 
 One package owns every statement on the ``deliveries`` table: ``rows`` (enqueue,
-claim, settle), ``orphans`` (dead owners and their calls) and ``reads`` (what
-inspection, maintenance and the CLI ask).
+claim, settle), ``leases`` (who holds a row; the leases of dead owners) and ``reads``
+(what inspection, maintenance and the CLI ask). A statement lives with the table its
+outermost ``FROM``, ``INTO`` or ``UPDATE`` names: the outbox may JOIN ``calls`` or
+``chunks`` in a statement on rows, and writes no other table (``tests/test_table_owners.py``).
 """
 
-from .orphans import (
-    finalize_orphans,
+from .leases import (
     lease_owner_id,
     release_dead_owners,
     release_process_leases,
@@ -21,6 +22,7 @@ from .reads import (
     DeliveryRow,
     call_deliveries,
     calls_delivered_with_note,
+    count_for_call,
     counts_by_kind_and_state,
     earliest_untouched_due_at,
     last_undelivered_error,
@@ -34,9 +36,9 @@ from .reads import (
 from .rows import (
     Delivery,
     claim,
+    enqueue_call_ended,
     enqueue_call_started,
     enqueue_chunk,
-    finalize_call,
     mark_dead,
     mark_delivered,
     mark_retry,
@@ -51,12 +53,12 @@ __all__ = [
     "call_deliveries",
     "calls_delivered_with_note",
     "claim",
+    "count_for_call",
     "counts_by_kind_and_state",
     "earliest_untouched_due_at",
+    "enqueue_call_ended",
     "enqueue_call_started",
     "enqueue_chunk",
-    "finalize_call",
-    "finalize_orphans",
     "last_undelivered_error",
     "lease_owner_id",
     "make_due_again",

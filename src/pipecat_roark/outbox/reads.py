@@ -1,17 +1,23 @@
 """The read side and upkeep of the outbox: counts, errors and rows for inspection,
-maintenance and the CLI (the drainer never reads through here)."""
+maintenance and the CLI (the drainer never reads through here).
+
+A read about rows that JOINs ``chunks`` or ``calls`` (how many bytes the undelivered
+chunks hold) is here: a statement lives with the table its outermost ``FROM`` names.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
 
+from ..calls_table import calls_waiting_for_other_key
 from ..store import transaction
 
 __all__ = [
     "DeliveryRow",
     "call_deliveries",
     "calls_delivered_with_note",
+    "count_for_call",
     "counts_by_kind_and_state",
     "earliest_untouched_due_at",
     "last_undelivered_error",
@@ -50,16 +56,15 @@ def undelivered_counts(
         f" WHERE d.state = 'dead' AND {mine}",
         (key_fp, call_id, call_id),
     ).fetchone()[0]
-    others = [
-        r[0]
-        for r in conn.execute(
-            "SELECT DISTINCT c.id FROM calls c JOIN deliveries d ON d.call_id = c.id"
-            " WHERE d.state IN ('pending', 'leased') AND c.key_fp IS NOT NULL AND c.key_fp != ?"
-            " AND (? IS NULL OR c.id = ?) ORDER BY c.id",
-            (key_fp, call_id, call_id),
-        )
-    ]
+    others = calls_waiting_for_other_key(conn, key_fp, call_id)
     return int(pending), int(dead), others
+
+
+def count_for_call(conn: sqlite3.Connection, call_id: str) -> int:
+    """How many delivery rows the call has, in any state."""
+    return int(
+        conn.execute("SELECT count(*) FROM deliveries WHERE call_id = ?", (call_id,)).fetchone()[0]
+    )
 
 
 def queued_count(conn: sqlite3.Connection) -> int:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from ..events import CallClosed, encode_event
 from ..store import transaction
 from ..wire import call_ended_key, call_started_key, chunk_key
 
 __all__ = [
     "Delivery",
     "claim",
+    "enqueue_call_ended",
     "enqueue_call_started",
     "enqueue_chunk",
-    "finalize_call",
     "mark_dead",
     "mark_delivered",
     "mark_retry",
@@ -97,32 +96,13 @@ def enqueue_chunk(conn: sqlite3.Connection, call_id: str, index: int, now: int) 
     )
 
 
-def finalize_call(
-    conn: sqlite3.Connection, call_id: str, at: int, reason: str, *, add_event: bool, now: int
-) -> bool:
-    """End an open call and queue its call-ended delivery (inside the caller's transaction).
-
-    The one place a call ends, whether its observer saw the end or a drainer finalizes
-    an orphan: both must leave the same rows. Returns False if the call was not open.
-    """
-    cursor = conn.execute(
-        "UPDATE calls SET state = 'ended', ended_at = ?, end_reason = ?, heartbeat_at = ?"
-        " WHERE id = ? AND state = 'open'",
-        (at, reason, now, call_id),
-    )
-    if cursor.rowcount == 0:
-        return False
-    if add_event:
-        conn.execute(
-            "INSERT INTO events (call_id, body) VALUES (?, ?)",
-            (call_id, encode_event(CallClosed(at=at, reason=reason))),
-        )
+def enqueue_call_ended(conn: sqlite3.Connection, call_id: str, now: int) -> None:
+    """Queue a call's call-ended delivery (inside the caller's transaction; once)."""
     conn.execute(
         "INSERT OR IGNORE INTO deliveries (call_id, kind, idempotency_key, next_attempt_at,"
         " created_at) VALUES (?, 'call-ended', ?, ?, ?)",
         (call_id, call_ended_key(call_id), now, now),
     )
-    return True
 
 
 def next_due(

@@ -1,0 +1,93 @@
+"""The ``events`` table: every statement on it, and every read about a call's events.
+
+A call's raw timeline, one encoded event per row (``events.py``), in the order the
+observer saw them; payloads are assembled from it at delivery time (``timeline``). A
+statement lives with the table its outermost ``FROM``, ``INTO`` or ``UPDATE`` names;
+so a read of events that subqueries ``calls`` or ``deliveries`` (whose events to
+check) is here. Plain statements, no policy; ``tests/test_table_owners.py`` keeps the
+rule.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import msgspec
+
+from .events import Event, decode_event
+
+__all__ = [
+    "StoredEvents",
+    "bodies_to_check",
+    "count_for_call",
+    "insert_events",
+    "last_event_body",
+    "load_events",
+    "read_events",
+]
+
+
+def insert_events(conn: sqlite3.Connection, events: list[tuple[str, bytes]]) -> None:
+    """Append encoded events, as (call id, body) pairs (inside the caller's transaction)."""
+    conn.executemany("INSERT INTO events (call_id, body) VALUES (?, ?)", events)
+
+
+@dataclass(frozen=True)
+class StoredEvents:
+    """A call's events that decode, and what was lost: damage is salvaged, never fatal."""
+
+    events: list[Event]
+    undecodable: list[tuple[int, str]]
+    """(event row id, why) of each stored event that no longer decodes."""
+
+
+def read_events(conn: sqlite3.Connection, call_id: str) -> StoredEvents:
+    """A call's events in the order the observer saw them, skipping any that do not decode
+    (a damaged page, a body from a bad build): the rest of the call is still worth sending."""
+    events: list[Event] = []
+    undecodable: list[tuple[int, str]] = []
+    for row_id, body in conn.execute(
+        "SELECT id, body FROM events WHERE call_id = ? ORDER BY id", (call_id,)
+    ):
+        try:
+            events.append(decode_event(body))
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as exc:
+            undecodable.append((int(row_id), str(exc)))
+    return StoredEvents(events, undecodable)
+
+
+def load_events(conn: sqlite3.Connection, call_id: str) -> list[Event]:
+    """The events of ``read_events`` alone, for callers that only assemble."""
+    return read_events(conn, call_id).events
+
+
+def last_event_body(conn: sqlite3.Connection, call_id: str) -> bytes | None:
+    """The encoded body of the call's newest event, or None when it has none."""
+    last = conn.execute(
+        "SELECT body FROM events WHERE call_id = ? ORDER BY id DESC LIMIT 1", (call_id,)
+    ).fetchone()
+    if last is None:
+        return None
+    body: bytes = last[0]  # as stored: a damaged body is the decoder's to refuse
+    return body
+
+
+def bodies_to_check(conn: sqlite3.Connection, *, every_call: bool) -> Iterator[tuple[str, bytes]]:
+    """(call id, body) of every stored event of the calls whose payloads are still to be
+    sent (bounded by the backlog), or with ``every_call`` of every call. Read lazily."""
+    rows: Iterator[tuple[str, bytes]] = conn.execute(
+        "SELECT call_id, body FROM events WHERE call_id IN (SELECT id FROM calls)"
+        if every_call
+        else "SELECT call_id, body FROM events WHERE call_id IN"
+        " (SELECT call_id FROM deliveries WHERE kind != 'chunk' AND state != 'delivered')"
+    )
+    return rows
+
+
+def count_for_call(conn: sqlite3.Connection, call_id: str) -> int:
+    """How many events the call has stored."""
+    return int(
+        conn.execute("SELECT count(*) FROM events WHERE call_id = ?", (call_id,)).fetchone()[0]
+    )

@@ -1,0 +1,242 @@
+"""The import graph of src/pipecat_roark, read with ``ast``: no cycles, no upward imports,
+no module over 400 lines and no class over 250. The layer table is docs/architecture.md's.
+
+Every import counts, including those inside functions (the CLI imports lazily to start
+fast; laziness must not hide a cycle). Imports under ``if TYPE_CHECKING:`` are skipped:
+they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pipecat_roark"
+
+LAYERS: list[tuple[str, set[str]]] = [
+    (
+        "base",
+        {
+            "errors",
+            "config",
+            "owner",
+            "events",
+            "wire",
+            "crashpoints",
+            "faultpoints",
+            "compat",
+            "capture",
+        },
+    ),
+    ("storage", {"store", "spool", "timeline", "ops", "metrics"}),
+    ("tables", {"calls_table", "events_table", "chunks_table", "paused_keys", "outbox"}),
+    ("table readers", {"call_ending", "inspection", "maintenance", "row_payload"}),
+    (
+        "internals",
+        {
+            "writer_state",
+            "wal_file",
+            "chunk_spooler",
+            "op_apply",
+            "batch_commit",
+            "client",
+            "drain_policy",
+            "drain_report",
+            "drain_db",
+            "key_pause",
+            "drain_housekeeping",
+            "row_delivery",
+        },
+    ),
+    ("engines", {"writer", "drain"}),
+    ("process", {"exit_drain", "lifecycle"}),
+    ("delivery", {"background_drainer", "metrics_endpoint", "call_delivery"}),
+    (
+        "call",
+        {"recorder", "recording", "facts", "watchdog", "hooks", "audio_tail", "wiring_warnings"},
+    ),
+    ("observer", {"observer", "testing"}),
+    ("entry", {"", "cli", "devserver", "devserver_command"}),
+]
+"""Bottom to top; a module may import its own layer or lower ones. "" is the package root.
+A subpackage (``outbox``, ``cli``, ``devserver``) is in its top name's layer."""
+
+MAX_MODULE_LINES = 400
+MAX_CLASS_LINES = 250
+
+
+def module_name(path: Path, package: Path) -> str:
+    parts = list(path.relative_to(package).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules(package: Path) -> dict[str, Path]:
+    return {module_name(p, package): p for p in sorted(package.rglob("*.py"))}
+
+
+def _type_checking_nodes(tree: ast.Module) -> set[int]:
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return skipped
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package's modules that ``name`` imports, anywhere in its source."""
+    tree = ast.parse(path.read_text(), str(path))
+    skipped = _type_checking_nodes(tree)
+    here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    here = [part for part in here if part]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if node.module is None or node.module.split(".")[0] != "pipecat_roark":
+                    continue
+                base = node.module.split(".")[1:]
+            else:
+                base = here[: len(here) - (node.level - 1)]
+                base += node.module.split(".") if node.module else []
+            for alias in node.names:
+                sub = ".".join([*base, alias.name])
+                found.add(sub if sub in known else ".".join(base))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "pipecat_roark":
+                    found.add(".".join(alias.name.split(".")[1:]))
+    found.discard(name)
+    return found
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    found = modules(package)
+    return {name: imports_of(name, path, set(found)) for name, path in found.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path (first module repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)) is not None:
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)) is not None:
+            return cycle
+    return None
+
+
+def layer_of(name: str) -> int:
+    top = name.split(".")[0]
+    for index, (_, members) in enumerate(LAYERS):
+        if top in members:
+            return index
+    raise AssertionError(f"module {name or '<root>'!r} is in no layer: add it to LAYERS")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{name or '<root>'} ({LAYERS[layer_of(name)][0]}) imports "
+        f"{target or '<root>'} ({LAYERS[layer_of(target)][0]})"
+        for name, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if layer_of(target) > layer_of(name)
+    ]
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    assert find_cycle(import_graph(PACKAGE)) is None
+
+
+def test_no_module_imports_one_in_a_higher_layer() -> None:
+    assert upward_imports(import_graph(PACKAGE)) == []
+
+
+def test_the_layer_table_names_only_modules_that_exist() -> None:
+    tops = {name.split(".")[0] for name in modules(PACKAGE)}
+    listed = set().union(*(members for _, members in LAYERS))
+    assert listed == tops
+
+
+def test_the_layer_table_is_the_documented_one() -> None:
+    doc = (PACKAGE.parents[1] / "docs" / "architecture.md").read_text()
+    for layer, members in LAYERS:
+        row = next((line for line in doc.splitlines() if line.startswith(f"| {layer} |")), None)
+        assert row is not None, f"docs/architecture.md has no row for layer {layer!r}"
+        named = {cell.strip("` ") for cell in row.split("|")[2].split(",")}
+        assert named == {m or "pipecat_roark" for m in members}, layer
+
+
+@pytest.mark.parametrize(
+    "path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE))
+)
+def test_modules_and_classes_stay_small(path: Path) -> None:
+    source = path.read_text()
+    assert len(source.splitlines()) <= MAX_MODULE_LINES, f"{path.name} is over the limit"
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            size = (node.end_lineno or node.lineno) - node.lineno + 1
+            assert size <= MAX_CLASS_LINES, f"class {node.name} has {size} lines"
+
+
+def write_package(root: Path, files: dict[str, str]) -> Path:
+    package = root / "pipecat_roark"
+    for name, text in files.items():
+        target = package / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return package
+
+
+def test_the_checks_catch_a_cycle_even_through_a_function_level_import(tmp_path: Path) -> None:
+    package = write_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "store.py": "def f():\n    from .writer import Writer\n",
+            "writer.py": "from . import store\n",
+        },
+    )
+    graph = import_graph(package)
+    assert find_cycle(graph) == ["store", "writer", "store"]
+    assert upward_imports(graph) == ["store (storage) imports writer (engines)"]
+
+
+def test_the_checks_resolve_packages_and_skip_type_checking_imports(tmp_path: Path) -> None:
+    package = write_package(
+        tmp_path,
+        {
+            "__init__.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+            "    from .observer import RoarkObserver\n",
+            "outbox/__init__.py": "from .rows import x\n",
+            "outbox/rows.py": "from ..store import y\nimport pipecat_roark.wire\n",
+            "store.py": "",
+            "wire.py": "",
+            "cli/group.py": "from .. import __version__\n",
+        },
+    )
+    assert import_graph(package) == {
+        "": set(),
+        "outbox": {"outbox.rows"},
+        "outbox.rows": {"store", "wire"},
+        "store": set(),
+        "wire": set(),
+        "cli.group": {""},
+    }
