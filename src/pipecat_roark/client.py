@@ -148,7 +148,7 @@ class RoarkClient:
 
         Raises:
             PermanentError: the URL, method or content type cannot be used, or storage
-                refused the upload with a 4xx other than 403 (or 408/429).
+                refused the upload with a 4xx other than 403, 408 and 429.
             UploadUrlExpired: storage refused the URL (403: expired or bad signature).
             RetryableError: network trouble, the deadline, a 3xx, 408, 429 or 5xx.
         """  # noqa: DOC501 (the failure's class is picked by classify_status)
