@@ -65,7 +65,14 @@ _FROM_DRAIN = frozenset({"Drainer", "DrainPolicy", "DrainReport"})
 
 
 def __getattr__(name: str) -> Any:
-    """Import on first use: the observer brings Pipecat, the drainer httpx (CLI speed)."""
+    """Import on first use: the observer brings Pipecat, the drainer httpx (CLI speed).
+
+    Returns:
+        The public name ``name``, from the module that defines it.
+
+    Raises:
+        AttributeError: ``name`` is not one of the lazily imported names.
+    """
     if name in _FROM_OBSERVER:
         from . import observer
 

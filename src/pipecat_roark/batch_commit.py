@@ -70,8 +70,11 @@ class BatchCommitter:
         self._spooler = spooler
 
     def screen(self, batch: Batch) -> None:
-        """Refuse a reused call id before any of its files are written; drop the ops of
-        calls that are not recorded. In queue order: a refusal affects only later ops."""
+        """Refuse a reused call id before any of its files are written.
+
+        Also drops the ops of calls that are not recorded. In queue order: a refusal
+        affects only later ops.
+        """
         skipped = self._book.skipped
         if not skipped and not any(isinstance(op, OpenOp) for op in batch.work):
             return
@@ -97,7 +100,10 @@ class BatchCommitter:
         not the call). When the database itself refuses writes (locked, read-only,
         I/O error on a probe write), everything is kept in memory and retried with
         backoff, logging once per streak. Otherwise one op is bad: apply them one by
-        one and drop only what still fails. True if deliveries were added.
+        one and drop only what still fails.
+
+        Returns:
+            True if deliveries were added (a drainer has new rows to claim).
         """
         delay = 0.05
         streak_logged = False
@@ -161,7 +167,14 @@ class BatchCommitter:
         return added
 
     def _commit_one(self, op: CallOp) -> bool:
-        """Commit one op in its own transaction; retry transient errors; else drop it."""
+        """Commit one op in its own transaction; retry transient errors; else drop it.
+
+        Returns:
+            True if the op added deliveries.
+
+        Raises:
+            DatabaseDown: the database itself refuses writes (the op is kept).
+        """
         for delay in (*OP_RETRY_DELAYS_S, None):
             if op.call_id in self._book.skipped:
                 self._discard(op)
@@ -186,8 +199,13 @@ class BatchCommitter:
         return False  # pragma: no cover - the last delay is None
 
     def _worth_retrying(self, op: CallOp, exc: BaseException) -> bool:
-        """Transient, and this call has not already lost an op of this kind to it: a
-        persistent fault on one call must not stall every other call for each of its ops."""
+        """Transient, and this call has not already lost an op of this kind to it.
+
+        A persistent fault on one call must not stall every other call for each of its ops.
+
+        Returns:
+            True if the op is worth another try after a short delay.
+        """
         fault = (type(op), type(exc).__name__)
         return is_transient(exc) and fault not in self._book.faults.get(op.call_id, ())
 

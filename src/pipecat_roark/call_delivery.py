@@ -18,8 +18,10 @@ __all__ = ["CallDelivery"]
 
 @dataclass(frozen=True, slots=True)
 class CallDelivery:
-    """How a call reaches Roark from this process: the background drainer while it runs,
-    and at most ``exit_drain_s`` of delivery when it ends during the host's shutdown."""
+    """How a call reaches Roark from this process: the background drainer while it runs.
+
+    And at most ``exit_drain_s`` of delivery when it ends during the host's shutdown.
+    """
 
     directory: Path
     api_key: str | None

@@ -1,5 +1,6 @@
-"""How a call ends: the one place, whether its observer saw the end or a drainer
-finalizes a call whose owner is gone.
+"""How a call ends: the one place, whether its observer saw it or a drainer finalizes it.
+
+A drainer finalizes a call whose owner is gone.
 
 Ending touches three tables, each through its owner: the call's row
 (``calls_table.end_call``, conditional, so a call ends once however many processes
@@ -28,7 +29,10 @@ def finalize_call(
     """End an open call and queue its call-ended delivery (inside the caller's transaction).
 
     The one place a call ends, whether its observer saw the end or a drainer finalizes
-    an orphan: both must leave the same rows. Returns False if the call was not open.
+    an orphan: both must leave the same rows.
+
+    Returns:
+        True if this call ended it; False if the call was not open.
     """
     if not calls_table.end_call(conn, call_id, at, reason, now):
         return False
@@ -57,6 +61,9 @@ def finalize_orphans(
     last recorded event; the heartbeat is checked again under the write lock and the
     conditional UPDATE in finalize_call makes this exactly-once however many drainers
     look at the same call.
+
+    Returns:
+        The ids of the calls ended.
     """
     candidates = calls_table.open_calls(conn, call_id)
     finalized: list[str] = []

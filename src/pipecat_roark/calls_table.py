@@ -48,7 +48,11 @@ def insert_call(
     owner: Owner,
     now: int,
 ) -> bool:
-    """The call's row, owned by this process; False if the id is taken already."""
+    """The call's row, owned by this process.
+
+    Returns:
+        True if the row was inserted; False if the id is taken already (left unchanged).
+    """
     cursor = conn.execute(
         "INSERT INTO calls (id, agent_id, agent_name, key_fp, owner_host, owner_pid,"
         " owner_token, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -87,8 +91,12 @@ def touch_open_calls(conn: sqlite3.Connection, call_ids: Iterable[str], now: int
 
 
 def end_call(conn: sqlite3.Connection, call_id: str, at: int, reason: str, now: int) -> bool:
-    """Mark an open call ended at ``at`` for ``reason``; False if it was not open (so a
-    call ends once, however many processes try)."""
+    """Mark an open call ended at ``at`` for ``reason``.
+
+    Returns:
+        True if this statement ended it; False if it was not open, so a call ends once,
+        however many processes try.
+    """
     cursor = conn.execute(
         "UPDATE calls SET state = 'ended', ended_at = ?, end_reason = ?, heartbeat_at = ?"
         " WHERE id = ? AND state = 'open'",
@@ -103,19 +111,30 @@ def delete_call(conn: sqlite3.Connection, call_id: str) -> None:
 
 
 def call_exists(conn: sqlite3.Connection, call_id: str) -> bool:
-    """Is a call recorded under ``call_id`` in this database?"""
+    """Is a call recorded under ``call_id`` in this database?
+
+    Returns:
+        True if the call has a row.
+    """
     return conn.execute("SELECT 1 FROM calls WHERE id = ?", (call_id,)).fetchone() is not None
 
 
 def call_record_state(conn: sqlite3.Connection, call_id: str) -> str | None:
-    """A call's recorded state (``open`` or ``ended``), or None when there is no such call:
-    what ``retry`` and ``forget`` check before they touch anything."""
+    """A call's recorded state: what ``retry`` and ``forget`` check before they touch anything.
+
+    Returns:
+        ``open`` or ``ended``, or None when there is no such call.
+    """
     row = conn.execute("SELECT state FROM calls WHERE id = ?", (call_id,)).fetchone()
     return None if row is None else str(row[0])
 
 
 def open_calls(conn: sqlite3.Connection, call_id: str | None = None) -> list[OpenCallRow]:
-    """The calls not yet ended (or only ``call_id``), with what judges their owner."""
+    """The calls not yet ended (or only ``call_id``), with what judges their owner.
+
+    Returns:
+        One ``OpenCallRow`` per open call.
+    """
     return conn.execute(
         "SELECT id, owner_host, owner_pid, owner_token, heartbeat_at FROM calls"
         " WHERE state = 'open' AND (? IS NULL OR id = ?)",
@@ -124,7 +143,11 @@ def open_calls(conn: sqlite3.Connection, call_id: str | None = None) -> list[Ope
 
 
 def fresh_heartbeat(conn: sqlite3.Connection, call_id: str, fresh_after: int) -> bool:
-    """Has the call heartbeated at or after ``fresh_after`` (its owner is still there)?"""
+    """Has the call heartbeated at or after ``fresh_after`` (its owner is still there)?
+
+    Returns:
+        True if its heartbeat is that recent.
+    """
     return bool(
         conn.execute(
             "SELECT 1 FROM calls WHERE id = ? AND heartbeat_at >= ?", (call_id, fresh_after)
@@ -133,13 +156,22 @@ def fresh_heartbeat(conn: sqlite3.Connection, call_id: str, fresh_after: int) ->
 
 
 def counts_by_state(conn: sqlite3.Connection) -> dict[str, int]:
-    """How many calls are ``open`` and how many ``ended`` (a state with none is absent)."""
+    """How many calls are ``open`` and how many ``ended``.
+
+    Returns:
+        The count per state; a state with no call is absent.
+    """
     return dict(conn.execute("SELECT state, count(*) FROM calls GROUP BY state").fetchall())
 
 
 def call_row(conn: sqlite3.Connection, call_id: str) -> tuple[Any, ...] | None:
-    """(id, agent id, agent name, key fingerprint, state, end reason, sample rate,
-    channels, owner host, owner pid, started, ended, heartbeat) of one call, or None."""
+    """One call's row, for ``show``.
+
+    Returns:
+        (id, agent id, agent name, key fingerprint, state, end reason, sample rate,
+        channels, owner host, owner pid, started, ended, heartbeat), or None when there
+        is no such call.
+    """
     row: tuple[Any, ...] | None = conn.execute(
         "SELECT id, agent_id, agent_name, key_fp, state, end_reason, sample_rate, num_channels,"
         " owner_host, owner_pid, started_at, ended_at, heartbeat_at FROM calls WHERE id = ?",
@@ -164,16 +196,24 @@ ORDER BY c.started_at DESC
 def call_summaries(
     conn: sqlite3.Connection, *, agent: str | None, since_us: int | None
 ) -> Iterator[tuple[Any, ...]]:
-    """Calls, newest first, each with its delivery tallies: (id, agent id, agent name,
-    state, end reason, started, ended, rows delivered, rows, rows dead, chunks, chunks
-    delivered, last error of a row not delivered). Read lazily: the caller stops early."""
+    """Calls, newest first, each with its delivery tallies; read lazily, the caller stops early.
+
+    Returns:
+        Per call: (id, agent id, agent name, state, end reason, started, ended, rows
+        delivered, rows, rows dead, chunks, chunks delivered, last error of a row not
+        delivered).
+    """
     rows: Iterator[tuple[Any, ...]] = conn.execute(_SUMMARIES, {"agent": agent, "since": since_us})
     return rows
 
 
 def delivered_whole_ended_before(conn: sqlite3.Connection, cutoff: int) -> list[str]:
-    """Calls that ended before ``cutoff`` and whose every row is delivered: what retention
-    may delete (a call without rows, or with one row left, is never among them)."""
+    """Calls that ended before ``cutoff`` and whose every row is delivered.
+
+    Returns:
+        The ids retention may delete; a call without rows, or with one row left, is
+        never among them.
+    """
     return [
         r[0]
         for r in conn.execute(
@@ -186,7 +226,11 @@ def delivered_whole_ended_before(conn: sqlite3.Connection, cutoff: int) -> list[
 
 
 def delivered_whole(conn: sqlite3.Connection, call_id: str) -> bool:
-    """Has the call ended, with its call-ended queued and every one of its rows delivered?"""
+    """Has the call ended, with its call-ended queued and every one of its rows delivered?
+
+    Returns:
+        True if Roark has the whole call.
+    """
     whole = conn.execute(
         "SELECT 1 FROM calls c WHERE c.id = ? AND c.state = 'ended'"
         " AND EXISTS (SELECT 1 FROM deliveries d WHERE d.call_id = c.id AND d.kind = 'call-ended')"
@@ -200,8 +244,12 @@ def delivered_whole(conn: sqlite3.Connection, call_id: str) -> bool:
 def calls_waiting_for_other_key(
     conn: sqlite3.Connection, key_fp: str | None, call_id: str | None = None
 ) -> list[str]:
-    """Calls recorded under another key than ``key_fp`` with rows still to deliver (all
-    of them, or only ``call_id``): a drain with ``key_fp`` leaves them behind."""
+    """Calls recorded under another key than ``key_fp`` with rows still to deliver.
+
+    Returns:
+        Their ids in order (all of them, or only ``call_id``): a drain with ``key_fp``
+        leaves them behind.
+    """
     return [
         r[0]
         for r in conn.execute(

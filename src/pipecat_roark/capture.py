@@ -25,7 +25,12 @@ MAX_TEXT_CHARS = 100_000
 
 
 def clean_text(raw: Any) -> str:
-    """A str that UTF-8 can encode, at most MAX_TEXT_CHARS long."""
+    """A str that UTF-8 can encode, at most MAX_TEXT_CHARS long.
+
+    Returns:
+        ``raw`` as text (``""`` for None), cut with "…" past the limit, lone surrogates
+        replaced.
+    """
     value: str = raw if isinstance(raw, str) else ("" if raw is None else str(raw))
     if len(value) > MAX_TEXT_CHARS:
         value = value[: MAX_TEXT_CHARS - 1] + "…"
@@ -41,7 +46,12 @@ def _compact(value: Any) -> str:
 
 
 def arguments_json(value: Any) -> str:
-    """Tool-call arguments as Roark wants them: JSON text; strings verbatim, None → "{}"."""
+    """Tool-call arguments as Roark wants them: JSON text.
+
+    Returns:
+        Strings verbatim, None as ``{}``, anything else compact JSON (its repr if it is
+        not serialisable), cleaned by ``clean_text``.
+    """
     if value is None:
         return "{}"
     if isinstance(value, str):
@@ -53,7 +63,12 @@ def arguments_json(value: Any) -> str:
 
 
 def result_text(value: Any) -> str:
-    """Tool results: strings verbatim, dicts/lists compact JSON, other scalars str(), None → ""."""
+    """A tool result as the text Roark stores.
+
+    Returns:
+        Strings verbatim, dicts/lists compact JSON (their repr if not serialisable),
+        other scalars ``str()``, None ``""``; cleaned by ``clean_text``.
+    """
     if value is None:
         return ""
     if isinstance(value, str):
@@ -67,7 +82,14 @@ def result_text(value: Any) -> str:
 
 
 def resolve_call_id(explicit: str | None, runner_args: Any) -> str:
-    """``pipecat_call_id``, else SmallWebRTC's ``pc_id``, else Pipecat Cloud's ``session_id``, else a UUID."""
+    """The id a call is recorded under: the first of these that is set.
+
+    ``pipecat_call_id``, else SmallWebRTC's ``pc_id``, else Pipecat Cloud's
+    ``session_id``, else a new UUID.
+
+    Returns:
+        The call id, as text.
+    """
     if explicit:
         return str(explicit)
     if runner_args is not None:
@@ -88,6 +110,9 @@ def call_id_problem(call_id: str) -> str | None:
     ``..``, any length: unsafe ids get a hashed chunk folder). A lone surrogate has no
     UTF-8 form: such an id is refused rather than altered, since a changed id would
     no longer match the caller's records.
+
+    Returns:
+        A sentence for the log when the id cannot be stored, else None.
     """
     try:
         call_id.encode("utf-8")

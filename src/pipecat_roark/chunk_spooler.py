@@ -62,8 +62,12 @@ class ChunkSpooler:
         self._spool_bytes = undelivered_audio_bytes(conn)
 
     def spool(self, work: deque[CallOp], drop: Drop) -> deque[CallOp]:
-        """Write the chunk files durably; a ChunkOp becomes a SpooledChunkOp (or goes:
-        ``drop`` is told of a chunk whose file could not be written)."""
+        """Write the chunk files durably, before their rows are committed.
+
+        Returns:
+            ``work`` in order, each ChunkOp replaced by its SpooledChunkOp, or left out
+            when its file could not be written (``drop`` is told).
+        """
         if not any(isinstance(op, ChunkOp) for op in work):
             return work
         out: deque[CallOp] = deque()
@@ -137,6 +141,9 @@ class ChunkSpooler:
 
         Chunks are taken from the end of the batch, so each call keeps a gapless prefix
         of its recording; the caller retries, and every round removes at least one chunk.
+
+        Returns:
+            ``work`` without the shed chunks, whose calls record no more audio.
         """
         ops = list(work)
         positions = [i for i, op in enumerate(ops) if isinstance(op, SpooledChunkOp)]

@@ -28,7 +28,11 @@ __all__ = [
 
 
 def insert_chunk(conn: sqlite3.Connection, op: SpooledChunkOp) -> bool:
-    """A durable chunk file's row; False if that chunk of the call was recorded already."""
+    """A durable chunk file's row (inside the caller's transaction).
+
+    Returns:
+        True if inserted; False if that chunk of the call was recorded already.
+    """
     chunk = op.chunk
     cursor = conn.execute(
         "INSERT OR IGNORE INTO chunks (call_id, idx, path, size, sha256, sample_rate,"
@@ -48,7 +52,11 @@ def insert_chunk(conn: sqlite3.Connection, op: SpooledChunkOp) -> bool:
 
 
 def chunk_file(conn: sqlite3.Connection, call_id: str, idx: int | None) -> tuple[Any, ...] | None:
-    """(path, size, sha256) recorded for chunk ``idx`` of a call, or None without a row."""
+    """What was recorded of chunk ``idx`` of a call, for the drainer to check the file.
+
+    Returns:
+        (path, size, sha256), or None when the chunk has no row.
+    """
     found: tuple[Any, ...] | None = conn.execute(
         "SELECT path, size, sha256 FROM chunks WHERE call_id = ? AND idx = ?",
         (call_id, idx),
@@ -57,12 +65,20 @@ def chunk_file(conn: sqlite3.Connection, call_id: str, idx: int | None) -> tuple
 
 
 def chunk_paths(conn: sqlite3.Connection, call_id: str) -> list[str]:
-    """The file of every chunk of a call, relative to the data directory."""
+    """The file of every chunk of a call.
+
+    Returns:
+        The paths, relative to the data directory.
+    """
     return [p for (p,) in conn.execute("SELECT path FROM chunks WHERE call_id = ?", (call_id,))]
 
 
 def delivered_chunks_on_disk(conn: sqlite3.Connection, call_id: str) -> list[tuple[Any, ...]]:
-    """(index, path, size) of the call's chunks Roark has whose file was not discarded yet."""
+    """The call's chunks Roark has whose file was not discarded yet.
+
+    Returns:
+        (index, path, size) of each.
+    """
     return conn.execute(
         "SELECT c.idx, c.path, c.size FROM chunks c JOIN deliveries d"
         " ON d.call_id = c.call_id AND d.kind = 'chunk' AND d.chunk_idx = c.idx"
@@ -80,8 +96,11 @@ def mark_discarded(conn: sqlite3.Connection, call_id: str, indexes: list[int], n
 
 
 def recorded_chunks(conn: sqlite3.Connection, call_id: str) -> list[tuple[Any, ...]]:
-    """(index, path, size, sample rate, channels, discarded) of every chunk of a call, in
-    index order: the recording, as ``export`` rebuilds it."""
+    """Every chunk of a call in index order: the recording, as ``export`` rebuilds it.
+
+    Returns:
+        (index, path, size, sample rate, channels, discarded) of each.
+    """
     return conn.execute(
         "SELECT idx, path, size, sample_rate, num_channels, discarded_at IS NOT NULL"
         " FROM chunks WHERE call_id = ? ORDER BY idx",
@@ -90,7 +109,11 @@ def recorded_chunks(conn: sqlite3.Connection, call_id: str) -> list[tuple[Any, .
 
 
 def bytes_on_disk(conn: sqlite3.Connection) -> int:
-    """Bytes of every chunk file recorded and not discarded (delivered or not)."""
+    """Bytes of every chunk file recorded and not discarded (delivered or not).
+
+    Returns:
+        Their total recorded size, 0 when there are none.
+    """
     return int(
         conn.execute(
             "SELECT COALESCE(SUM(size), 0) FROM chunks WHERE discarded_at IS NULL"
@@ -99,7 +122,11 @@ def bytes_on_disk(conn: sqlite3.Connection) -> int:
 
 
 def count_for_call(conn: sqlite3.Connection, call_id: str) -> int:
-    """How many chunk rows the call has."""
+    """How many chunk rows the call has.
+
+    Returns:
+        The row count.
+    """
     return int(
         conn.execute("SELECT count(*) FROM chunks WHERE call_id = ?", (call_id,)).fetchone()[0]
     )

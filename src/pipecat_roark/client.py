@@ -63,8 +63,18 @@ class RoarkClient:
         deadline: float | None = None,
         max_connections: int = 32,
     ) -> None:
-        """``timeout`` bounds each connect or read; ``deadline`` (default ``timeout``)
-        bounds a whole request."""
+        """A client for one API key, with its own connection pool.
+
+        Args:
+            api_key: the Roark API key; sent in headers only, never logged.
+            base_url: Roark's address; None reads ``ROARK_BASE_URL`` or the default.
+            timeout: bounds each connect or read.
+            deadline: bounds a whole request (default ``timeout``).
+            max_connections: the pool's size, kept alive between requests.
+
+        Raises:
+            ValueError: ``api_key`` is empty.
+        """
         if not api_key:
             raise ValueError("RoarkClient needs an API key")
         self.deadline = timeout if deadline is None else deadline
@@ -95,16 +105,33 @@ class RoarkClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the connection pool."""
         await self._http.aclose()
 
     async def send_event(self, payload: CallStarted | CallEnded, *, idempotency_key: str) -> None:
-        """POST a call-started or call-ended event."""
+        """POST a call-started or call-ended event.
+
+        Raises:
+            RetryableError: network trouble, no whole answer within the deadline, or a
+                3xx, 408, 429 or 5xx answer.
+            AuthError: Roark refused the API key (401/403).
+            PermanentError: Roark refused the event (any other 4xx).
+        """
         await self._post(EVENT_PATH, encode(payload), idempotency_key)
 
     async def mint_upload_url(
         self, call_id: str, index: int, *, idempotency_key: str
     ) -> ChunkUploadUrl:
-        """Ask Roark for a presigned URL for chunk ``index``."""
+        """Ask Roark for a presigned URL for chunk ``index``.
+
+        Returns:
+            Where and how to PUT the chunk, as Roark answered.
+
+        Raises:
+            RetryableError: as ``send_event``, and for an answer that does not decode.
+            AuthError: as ``send_event``.
+            PermanentError: as ``send_event``.
+        """
         body = encode(ChunkUploadUrlRequest(pipecat_call_id=call_id, chunk_index=index))
         response = await self._post(UPLOAD_URL_PATH, body, idempotency_key)
         try:
@@ -117,7 +144,14 @@ class RoarkClient:
             ) from exc
 
     async def put_chunk(self, url: ChunkUploadUrl, data: bytes) -> None:
-        """PUT the bytes to the presigned URL: no Authorization, the minted content type."""
+        """PUT the bytes to the presigned URL: no Authorization, the minted content type.
+
+        Raises:
+            PermanentError: the URL, method or content type cannot be used, or storage
+                refused the upload with a 4xx other than 403, 408 and 429.
+            UploadUrlExpired: storage refused the URL (403: expired or bad signature).
+            RetryableError: network trouble, the deadline, a 3xx, 408, 429 or 5xx.
+        """  # noqa: DOC501 (the failure's class is picked by classify_status)
         target, method = usable_upload_url(url)
         response = await self._send(
             "chunk upload",
@@ -141,7 +175,15 @@ class RoarkClient:
     async def upload_chunk(
         self, call_id: str, index: int, data: bytes, *, idempotency_key: str, attempt: int
     ) -> None:
-        """Mint a URL (a fresh idempotency key per attempt, so an expired URL is not replayed) and PUT."""
+        """Mint a URL and PUT the chunk to it.
+
+        Each attempt mints with a fresh idempotency key, so an expired URL is not replayed.
+
+        Raises:
+            RetryableError: as ``mint_upload_url`` and ``put_chunk``.
+            AuthError: Roark refused the API key while minting.
+            PermanentError: as ``mint_upload_url`` and ``put_chunk``.
+        """
         faultpoints.reached("drain:mint-url", call_id)
         url = await self.mint_upload_url(
             call_id, index, idempotency_key=f"{idempotency_key}:url:{attempt}"
@@ -173,8 +215,16 @@ class RoarkClient:
         headers: dict[str, str],
         request: str,
     ) -> httpx.Response:
-        """One request, whole (the answer's body read) within ``deadline`` seconds; timed
-        for the ``pipecat_roark_request_duration_seconds`` histogram under ``request``."""
+        """One request, whole (the answer's body read) within ``deadline`` seconds.
+
+        Timed for the ``pipecat_roark_request_duration_seconds`` histogram under ``request``.
+
+        Returns:
+            The answer, whatever its status.
+
+        Raises:
+            RetryableError: no whole answer within the deadline, or network trouble.
+        """  # noqa: DOC501 (network trouble is classified by classify_transport_error)
         try:
             with metrics.REQUEST_SECONDS.labels(request).time(), anyio.fail_after(self.deadline):
                 return await self._http.request(method, url, content=content, headers=headers)
@@ -187,9 +237,18 @@ class RoarkClient:
 
 
 def usable_upload_url(url: ChunkUploadUrl) -> tuple[httpx.URL, str]:
-    """The presigned URL and method, or PermanentError: an http(s) URL with a host, a PUT
-    or POST, a content type that fits in a header. Roark answered 2xx with it, so asking
-    again for the same chunk is not expected to help."""
+    """The presigned URL and method, checked before anything is sent.
+
+    Usable means an http(s) URL with a host, a PUT or POST, a content type that fits in
+    a header.
+
+    Returns:
+        The parsed URL and the method in upper case.
+
+    Raises:
+        PermanentError: the answer is unusable. Roark answered 2xx with it, so asking
+            again for the same chunk is not expected to help.
+    """
     problem = None
     try:
         target = httpx.URL(url.upload_url)
@@ -213,7 +272,11 @@ def _header_safe(value: str) -> bool:
 
 
 def classify_transport_error(exc: httpx.TransportError, what: str) -> RetryableError:
-    """Network trouble of any kind is worth another try later."""
+    """Network trouble of any kind is worth another try later.
+
+    Returns:
+        The error to raise, naming ``what`` failed and how.
+    """
     return RetryableError(f"{what} failed: {type(exc).__name__}: {exc or 'no detail'}; will retry")
 
 
@@ -222,6 +285,10 @@ def classify_status(response: httpx.Response, what: str, *, roark: bool) -> Exce
 
     A 3xx is retryable: we never follow redirects (a POST must not turn into a GET
     elsewhere), and a redirect is a deployment in motion, not a refusal of the row.
+
+    Returns:
+        The error to raise: RetryableError (3xx, 408, 429, 5xx, with the server's
+        Retry-After), AuthError (401/403 from Roark itself), else PermanentError.
     """
     status = response.status_code
     body = response.text[:_BODY_LIMIT]
@@ -240,7 +307,11 @@ def classify_status(response: httpx.Response, what: str, *, roark: bool) -> Exce
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if absent or bad."""
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date).
+
+    Returns:
+        The wait in seconds (never negative), or None if the header is absent or bad.
+    """
     if not value:
         return None
     value = value.strip()

@@ -80,7 +80,11 @@ async def run_worker(runner: Any, worker: Any) -> None:
 
 
 def tts_text_frame(text: str, text_type: str = "sentence") -> Any:
-    """A ``TTSTextFrame``: its required ``text_type`` was named ``aggregated_by`` before 1.13."""
+    """A ``TTSTextFrame``: its required ``text_type`` was named ``aggregated_by`` before 1.13.
+
+    Returns:
+        The frame, built with whichever name the installed Pipecat takes.
+    """
     from pipecat.frames.frames import TTSTextFrame
 
     name = "text_type" if PIPECAT_VERSION >= (1, 13) else "aggregated_by"

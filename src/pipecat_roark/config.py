@@ -40,7 +40,11 @@ _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
 def resolve_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The data directory: the argument, else ``PIPECAT_ROARK_DIR``, else the user state dir."""
+    """The data directory: the argument, else ``PIPECAT_ROARK_DIR``, else the user state dir.
+
+    Returns:
+        The directory with ``~`` expanded (it may not exist yet).
+    """
     if explicit:
         return Path(explicit).expanduser()
     env = os.environ.get(ENV_DIR)
@@ -50,19 +54,34 @@ def resolve_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def registry_key(directory: Path) -> Path:
-    """The one spelling of a data directory that the process's registries are keyed by."""
+    """The one spelling of a data directory that the process's registries are keyed by.
+
+    Returns:
+        The directory, ``~`` expanded and resolved.
+    """
     return directory.expanduser().resolve()
 
 
 def resolve_api_key(explicit: str | None = None) -> str | None:
-    """The argument, else ``ROARK_API_KEY``; blank counts as missing."""
+    """The argument, else ``ROARK_API_KEY``; blank counts as missing.
+
+    Returns:
+        The key without surrounding whitespace, or None.
+    """
     key = explicit if explicit is not None else os.environ.get(ENV_API_KEY)
     key = (key or "").strip()
     return key or None
 
 
 def resolve_base_url(explicit: str | None = None) -> str:
-    """The Roark base URL; plain http is allowed only for loopback hosts."""
+    """The Roark base URL: the argument, else ``ROARK_BASE_URL``, else Roark's own.
+
+    Returns:
+        The URL without a trailing slash.
+
+    Raises:
+        ConfigError: it is not an http(s) URL, or uses plain http to a non-loopback host.
+    """
     url = (explicit or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL).strip().rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -78,7 +97,11 @@ def resolve_base_url(explicit: str | None = None) -> str:
 
 
 def key_fingerprint(key: str | None) -> str | None:
-    """A short, non-reversible tag of the key, safe for disk and logs."""
+    """A short, non-reversible tag of the key, safe for disk and logs.
+
+    Returns:
+        ``sha256:`` and 12 hex digits, or None without a key.
+    """
     if not key:
         return None
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]

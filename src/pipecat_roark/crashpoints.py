@@ -35,6 +35,7 @@ _hits = 0
 
 
 def reached(point: str) -> None:
+    """SIGKILL this process if the crash test armed ``point`` and its count is reached."""
     global _hits
     if _POINT is None or point != _POINT:
         return

@@ -1,5 +1,7 @@
-"""The dev server's command line, defined once: ``pipecat-roark dev-server`` and
-``python -m pipecat_roark.devserver`` are this one click command.
+"""The dev server's command line, defined once.
+
+``pipecat-roark dev-server`` and ``python -m pipecat_roark.devserver`` are this one click
+command.
 
 Only click is imported here, so the CLI starts without loading the server (aiohttp);
 the server is imported when the command runs.

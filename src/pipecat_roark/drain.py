@@ -79,6 +79,9 @@ class Drainer:
         how `pipecat-roark drain` resumes after the key is fixed). When the budget runs
         out, requests in flight are cut (each retry carries the same idempotency key) and
         every lease is handed back: what is left is counted in ``pending``.
+
+        Returns:
+            What was delivered, retried, dead and finalized, and what is left.
         """
         report = DrainReport()
         deadline = None if budget_s is None else time.monotonic() + budget_s
@@ -153,7 +156,11 @@ class Drainer:
     async def _pass(
         self, client: RoarkClient, report: DrainReport, clock: dict[str, float]
     ) -> float:
-        """One round of ``run_forever``; returns how long to wait before the next."""
+        """One round of ``run_forever``.
+
+        Returns:
+            Seconds to wait before the next round, at most ``poll_s`` (``wake`` cuts it short).
+        """
         if time.monotonic() - clock["orphans"] > min(10.0, self.policy.orphan_grace_s / 4):
             clock["orphans"] = time.monotonic()
             report.finalized += await self._db.run(self._finalize_orphans)
@@ -194,9 +201,10 @@ class Drainer:
         call_id: str | None,
         deadline: float | None = None,
     ) -> None:
-        """Workers claim rows until nothing is claimable, the key is refused, or the
-        ``deadline`` (monotonic) passes: rows that fail fast become due again at once,
-        and without it a budgeted drain would only stop at the hard timeout.
+        """Workers claim rows until nothing is claimable, the key is refused, or time is up.
+
+        The ``deadline`` (monotonic) matters because rows that fail fast become due again
+        at once: without it a budgeted drain would only stop at the hard timeout.
 
         While they work, the leases they hold are renewed every third of a lease: a row
         is never claimed by another drainer while this one is still sending it.
@@ -268,6 +276,9 @@ class Drainer:
 
         Rows another drainer holds are looked at again after ``poll_s``: they are usually
         delivered by then, or their lease has expired.
+
+        Returns:
+            The wait in seconds, or None.
         """
         earliest, leased = outbox.next_due(self._db.conn(), key_fp=self.key_fp, call_id=call_id)
         waits = [] if earliest is None else [max(0.0, (earliest - now_us()) / 1e6)]

@@ -25,7 +25,13 @@ T = TypeVar("T")
 
 
 class DrainDatabase:
-    """One connection to ``<directory>/wal.sqlite`` for one drainer."""
+    """One connection to ``<directory>/wal.sqlite`` for one drainer.
+
+    Args:
+        directory: the data directory.
+        inline: run database work on the calling thread (the exit drain), not in a
+            worker thread.
+    """
 
     def __init__(self, directory: Path, *, inline: bool = False) -> None:
         self.directory = directory
@@ -34,7 +40,11 @@ class DrainDatabase:
         self._lock = threading.Lock()
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
-        """``function(*args)`` under the lock, off the loop; it may use ``conn()``."""
+        """``function(*args)`` under the lock, off the loop; it may use ``conn()``.
+
+        Returns:
+            What ``function`` returned; what it raises propagates.
+        """
 
         def locked() -> T:
             with self._lock:
@@ -43,14 +53,24 @@ class DrainDatabase:
         return await self.blocking(locked)
 
     async def blocking(self, function: Callable[..., T], *args: Any) -> T:
-        """Blocking work off the event loop; inline in the exit drain, whose loop is its
-        own and which must start no threads at interpreter exit."""
+        """Blocking work off the event loop, in a worker thread.
+
+        Inline in the exit drain instead, whose loop is its own and which must start no
+        threads at interpreter exit.
+
+        Returns:
+            What ``function`` returned; what it raises propagates.
+        """
         if self._inline:
             return function(*args)
         return await asyncio.to_thread(function, *args)
 
     async def guarded(self, what: str, function: Callable[..., object], *args: Any) -> bool:
-        """Bookkeeping whose failure must not stop delivery: logged, and False."""
+        """Bookkeeping whose failure must not stop delivery: run, and logged if it fails.
+
+        Returns:
+            True if ``function`` ran without raising; False (a warning logged) if it raised.
+        """
         try:
             await self.run(function, *args)
         except Exception as exc:
@@ -59,16 +79,28 @@ class DrainDatabase:
         return True
 
     def conn(self) -> sqlite3.Connection:
-        """The connection, opened (and migrated) on first use; only inside ``run``."""
+        """The connection, opened (and migrated) on first use; only inside ``run``.
+
+        Returns:
+            The drainer's connection.
+
+        Raises:
+            StoreError: the database cannot be opened (a subclass says why).
+        """
         if self._conn is None:
             self._conn = connect(self.directory)
         return self._conn
 
     def conn_if_open(self) -> sqlite3.Connection | None:
-        """The connection if one was opened, without opening one."""
+        """The connection if one was opened, without opening one.
+
+        Returns:
+            The open connection, or None.
+        """
         return self._conn
 
     def close(self) -> None:
+        """Close the connection, if open, once no statement is running."""
         with self._lock:
             if self._conn is not None:
                 self._conn.close()

@@ -23,8 +23,11 @@ __all__ = ["finalize_orphans", "prune"]
 def finalize_orphans(
     conn: sqlite3.Connection, policy: DrainPolicy, call_id: str | None = None
 ) -> list[str]:
-    """Take back the leases of dead drainers and end the calls whose owner is gone;
-    returns the ids of the calls ended."""
+    """Take back the leases of dead drainers and end the calls whose owner is gone.
+
+    Returns:
+        The ids of the calls ended.
+    """
     outbox.release_dead_owners(conn)
     finalized = call_ending.finalize_orphans(
         conn,

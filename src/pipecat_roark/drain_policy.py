@@ -15,6 +15,23 @@ __all__ = ["DrainPolicy"]
 
 @dataclass(frozen=True)
 class DrainPolicy:
+    """The numbers one drainer runs by; the defaults follow OpenTelemetry's exporters.
+
+    Attributes:
+        concurrency: rows delivered at once.
+        lease_s: how long a claimed row is ours before another drainer may take it.
+        max_attempts: attempts before a row is dead (kept, inspectable and retryable).
+        max_age_s: age of a row past which a failed attempt makes it dead.
+        backoff_base_s: the first retry's backoff ceiling, doubled per attempt (full jitter).
+        backoff_cap_s: the longest backoff ceiling.
+        retry_after_cap_s: the longest server-requested wait (Retry-After) we honour.
+        auth_probe_s: how often a key Roark refused is tried again.
+        poll_s: the longest sleep between looks for new rows.
+        retention_s: how long delivered calls are kept before pruning.
+        claim_batch: rows claimed per statement.
+        prune_every_s: how often a long-running drainer prunes.
+    """
+
     concurrency: int = 8
     lease_s: float = 60.0
     max_attempts: int = 20
@@ -37,6 +54,9 @@ class DrainPolicy:
 
     @property
     def request_deadline_s(self) -> float:
-        """One whole request (connect, send, answer read) must end within this: below
-        half the lease, so a request never outlives the lease it was sent under."""
+        """One whole request (connect, send, answer read) must end within this.
+
+        It stays below half the lease, so a request never outlives the lease it was sent
+        under.
+        """
         return min(self.request_timeout_s, self.lease_s * 0.4)

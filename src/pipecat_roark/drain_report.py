@@ -31,10 +31,15 @@ class DrainReport:
 
     @property
     def complete(self) -> bool:
+        """Nothing of ours is left undelivered or dead, and the key is not paused."""
         return self.pending == 0 and self.dead_total == 0 and not self.paused
 
     def as_json(self) -> dict[str, Any]:
-        """The report as ``pipecat-roark drain --json`` prints it (camelCase keys)."""
+        """The report as ``pipecat-roark drain --json`` prints it (camelCase keys).
+
+        Returns:
+            The counts, lists and flags as JSON-ready values (``complete`` included).
+        """
         return {
             "delivered": self.delivered,
             "chunks": self.chunks,

@@ -65,7 +65,13 @@ class StoreForeign(StoreError):
 
 
 class StoreFromFuture(StoreError):
-    """The database schema is newer than this version understands."""
+    """The database schema is newer than this version understands.
+
+    Args:
+        message: what to tell the user.
+        found: the schema version in the file.
+        supported: the newest version this code knows.
+    """
 
     def __init__(self, message: str, *, found: int, supported: int) -> None:
         super().__init__(message)
@@ -74,7 +80,13 @@ class StoreFromFuture(StoreError):
 
 
 class DeliveryError(PipecatRoarkError):
-    """One attempt to deliver a row failed."""
+    """One attempt to deliver a row failed.
+
+    Args:
+        message: what went wrong, kept as the row's last error.
+        status: the HTTP status, or None when no answer came.
+        body: the start of the answer's body, for the operator.
+    """
 
     def __init__(self, message: str, *, status: int | None = None, body: str = "") -> None:
         super().__init__(message)
@@ -84,7 +96,13 @@ class DeliveryError(PipecatRoarkError):
 
 class RetryableError(DeliveryError):
     """Transient: network trouble, a missed deadline, 3xx, 408, 429, 5xx.
-    ``retry_after`` is the server's wish."""
+
+    Args:
+        message: as ``DeliveryError``.
+        status: as ``DeliveryError``.
+        body: as ``DeliveryError``.
+        retry_after: the server's wish (Retry-After, in seconds), if it said one.
+    """
 
     def __init__(
         self,
@@ -107,5 +125,7 @@ class AuthError(DeliveryError):
 
 
 class PermanentError(DeliveryError):
-    """Roark refused the request (4xx other than 401/403/408/429), or answered with an
-    upload URL that cannot be used: retrying will not help."""
+    """Retrying will not help: Roark refused the request, or its upload URL cannot be used.
+
+    Refused means a 4xx other than 401/403/408/429.
+    """

@@ -35,6 +35,8 @@ class _Base(msgspec.Struct, tag_field="k", omit_defaults=True, frozen=True):
 
 
 class CallOpened(_Base, tag="open", frozen=True):
+    """The call began (the pipeline's StartFrame), with the agent it is recorded for."""
+
     agent_id: str
     agent_name: str | None = None
     agent_prompt: str | None = None
@@ -80,6 +82,8 @@ class BotText(_Base, tag="bt", frozen=True):
 
 
 class ToolCall(_Base, tag="tc", frozen=True):
+    """The LLM asked for a function call (FunctionCallInProgressFrame)."""
+
     tool_call_id: str
     name: str
     arguments: str
@@ -87,6 +91,8 @@ class ToolCall(_Base, tag="tc", frozen=True):
 
 
 class ToolResult(_Base, tag="tr", frozen=True):
+    """A function call's result (FunctionCallResultFrame); ``content`` is already text."""
+
     tool_call_id: str
     name: str
     content: str
@@ -130,8 +136,22 @@ _decoder: msgspec.msgpack.Decoder[Event] = msgspec.msgpack.Decoder(Event)
 
 
 def encode_event(event: Event) -> bytes:
+    """An event as stored in the ``events`` table.
+
+    Returns:
+        Compact msgpack, tagged with the event's short on-disk tag.
+    """
     return _encoder.encode(event)
 
 
 def decode_event(body: bytes) -> Event:
+    """A stored event back, whatever its kind.
+
+    Returns:
+        The event ``encode_event`` stored.
+
+    Raises:
+        msgspec.DecodeError: ``body`` is not msgpack (a damaged page).
+        msgspec.ValidationError: it is, but not an event this version knows.
+    """
     return _decoder.decode(body)

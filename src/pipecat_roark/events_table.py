@@ -44,8 +44,14 @@ class StoredEvents:
 
 
 def read_events(conn: sqlite3.Connection, call_id: str) -> StoredEvents:
-    """A call's events in the order the observer saw them, skipping any that do not decode
-    (a damaged page, a body from a bad build): the rest of the call is still worth sending."""
+    """A call's events in the order the observer saw them, skipping any that do not decode.
+
+    A damaged page or a body from a bad build costs only that event: the rest of the call
+    is still worth sending.
+
+    Returns:
+        The events that decode, in order, and the row id and reason of each that did not.
+    """
     events: list[Event] = []
     undecodable: list[tuple[int, str]] = []
     for row_id, body in conn.execute(
@@ -59,12 +65,20 @@ def read_events(conn: sqlite3.Connection, call_id: str) -> StoredEvents:
 
 
 def load_events(conn: sqlite3.Connection, call_id: str) -> list[Event]:
-    """The events of ``read_events`` alone, for callers that only assemble."""
+    """The events of ``read_events`` alone, for callers that only assemble.
+
+    Returns:
+        The call's decodable events, in the order the observer saw them.
+    """
     return read_events(conn, call_id).events
 
 
 def last_event_body(conn: sqlite3.Connection, call_id: str) -> bytes | None:
-    """The encoded body of the call's newest event, or None when it has none."""
+    """The encoded body of the call's newest event, as stored.
+
+    Returns:
+        The body (a damaged one is the decoder's to refuse), or None when it has none.
+    """
     last = conn.execute(
         "SELECT body FROM events WHERE call_id = ? ORDER BY id DESC LIMIT 1", (call_id,)
     ).fetchone()
@@ -75,8 +89,12 @@ def last_event_body(conn: sqlite3.Connection, call_id: str) -> bytes | None:
 
 
 def bodies_to_check(conn: sqlite3.Connection, *, every_call: bool) -> Iterator[tuple[str, bytes]]:
-    """(call id, body) of every stored event of the calls whose payloads are still to be
-    sent (bounded by the backlog), or with ``every_call`` of every call. Read lazily."""
+    """The stored events worth decoding to look for damage; read lazily.
+
+    Returns:
+        (call id, body) of every stored event of the calls whose payloads are still to
+        be sent (bounded by the backlog), or with ``every_call`` of every call.
+    """
     rows: Iterator[tuple[str, bytes]] = conn.execute(
         "SELECT call_id, body FROM events WHERE call_id IN (SELECT id FROM calls)"
         if every_call
@@ -87,7 +105,11 @@ def bodies_to_check(conn: sqlite3.Connection, *, every_call: bool) -> Iterator[t
 
 
 def count_for_call(conn: sqlite3.Connection, call_id: str) -> int:
-    """How many events the call has stored."""
+    """How many events the call has stored.
+
+    Returns:
+        The row count.
+    """
     return int(
         conn.execute("SELECT count(*) FROM events WHERE call_id = ?", (call_id,)).fetchone()[0]
     )

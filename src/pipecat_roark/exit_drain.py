@@ -1,5 +1,6 @@
-"""Delivery on the way out: the bounded drain at process exit, and a call's own delivery
-when it ends while its host shuts down.
+"""Delivery on the way out: the bounded drain at process exit, and a call's last delivery.
+
+A call's own delivery is the one it gets when it ends while its host shuts down.
 
 Both build a ``Drainer`` for the one run they need, with the key of the object that asked
 (``DeliveryTarget``: the observer's own delivery settings); nothing here keeps a key.
@@ -29,17 +30,34 @@ class DeliveryTarget(Protocol):
     """Where and with which key one observer's calls are delivered (its ``CallDelivery``)."""
 
     @property
-    def directory(self) -> Path: ...
+    def directory(self) -> Path:
+        """The data directory the calls are recorded in."""
+        ...
+
     @property
-    def api_key(self) -> str | None: ...
+    def api_key(self) -> str | None:
+        """The key to deliver with; None: nothing is delivered at exit."""
+        ...
+
     @property
-    def base_url(self) -> str | None: ...
+    def base_url(self) -> str | None:
+        """Roark's address; None for the configured default."""
+        ...
+
     @property
-    def deliver(self) -> bool: ...
+    def deliver(self) -> bool:
+        """Whether the observer delivers at all (False: record only)."""
+        ...
+
     @property
-    def exit_drain_s(self) -> float: ...
+    def exit_drain_s(self) -> float:
+        """The longest the exit drain may take for these calls; 0 skips it."""
+        ...
+
     @property
-    def keep_delivered_audio(self) -> bool: ...
+    def keep_delivered_audio(self) -> bool:
+        """Keep chunk files once Roark has the whole call."""
+        ...
 
 
 def run_exit_drain(targets: Sequence[DeliveryTarget]) -> None:
@@ -85,8 +103,10 @@ async def _drain_targets(targets: Sequence[DeliveryTarget], deadline: float) -> 
 
 
 def _release_leases_of_this_process(directory: Path) -> None:
-    """The process's own drainers are gone or stuck: what they held is the exit drain's now
-    (a row they did send goes again with the same idempotency key)."""
+    """The process's own drainers are gone or stuck: what they held is the exit drain's now.
+
+    A row they did send goes again with the same idempotency key.
+    """
     conn = connect(directory)
     try:
         released = release_process_leases(conn, current_owner())

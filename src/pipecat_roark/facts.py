@@ -57,6 +57,10 @@ class PlayedTexts:
     Our audio processor notes each one inline as the transport hands it over, stamped
     with the pipeline clock; the observer records those stamped before the push it is
     looking at, so a played text lands where its push was.
+
+    Args:
+        recorder: the call's recorder, whose pipeline clock stamps each note.
+        record: records one played text as a fact.
     """
 
     def __init__(self, recorder: CallRecorder, record: Callable[[Frame], None]) -> None:
@@ -96,7 +100,13 @@ class PlayedTexts:
 
 
 class FrameFacts:
-    """The per-frame dispatch table and its handlers: frames in, facts to the recorder."""
+    """The per-frame dispatch table and its handlers: frames in, facts to the recorder.
+
+    Args:
+        recorder: the call's recorder, which receives every fact.
+        processor: the call's audio processor.
+        own: the processor is ours (it reports sample 0 inline), not one the user passed.
+    """
 
     def __init__(
         self, recorder: CallRecorder, processor: AudioBufferProcessor, *, own: bool
@@ -130,7 +140,12 @@ class FrameFacts:
         ]
 
     def resolve(self, cls: type) -> Handler | None:
-        """The handler of a frame class not seen before (None: ignored), remembered."""
+        """The handler of a frame class not seen before, remembered in ``dispatch``.
+
+        Returns:
+            The handler of the first rule the class matches, or None: frames of the
+            class are ignored.
+        """
         self._recorder.attached = True
         handler: Handler | None = None
         for types, candidate in self._rules:

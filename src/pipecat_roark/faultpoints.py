@@ -44,6 +44,9 @@ def inject(point: str, exc: BaseException, *, call_id: str | None = None, times:
     """Raise ``exc`` whenever ``point`` is reached for ``call_id`` (any call if None).
 
     ``times`` limits how often it fires (-1: every time), so a test can prove a retry.
+
+    Raises:
+        ValueError: ``point`` is not one of ``POINTS`` (a typo would never fire).
     """
     if point not in POINTS:
         raise ValueError(f"unknown fault point {point!r}; known: {', '.join(POINTS)}")

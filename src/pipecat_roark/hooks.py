@@ -15,7 +15,12 @@ __all__ = ["HookGuard"]
 
 
 class HookGuard:
-    """Logs a failure of one call's callbacks once per place and exception class."""
+    """Logs a failure of one call's callbacks once per place and exception class.
+
+    Args:
+        who: what the log lines name as failing (the observer).
+        call_id: the call whose callbacks these are.
+    """
 
     def __init__(self, who: object, call_id: str) -> None:
         self._who = who

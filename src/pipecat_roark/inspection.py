@@ -1,5 +1,4 @@
-"""Read-only views of the WAL for the CLI: queue status and health, the calls table,
-one call in full.
+"""Read-only views of the WAL for the CLI: queue status and health, calls, one call in full.
 
 Plain dicts of plain values, so ``--json`` prints exactly what the tables show. Every
 query runs on a connection opened with ``PRAGMA query_only``: looking never writes.
@@ -59,11 +58,14 @@ SALVAGE_NOTE = "salvaged:"
 
 
 def damaged_calls(conn: sqlite3.Connection, *, every_call: bool = False) -> dict[str, int]:
-    """Calls with stored events that do not decode → how many (-1: known only from the
-    note a drain left when it delivered the call without them).
+    """Calls with stored events that do not decode, and how many.
 
     By default only calls whose payloads are still to be sent are decoded (bounded by
     the backlog); ``every_call`` reads every event, for ``doctor``.
+
+    Returns:
+        Call id → undecodable events, sorted by id; -1 when known only from the note a
+        drain left when it delivered the call without them.
     """
     found: dict[str, int] = dict.fromkeys(calls_delivered_with_note(conn, SALVAGE_NOTE), -1)
     for call_id, body in bodies_to_check(conn, every_call=every_call):
@@ -75,8 +77,13 @@ def damaged_calls(conn: sqlite3.Connection, *, every_call: bool = False) -> dict
 
 
 def missing_chunks(conn: sqlite3.Connection, directory: Path) -> list[dict[str, Any]]:
-    """Undelivered chunks whose file is gone or not the recorded size (a cheap look: the
-    drainer checks the sha256 when it sends, and makes such a chunk dead)."""
+    """Undelivered chunks whose file is gone or not the recorded size.
+
+    A cheap look: the drainer checks the sha256 when it sends, and makes such a chunk dead.
+
+    Returns:
+        One dict per such chunk: call, index, path and the size on disk (None if gone).
+    """
     found = []
     for call_id, idx, path, size in undelivered_chunk_files(conn):
         try:
@@ -89,7 +96,11 @@ def missing_chunks(conn: sqlite3.Connection, directory: Path) -> list[dict[str, 
 
 
 def health(data: dict[str, Any], *, max_overdue_s: float) -> list[str]:
-    """Why ``queue_status`` data is unhealthy, one line per reason; empty when healthy."""
+    """Why ``queue_status`` data is unhealthy: the one health decision every caller shares.
+
+    Returns:
+        One line per reason, each saying what to do; empty when healthy.
+    """
     reasons = []
     if data["dead"]:
         reasons.append(f"{data['dead']} dead row(s): see `pipecat-roark calls --state dead`")
@@ -127,6 +138,10 @@ def queue_status(
     ``scan_damage=False`` skips decoding the events of undelivered calls and looking at
     their chunk files (what a metrics scrape, many times a minute, must not pay for); the
     verdict then rests on the counts alone.
+
+    Returns:
+        The status as ``status --json`` prints it (camelCase keys), with ``reasons`` and
+        ``healthy``.
     """
     by_state = dict.fromkeys(STATES, 0)
     by_kind: dict[str, dict[str, int]] = {
@@ -176,7 +191,12 @@ def _db_bytes(directory: Path) -> int:
 
 
 def call_state(state: str, delivered: int, total: int, dead: int) -> str:
-    """open (still recording) · dead (a row gave up) · delivered (all of it) · pending."""
+    """A call's state as the CLI shows it, from its row and its deliveries' tallies.
+
+    Returns:
+        ``open`` (still recording), ``dead`` (a row gave up), ``delivered`` (all of it)
+        or ``pending``.
+    """
     if state == "open":
         return "open"
     if dead:
@@ -194,6 +214,11 @@ def list_calls(
     since_us: int | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
+    """The calls table of ``pipecat-roark calls``, newest first, filtered.
+
+    Returns:
+        Up to ``limit`` calls, each a dict of plain values (camelCase keys).
+    """
     out: list[dict[str, Any]] = []
     for row in calls_table.call_summaries(conn, agent=agent, since_us=since_us):
         (
@@ -234,6 +259,12 @@ def list_calls(
 
 
 def call_detail(conn: sqlite3.Connection, call_id: str) -> dict[str, Any] | None:
+    """One call in full for ``pipecat-roark show``: what a drain would make of it.
+
+    Returns:
+        The call's row, damage, the payloads a drain would send (or why it cannot),
+        its deliveries and its event timeline; None when there is no such call.
+    """
     row = calls_table.call_row(conn, call_id)
     if row is None:
         return None
@@ -301,7 +332,11 @@ def call_detail(conn: sqlite3.Connection, call_id: str) -> dict[str, Any] | None
 
 
 def _iso_or_raw(at: int) -> str | int:
-    """A decodable event may still hold a time no calendar has: show the number."""
+    """A decodable event may still hold a time no calendar has: show the number.
+
+    Returns:
+        ``at`` as ISO 8601, or the number itself.
+    """
     try:
         return iso(at)
     except (ValueError, OverflowError, OSError):

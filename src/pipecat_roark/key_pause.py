@@ -21,7 +21,13 @@ __all__ = ["KeyPause"]
 
 
 class KeyPause:
-    """Whether this drainer's key is paused, and the database row that says so."""
+    """Whether this drainer's key is paused, and the database row that says so.
+
+    Args:
+        db: the drainer's database, where the ``paused_keys`` row lives.
+        key_fp: the key's fingerprint (never the key), as the row names it.
+        probe_every_s: how often a refused key is tried again.
+    """
 
     def __init__(self, db: DrainDatabase, key_fp: str | None, probe_every_s: float) -> None:
         self._db = db
@@ -36,7 +42,11 @@ class KeyPause:
         self._maybe_paused = True
 
     def probe_due(self) -> bool:
-        """A key paused by this drainer is due to be tried again."""
+        """A key paused by this drainer is due to be tried again.
+
+        Returns:
+            True once ``probe_every_s`` has passed since this drainer saw the key refused.
+        """
         return (
             self._paused_at is not None
             and time.monotonic() - self._paused_at >= self._probe_every_s

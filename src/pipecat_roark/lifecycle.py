@@ -140,7 +140,14 @@ PROCESS = ProcessState()
 
 
 def writer_for(directory: Path, **kwargs: Any) -> Writer:
-    """The process's writer for ``directory``, started on first use. Raises StoreError."""
+    """The process's writer for ``directory``, started on first use.
+
+    Returns:
+        The one live writer of this process for that database.
+
+    Raises:
+        StoreError: the database cannot be opened (a subclass says why).
+    """
     key = config.registry_key(directory)
     with PROCESS.writers_lock:
         writer = PROCESS.writers.get(key)
@@ -152,7 +159,11 @@ def writer_for(directory: Path, **kwargs: Any) -> Writer:
 
 
 def running_writer(directory: Path) -> Writer | None:
-    """This process's live writer for ``directory``, if one runs (never starts one)."""
+    """This process's live writer for ``directory``, if one runs (never starts one).
+
+    Returns:
+        The writer, or None.
+    """
     writer = PROCESS.writers.get(config.registry_key(directory))
     return writer if writer is not None and writer.alive else None
 
@@ -204,10 +215,13 @@ def register(observer: EndsAbruptly, delivery: DeliveryTarget) -> None:
 
 
 def shut_down(reason: str = "process-exit", *, close_writers: bool = True) -> None:
-    """The one shutdown order: finalize open calls, flush their writers, stop the
-    background drainers, run the exit drain, finalize calls that opened meanwhile, close
-    the writers (``close_writers``: not from the SIGTERM thread, which never takes the
-    writers' lock and leaves the process right after)."""
+    """The one shutdown order, for atexit and the SIGTERM thread.
+
+    Finalize open calls, flush their writers, stop the background drainers, run the
+    exit drain, finalize calls that opened meanwhile, close the writers
+    (``close_writers``: not from the SIGTERM thread, which never takes the writers'
+    lock and leaves the process right after).
+    """
     _finalize_open_calls(reason)
     for running in list(PROCESS.drainers.values()):
         running.stop_from_any_thread()
@@ -222,14 +236,20 @@ def shut_down(reason: str = "process-exit", *, close_writers: bool = True) -> No
 
 
 def host_is_shutting_down() -> bool:
-    """A host that handles SIGTERM itself got one: calls ending now deliver before exit."""
+    """A host that handles SIGTERM itself got one: calls ending now deliver before exit.
+
+    Returns:
+        True once such a SIGTERM arrived.
+    """
     return PROCESS.host_shutdown
 
 
 def install_exit_hooks() -> None:
-    """On every new observer (main thread only), look again at who handles SIGTERM: a
-    runner may have come and gone since the last call. (atexit runs ``shut_down`` from
-    this module's import on.)"""
+    """On every new observer (main thread only), look again at who handles SIGTERM.
+
+    A runner may have come and gone since the last call. (atexit runs ``shut_down`` from
+    this module's import on.)
+    """
     if threading.current_thread() is not threading.main_thread():
         return
     current = signal.getsignal(signal.SIGTERM)

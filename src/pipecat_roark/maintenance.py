@@ -48,7 +48,14 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(text: str) -> float:
-    """'90s', '30m', '12h', '7d', '2w' or plain seconds → seconds. Raises ConfigError."""
+    """'90s', '30m', '12h', '7d', '2w' or plain seconds → seconds.
+
+    Returns:
+        The duration in seconds.
+
+    Raises:
+        ConfigError: ``text`` is not a number with an optional unit (s, m, h, d, w).
+    """
     match = _DURATION.match(text)
     if match is None:
         raise ConfigError(f"{text!r} is not a duration: use e.g. 90s, 30m, 12h, 7d or 2w")
@@ -57,6 +64,8 @@ def parse_duration(text: str) -> float:
 
 @dataclass(frozen=True)
 class PruneResult:
+    """What ``prune_delivered`` removed: calls, and bytes of audio freed."""
+
     calls: int
     bytes: int
 
@@ -64,7 +73,11 @@ class PruneResult:
 def prune_delivered(
     conn: sqlite3.Connection, directory: Path, older_than_s: float, *, now: int
 ) -> PruneResult:
-    """Delete ended calls that were delivered whole (every row) and ended before the cutoff."""
+    """Delete ended calls that were delivered whole (every row) and ended before the cutoff.
+
+    Returns:
+        How many calls were deleted, and the bytes of their chunk files.
+    """
     cutoff = now - int(older_than_s * 1e6)
     victims = calls_table.delivered_whole_ended_before(conn, cutoff)
     freed = 0
@@ -79,12 +92,15 @@ def prune_delivered(
 def discard_delivered_audio(
     conn: sqlite3.Connection, directory: Path, call_id: str, *, now: int
 ) -> int:
-    """Delete a call's chunk files once Roark has the whole call; returns bytes freed.
+    """Delete a call's chunk files once Roark has the whole call.
 
     "Whole" means the call ended and every one of its rows is delivered: a call with a
     dead row keeps its audio for inspection and ``retry``. The rows stay (marked
     ``discarded_at``) until retention prunes the call, so ``show`` and ``calls`` still
     tell its story.
+
+    Returns:
+        The bytes freed (0 when the call is not delivered whole).
     """
     if not calls_table.delivered_whole(conn, call_id):
         return 0
@@ -101,6 +117,8 @@ def discard_delivered_audio(
 
 @dataclass(frozen=True)
 class ForgetResult:
+    """What ``forget_call`` erased: the call's state then, its rows and its audio bytes."""
+
     call_id: str
     state: str
     rows: int
@@ -113,7 +131,13 @@ def forget_call(
     """Erase one call's local data (rows, events, chunks), delivered or not: erasure requests.
 
     An open call is refused unless ``force``: its process may still be recording it, and
-    would write into a call that no longer exists. Raises PipecatRoarkError.
+    would write into a call that no longer exists.
+
+    Returns:
+        The call's state before, and how many rows and audio bytes were erased.
+
+    Raises:
+        PipecatRoarkError: there is no such call, or it is open and ``force`` is not set.
     """
     state = calls_table.call_record_state(conn, call_id)
     if state is None:
@@ -138,6 +162,8 @@ def forget_call(
 
 @dataclass(frozen=True)
 class ExportResult:
+    """The WAV ``export_wav`` wrote: where, from how many chunks, and its format."""
+
     path: Path
     chunks: int
     bytes: int
@@ -146,7 +172,16 @@ class ExportResult:
 
 
 def export_wav(conn: sqlite3.Connection, directory: Path, call_id: str, out: Path) -> ExportResult:
-    """Rebuild the recording from the chunk files, in index order, as a 16-bit WAV (0600)."""
+    """Rebuild the recording from the chunk files, in index order, as a 16-bit WAV (0600).
+
+    Returns:
+        The file written, with its chunk count, audio bytes, rate and channels.
+
+    Raises:
+        PipecatRoarkError: the call has no audio, a chunk row is missing (a gap), a
+            chunk file is gone, or ``out`` cannot be written. Nothing is left at ``out``
+            then.
+    """
     rows = chunks_table.recorded_chunks(conn, call_id)
     if not rows:
         raise PipecatRoarkError(f"call {call_id!r} has no recorded audio to export")
@@ -186,8 +221,14 @@ def private_file(out: Path) -> Iterator[BinaryIO]:
 
     The temp file comes from mkstemp (O_EXCL, 0600, an unguessable name) in the
     target's folder and is renamed over ``out`` only when complete: a rename replaces
-    a symlink at ``out`` itself, never writing or chmodding what it points at. Raises
-    PipecatRoarkError when the file cannot be created or put in place.
+    a symlink at ``out`` itself, never writing or chmodding what it points at.
+
+    Yields:
+        The temp file, open for binary writing; it becomes ``out`` if the block ends
+        without an exception, and is removed otherwise.
+
+    Raises:
+        PipecatRoarkError: the file cannot be created or put in place.
     """
     try:
         fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -214,6 +255,8 @@ def private_file(out: Path) -> Iterator[BinaryIO]:
 
 @dataclass(frozen=True)
 class Check:
+    """One line of ``doctor``: what was checked, whether it is fine, and what was found."""
+
     name: str
     ok: bool
     detail: str
@@ -222,7 +265,12 @@ class Check:
 def doctor(
     directory: Path, *, api_key: str | None, base_url: str | None, reachability: bool = True
 ) -> list[Check]:
-    """Everything that stops calls from being recorded or delivered, one check per line."""
+    """Everything that stops calls from being recorded or delivered, one check per line.
+
+    Returns:
+        The checks in order: directory, database, stored data, file modes, disk space,
+        API key, base URL (reached only with ``reachability``).
+    """
     checks: list[Check] = []
     if not directory.is_dir():
         checks.append(
@@ -277,16 +325,26 @@ def doctor(
 
 
 def repair(directory: Path) -> Path | None:
-    """Move a corrupt database aside (timestamped, never deleted) so the next call starts a
-    fresh one; returns where it went, or None when there is none or it is sound."""
+    """Move a corrupt database aside (timestamped, never deleted) for a fresh one to start.
+
+    Returns:
+        Where the database went, or None when there is none or it is sound.
+    """
     if not (directory / DB_NAME).exists() or damage(directory)[0] is None:
         return None
     return quarantine(directory)
 
 
 def damage(directory: Path) -> tuple[str | None, int]:
-    """(what is wrong, schema version): the first is None when the file opens and every
-    page passes ``integrity_check``. Other store errors (newer, foreign) raise."""
+    """What is wrong with the database file, if anything, read-only.
+
+    Returns:
+        What is wrong (None when the file opens and every page passes
+        ``integrity_check``) and the schema version (0 when it cannot be read).
+
+    Raises:
+        StoreError: the file is not ours to judge (newer, foreign, unavailable).
+    """
     try:
         conn = connect(directory, read_only=True)
     except StoreCorrupt as exc:
@@ -307,8 +365,14 @@ def damage(directory: Path) -> tuple[str | None, int]:
 
 
 def _stored_data_checks(directory: Path) -> list[Check]:
-    """Events that no longer decode (their calls go without them) and undelivered chunk
-    files that are gone (they go dead): salvaged, but worth knowing."""
+    """Stored data that was salvaged, but is worth knowing about.
+
+    Events that no longer decode (their calls go without them) and undelivered chunk
+    files that are gone (they go dead).
+
+    Returns:
+        The stored-events check and the chunk-files check.
+    """
     from .inspection import damaged_calls, missing_chunks
 
     conn = connect(directory, read_only=True)

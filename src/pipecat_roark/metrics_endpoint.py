@@ -47,10 +47,20 @@ class QueueCollector(Collector):
     """The queue's state read from each database at scrape time (read-only, never writes)."""
 
     def describe(self) -> list[Metric]:
+        """Nothing up front, for prometheus-client's registry.
+
+        Returns:
+            An empty list.
+        """
         # Nothing up front: registering must not read a database.
         return []
 
     def collect(self) -> Iterator[Metric]:
+        """Read every registered database now; one that cannot be read reports database_up 0.
+
+        Yields:
+            One gauge family per queue metric, a sample per database.
+        """
         families = {
             name: GaugeMetricFamily(name, doc, labels=["dir", *extra])
             for name, (doc, extra) in _QUEUE_GAUGES.items()
@@ -121,9 +131,15 @@ _QUEUE_GAUGES: dict[str, tuple[str, list[str]]] = {
 
 
 def serve(port: int, addr: str, directory: Path) -> int:
-    """Serve ``/metrics`` on ``addr:port`` (once per process and address); returns the port.
+    """Serve ``/metrics`` on ``addr:port`` (once per process and address).
 
-    Port 0 picks a free port. Raises OSError when the port cannot be bound.
+    Port 0 picks a free port.
+
+    Returns:
+        The port served.
+
+    Raises:
+        OSError: the port cannot be bound.
     """
     with PROCESS.lock:
         if PROCESS.metrics_collector is None:
@@ -139,7 +155,11 @@ def serve(port: int, addr: str, directory: Path) -> int:
 
 
 def resolve_port(explicit: int | None) -> int | None:
-    """The argument, else ``PIPECAT_ROARK_METRICS_PORT``; None: no endpoint."""
+    """The argument, else ``PIPECAT_ROARK_METRICS_PORT``.
+
+    Returns:
+        The port, or None: no endpoint (also for an invalid setting, which is logged).
+    """
     if explicit is not None:
         return explicit
     raw = os.environ.get(ENV_METRICS_PORT, "").strip()
@@ -155,5 +175,9 @@ def resolve_port(explicit: int | None) -> int | None:
 
 
 def resolve_addr() -> str:
-    """``PIPECAT_ROARK_METRICS_ADDR``, else all interfaces (what a Prometheus scrape needs)."""
+    """``PIPECAT_ROARK_METRICS_ADDR``, else all interfaces (what a Prometheus scrape needs).
+
+    Returns:
+        The address to bind.
+    """
     return os.environ.get(ENV_METRICS_ADDR, "").strip() or DEFAULT_METRICS_ADDR

@@ -166,6 +166,7 @@ class RoarkObserver(BaseObserver):
 
     @property
     def pipecat_call_id(self) -> str:
+        """The id this call is recorded and delivered under."""
         return self._recorder.call_id
 
     @property
@@ -175,6 +176,7 @@ class RoarkObserver(BaseObserver):
 
     @property
     def data_dir(self) -> Path:
+        """Where the WAL (``wal.sqlite`` and ``chunks/``) of this call lives."""
         return self._directory
 
     @property
@@ -196,6 +198,7 @@ class RoarkObserver(BaseObserver):
     # ---- BaseObserver hooks (each wrapped: an exception would silence us for good) ----
 
     async def on_push_frame(self, data: FramePushed) -> None:
+        """Turn a frame into facts for the call: a dict lookup, then an append. Never raises."""
         self._watchdog.last_frame = _monotonic()
         try:
             if self._played_pending:
@@ -214,6 +217,7 @@ class RoarkObserver(BaseObserver):
             self._hooks.failed("on_push_frame", exc)
 
     async def on_pipeline_started(self) -> None:
+        """The pipeline started: open the call (once). Never raises."""
         try:
             self._recorder.attached = True
             self._recorder.open(now_us())
@@ -221,6 +225,7 @@ class RoarkObserver(BaseObserver):
             self._hooks.failed("on_pipeline_started", exc)
 
     async def cleanup(self) -> None:
+        """The pipeline is tearing down: finish a call that never ended. Never raises."""
         try:
             await super().cleanup()
         except Exception as exc:
@@ -231,8 +236,11 @@ class RoarkObserver(BaseObserver):
             self._hooks.failed("cleanup", exc)
 
     def end_abruptly(self, reason: str) -> Writer | None:
-        """Process exit: finalize now without awaiting (the event loop may be gone or
-        blocked); returns the writer to flush if the call was open (see ``CallRecorder``)."""
+        """Process exit: finalize now without awaiting (the event loop may be gone or blocked).
+
+        Returns:
+            The writer to flush if the call was open (see ``CallRecorder``), else None.
+        """
         return self._recorder.end_abruptly(reason)
 
     # ---- what our audio processor and the recorder call back ----

@@ -39,7 +39,11 @@ class OpApplier:
         self._stats = stats
 
     def apply(self, work: Iterable[CallOp]) -> bool:
-        """Write ``work`` inside the caller's transaction; True if deliveries were added."""
+        """Write ``work`` inside the caller's transaction.
+
+        Returns:
+            True if deliveries were added (a drainer has new rows to claim).
+        """
         added = False
         events: list[tuple[str, bytes]] = []
         reached = faultpoints.reached
@@ -92,7 +96,12 @@ class OpApplier:
         stats.max_batch = max(stats.max_batch, count)
 
     def already_recorded(self, call_id: str) -> bool:
-        """Is ``call_id`` open here or in the database (a second session must be refused)?"""
+        """Is ``call_id`` open here or in the database (a second session must be refused)?
+
+        Returns:
+            True if it is; False also when the database cannot say (the op's own
+            transaction then meets the problem and reports it).
+        """
         if call_id in self._book.open_calls:
             return True
         try:
@@ -101,7 +110,11 @@ class OpApplier:
             return False
 
     def record_open_calls_again(self) -> list[str]:
-        """In a fresh database: open again the calls still open here, with their audio."""
+        """In a fresh database: open again the calls still open here, with their audio.
+
+        Returns:
+            The ids of the calls recorded again; the others are no longer recorded.
+        """
         book = self._book
         done = []
         now = now_us()

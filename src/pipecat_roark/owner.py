@@ -62,6 +62,11 @@ class Identity:
     container: str
 
     def token(self) -> str:
+        """The identity as the owner token stored on a call's row.
+
+        Returns:
+            ``v2:<boot>:<pidns>:<start>:<heartbeat ms>:<container>``, read by ``parse_identity``.
+        """
         return ":".join(
             (
                 _VERSION,
@@ -76,6 +81,12 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class Owner:
+    """The process recording a call, as stored on its row.
+
+    Host and pid are for people to read; the token (an ``Identity``) is for judging
+    whether the process is gone.
+    """
+
     host: str
     pid: int
     token: str
@@ -89,7 +100,12 @@ def _read(path: str) -> str:
 
 
 def _stat(pid: int | str) -> tuple[str, str] | None:
-    """(state, start time in clock ticks since boot) of a pid, from this process's /proc."""
+    """State and start time of a pid, from this process's /proc.
+
+    Returns:
+        The state letter and the start time in clock ticks since boot, or None when the
+        pid has no readable stat.
+    """
     raw = _read(f"/proc/{pid}/stat")
     # Fields after the parenthesised command name, which may hold spaces and parentheses.
     fields = raw[raw.rfind(")") + 2 :].split()
@@ -102,7 +118,11 @@ def _boot_id() -> str:
 
 
 def _pid_ns() -> str:
-    """The inode of this process's PID namespace (``pid:[4026531836]`` → ``4026531836``)."""
+    """The inode of this process's PID namespace (``pid:[4026531836]`` → ``4026531836``).
+
+    Returns:
+        The inode number as text, or ``""`` when it cannot be read.
+    """
     try:
         link = str(Path("/proc/self/ns/pid").readlink())
     except OSError:
@@ -112,7 +132,11 @@ def _pid_ns() -> str:
 
 
 def _proc_is_ours() -> bool:
-    """Whether /proc shows this PID namespace (a container may mount the host's /proc)."""
+    """Whether /proc shows this PID namespace (a container may mount the host's /proc).
+
+    Returns:
+        True when ``/proc/self`` names this process's own pid.
+    """
     try:
         return str(Path("/proc/self").readlink()) == str(os.getpid())
     except OSError:
@@ -121,7 +145,13 @@ def _proc_is_ours() -> bool:
 
 @cache
 def _container_id() -> str:
-    """Docker, containerd and CRI-O name the 64-hex container id in cgroup or mount paths."""
+    """This process's container id, for people reading ``show``.
+
+    Docker, containerd and CRI-O name the 64-hex container id in cgroup or mount paths.
+
+    Returns:
+        The first such id found, or ``""`` outside a container.
+    """
     lines = _read("/proc/self/cgroup").splitlines() + [
         line for line in _read("/proc/self/mountinfo").splitlines() if "/containers/" in line
     ]
@@ -150,16 +180,35 @@ def _seconds_from_env(name: str, default: float) -> float:
 
 
 def heartbeat_interval_s() -> float:
-    """``PIPECAT_ROARK_HEARTBEAT_S``, else 5 s: read when a process's writer starts."""
+    """``PIPECAT_ROARK_HEARTBEAT_S``, else 5 s: read when a process's writer starts.
+
+    Returns:
+        Seconds between heartbeats; an invalid setting is logged and the default used.
+    """
     return _seconds_from_env(ENV_HEARTBEAT_S, DEFAULT_HEARTBEAT_S)
 
 
 def orphan_grace_s() -> float:
-    """``PIPECAT_ROARK_ORPHAN_GRACE_S``, else 20 s: the default of ``DrainPolicy``."""
+    """``PIPECAT_ROARK_ORPHAN_GRACE_S``, else 20 s: the default of ``DrainPolicy``.
+
+    Returns:
+        Seconds of heartbeat silence before a call is ended; an invalid setting is
+        logged and the default used.
+    """
     return _seconds_from_env(ENV_ORPHAN_GRACE_S, DEFAULT_ORPHAN_GRACE_S)
 
 
 def current_owner(heartbeat_s: float | None = None) -> Owner:
+    """Who this process is, to stamp on the calls it records.
+
+    Args:
+        heartbeat_s: the heartbeat interval this process promises; None reads
+            ``heartbeat_interval_s()``.
+
+    Returns:
+        This host and pid, with a token that lets a checker in the same PID namespace
+        judge the pid and tells everyone else how long a silence to allow.
+    """
     pid = os.getpid()
     stat = _stat("self")
     identity = Identity(
@@ -173,7 +222,11 @@ def current_owner(heartbeat_s: float | None = None) -> Owner:
 
 
 def parse_identity(token: str) -> Identity | None:
-    """The identity in an owner token; None for tokens written before it existed."""
+    """The identity in an owner token.
+
+    Returns:
+        The parsed identity, or None for tokens written before it existed.
+    """
     parts = token.split(":")
     if len(parts) != 6 or parts[0] != _VERSION or not parts[4].isdigit():
         return None
@@ -181,8 +234,13 @@ def parse_identity(token: str) -> Identity | None:
 
 
 def effective_grace_us(token: str, grace_us: int) -> int:
-    """The grace, never shorter than a few of the owner's own heartbeat intervals: a bot
-    configured with slower heartbeats than a sidecar expects must not lose its calls."""
+    """The grace, never shorter than a few of the owner's own heartbeat intervals.
+
+    A bot configured with slower heartbeats than a sidecar expects must not lose its calls.
+
+    Returns:
+        ``grace_us``, or ``MISSED_HEARTBEATS`` of the owner's heartbeats if that is longer.
+    """
     identity = parse_identity(token)
     if identity is None:
         return grace_us
@@ -190,9 +248,14 @@ def effective_grace_us(token: str, grace_us: int) -> int:
 
 
 def owner_is_gone(host: str, pid: int, token: str) -> bool | None:
-    """True: the owner is certainly dead. False: alive. None: not ours to judge by pid.
+    """Whether a call's owner process is gone, judged by pid where that means something.
 
     ``host`` is kept for display only: equal hostnames prove nothing (pods, compose).
+
+    Returns:
+        True: the owner is certainly dead. False: alive. None: not ours to judge by pid
+        (another boot or PID namespace, an old token, or a pid we cannot tell apart), so
+        heartbeat age decides.
     """
     del host
     identity = parse_identity(token)

@@ -26,13 +26,21 @@ def pause_key(conn: sqlite3.Connection, key_fp: str, reason: str, now: int) -> b
 
 
 def unpause_key(conn: sqlite3.Connection, key_fp: str) -> bool:
-    """Lift the pause; returns True if the key was paused (so the caller says it once)."""
+    """Lift the pause on a key.
+
+    Returns:
+        True if the key was paused (so the caller says it once).
+    """
     with transaction(conn):
         return conn.execute("DELETE FROM paused_keys WHERE key_fp = ?", (key_fp,)).rowcount == 1
 
 
 def paused(conn: sqlite3.Connection) -> list[tuple[str, int, str]]:
-    """(key fingerprint, paused at, reason) of every paused key, by fingerprint."""
+    """Every paused key, by fingerprint.
+
+    Returns:
+        (key fingerprint, paused at, reason) of each.
+    """
     return conn.execute(
         "SELECT key_fp, paused_at, reason FROM paused_keys ORDER BY key_fp"
     ).fetchall()

@@ -52,7 +52,11 @@ def _reason(frame: Frame, default: str) -> str:
 def _writer_or_refusal(
     call_id: str, directory: Path, max_spool_bytes: int, min_free_bytes: int
 ) -> tuple[Writer | None, str | None]:
-    """The process's writer for the call, or why the call will not be recorded."""
+    """The process's writer for the call, or why the call will not be recorded.
+
+    Returns:
+        The writer and None, or None and the reason (a bad call id, an unusable store).
+    """
     refused = call_id_problem(call_id)
     if refused is not None:
         return None, refused
@@ -156,7 +160,11 @@ class CallRecorder:
             self.writer.submit(EventOp(self.call_id, event))
 
     def recording_started(self) -> bool:
-        """The recording's sample 0 passed now; False if it was already noted."""
+        """The recording's sample 0 passed now: note it (and open the call if need be).
+
+        Returns:
+            True if noted now; False if it was already noted.
+        """
         if self._sample_zero_recorded:
             return False
         self._sample_zero_recorded = True
@@ -216,11 +224,13 @@ class CallRecorder:
         await self._finish("unknown")
 
     def end_abruptly(self, reason: str) -> Writer | None:
-        """Process exit: finalize now without awaiting (the event loop may be gone or
-        blocked); returns the writer to flush if the call was open.
+        """Process exit: finalize now without awaiting (the event loop may be gone or blocked).
 
         The recording's tail still buffered in the AudioBufferProcessor (up to one chunk)
         cannot be flushed here and is lost; everything already recorded is kept.
+
+        Returns:
+            The writer to flush if the call was open, else None.
         """
         if not self._opened or self._finalized or self.writer is None:
             return None
@@ -253,6 +263,10 @@ class CallRecorder:
         awaits (the tail chunk, the commit: bounded), so there the cancellation is taken
         here, the end completes and the teardown goes on; ``PipelineRunner.run`` of those
         versions swallows the cancellation anyway. From 1.3 on it propagates as usual.
+
+        Raises:
+            CancelledError: the host cancelled the teardown (from Pipecat 1.3 on, or once
+                the end is complete).
         """
         while True:
             try:

@@ -42,11 +42,15 @@ _CHAIN_LIMIT = 256
 
 
 def _neighbours(start: FrameProcessor, upstream: bool) -> tuple[bool, bool]:
-    """Walk the pipeline from ``start`` one way: (an output transport met, all of it seen).
+    """Walk the pipeline from ``start`` one way, looking for an output transport.
 
     Nested ``Pipeline``s are climbed out of through their source/sink up to the worker;
     any other container (a ParallelPipeline, a pipeline met as one step) hides processors
     we cannot see, and makes the answer unknown.
+
+    Returns:
+        Whether an output transport was met that way, and whether the whole way was seen
+        (False: what lies beyond is unknown).
     """
     node: Any = start
     for _ in range(_CHAIN_LIMIT):
@@ -91,6 +95,12 @@ class RoarkAudioBufferProcessor(AudioBufferProcessor):
     Made by ``RoarkObserver`` (``roark.audio_processor``); it tells the call's recorder
     what passes, and the observer how to observe (``first_pushes_only``) and which TTS
     texts played (``note_played``).
+
+    Args:
+        recorder: the call's recorder, told what passes.
+        note_played: called inline as the output transport hands over a TTS text.
+        first_pushes_only: tells the observer to watch only each frame's first push.
+        **kwargs: AudioBufferProcessor's own arguments.
     """
 
     def __init__(
@@ -116,12 +126,18 @@ class RoarkAudioBufferProcessor(AudioBufferProcessor):
         *args: Any,
         **kwargs: Any,
     ) -> None:
+        """Note a TTS text as played when the output transport hands it on, then queue it."""
         # Called by the output transport as it pushes: exactly the moment the text played.
         if self._notes_played and isinstance(frame, TTSTextFrame):
             self._recorder.hooks.guard(self._note_played, self, frame, direction)
         await super().queue_frame(frame, direction, *args, **kwargs)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Buffer whole-sample audio and report sample 0, the StartFrame and the call's end.
+
+        A frame of partial samples is passed on unrecorded (Pipecat's buffer would raise
+        on it), and recording starts with the StartFrame.
+        """
         if isinstance(frame, _RECORDED_AUDIO):  # nearly every frame: one check, then the buffer
             if not _whole_samples(frame):
                 # Pipecat's buffer raises on a partial sample and the pipeline can stall on
@@ -145,6 +161,7 @@ class RoarkAudioBufferProcessor(AudioBufferProcessor):
             await self.start_recording()
 
     async def setup(self, setup: Any) -> None:
+        """Set up as Pipecat does, then choose how the observer watches this pipeline."""
         await super().setup(setup)
         # Linked and about to run, before any frame flows: the shape is known now.
         self._recorder.hooks.guard(self._choose_observation)
@@ -160,6 +177,10 @@ class RoarkAudioBufferProcessor(AudioBufferProcessor):
             self._first_pushes_only()  # no output transport: no push but the first matters
 
     async def cleanup(self) -> None:
+        """Clean up as Pipecat does, then tell the recorder the pipeline is tearing down.
+
+        If the observer was never attached, the call is finished from here.
+        """
         await super().cleanup()
         await self._recorder.processor_cleanup()
 

@@ -39,8 +39,15 @@ __all__ = ["RowDelivery"]
 
 
 class RowDelivery:
-    """Delivers single rows for one drainer (its database, policy, lease owner and key's
-    pause)."""
+    """Delivers single rows for one drainer, and settles each one's outcome.
+
+    Args:
+        db: the drainer's database.
+        policy: the drainer's retries, backoff and retention.
+        owner: the drainer's lease owner, which its claimed rows carry.
+        pause: the drainer's key pause, told of refusals and successes.
+        on_progress: called with the report after each batch of rows is marked delivered.
+    """
 
     def __init__(
         self,
@@ -61,9 +68,12 @@ class RowDelivery:
     # ---- one row ----
 
     async def deliver(self, client: RoarkClient, row: Delivery, report: DrainReport) -> None:
-        """The one boundary per row: whatever goes wrong with this row (our errors, httpx's,
-        a decoder's, a bug's) counts as an attempt of this row alone and is classified
-        here; nothing raised for one row reaches the other rows or stops the drain."""
+        """Deliver one claimed row: the one boundary per row, which never raises.
+
+        Whatever goes wrong with this row (our errors, httpx's, a decoder's, a bug's)
+        counts as an attempt of this row alone and is classified here; nothing raised for
+        one row reaches the other rows or stops the drain.
+        """
         try:
             size, note = await self._send_row(client, row)
         except AuthError as exc:
@@ -94,7 +104,14 @@ class RowDelivery:
         outbox.release(self._db.conn(), self._owner, row)
 
     async def _send_row(self, client: RoarkClient, row: Delivery) -> tuple[int, str | None]:
-        """Load, assemble and send one row; returns (chunk bytes sent, salvage note)."""
+        """Load, assemble and send one row.
+
+        Returns:
+            The chunk bytes sent (0 for an event) and the salvage note to keep, if any.
+
+        Raises:
+            Unsendable: the stored events cannot be assembled into the payload.
+        """
         if row.kind == "chunk":
             path, expected_size, sha = await self._db.run(lambda: chunk_file(self._db.conn(), row))
             data = await self._db.blocking(
@@ -131,8 +148,11 @@ class RowDelivery:
     async def _settle_delivered(
         self, row: Delivery, size: int, report: DrainReport, note: str | None
     ) -> None:
-        """Group commit for delivered rows: whoever finds no mark running marks everything
-        that piles up meanwhile in one transaction; the others go on delivering."""
+        """Group commit for delivered rows, one transaction for whatever piles up.
+
+        Whoever finds no mark running marks everything that piles up meanwhile; the
+        others go on delivering.
+        """
         self._to_mark.append((row, size, note))
         if self._marking:
             return
@@ -164,9 +184,15 @@ class RowDelivery:
     async def _mark_batch(
         self, batch: list[tuple[Delivery, int, str | None]], report: DrainReport
     ) -> set[int]:
-        """Mark a batch delivered; if that fails, each row alone, so one row that cannot be
-        marked keeps its failure to itself. Such a row is retried (same key: Roark
-        replays its answer) or, if even that cannot be written, left to its lease."""
+        """Mark a batch delivered; if that fails, each row alone.
+
+        So one row that cannot be marked keeps its failure to itself. Such a row is
+        retried (same key: Roark replays its answer) or, if even that cannot be written,
+        left to its lease.
+
+        Returns:
+            The ids of the rows now marked delivered.
+        """
         notes = {r.id: note for r, _, note in batch if note is not None}
         rows = [r for r, _, _ in batch]
         try:

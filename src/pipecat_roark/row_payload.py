@@ -39,13 +39,24 @@ the next attempt would fail the same way, so the row goes dead at once."""
 
 
 def describe(exc: BaseException) -> str:
-    """One line naming the exception, whatever its message holds."""
+    """One line naming the exception, whatever its message holds.
+
+    Returns:
+        ``Class: message`` on one line, the message cut to 500 characters.
+    """
     detail = " ".join(str(exc).split()) or "no detail"
     return f"{type(exc).__name__}: {detail[:500]}"
 
 
 def chunk_file(conn: sqlite3.Connection, row: Delivery) -> tuple[str, int, str]:
-    """(path, size, sha256) recorded for the chunk a row delivers."""
+    """What was recorded of the chunk a row delivers.
+
+    Returns:
+        Its path (relative to the data directory), size and sha256.
+
+    Raises:
+        Unsendable: the chunk has no row, so the row goes dead.
+    """
     found = chunks_table.chunk_file(conn, row.call_id, row.chunk_idx)
     if found is None:
         raise Unsendable(f"chunk {row.chunk_idx} of call {row.call_id!r} has no row")
@@ -58,6 +69,12 @@ def read_chunk(directory: Path, row: Delivery, path: str, size: int, sha: str) -
     A file that is gone, is not a file, or is not the bytes recorded is dead with the
     reason (call-ended then goes without it); other OS errors (EIO, EMFILE, EACCES)
     may pass and are retried.
+
+    Returns:
+        The chunk's bytes, checked against the recorded size and sha256.
+
+    Raises:
+        Unsendable: the file is gone, not a file, or not the bytes recorded.
     """
     faultpoints.reached("drain:read-chunk", row.call_id)
     try:
@@ -72,13 +89,21 @@ def read_chunk(directory: Path, row: Delivery, path: str, size: int, sha: str) -
 
 
 def load_events(conn: sqlite3.Connection, call_id: str) -> StoredEvents:
-    """A call's stored events, for assembling its call-started or call-ended."""
+    """A call's stored events, for assembling its call-started or call-ended.
+
+    Returns:
+        The events that decode, and what did not.
+    """
     faultpoints.reached("drain:load", call_id)
     return read_events(conn, call_id)
 
 
 def salvage_note(row: Delivery, stored: StoredEvents) -> str | None:
-    """What a delivered event row left out, kept on the row and logged once."""
+    """What a delivered event row left out, kept on the row and logged once.
+
+    Returns:
+        The note (it begins with ``salvaged:``), or None when every event decoded.
+    """
     if not stored.undecodable:
         return None
     total = len(stored.events) + len(stored.undecodable)

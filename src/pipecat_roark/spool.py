@@ -39,6 +39,8 @@ merge ``Call-1`` and ``call-1``), and never ``h-…``, the prefix of hashed name
 
 @dataclass(frozen=True, slots=True)
 class SpooledChunk:
+    """A chunk file made durable: where it is (relative to the data dir), its size and hash."""
+
     relpath: str
     size: int
     sha256: str
@@ -50,6 +52,9 @@ def call_folder(call_id: str) -> str:
     Distinct ids get distinct folders: a verbatim name cannot start with ``h-``, and the
     hash (128 bits of SHA-256 of the UTF-8 id) does not collide in practice. Ids that
     UTF-8 cannot encode are refused earlier, by ``capture.call_id_problem``.
+
+    Returns:
+        The id itself, or ``h-`` and 32 hex digits of its hash.
     """
     if _SAFE.match(call_id) and call_id not in (".", "..") and not call_id.startswith("h-"):
         return call_id
@@ -57,6 +62,11 @@ def call_folder(call_id: str) -> str:
 
 
 def chunk_relpath(call_id: str, index: int) -> str:
+    """Where chunk ``index`` of a call lives.
+
+    Returns:
+        ``chunks/<call folder>/<index, 6 digits>.pcm``, relative to the data directory.
+    """
     return f"chunks/{call_folder(call_id)}/{index:06d}.pcm"
 
 
@@ -69,7 +79,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _mkdir_private(path: Path) -> bool:
-    """mkdir 0700; True when it was created (its parent then needs an fsync)."""
+    """Make the folder 0700 if it is missing.
+
+    Returns:
+        True when it was created (its parent then needs an fsync).
+    """
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
@@ -78,7 +92,15 @@ def _mkdir_private(path: Path) -> bool:
 
 
 def write_chunk(root: Path, call_id: str, index: int, data: bytes) -> SpooledChunk:
-    """Write one chunk durably (tmp → fsync → rename → fsync folder). Raises OSError."""
+    """Write one chunk durably (tmp → fsync → rename → fsync folder).
+
+    Returns:
+        Where the chunk file is, with its size and sha256, for its row.
+
+    Raises:
+        OSError: the file could not be written (FileExistsError: another chunk file
+            already has its name).
+    """
     rel = chunk_relpath(call_id, index)
     target = root / rel
     folder = target.parent
@@ -119,6 +141,10 @@ def _link_no_clobber(tmp: Path, target: Path, data: bytes) -> None:
 
     Where the filesystem has no hard links (some network and FUSE mounts), a rename
     after an existence check does it: only this process's writer names its calls' chunks.
+
+    Raises:
+        FileExistsError: ``target`` holds other bytes (it is kept as it is).
+        OSError: the link or rename failed otherwise.
     """
     try:
         os.link(tmp, target)
@@ -134,7 +160,11 @@ def _link_no_clobber(tmp: Path, target: Path, data: bytes) -> None:
 
 
 def _same_or_refuse(target: Path, data: bytes) -> None:
-    """Writing a chunk again with the same bytes is a no-op; other bytes never replace it."""
+    """Writing a chunk again with the same bytes is a no-op; other bytes never replace it.
+
+    Raises:
+        FileExistsError: ``target`` holds other bytes.
+    """
     if target.read_bytes() != data:
         raise FileExistsError(
             errno.EEXIST,
@@ -145,7 +175,14 @@ def _same_or_refuse(target: Path, data: bytes) -> None:
 
 
 def read_chunk(root: Path, relpath: str) -> bytes:
-    """The bytes of a recorded chunk. Raises OSError (e.g. FileNotFoundError)."""
+    """The bytes of a recorded chunk.
+
+    Returns:
+        The whole file.
+
+    Raises:
+        OSError: it cannot be read (FileNotFoundError when it is gone).
+    """
     return (root / relpath).read_bytes()
 
 
@@ -158,10 +195,13 @@ def discard_chunk(root: Path, relpath: str) -> None:
 
 
 def remove_call(root: Path, call_id: str, relpaths: Iterable[str] = ()) -> int:
-    """Delete a call's chunk folder; returns the bytes freed.
+    """Delete a call's chunk folder.
 
     ``relpaths`` are the call's chunk rows: their folder is the call's whatever scheme
     named it (folder names changed once: ids with capitals were verbatim before).
+
+    Returns:
+        The bytes of the files deleted.
     """
     freed = 0
     names = {call_folder(call_id)} | {PurePosixPath(p).parent.name for p in relpaths}

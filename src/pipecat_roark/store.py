@@ -48,11 +48,18 @@ BUSY_TIMEOUT_MS = 5000
 
 
 def now_us() -> int:
+    """Wall-clock microseconds since the Unix epoch: the time unit of every stored row.
+
+    Returns:
+        The current time, in whole microseconds.
+    """
     return time.time_ns() // 1000
 
 
 @dataclass(frozen=True, slots=True)
 class Migration:
+    """One schema step: ``migrations/NNNN_name.sql``, applied once in its own transaction."""
+
     version: int
     name: str
     sql: str
@@ -67,7 +74,14 @@ def _migrations_dir() -> Path:
 
 
 def load_migrations() -> list[Migration]:
-    """The named, ordered list of migrations (``NNNN_name.sql``)."""
+    """The named, ordered list of migrations (``NNNN_name.sql``).
+
+    Returns:
+        Every migration, in version order from 1.
+
+    Raises:
+        RuntimeError: the files are not numbered 1..n without gaps (a packaging mistake).
+    """
     found = []
     for path in sorted(_migrations_dir().glob("[0-9][0-9][0-9][0-9]_*.sql")):
         version = int(path.name[:4])
@@ -86,7 +100,10 @@ def make_private_dirs(path: Path) -> None:
     """``mkdir -p`` where every folder created (parents too) is 0700, whatever the umask.
 
     ``Path.mkdir(parents=True)`` gives parents the umask's default (0777 under umask 0).
-    Raises OSError.
+
+    Raises:
+        NotADirectoryError: a file is in the way of ``path``.
+        OSError: a folder cannot be created or made private.
     """
     missing = []
     folder = path
@@ -105,7 +122,12 @@ def make_private_dirs(path: Path) -> None:
 
 
 def ensure_dir(path: Path) -> None:
-    """Create ``path`` (and parents) as 0700; tighten an existing folder we own."""
+    """Create ``path`` (and parents) as 0700; tighten an existing folder we own.
+
+    Raises:
+        StoreUnavailable: the folder cannot be created or is not writable (the message
+            says to set ``PIPECAT_ROARK_DIR``).
+    """
     try:
         make_private_dirs(path)
         if stat.S_IMODE(path.stat().st_mode) & 0o077 and path.stat().st_uid == os.getuid():
@@ -129,6 +151,9 @@ def _touch_private(db: Path) -> None:
     every POSIX lock this process holds on it, including SQLite's own. Another process
     could then believe it is alone, truncate the -shm file we have mapped, and this
     process dies of SIGBUS. Existing files only get a chmod, which touches no lock.
+
+    Raises:
+        StoreUnavailable: the file cannot be created or its mode set.
     """
     try:
         if not db.exists():
@@ -173,8 +198,18 @@ def connect(
 
     ``read_only`` opens for inspection: ``PRAGMA query_only`` guarantees looking never
     writes, and a database that would need migrating is reported, not changed.
-    Raises the StoreError subclass that says what is wrong and what to do.
-    """
+
+    Returns:
+        An autocommit connection (transactions are explicit, see ``transaction``), usable
+        from any thread.
+
+    Raises:
+        StoreUnavailable: no database to read, the folder or file cannot be used, it
+            stayed locked, the disk is full, or it needs migrating and ``read_only``.
+        StoreCorrupt: the file is damaged or not a database.
+        StoreForeign: a SQLite database pipecat-roark did not create (left unchanged).
+        StoreFromFuture: its schema is newer than this version (left unchanged).
+    """  # noqa: DOC501 (sqlite3 errors become one of these in _classify)
     db = directory / DB_NAME
     if read_only:
         if not db.exists():
@@ -291,8 +326,9 @@ def _statements(sql: str) -> Iterator[str]:
 def quarantine(directory: Path) -> Path:
     """Move a damaged ``wal.sqlite`` (and its -wal/-shm) aside; never delete it.
 
-    Returns the new path of the main file, ``wal.sqlite.corrupt-<UTC timestamp>``, kept
-    so its data can still be salvaged (``sqlite3 … .recover``).
+    Returns:
+        The new path of the main file, ``wal.sqlite.corrupt-<UTC timestamp>``, kept so
+        its data can still be salvaged (``sqlite3 … .recover``).
     """
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     db = directory / DB_NAME
@@ -312,7 +348,13 @@ def quarantine(directory: Path) -> Path:
 def transaction(
     conn: sqlite3.Connection, *, immediate: bool = True
 ) -> Iterator[sqlite3.Connection]:
-    """BEGIN (IMMEDIATE: take the write lock up front, so busy_timeout applies) … COMMIT."""
+    """BEGIN (IMMEDIATE: take the write lock up front, so busy_timeout applies) … COMMIT.
+
+    Anything raised inside rolls the transaction back and propagates.
+
+    Yields:
+        ``conn``, inside the transaction.
+    """
     conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield conn

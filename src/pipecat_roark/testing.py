@@ -64,7 +64,12 @@ TICK_MS = 20
 
 
 def tone(freq: float, ms: int, sample_rate: int = SAMPLE_RATE, start: int = 0) -> bytes:
-    """Mono s16le sine samples: a stand-in for speech that is easy to recognise in a WAV."""
+    """Mono s16le sine samples: a stand-in for speech that is easy to recognise in a WAV.
+
+    Returns:
+        ``ms`` milliseconds of a ``freq`` Hz sine, from sample ``start`` of the wave (so
+        consecutive pieces join without a click).
+    """
     count = sample_rate * ms // 1000
     return b"".join(
         struct.pack("<h", int(8000 * math.sin(2 * math.pi * freq * (start + i) / sample_rate)))
@@ -105,6 +110,8 @@ class Realtime:
 
 @dataclass(frozen=True)
 class Tool:
+    """The LLM calls a function and gets ``result``: an in-progress frame, then the result."""
+
     tool_call_id: str
     name: str
     arguments: Any
@@ -113,6 +120,8 @@ class Tool:
 
 @dataclass(frozen=True)
 class Pause:
+    """A pause: ``ms`` milliseconds of silence from the caller."""
+
     ms: int
 
 
@@ -125,7 +134,11 @@ Step = User | Bot | Realtime | Tool | Pause | Interrupt
 
 
 def default_script() -> list[Step]:
-    """Bot speaks first, the user asks, a tool runs, the bot answers and is interrupted."""
+    """Bot speaks first, the user asks, a tool runs, the bot answers and is interrupted.
+
+    Returns:
+        A fresh list of the steps, ending with the user's goodbye.
+    """
     return [
         Bot(["Hi,", "how", "can", "I", "help?"]),
         Pause(100),
@@ -181,12 +194,14 @@ class ScriptedCall(FrameProcessor):
         self._bot_phase = 0
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Pass every frame on; the StartFrame also starts playing the script."""
         await super().process_frame(frame, direction)
         await self.push_frame(frame, direction)
         if isinstance(frame, StartFrame) and self._task is None:
             self._task = self.create_task(self._play())
 
     async def cleanup(self) -> None:
+        """Stop a script still playing when the pipeline tears down."""
         await super().cleanup()
         if self._task is not None and not self._task.done():
             await self.cancel_task(self._task)
@@ -374,10 +389,16 @@ class PlayedOutput(BaseOutputTransport):
         self._resume = asyncio.Event()
 
     async def start(self, frame: StartFrame) -> None:
+        """Start as Pipecat's transports do, and be ready at once (nothing to connect)."""
         await super().start(frame)
         await self.set_transport_ready(frame)
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        """Keep the audio in ``played``, as if played; past ``budget_bytes``, stall first.
+
+        Returns:
+            True: the frame was written (Pipecat's contract for a transport).
+        """
         if self._budget is not None and len(self.played) >= self._budget:
             self.stalled.set()
             await self._resume.wait()
@@ -385,6 +406,7 @@ class PlayedOutput(BaseOutputTransport):
         return True
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Process as Pipecat's output transport does; an interruption ends a stall."""
         await super().process_frame(frame, direction)
         if isinstance(frame, InterruptionFrame):  # the queue is dropped: play on
             self._budget = None
@@ -393,6 +415,7 @@ class PlayedOutput(BaseOutputTransport):
     async def push_frame(
         self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM
     ) -> None:
+        """Push as Pipecat does, noting each TTS word released downstream in ``spoken``."""
         if isinstance(frame, TTSTextFrame) and direction == FrameDirection.DOWNSTREAM:
             self.spoken.append(frame.text)
         await super().push_frame(frame, direction)

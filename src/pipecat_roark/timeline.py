@@ -52,7 +52,11 @@ DEFAULT_RECOVERY_REASON = "observer-lost"
 
 
 def iso(at_us: int) -> str:
-    """ISO 8601 UTC with microseconds, the shape the reference sends (``…T10:00:00.123456+00:00``)."""
+    """ISO 8601 UTC with microseconds, the shape the reference sends.
+
+    Returns:
+        ``at_us`` (microseconds since the epoch) as ``…T10:00:00.123456+00:00``.
+    """
     seconds, micros = divmod(at_us, 1_000_000)
     return (
         datetime.fromtimestamp(seconds, UTC)
@@ -62,7 +66,14 @@ def iso(at_us: int) -> str:
 
 
 def assemble_call_started(call_id: str, events: Sequence[Event]) -> CallStarted:
-    """The call-started payload; raises ValueError if the call has no CallOpened event."""
+    """The call-started payload, from the call's CallOpened event.
+
+    Returns:
+        The call-started event to send, stamped when the call opened.
+
+    Raises:
+        ValueError: the call has no CallOpened event.
+    """
     opened = _opened(call_id, events)
     return CallStarted(
         pipecat_call_id=call_id,
@@ -84,6 +95,13 @@ def assemble_call_ended(
 
     A call without a CallClosed event (recovery after a crash) ends with
     ``reason_if_open`` at ``ended_at`` (default: its last event), pending text included.
+
+    Returns:
+        The call-ended event to send: times, reason, transcript, tool calls and the
+        recording's format when it has chunks.
+
+    Raises:
+        ValueError: the call has no CallOpened event.
     """
     opened = _opened(call_id, events)
     closed = next((e for e in events if isinstance(e, CallClosed)), None)
@@ -254,7 +272,11 @@ class _Turns:
 
 
 def _bot_source(events: Sequence[Event]) -> tuple[str, bool]:
-    """Which assistant text counts for this call: played TTS, else TTS, else LLM."""
+    """Which assistant text counts for this call: played TTS, else TTS, else LLM.
+
+    Returns:
+        The source to keep and whether only played text of it counts.
+    """
     texts = [e for e in events if isinstance(e, BotText)]
     if any(e.source == "tts" and e.played for e in texts):
         return ("tts", True)

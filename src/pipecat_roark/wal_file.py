@@ -40,21 +40,37 @@ class DatabaseDown(Exception):
 
 
 def is_disk_full(exc: BaseException | None) -> bool:
-    """Did ``exc`` come from a full disk (or quota, or file size limit)?"""
+    """Did ``exc`` come from a full disk (or quota, or file size limit)?
+
+    Returns:
+        True for ENOSPC, EDQUOT and EFBIG, and for SQLite's "full" errors.
+    """
     if isinstance(exc, OSError):
         return exc.errno in _DISK_FULL
     return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth a short retry: a brief OS shortage or hiccup, or SQLite's own I/O trouble."""
+    """Worth a short retry: a brief OS shortage or hiccup, or SQLite's own I/O trouble.
+
+    Returns:
+        True for the transient errnos (EMFILE, EIO, EAGAIN, ...) and SQLite's
+        OperationalError.
+    """
     if isinstance(exc, OSError):
         return exc.errno in _TRANSIENT_ERRNOS
     return isinstance(exc, sqlite3.OperationalError)
 
 
 class WalFile:
-    """The one write connection of a process to ``<directory>/wal.sqlite``."""
+    """The one write connection of a process to ``<directory>/wal.sqlite``.
+
+    Args:
+        directory: the data directory; a damaged database there is moved aside at once.
+        min_free_bytes: free space that must remain, beyond twice the reserve, before the
+            reserve file is (re)created.
+        stats: the writer's counters (``reopened`` counts fresh databases).
+    """
 
     def __init__(self, directory: Path, *, min_free_bytes: int, stats: WriterStats) -> None:
         self.directory = directory
@@ -68,7 +84,14 @@ class WalFile:
         """Records the calls still open here in a fresh database; returns their ids."""
 
     def db(self) -> sqlite3.Connection:
-        """The connection; after the file was lost, a fresh database (or DatabaseDown)."""
+        """The connection, reopened on a fresh database after the file was lost.
+
+        Returns:
+            The process's write connection to ``wal.sqlite``.
+
+        Raises:
+            DatabaseDown: the file was lost and no fresh database can be opened.
+        """
         if self._conn is None:
             return self._open_fresh()
         return self._conn
@@ -120,7 +143,12 @@ class WalFile:
         return conn
 
     def refuses_writes(self, exc: BaseException) -> bool:
-        """Is the database itself unwritable (rather than this op bad)? A probe write says."""
+        """Is the database itself unwritable (rather than this op bad)? A probe write says.
+
+        Returns:
+            True for a full disk, a locked or busy database, or a failing probe write;
+            False when the database takes writes, so the op that raised ``exc`` was bad.
+        """
         if not isinstance(exc, (sqlite3.Error, OSError)):
             return False
         text = str(exc).lower()
@@ -157,7 +185,11 @@ class WalFile:
             path.unlink(missing_ok=True)
 
     def make_room(self) -> bool:
-        """The disk is full: release the reserve, else checkpoint the -wal; True if room."""
+        """The disk is full: release the reserve, else checkpoint the -wal.
+
+        Returns:
+            True if either freed room; False if the disk is still as full.
+        """
         return self._release_reserve() or self._reclaim_wal()
 
     def _release_reserve(self) -> bool:
@@ -173,11 +205,14 @@ class WalFile:
         return True
 
     def _reclaim_wal(self) -> bool:
-        """Copy the -wal into the database and truncate it; True if that freed space.
+        """Copy the -wal into the database and truncate it.
 
         The -wal only shrinks at a checkpoint, and the automatic one waits for ~4 MB of
         frames, mostly older copies of the same few pages: on a full disk that is the
         room the end of a call needs.
+
+        Returns:
+            True if the -wal shrank.
         """
         wal = self.directory / f"{DB_NAME}-wal"
         try:
@@ -197,7 +232,11 @@ def _file_identity(directory: Path) -> tuple[int, int] | None:
 
 
 def _connect_or_quarantine(directory: Path) -> sqlite3.Connection:
-    """A bot must keep recording: a damaged database is moved aside and a fresh one started."""
+    """A bot must keep recording: a damaged database is moved aside and a fresh one started.
+
+    Returns:
+        A write connection to ``wal.sqlite``, a fresh one if the old file was damaged.
+    """
     try:
         return connect(directory)
     except StoreCorrupt as exc:

@@ -91,6 +91,8 @@ class CallStarted(
     omit_defaults=True,
     frozen=True,
 ):
+    """The call-started event: sent first, as soon as a call begins."""
+
     pipecat_call_id: str
     event_timestamp: str
     agent_id: str
@@ -106,6 +108,8 @@ class CallEnded(
     omit_defaults=True,
     frozen=True,
 ):
+    """The call-ended event: sent last, with the whole transcript and tool calls."""
+
     pipecat_call_id: str
     event_timestamp: str
     call_started_at: str
@@ -119,6 +123,8 @@ class CallEnded(
 
 
 class ChunkUploadUrlRequest(msgspec.Struct, rename="camel", frozen=True):
+    """Asks Roark where to PUT chunk ``chunk_index`` of a call's recording."""
+
     pipecat_call_id: str
     chunk_index: int
     content_type: str = PCM_CONTENT_TYPE
@@ -140,7 +146,15 @@ class _Envelope(msgspec.Struct):
 
 
 def decode_chunk_upload_url(body: bytes) -> ChunkUploadUrl:
-    """Accept both the bare and the ``{"data": …}`` shapes; raise msgspec.DecodeError/ValidationError otherwise."""
+    """Roark's chunk-upload-url answer, in the bare or the ``{"data": …}`` shape.
+
+    Returns:
+        Where and how to upload the chunk.
+
+    Raises:
+        msgspec.DecodeError: ``body`` is not JSON.
+        msgspec.ValidationError: the JSON has neither shape.
+    """
     raw = msgspec.json.decode(body)
     if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
         return msgspec.convert(raw["data"], ChunkUploadUrl)
@@ -151,7 +165,11 @@ _encoder = msgspec.json.Encoder()
 
 
 def encode(payload: msgspec.Struct) -> bytes:
-    """Compact JSON bytes of a wire Struct."""
+    """Compact JSON bytes of a wire Struct.
+
+    Returns:
+        The request body as sent: camelCase names, ``None`` fields left out.
+    """
     return _encoder.encode(payload)
 
 
@@ -164,23 +182,38 @@ _PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {"%"}
 
 
 def call_started_key(call_id: str) -> str:
-    """The idempotency key of a call's call-started event."""
+    """The idempotency key of a call's call-started event.
+
+    Returns:
+        ``<call_id>:call-started``.
+    """
     return f"{call_id}:call-started"
 
 
 def chunk_key(call_id: str, index: int) -> str:
-    """The idempotency key of chunk ``index`` of a call (its upload URL and its PUT)."""
+    """The idempotency key of chunk ``index`` of a call (its upload URL and its PUT).
+
+    Returns:
+        ``<call_id>:chunk:<index>``.
+    """
     return f"{call_id}:chunk:{index}"
 
 
 def call_ended_key(call_id: str) -> str:
-    """The idempotency key of a call's call-ended event."""
+    """The idempotency key of a call's call-ended event.
+
+    Returns:
+        ``<call_id>:call-ended``.
+    """
     return f"{call_id}:call-ended"
 
 
 def key_label(key: str, call_id: str) -> str:
-    """What a key names within its call (``call-started``, ``chunk:3``, ``call-ended``):
-    the inverse of the three key functions above, for display."""
+    """What a key names within its call, for display: the inverse of the key functions above.
+
+    Returns:
+        ``call-started``, ``chunk:3`` or ``call-ended``: ``key`` without its call id prefix.
+    """
     return key.removeprefix(f"{call_id}:")
 
 
@@ -195,6 +228,9 @@ def header_key(key: str) -> str:
     and every process sends the same header, and one-to-one: a plain key has no ``%``,
     an encoded one has at least one ``%XX`` escape and no other ``%``, a hashed one
     ``%sha256:``.
+
+    Returns:
+        The header value: the key itself, its percent-encoding, or a prefix and its hash.
     """
     if len(key) <= HEADER_KEY_MAX and all(c in _PLAIN for c in key) and key.strip(" ") == key:
         return key

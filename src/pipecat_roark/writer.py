@@ -91,6 +91,7 @@ class Writer:
     # ---- producer side (any thread, never blocks) ----
 
     def submit(self, op: Op) -> None:
+        """Queue ``op`` for the next commit (any thread, never blocks); restart a dead thread."""
         self._queue.put(op)
         if self._death is not None:
             self._restart()
@@ -100,11 +101,16 @@ class Writer:
         self._listeners.append(listener)
 
     def remove_commit_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling ``listener`` (one not added is ignored)."""
         if listener in self._listeners:
             self._listeners.remove(listener)
 
     def flush_sync(self, timeout: float) -> bool:
-        """Block until everything queued so far is committed (or ``timeout``)."""
+        """Block until everything queued so far is committed (or ``timeout``).
+
+        Returns:
+            True if it was committed in time; False on timeout or once closing.
+        """
         if self._closing:
             return False
         done = threading.Event()
@@ -117,7 +123,11 @@ class Writer:
         return True
 
     async def flush(self, limit_s: float) -> bool:
-        """Wait, without blocking the event loop, until everything queued is committed."""
+        """Wait, without blocking the event loop, until everything queued is committed.
+
+        Returns:
+            True if it was committed within ``limit_s``; False on timeout or once closing.
+        """
         if self._closing:
             return False
         loop = asyncio.get_running_loop()
@@ -141,7 +151,11 @@ class Writer:
             return True
 
     def close(self, timeout: float = 5.0) -> bool:
-        """Commit what is queued, then stop the thread and close the connection."""
+        """Commit what is queued, then stop the thread and close the connection.
+
+        Returns:
+            True if the thread stopped within ``timeout``.
+        """
         self._closing = True
         if self._thread.is_alive():
             self._queue.put(StopOp())

@@ -29,7 +29,11 @@ class CallIdReused(PipecatRoarkError):
 
 
 def reused(call_id: str, directory: Path) -> CallIdReused:
-    """The refusal of a second session under ``call_id``, saying what to do."""
+    """The refusal of a second session under ``call_id``, saying what to do.
+
+    Returns:
+        The error the op is dropped with, naming the call and the data directory.
+    """
     return CallIdReused(
         f"call id {call_id!r} is already recorded in {directory}; this second session is "
         "not recorded and the earlier call is kept as it was. Give each call its own "

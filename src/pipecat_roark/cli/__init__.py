@@ -1,4 +1,4 @@
-"""`pipecat-roark`: deliver what is queued, and see offline what is stuck and why.
+r"""`pipecat-roark`: deliver what is queued, and see offline what is stuck and why.
 
 A thin click layer over the library. Every command takes ``--dir`` (default
 ``PIPECAT_ROARK_DIR``, else the user state dir) and ``--json``. Exit codes: 0 ok,

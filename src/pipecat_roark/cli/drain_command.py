@@ -1,5 +1,7 @@
-"""``pipecat-roark drain``: deliver the queue once, or follow it as a sidecar, with a progress
-bar on a terminal."""
+"""``pipecat-roark drain``: deliver the queue once, or follow it as a sidecar.
+
+A progress bar shows on a terminal.
+"""
 
 from __future__ import annotations
 
@@ -154,8 +156,10 @@ def drain(
 
 
 class _Progress:
-    """A rich progress bar on a terminal (rows, calls, chunks, MB, MB/s, ETA); nothing
-    otherwise (a summary line follows)."""
+    """A rich progress bar on a terminal (rows, calls, chunks, MB, MB/s, ETA).
+
+    Nothing otherwise: a summary line follows.
+    """
 
     def __init__(self, total: int, *, enabled: bool) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn

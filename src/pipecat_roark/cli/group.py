@@ -1,5 +1,8 @@
-"""The ``pipecat-roark`` group and what every command shares: ``--dir``/``--json``, the
-one place errors become a line on stderr, and opening the database to read or to write."""
+"""The ``pipecat-roark`` group and what every command shares.
+
+``--dir``/``--json``, the one place errors become a line on stderr, and opening the
+database to read or to write.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +38,12 @@ class _Group(click.Group):
 
 
 def common_options(function: F) -> F:
-    """``--dir`` and ``--json``: the same on every command."""
+    """``--dir`` and ``--json``: the same on every command.
+
+    Returns:
+        ``function`` as a click callback that takes ``--dir`` and ``--json`` and calls it
+        with the resolved ``directory`` and ``as_json``.
+    """
 
     @click.option(
         "--dir",
@@ -57,7 +65,11 @@ def common_options(function: F) -> F:
 
 @contextmanager
 def reading(directory: Path) -> Iterator[sqlite3.Connection]:
-    """Open read-only (query_only): inspection never writes and never migrates."""
+    """Open read-only (query_only): inspection never writes and never migrates.
+
+    Yields:
+        A read-only connection to the database in ``directory``, closed on exit.
+    """
     conn = connect(directory, read_only=True)
     try:
         yield conn
@@ -75,6 +87,11 @@ def require_database(directory: Path) -> None:
 
 @contextmanager
 def writing(directory: Path) -> Iterator[sqlite3.Connection]:
+    """Open to write, for the commands that change local data; exits 2 if nothing was recorded.
+
+    Yields:
+        A writable connection to the existing database in ``directory``, closed on exit.
+    """
     require_database(directory)
     conn = connect(directory)
     try:
@@ -99,7 +116,11 @@ def main() -> None:
 
 
 def parse_since(text: str) -> int:
-    """``--since``: a duration back from now (2h, 7d) or an ISO date → epoch microseconds."""
+    """``--since``: a duration back from now (2h, 7d) or an ISO date → epoch microseconds.
+
+    Returns:
+        The moment ``text`` names, in microseconds since the epoch (exits 2 if it names none).
+    """
     from ..maintenance import parse_duration
 
     try:

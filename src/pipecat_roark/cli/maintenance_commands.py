@@ -1,5 +1,7 @@
-"""``export``, ``retry``, ``prune``, ``forget`` and ``doctor``: what an operator does to the
-local data, each a call into ``maintenance`` rendered as a line or JSON."""
+"""``export``, ``retry``, ``prune``, ``forget`` and ``doctor``: an operator's hands on local data.
+
+Each command is a call into ``maintenance`` rendered as a line or JSON.
+"""
 
 from __future__ import annotations
 

@@ -25,12 +25,20 @@ _CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]} | {
 
 
 def shown(value: object) -> str:
-    """Stored data as printable text: control characters (ESC, newline, …) made visible."""
+    """Stored data as printable text: control characters (ESC, newline, …) made visible.
+
+    Returns:
+        ``str(value)`` with each control character replaced by its escape, as text.
+    """
     return str(value).translate(_CONTROLS)
 
 
 def styled(text: str, style: str) -> Text:
-    """Our own colour on our own words: a style, never markup parsed out of the text."""
+    """Our own colour on our own words: a style, never markup parsed out of the text.
+
+    Returns:
+        ``text`` as a rich ``Text`` in ``style``, printed as it is.
+    """
     return Text(text, style=style)
 
 
@@ -46,7 +54,11 @@ def emit_json(data: Any) -> None:
 
 
 def format_age(seconds: float | None) -> str:
-    """An age as a person reads it: 45s, 12m, 3.5h (``none`` when there is none)."""
+    """An age as a person reads it: 45s, 12m, 3.5h (``none`` when there is none).
+
+    Returns:
+        Seconds under two minutes, minutes under two hours, else hours with one decimal.
+    """
     if seconds is None:
         return "none"
     if seconds < 120:
@@ -57,5 +69,9 @@ def format_age(seconds: float | None) -> str:
 
 
 def format_mb(size: int) -> str:
-    """Bytes as decimal megabytes, one decimal."""
+    """Bytes as decimal megabytes, one decimal.
+
+    Returns:
+        ``size`` as text such as ``12.3 MB``.
+    """
     return f"{size / 1e6:.1f} MB"

@@ -1,5 +1,7 @@
-"""The dev server's own API under ``/_dev``: what it received (calls, recordings, requests)
-and its fault settings, for the tests and the demo to read and change."""
+"""The dev server's own API under ``/_dev``, for the tests and the demo to read and change.
+
+What it received (calls, recordings, requests) and its fault settings.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +18,14 @@ __all__ = ["DevApi"]
 
 
 class DevApi:
-    """The ``/_dev`` routes over the server's state, request log and fault injector."""
+    """The ``/_dev`` routes over the server's state, request log and fault injector.
+
+    Args:
+        state: what the server received.
+        requests: the server's request log, cleared by ``POST /_dev/reset``.
+        lock: the server's lock over ``state``, held while resetting.
+        injector: the fault settings ``POST /_dev/config`` changes.
+    """
 
     def __init__(
         self,
@@ -31,6 +40,7 @@ class DevApi:
         self._injector = injector
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
+        """Serve the ``/_dev`` routes from ``router``'s application."""
         router.add_get("/_dev/calls", self._list_calls)
         router.add_get("/_dev/calls/{call_id}", self._get_call)
         router.add_get("/_dev/calls/{call_id}/recording.wav", self._recording)
@@ -87,5 +97,9 @@ class DevApi:
 
 
 def _call_id(request: web.Request) -> str:
-    """``/_dev/call?id=…`` (any id) or ``/_dev/calls/{id}`` (ids without a slash)."""
+    """``/_dev/call?id=…`` (any id) or ``/_dev/calls/{id}`` (ids without a slash).
+
+    Returns:
+        The call id the request names.
+    """
     return request.query["id"] if "id" in request.query else request.match_info["call_id"]

@@ -1,5 +1,8 @@
-"""What goes wrong in the dev server on purpose: the settings (``Faults``, changeable at run
-time through ``POST /_dev/config``) and how each request meets them (``FaultInjector``)."""
+"""What goes wrong in the dev server on purpose.
+
+The settings (``Faults``, changeable at run time through ``POST /_dev/config``) and how
+each request meets them (``FaultInjector``).
+"""
 
 from __future__ import annotations
 
@@ -52,7 +55,11 @@ class Abort(Exception):
 
 
 class FaultInjector:
-    """Applies the ``Faults`` to each request, with seeded chances so a run can be replayed."""
+    """Applies the ``Faults`` to each request, with seeded chances so a run can be replayed.
+
+    Args:
+        faults: the settings, kept and changed in place by ``configure``.
+    """
 
     def __init__(self, faults: Faults) -> None:
         self.faults = faults
@@ -60,8 +67,11 @@ class FaultInjector:
         self._rendezvous: list[asyncio.Event] = []
 
     def configure(self, **changes: Any) -> None:
-        """Change settings by name (a new ``seed`` restarts the chances); raises ValueError
-        for a name ``Faults`` does not have."""
+        """Change settings by name; a new ``seed`` restarts the chances.
+
+        Raises:
+            ValueError: a name ``Faults`` does not have (the settings before it are applied).
+        """
         for name, value in changes.items():
             if not hasattr(self.faults, name):
                 raise ValueError(f"unknown dev-server setting {name!r}")
@@ -70,11 +80,23 @@ class FaultInjector:
             self._rng = random.Random(self.faults.seed)
 
     def chance(self, rate: float) -> bool:
-        """True for a seeded fraction ``rate`` of calls (never draws when ``rate`` is 0)."""
+        """Whether this call is one of the seeded fraction ``rate`` that meets the fault.
+
+        Returns:
+            True for about ``rate`` of the calls; False without drawing when ``rate`` is 0.
+        """
         return bool(rate) and self._rng.random() < rate
 
     async def before_answer(self) -> web.Response | None:
-        """The injected answer for this request, if any; raises ``Abort`` to drop it."""
+        """The injected answer for this request, if any, after any injected wait.
+
+        Returns:
+            An error response to send instead of the real answer, or None to answer normally.
+
+        Raises:
+            Abort: the connection is to be dropped without an answer (a status 0 in
+                ``status_sequence``, or a ``reset_rate`` draw).
+        """
         faults = self.faults
         if faults.rendezvous:
             await self._meet()
@@ -110,8 +132,14 @@ class FaultInjector:
             await asyncio.wait_for(arrived.wait(), timeout=30)
 
     async def trickle(self, request: web.Request, response: web.Response) -> web.StreamResponse:
-        """Send the answer a byte at a time over ``trickle_s``: each byte comes well within
-        any per-read timeout, the whole answer does not. Stops when the client hangs up."""
+        """Send the answer a byte at a time over ``trickle_s``, a peer that is stuck but alive.
+
+        Each byte comes well within any per-read timeout, the whole answer does not. Stops
+        when the client hangs up.
+
+        Returns:
+            The streamed response, complete or cut short where the client went away.
+        """
         assert isinstance(response.body, bytes)
         body = response.body
         stream = web.StreamResponse(status=response.status)
@@ -134,6 +162,10 @@ class FaultInjector:
 
 
 def connected(request: web.Request) -> bool:
-    """Whether the client of ``request`` is still there to read an answer."""
+    """Whether the client of ``request`` is still there to read an answer.
+
+    Returns:
+        True while the request's transport is open and not closing.
+    """
     transport = request.transport
     return transport is not None and not transport.is_closing()

@@ -1,6 +1,8 @@
-"""The dev server itself: Roark's two endpoints and the object storage behind its presigned
-URLs, over the received state (``state``), the fault injector (``faults``) and the ``/_dev``
-API (``dev_api``); ``serve`` runs it in the foreground and ``spawn`` as a process."""
+"""The dev server itself: Roark's two endpoints and the object storage behind its URLs.
+
+It works over the received state (``state``), the fault injector (``faults``) and the
+``/_dev`` API (``dev_api``); ``serve`` runs it in the foreground and ``spawn`` as a process.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +35,14 @@ STORAGE_PREFIX = "/_storage/"
 
 
 class DevServer:
-    """The server, in this event loop. ``async with DevServer() as s: s.base_url``."""
+    """The server, in this event loop. ``async with DevServer() as s: s.base_url``.
+
+    Args:
+        data_dir: where received state and recordings are kept; a temporary folder,
+            removed on ``stop``, when None.
+        port: the loopback port to listen on; 0 picks a free one (see ``port`` once started).
+        faults: what goes wrong on purpose; none by default.
+    """
 
     def __init__(
         self, *, data_dir: Path | None = None, port: int = 0, faults: Faults | None = None
@@ -65,9 +74,11 @@ class DevServer:
 
     @property
     def base_url(self) -> str:
+        """Where clients reach the server, ``http://127.0.0.1:<port>`` once started."""
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
+        """Listen on loopback (a free port when ``port`` is 0) and start saving state."""
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post(EVENT_PATH, self._event)
         app.router.add_post(UPLOAD_URL_PATH, self._upload_url)
@@ -89,6 +100,7 @@ class DevServer:
             self._state.write()
 
     async def stop(self) -> None:
+        """Stop listening, with the received state written to disk (a temporary data dir goes)."""
         if self._persister is not None:
             self._persister.cancel()
             self._persister = None
@@ -269,7 +281,11 @@ class DevServer:
             return self._state.arrived(call_id, f"put:{index}", web.Response(status=200))
 
     def _out_of_order(self, call_id: str, what: str) -> web.Response | None:
-        """In strict mode, the 409 for a request that Roark's per-call order forbids now."""
+        """In strict mode, refuse a request that Roark's per-call order forbids now.
+
+        Returns:
+            The 409 to answer with, or None when the request may be served.
+        """
         if not self.faults.strict_order:
             return None
         problem = self._state.order_problem(call_id, what)
@@ -283,8 +299,12 @@ class DevServer:
 
 
 def _object_name(call_id: str) -> str:
-    """A folder name for any call id: readable, and distinct for distinct ids (the hash),
-    however alike they look once made safe or cut short."""
+    """A folder name for any call id: readable, and distinct for distinct ids.
+
+    Returns:
+        The id made safe and cut to 80 characters, then a hash of the whole id, so ids
+        that look alike once made safe or cut short still get distinct folders.
+    """
     readable = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in call_id)
     digest = hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"{readable[:80]}-{digest}"
@@ -297,7 +317,11 @@ def serve(
     data_dir: Path | None = None,
     faults: Faults | None = None,
 ) -> None:
-    """Run until Ctrl-C (the ``pipecat-roark dev-server`` command). Loopback only."""
+    """Run until Ctrl-C or SIGTERM (the ``pipecat-roark dev-server`` command). Loopback only.
+
+    Raises:
+        ValueError: ``host`` is not a loopback address.
+    """
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError("the dev server binds to loopback only")
 
@@ -316,9 +340,15 @@ def serve(
 
 
 def spawn(data_dir: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
-    """The dev server as a process of its own on a free loopback port: (process, base URL).
+    """The dev server as a process of its own on a free loopback port.
 
     For tests and benchmarks that must not share an event loop (or a GIL) with it.
+
+    Returns:
+        The running process (the caller stops it) and the base URL it listens on.
+
+    Raises:
+        RuntimeError: the process did not announce that it listens (it is killed).
     """
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipecat_roark.devserver", "--port", "0", "--data", str(data_dir)]

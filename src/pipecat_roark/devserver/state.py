@@ -1,5 +1,8 @@
-"""What the dev server received, kept on disk: events, chunk objects, idempotency records
-and per-call arrival order, mirrored to ``state.json`` in its data dir."""
+"""What the dev server received, kept on disk so a restarted server still knows it.
+
+Events, chunk objects, idempotency records and per-call arrival order, mirrored to
+``state.json`` in its data dir.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +34,11 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 class ReceivedState:
-    """What the server received, mirrored to ``state.json`` and chunk files in its data dir."""
+    """What the server received, mirrored to ``state.json`` and chunk files in its data dir.
+
+    Args:
+        directory: the data dir; ``load`` is the way in, which reads what it already holds.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -44,6 +51,11 @@ class ReceivedState:
 
     @classmethod
     def load(cls, directory: Path) -> ReceivedState:
+        """Open the data dir (created 0700), with what an earlier run saved in ``state.json``.
+
+        Returns:
+            The state saved there, or an empty one for a new data dir.
+        """
         make_private_dirs(directory)
         state = cls(directory)
         saved = directory / "state.json"
@@ -56,11 +68,14 @@ class ReceivedState:
         return state
 
     def changed(self) -> None:
-        """Mark for the next write (every 0.2 s and at stop): rewriting the whole file
-        per request would make a large backlog quadratic."""
+        """Mark for the next write (every 0.2 s and at stop), instead of writing now.
+
+        Rewriting the whole file per request would make a large backlog quadratic.
+        """
         self.dirty = True
 
     def write(self) -> None:
+        """Save to ``state.json`` (through a 0600 temp file and a rename) if anything changed."""
         if not self.dirty:
             return
         self.dirty = False
@@ -79,6 +94,7 @@ class ReceivedState:
         tmp.replace(self.directory / "state.json")
 
     def reset(self) -> None:
+        """Forget every call, key and arrival (``POST /_dev/reset``); chunk files stay."""
         self.calls.clear()
         self.idempotency.clear()
         self.pending_chunks.clear()
@@ -92,6 +108,12 @@ class ReceivedState:
         )
 
     def replay(self, key: str | None, body: bytes) -> web.Response | None:
+        """The stored answer to a repeated Idempotency-Key, as Roark replays it.
+
+        Returns:
+            The first answer again (marked ``Idempotent-Replayed``), a 422 if the key comes
+            back with a different body, or None for a key not seen (or no key).
+        """
         seen = None if key is None else self.idempotency.get(key)
         if seen is None:
             return None
@@ -109,6 +131,11 @@ class ReceivedState:
     def remember(
         self, key: str | None, body: bytes, response: web.Response, *, call_id: str | None = None
     ) -> web.Response:
+        """Keep ``response`` as the answer to ``key``, for ``replay`` to send again.
+
+        Returns:
+            ``response`` itself, to send now.
+        """
         assert isinstance(response.body, bytes)
         if key is None:  # without a key a retry is a new request: nothing to replay
             return response
@@ -124,6 +151,7 @@ class ReceivedState:
         return response
 
     def record_event(self, payload: CallStarted | CallEnded, raw: dict[str, Any]) -> None:
+        """Keep an accepted event's JSON on its call, and count how often it came."""
         call = self._call(payload.pipecat_call_id)
         field_name = "callStarted" if isinstance(payload, CallStarted) else "callEnded"
         call[field_name] = raw
@@ -131,13 +159,23 @@ class ReceivedState:
         call["eventCounts"][field_name] += 1
 
     def arrived(self, call_id: str, what: str, response: web.Response) -> web.Response:
+        """Log that ``what`` of a call reached a handler, with the status it is answered.
+
+        Returns:
+            ``response`` itself, to send now.
+        """
         self.arrivals.setdefault(call_id, []).append({"request": what, "status": response.status})
         self.changed()
         return response
 
     def order_problem(self, call_id: str, what: str) -> str | None:
-        """Why ``what`` may not arrive now: Roark's order is call-started, then chunks (each
-        URL minted, then PUT), then call-ended."""
+        """Why ``what`` may not arrive now, in Roark's per-call order.
+
+        That order is call-started, then chunks (each URL minted, then PUT), then call-ended.
+
+        Returns:
+            The reason, worded to follow the request's name, or None when it may arrive.
+        """
         call = self.calls.get(call_id)
         if what == "call-started":
             return None
@@ -153,13 +191,19 @@ class ReceivedState:
         return None
 
     def chunk_of(self, s3_key: str) -> tuple[str, int]:
-        """(call id, chunk index) of an object key."""
+        """Which chunk an object key holds.
+
+        Returns:
+            The call id and chunk index, from the minted URL or else parsed from the key.
+        """
         return self.pending_chunks.get(s3_key, (s3_key.split("/")[1], int(s3_key[-10:-4])))
 
     def expect_chunk(self, s3_key: str, call_id: str, index: int) -> None:
+        """Remember which chunk a minted upload URL's object key is for."""
         self.pending_chunks[s3_key] = (call_id, index)
 
     def store_chunk(self, s3_key: str, data: bytes) -> None:
+        """Save a PUT chunk as a 0600 file and note its size, hash and PUT count on its call."""
         call_id, index = self.chunk_of(s3_key)
         path = self.directory / s3_key
         make_private_dirs(path.parent)
@@ -170,6 +214,12 @@ class ReceivedState:
         self.changed()
 
     def summaries(self) -> list[dict[str, Any]]:
+        """One line per call for ``GET /_dev/calls``.
+
+        Returns:
+            Per call: its id, agent, whether it started and ended, its chunk indexes and
+            end reason.
+        """
         out = []
         for call_id, call in self.calls.items():
             ended = call["callEnded"] or {}
@@ -186,6 +236,14 @@ class ReceivedState:
         return out
 
     def wav(self, call_id: str) -> bytes:
+        """A call's recording as Roark would assemble it from the chunks it received.
+
+        Returns:
+            A WAV file of the chunks in order, at the rate and channels call-ended named.
+
+        Raises:
+            LookupError: no such call, it has not ended, or a chunk is missing.
+        """
         call = self.calls.get(call_id)
         if call is None:
             raise LookupError(f"no call {call_id!r}")
@@ -204,7 +262,11 @@ class ReceivedState:
 
 
 def wav_bytes(pcm: bytes, sample_rate: int, num_channels: int) -> bytes:
-    """A 16-bit PCM WAV file around ``pcm``."""
+    """A 16-bit PCM WAV file around ``pcm``.
+
+    Returns:
+        The RIFF header followed by ``pcm`` as it is.
+    """
     block = num_channels * 2
     header = b"RIFF" + struct.pack("<I", 36 + len(pcm)) + b"WAVE"
     header += b"fmt " + struct.pack(
@@ -214,6 +276,10 @@ def wav_bytes(pcm: bytes, sample_rate: int, num_channels: int) -> bytes:
 
 
 def error_response(status: int, message: str, *, retry_after: float | None = None) -> web.Response:
-    """A JSON ``{"error": …}`` answer, as Roark sends them (with Retry-After on 429)."""
+    """A JSON ``{"error": …}`` answer, as Roark sends them (with Retry-After on 429).
+
+    Returns:
+        The response, with a Retry-After header when ``retry_after`` is given.
+    """
     headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
     return web.json_response({"error": message}, status=status, headers=headers)

@@ -18,15 +18,27 @@ __all__ = [
 
 
 def lease_owner_id(owner: Owner, instance: str) -> str:
-    """A lease owner names its process (with the identity that makes its pid meaningful),
-    so a checker in the same PID namespace can take a dead process's leases back early."""
+    """The lease owner a drainer writes on the rows it claims.
+
+    It names its process (with the identity that makes its pid meaningful), so a checker
+    in the same PID namespace can take a dead process's leases back early.
+
+    Returns:
+        ``host|pid|owner token|instance``.
+    """
     return f"{owner.host}|{owner.pid}|{owner.token}|{instance}"
 
 
 def release_process_leases(conn: sqlite3.Connection, owner: Owner) -> int:
-    """At exit, every lease this process still holds goes back: a drainer cancelled while
-    its claim was in flight leaves one behind, and the exit drain must not wait out a
-    lease of its own process (on an ephemeral disk, that row would be lost)."""
+    """At exit, every lease this process still holds goes back.
+
+    A drainer cancelled while its claim was in flight leaves one behind, and the exit
+    drain must not wait out a lease of its own process (on an ephemeral disk, that row
+    would be lost).
+
+    Returns:
+        How many rows were handed back.
+    """
     mine = parse_identity(owner.token)
     released = 0
     for (lease_owner,) in conn.execute(
@@ -53,6 +65,9 @@ def release_dead_owners(conn: sqlite3.Connection) -> int:
     Certainly dead means judged by pid from inside the drainer's own PID namespace on
     the same boot; a drainer anywhere else (another container of the pod, another host)
     keeps its leases until they expire, the lease being its heartbeat.
+
+    Returns:
+        How many rows were handed back.
     """
     owners = [
         r[0]

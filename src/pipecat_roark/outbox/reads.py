@@ -1,5 +1,6 @@
-"""The read side and upkeep of the outbox: counts, errors and rows for inspection,
-maintenance and the CLI (the drainer never reads through here).
+"""The read side and upkeep of the outbox, for inspection, maintenance and the CLI.
+
+Counts, errors and rows; the drainer never reads through here.
 
 A read about rows that JOINs ``chunks`` or ``calls`` (how many bytes the undelivered
 chunks hold) is here: a statement lives with the table its outermost ``FROM`` names.
@@ -31,7 +32,11 @@ __all__ = [
 
 
 def undelivered_audio_bytes(conn: sqlite3.Connection) -> int:
-    """Bytes of recorded chunks Roark does not have yet (pending, leased or dead)."""
+    """Bytes of recorded chunks Roark does not have yet (pending, leased or dead).
+
+    Returns:
+        Their recorded size in bytes, 0 when there are none.
+    """
     row = conn.execute(
         "SELECT COALESCE(SUM(c.size), 0) FROM deliveries d"
         " JOIN chunks c ON c.call_id = d.call_id AND c.idx = d.chunk_idx"
@@ -43,8 +48,12 @@ def undelivered_audio_bytes(conn: sqlite3.Connection) -> int:
 def undelivered_counts(
     conn: sqlite3.Connection, *, key_fp: str | None, call_id: str | None = None
 ) -> tuple[int, int, list[str]]:
-    """What a drain with ``key_fp`` leaves behind: (its rows pending or leased, its dead
-    rows, the calls with undelivered rows recorded under another key)."""
+    """What a drain with ``key_fp`` leaves behind (of all calls, or only ``call_id``).
+
+    Returns:
+        Its rows pending or leased, its dead rows, and the calls with undelivered rows
+        recorded under another key.
+    """
     mine = "(c.key_fp IS NULL OR c.key_fp = ?) AND (? IS NULL OR d.call_id = ?)"
     pending = conn.execute(
         "SELECT count(*) FROM deliveries d JOIN calls c ON c.id = d.call_id"
@@ -61,14 +70,22 @@ def undelivered_counts(
 
 
 def count_for_call(conn: sqlite3.Connection, call_id: str) -> int:
-    """How many delivery rows the call has, in any state."""
+    """How many delivery rows the call has, in any state.
+
+    Returns:
+        The row count.
+    """
     return int(
         conn.execute("SELECT count(*) FROM deliveries WHERE call_id = ?", (call_id,)).fetchone()[0]
     )
 
 
 def queued_count(conn: sqlite3.Connection) -> int:
-    """Rows still to be delivered (pending or leased): what a drain starts with."""
+    """Rows still to be delivered (pending or leased): what a drain starts with.
+
+    Returns:
+        The row count.
+    """
     return int(
         conn.execute(
             "SELECT count(*) FROM deliveries WHERE state IN ('pending', 'leased')"
@@ -77,7 +94,11 @@ def queued_count(conn: sqlite3.Connection) -> int:
 
 
 def counts_by_kind_and_state(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
-    """(kind, state, rows) for every kind and state that has rows: the queue's depth."""
+    """The queue's depth by kind and state.
+
+    Returns:
+        (kind, state, rows) for every kind and state that has rows.
+    """
     return [
         (str(kind), str(state), int(count))
         for kind, state, count in conn.execute(
@@ -87,7 +108,11 @@ def counts_by_kind_and_state(conn: sqlite3.Connection) -> list[tuple[str, str, i
 
 
 def oldest_queued_at(conn: sqlite3.Connection) -> int | None:
-    """When the oldest row still to be delivered was queued (µs), or None."""
+    """When the oldest row still to be delivered was queued.
+
+    Returns:
+        Its creation time in microseconds, or None when nothing is queued.
+    """
     oldest = conn.execute(
         "SELECT MIN(created_at) FROM deliveries WHERE state IN ('pending', 'leased')"
     ).fetchone()[0]
@@ -95,7 +120,11 @@ def oldest_queued_at(conn: sqlite3.Connection) -> int | None:
 
 
 def last_undelivered_error(conn: sqlite3.Connection) -> tuple[str, str] | None:
-    """(idempotency key, error) of the newest row not delivered that has an error, or None."""
+    """The newest error of a row not delivered.
+
+    Returns:
+        That row's idempotency key and error, or None when no such row has one.
+    """
     row = conn.execute(
         "SELECT idempotency_key, last_error FROM deliveries WHERE last_error IS NOT NULL"
         " AND state != 'delivered' ORDER BY id DESC LIMIT 1"
@@ -104,8 +133,13 @@ def last_undelivered_error(conn: sqlite3.Connection) -> tuple[str, str] | None:
 
 
 def earliest_untouched_due_at(conn: sqlite3.Connection) -> int | None:
-    """When the longest-waiting row fell due (µs), or None: pending past its next attempt,
-    or leased past its lease's end. Far in the past means no drainer is working."""
+    """When the longest-waiting row fell due: far in the past means no drainer is working.
+
+    A pending row falls due at its next attempt, a leased one at its lease's end.
+
+    Returns:
+        That time in microseconds, or None when nothing is queued.
+    """
     due = conn.execute(
         "SELECT MIN(CASE WHEN state = 'pending' THEN next_attempt_at ELSE lease_expires_at END)"
         " FROM deliveries WHERE state IN ('pending', 'leased')"
@@ -114,7 +148,11 @@ def earliest_untouched_due_at(conn: sqlite3.Connection) -> int | None:
 
 
 def calls_delivered_with_note(conn: sqlite3.Connection, prefix: str) -> list[str]:
-    """Calls with a delivered row whose note (``last_error``) begins with ``prefix``."""
+    """Calls with a delivered row whose note (``last_error``) begins with ``prefix``.
+
+    Returns:
+        Their ids, each once.
+    """
     return [
         str(call_id)
         for (call_id,) in conn.execute(
@@ -126,8 +164,11 @@ def calls_delivered_with_note(conn: sqlite3.Connection, prefix: str) -> list[str
 
 
 def undelivered_chunk_files(conn: sqlite3.Connection) -> list[tuple[str, int, str, int]]:
-    """(call id, index, path, recorded size) of each chunk still to be delivered, in row
-    order: the files a drain is going to read."""
+    """The chunk files a drain is going to read, in row order.
+
+    Returns:
+        (call id, index, path, recorded size) of each chunk still to be delivered.
+    """
     return [
         (str(call_id), int(idx), str(path), int(size))
         for call_id, idx, path, size in conn.execute(
@@ -152,7 +193,11 @@ class DeliveryRow:
 
 
 def call_deliveries(conn: sqlite3.Connection, call_id: str) -> list[DeliveryRow]:
-    """Every delivery row of one call, in the order they were queued."""
+    """Every delivery row of one call, in the order they were queued.
+
+    Returns:
+        The rows as ``show`` presents them.
+    """
     return [
         DeliveryRow(*row)
         for row in conn.execute(
@@ -164,8 +209,11 @@ def call_deliveries(conn: sqlite3.Connection, call_id: str) -> list[DeliveryRow]
 
 
 def make_due_again(conn: sqlite3.Connection, *, call_id: str | None, now: int) -> int:
-    """Dead and backing-off rows (of one call, or all) become due now with attempts reset;
-    returns how many."""
+    """Dead and backing-off rows (of one call, or all) become due now with attempts reset.
+
+    Returns:
+        How many rows were made due.
+    """
     with transaction(conn):
         return conn.execute(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"

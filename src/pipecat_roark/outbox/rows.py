@@ -25,6 +25,8 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
+    """A claimed row: what to deliver (``kind``, chunk index) and under which key."""
+
     id: int
     call_id: str
     kind: str
@@ -108,7 +110,12 @@ def enqueue_call_ended(conn: sqlite3.Connection, call_id: str, now: int) -> None
 def next_due(
     conn: sqlite3.Connection, *, key_fp: str | None, call_id: str | None = None
 ) -> tuple[int | None, bool]:
-    """(earliest next attempt of a ready pending row, whether ready rows are leased right now)."""
+    """When the drainer should look again for rows of ``key_fp`` (or of one call).
+
+    Returns:
+        The earliest next attempt of a ready pending row (µs, None if there is none),
+        and whether ready rows are leased right now.
+    """
     row = conn.execute(_NEXT_DUE, {"key_fp": key_fp, "call_id": call_id}).fetchone()
     earliest = conn.execute(
         _NEXT_DUE.replace("d.state IN ('pending', 'leased')", "d.state = 'pending'"),
@@ -127,7 +134,11 @@ def claim(
     key_fp: str | None,
     call_id: str | None = None,
 ) -> list[Delivery]:
-    """Lease up to ``limit`` rows that are due and ready, in one write transaction."""
+    """Lease up to ``limit`` rows that are due and ready, in one write transaction.
+
+    Returns:
+        The rows now leased to ``owner`` until ``now + lease_us``, by id.
+    """
     with transaction(conn):
         rows = conn.execute(
             _CLAIM,
@@ -156,10 +167,13 @@ def mark_delivered(
     now: int,
     notes: dict[int, str] | None = None,
 ) -> set[int]:
-    """Settle many rows in one transaction; returns the ids whose lease was still ours.
+    """Settle many rows in one transaction.
 
     ``notes`` (by row id) stay in ``last_error`` of a delivered row: what was salvaged
     (events that did not decode and were left out), so ``status`` and ``show`` can say so.
+
+    Returns:
+        The ids marked delivered: those whose lease was still ours.
     """
     notes = notes or {}
     confirmed: set[int] = set()
@@ -179,8 +193,14 @@ def mark_delivered(
 
 
 def renew_leases(conn: sqlite3.Connection, owner: str, expires: int) -> int:
-    """Push out the expiry of every lease ``owner`` holds: a drainer that is alive and
-    working (a long upload, a batch behind slow requests) keeps its rows."""
+    """Push out the expiry of every lease ``owner`` holds.
+
+    A drainer that is alive and working (a long upload, a batch behind slow requests)
+    keeps its rows.
+
+    Returns:
+        How many leases were renewed.
+    """
     with transaction(conn):
         return conn.execute(
             "UPDATE deliveries SET lease_expires_at = ? WHERE state = 'leased' AND lease_owner = ?",
@@ -191,6 +211,11 @@ def renew_leases(conn: sqlite3.Connection, owner: str, expires: int) -> int:
 def mark_retry(
     conn: sqlite3.Connection, delivery: Delivery, *, owner: str, error: str, next_attempt_at: int
 ) -> bool:
+    """A failed attempt: the row is pending again from ``next_attempt_at``, with its error.
+
+    Returns:
+        True if the row was still leased to ``owner`` (and so was marked).
+    """
     return _settle(
         conn,
         "UPDATE deliveries SET state = 'pending', attempts = attempts + 1, next_attempt_at = ?,"
@@ -201,6 +226,11 @@ def mark_retry(
 
 
 def mark_dead(conn: sqlite3.Connection, delivery: Delivery, *, owner: str, error: str) -> bool:
+    """The row gave up: dead with its error, kept for inspection and ``retry``.
+
+    Returns:
+        True if the row was still leased to ``owner`` (and so was marked).
+    """
     return _settle(
         conn,
         "UPDATE deliveries SET state = 'dead', attempts = attempts + 1, last_error = ?,"
@@ -211,7 +241,11 @@ def mark_dead(conn: sqlite3.Connection, delivery: Delivery, *, owner: str, error
 
 
 def release(conn: sqlite3.Connection, owner: str, delivery: Delivery | None = None) -> int:
-    """Give leases back untouched (a clean stop, or a paused key): no attempt is counted."""
+    """Give leases back untouched (a clean stop, or a paused key): no attempt is counted.
+
+    Returns:
+        How many rows were handed back (all of ``owner``'s, or only ``delivery``).
+    """
     sql = (
         "UPDATE deliveries SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL"
         " WHERE state = 'leased' AND lease_owner = ?"
