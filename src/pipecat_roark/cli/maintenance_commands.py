@@ -196,8 +196,8 @@ def doctor(directory: Path, as_json: bool, repair: bool, offline: bool) -> None:
         pipecat-roark doctor
         pipecat-roark doctor --repair
     """
-    from ..maintenance import doctor as run_checks
-    from ..maintenance import repair as move_corrupt_database_aside
+    from ..doctor import doctor as run_checks
+    from ..doctor import repair as move_corrupt_database_aside
 
     moved = move_corrupt_database_aside(directory) if repair else None
     if moved is not None:
