@@ -106,13 +106,18 @@ class ChunkSpooler:
             elif exc is not None:
                 drop(op, exc)
         out: deque[CallOp] = deque()
-        for op in work:
-            if not isinstance(op, ChunkOp):
-                out.append(op)
-            elif id(op) in files:
+        for item in work:
+            if not isinstance(item, ChunkOp):
+                out.append(item)
+            elif id(item) in files:
                 out.append(
                     SpooledChunkOp(
-                        op.call_id, op.idx, files[id(op)], op.sample_rate, op.num_channels, op.at
+                        item.call_id,
+                        item.idx,
+                        files[id(item)],
+                        item.sample_rate,
+                        item.num_channels,
+                        item.at,
                     )
                 )
         return out
