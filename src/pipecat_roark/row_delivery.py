@@ -61,7 +61,7 @@ class RowDelivery:
     # ---- one row ----
 
     async def deliver(self, client: RoarkClient, row: Delivery, report: DrainReport) -> None:
-        """The one boundary per row: whatever goes wrong with this row (our errors, httpx's,
+        """The one boundary per row: whatever goes wrong with this row (our errors, aiohttp's,
         a decoder's, a bug's) counts as an attempt of this row alone and is classified
         here; nothing raised for one row reaches the other rows or stops the drain."""
         try:
