@@ -26,13 +26,23 @@ from typing import Any
 from loguru import logger
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location(
-    "bench_scripted", HERE.parent / "src" / "pipecat_roark" / "testing.py"
-)
-assert _spec is not None and _spec.loader is not None
-scripted: Any = importlib.util.module_from_spec(_spec)
-sys.modules["bench_scripted"] = scripted  # dataclasses look their module up here
-_spec.loader.exec_module(scripted)
+SRC = HERE.parent / "src" / "pipecat_roark"
+
+
+def _load(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+try:  # testing.py imports our compat; the reference's package (0.2.5) has none
+    import pipecat_roark.compat  # noqa: F401
+except ImportError:
+    _load("pipecat_roark.compat", SRC / "compat.py")
+scripted: Any = _load("bench_scripted", SRC / "testing.py")
 _synth = scripted.tone
 
 

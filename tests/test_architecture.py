@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "faultpoints",
             "compat",
             "capture",
+            "env_proxy",
         },
     ),
     ("storage", {"store", "spool", "timeline", "ops", "metrics"}),

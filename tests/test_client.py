@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import inspect
+import ssl
 import struct
+import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
 from devserver_fixture import RunningDevServer, running_dev_server, start_dev_server_process
 from pipecat_roark.client import (
+    Answer,
     RoarkClient,
     classify_status,
     classify_transport_error,
@@ -173,9 +180,9 @@ async def test_a_reset_connection_and_a_refused_port_are_retryable(tmp_path: Pat
             with pytest.raises(RetryableError) as caught:
                 await client.send_event(STARTED, idempotency_key="k")
     assert caught.value.status is None, "no HTTP answer at all: the connection was dropped"
-    assert "RemoteProtocolError" in str(caught.value) or "ReadError" in str(caught.value)
+    assert "ServerDisconnectedError" in str(caught.value) or "ClientOSError" in str(caught.value)
     async with RoarkClient(KEY, server.base_url, timeout=2) as client:  # the server is gone
-        with pytest.raises(RetryableError, match="ConnectError"):
+        with pytest.raises(RetryableError, match="ClientConnectorError"):
             await client.send_event(STARTED, idempotency_key="k")
 
 
@@ -186,13 +193,15 @@ async def test_a_garbage_url_answer_is_retryable(tmp_path: Path) -> None:
                 await client.upload_chunk("c1", 0, b"x", idempotency_key="c1:chunk:0", attempt=0)
 
 
-def test_every_httpx_transport_error_maps_to_retryable() -> None:
-    classes = [
-        obj
-        for obj in vars(httpx).values()
-        if inspect.isclass(obj) and issubclass(obj, httpx.TransportError)
-    ]
-    assert len(classes) >= 12, "httpx's transport error tree was found"
+def test_every_aiohttp_client_error_maps_to_retryable() -> None:
+    """Those that take a plain message (the rest need a connection key or a request)."""
+    classes = []
+    for obj in vars(aiohttp).values():
+        if inspect.isclass(obj) and issubclass(obj, aiohttp.ClientError):
+            with contextlib.suppress(TypeError):
+                obj("boom")
+                classes.append(obj)
+    assert len(classes) >= 12, "aiohttp's client error tree was found"
     for cls in classes:
         mapped = classify_transport_error(cls("boom"), "POST /x")
         assert type(mapped) is RetryableError
@@ -313,7 +322,96 @@ def test_the_header_forms_are_exactly_these(key: str, header: str) -> None:
 
 @pytest.mark.parametrize("status", [300, 301, 302, 303, 304, 307, 308])
 def test_a_redirect_status_is_retryable(status: int) -> None:
-    response = httpx.Response(status, text="moved")
-    error = classify_status(response, "POST /v1/integrations/pipecat", roark=True)
+    error = classify_status(Answer(status, b"moved"), "POST /v1/integrations/pipecat", roark=True)
     assert isinstance(error, RetryableError) and not isinstance(error, UploadUrlExpired)
     assert str(error) == f"POST /v1/integrations/pipecat: HTTP {status}; will retry"
+
+
+# ---- what the transport must do and not do (real HTTP over 127.0.0.1) ----
+
+
+@contextlib.asynccontextmanager
+async def _local_server(
+    handler: web.RequestHandler, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[str]:
+    """A one-route aiohttp server on a free 127.0.0.1 port; yields its host:port."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        yield f"{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_redirect_is_answered_retryable_and_never_followed(
+    dev_server: RunningDevServer,
+) -> None:
+    seen: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        raise web.HTTPTemporaryRedirect(dev_server.base_url + request.path)
+
+    async with _local_server(redirect) as where, RoarkClient(KEY, f"http://{where}") as client:
+        with pytest.raises(RetryableError, match="HTTP 307; will retry"):
+            await client.send_event(STARTED, idempotency_key="c1:call-started")
+    assert seen == ["POST"]
+    assert dev_server.requests() == [], "the POST never reached the redirect's target"
+
+
+async def test_the_proxy_comes_from_the_environment_and_no_proxy_is_honoured(
+    dev_server: RunningDevServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxied: list[str] = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        proxied.append(str(request.url))
+        return web.Response(text="{}")
+
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    async with _local_server(proxy) as where:
+        monkeypatch.setenv("http_proxy", f"http://{where}")
+        monkeypatch.setenv("HTTP_PROXY", f"http://{where}")
+        async with RoarkClient(KEY, dev_server.base_url) as client:
+            await client.send_event(STARTED, idempotency_key="c1:call-started")
+        assert proxied == [dev_server.base_url + "/v1/integrations/pipecat"]
+        assert dev_server.requests() == []
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        async with RoarkClient(KEY, dev_server.base_url) as client:
+            await client.send_event(STARTED, idempotency_key="c1:call-started")
+    assert len(proxied) == 1
+    assert [r["idempotencyKey"] for r in dev_server.requests()] == ["c1:call-started"]
+
+
+async def test_https_verifies_the_certificate(tmp_path: Path) -> None:
+    """A self-signed certificate is refused (retryable: the deployment may be fixed)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        + ["-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    answered: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        answered.append(request.path)
+        return web.Response(text="{}")
+
+    async with (
+        _local_server(ok, server_tls) as where,
+        RoarkClient(KEY, f"https://{where}", timeout=5) as client,
+    ):
+        with pytest.raises(RetryableError, match="certificate verify failed"):
+            await client.send_event(STARTED, idempotency_key="c1:call-started")
+    assert answered == []

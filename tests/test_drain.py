@@ -237,7 +237,7 @@ async def test_slow_answers_and_expiring_urls_still_deliver_once(
             max_attempts=200,
             poll_s=0.05,
             request_timeout_s=0.5,
-            lease_s=1.0,  # the whole-request deadline: 0.4 s, before httpx's per-read 0.5 s
+            lease_s=1.0,  # the whole-request deadline: 0.4 s, before the per-read 0.5 s
         )
         first = await Drainer(data_dir, KEY, server.base_url, impatient).run_once(budget_s=3)
         assert first.delivered == 0 and first.pending > 0

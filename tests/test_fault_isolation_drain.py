@@ -330,7 +330,7 @@ async def test_an_answer_that_trickles_is_cut_before_the_lease_ends_and_no_two_d
     close_all_writers()
     policy = dataclasses.replace(QUICK, lease_s=2.0, request_timeout_s=1.0, max_attempts=1000)
     assert policy.request_deadline_s == 0.8
-    # 12 answer bytes over 6 s: one every 0.5 s, inside httpx's 1 s per-read timeout.
+    # 12 answer bytes over 6 s: one every 0.5 s, inside the client's 1 s per-read timeout.
     with running_dev_server(tmp_path, trickle_s=6.0) as server:
         drainers = [Drainer(data_dir, KEY, server.base_url, policy) for _ in range(2)]
         reports = await asyncio.wait_for(

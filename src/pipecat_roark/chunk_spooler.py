@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loguru import logger
@@ -25,7 +26,13 @@ from .spool import SpooledChunk
 from .wal_file import is_disk_full, is_transient
 from .writer_state import CallBook, WriterStats
 
-__all__ = ["DATABASE_RESERVE_BYTES", "OP_RETRY_DELAYS_S", "ChunkSpooler", "Drop"]
+__all__ = [
+    "DATABASE_RESERVE_BYTES",
+    "OP_RETRY_DELAYS_S",
+    "SPOOL_THREADS",
+    "ChunkSpooler",
+    "Drop",
+]
 
 DATABASE_RESERVE_BYTES = 256 << 10
 """Audio never takes the last of this, whatever ``min_free_bytes`` says: the database's
@@ -33,9 +40,13 @@ write-ahead log grows by a few pages per commit until its checkpoint, and the ev
 that end the call must still fit after audio has stopped."""
 OP_RETRY_DELAYS_S = (0.01, 0.05, 0.2, 0.5)
 """Backoff before each retry of one op that failed with a transient error (<1 s in all)."""
+SPOOL_THREADS = 4
+"""Chunk files of one batch written side by side (see ``ChunkSpooler.spool``)."""
 
 Drop = Callable[[CallOp, BaseException], None]
 """What loses one op's record, and says so (``BatchCommitter.drop``)."""
+_Written = tuple[SpooledChunk | None, BaseException | None, int]
+"""A chunk file written (or the exception that stopped it) and how many retries it took."""
 
 
 class ChunkSpooler:
@@ -56,6 +67,7 @@ class ChunkSpooler:
         self._book = book
         self._stats = stats
         self._spool_bytes = 0
+        self._pool: ThreadPoolExecutor | None = None
 
     def measure(self, conn: sqlite3.Connection) -> None:
         """Undelivered audio only: delivered chunks wait for retention, not against the cap."""
@@ -64,52 +76,120 @@ class ChunkSpooler:
     def spool(self, work: deque[CallOp], drop: Drop) -> deque[CallOp]:
         """Write the chunk files durably, before their rows are committed.
 
+        The files are written side by side (``SPOOL_THREADS``), all before the batch
+        commits: each is still fsynced, linked and its folder fsynced before any row can
+        point at it. Side by side, because a file is a dozen syscalls and after each one
+        this thread waits for the GIL that a busy event loop holds for up to a switch
+        interval: written one after another, a burst of chunks from many calls kept every
+        record queued behind it waiting for the sum of those waits (issue 12).
+
         Returns:
             ``work`` in order, each ChunkOp replaced by its SpooledChunkOp, or left out
             when its file could not be written (``drop`` is told).
         """
-        if not any(isinstance(op, ChunkOp) for op in work):
+        chunk_ops = [op for op in work if isinstance(op, ChunkOp)]
+        if not chunk_ops:
             return work
-        out: deque[CallOp] = deque()
-        for op in work:
-            if not isinstance(op, ChunkOp):
-                out.append(op)
+        admitted = [op for op in chunk_ops if self._admit(op)]
+        written = self._map_writes(admitted)
+        files: dict[int, SpooledChunk] = {}
+        failed: set[str] = set()
+        for op, (chunk, exc, retries) in zip(admitted, written, strict=True):
+            self._stats.retried_ops += retries
+            if chunk is not None and op.call_id not in failed:
+                files[id(op)] = chunk
                 continue
-            chunk = self._write_chunk(op, drop)
-            if chunk is not None:
+            failed.add(op.call_id)
+            self._spool_bytes -= len(op.data)
+            if chunk is not None:  # an earlier chunk of its call failed: no gap is recorded
+                self._stats.chunks_skipped += 1
+                spool.discard_chunk(self._directory, chunk.relpath)
+            elif is_disk_full(exc):
+                self.stop_audio(op.call_id, f"disk full writing audio ({exc})")
+            elif exc is not None:
+                drop(op, exc)
+        out: deque[CallOp] = deque()
+        for item in work:
+            if not isinstance(item, ChunkOp):
+                out.append(item)
+            elif id(item) in files:
                 out.append(
                     SpooledChunkOp(
-                        op.call_id, op.idx, chunk, op.sample_rate, op.num_channels, op.at
+                        item.call_id,
+                        item.idx,
+                        files[id(item)],
+                        item.sample_rate,
+                        item.num_channels,
+                        item.at,
                     )
                 )
         return out
 
-    def _write_chunk(self, op: ChunkOp, drop: Drop) -> SpooledChunk | None:
-        call_id, index, data = op.call_id, op.idx, op.data
+    def close(self) -> None:
+        """Let the spool threads go (the writer thread is stopping; no batch is in flight)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def _admit(self, op: ChunkOp) -> bool:
+        """In queue order, before any file is written: the room it takes is counted now.
+
+        Returns:
+            True if the chunk may be written; False if its call records no more audio
+            (stopped or skipped) or the spool cap or free-space floor refuses it.
+        """
+        call_id, size = op.call_id, len(op.data)
         if call_id in self._book.audio_stopped or call_id in self._book.skipped:
             self._stats.chunks_skipped += 1
-            return None
-        reason = self._spool_full(len(data))
+            return False
+        reason = self._spool_full(size)
         if reason is not None:
             self.stop_audio(call_id, reason)
-            return None
-        for delay in (*OP_RETRY_DELAYS_S, None):
+            return False
+        self._spool_bytes += size
+        return True
+
+    def _map_writes(self, ops: list[ChunkOp]) -> list[_Written]:
+        """``_write_file`` over ``ops``, side by side on the spool threads.
+
+        On this thread for one op, or once the interpreter is exiting (its executors take
+        no more work by then).
+
+        Returns:
+            One outcome per op, in the order of ``ops``.
+        """
+        if len(ops) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    SPOOL_THREADS, thread_name_prefix=f"pipecat-roark-spool:{self._directory}"
+                )
             try:
-                faultpoints.reached("writer:chunk-file", call_id)
-                chunk = spool.write_chunk(self._directory, call_id, index, data)
+                return list(self._pool.map(self._write_file, ops))
+            except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+                pass
+        return [self._write_file(op) for op in ops]
+
+    def _write_file(self, op: ChunkOp) -> _Written:
+        """One chunk file, transient errors retried; any thread, no spooler state touched.
+
+        Returns:
+            The spooled chunk (or None), the error that stopped it (or None), and how many
+            retries it took.
+        """
+        for retries, delay in enumerate((*OP_RETRY_DELAYS_S, None)):
+            try:
+                faultpoints.reached("writer:chunk-file", op.call_id)
+                return (
+                    spool.write_chunk(self._directory, op.call_id, op.idx, op.data),
+                    None,
+                    retries,
+                )
             except BaseException as exc:
                 if delay is not None and is_transient(exc):
-                    self._stats.retried_ops += 1
                     time.sleep(delay)
                     continue
-                if is_disk_full(exc):
-                    self.stop_audio(call_id, f"disk full writing audio ({exc})")
-                else:
-                    drop(op, exc)
-                return None
-            self._spool_bytes += chunk.size  # counted now: a batch can hold many chunks
-            return chunk
-        return None  # pragma: no cover - the last delay is None
+                return None, exc, retries
+        return None, None, 0  # pragma: no cover - the last delay is None
 
     def _spool_full(self, size: int) -> str | None:
         if self._spool_bytes + size > self._max_spool_bytes:

@@ -1,10 +1,17 @@
 """The Roark HTTP client: three requests, and the one place failures get classified.
 
-Every httpx error and HTTP status becomes one of errors.py's classes here, so the
+Every transport error and HTTP status becomes one of errors.py's classes here, so the
 drainer decides on the class alone: retry later, pause the key, or give up on the row.
-httpx's own retries cover only connect errors; 5xx/429 policy is the drainer's.
+A connection that cannot be made is tried once more at once; 5xx/429 policy is the
+drainer's.
 
-Each request has one total deadline (connect, write and read together): httpx's
+The transport is one ``aiohttp.ClientSession`` per client, keep-alive, because the
+drainer runs in the bot's event loop: a delivered chunk (mint + PUT) cost that loop
+about 2 ms of CPU inside httpx and costs about 0.45 ms in aiohttp, whose parser is in C
+(scripts/exp_http_cost.py, issue 12). Redirects are never followed, TLS is verified for
+https, proxies come from the environment (``env_proxy``), cookies are not kept.
+
+Each request has one total deadline (connect, write and read together): the socket
 timeouts are per read, so an answer that trickles in would otherwise keep a request
 alive past the lease it was sent under. Idempotency keys go through
 ``wire.header_key``, so any call id can be sent, and an upload URL or content type that
@@ -13,15 +20,18 @@ cannot be used is refused before anything is sent.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
 from types import TracebackType
+from typing import NamedTuple
 
-import anyio
-import httpx
+import aiohttp
 import msgspec
+from yarl import URL
 
 from . import config, faultpoints, metrics
+from .env_proxy import EnvProxies
 from .errors import AuthError, PermanentError, RetryableError, UploadUrlExpired
 from .wire import (
     CallEnded,
@@ -35,6 +45,7 @@ from .wire import (
 
 __all__ = [
     "EVENT_PATH",
+    "Answer",
     "UPLOAD_URL_PATH",
     "RoarkClient",
     "classify_status",
@@ -49,6 +60,24 @@ UPLOAD_URL_PATH = "/v1/integrations/pipecat/chunk-upload-url"
 """Roark's endpoint that mints a chunk's presigned upload URL."""
 _BODY_LIMIT = 500
 _REQUEST_NAMES = {EVENT_PATH: "call-event", UPLOAD_URL_PATH: "chunk-upload-url"}
+
+
+class Answer(NamedTuple):
+    """An HTTP answer read whole within the request's deadline: what classification needs."""
+
+    status: int
+    content: bytes
+    retry_after: str | None = None
+
+    @property
+    def is_success(self) -> bool:
+        """Whether the status is 2xx."""
+        return 200 <= self.status < 300
+
+    @property
+    def text(self) -> str:
+        """The body as text (undecodable bytes replaced), for error messages."""
+        return self.content.decode("utf-8", "replace")
 
 
 class RoarkClient:
@@ -85,13 +114,13 @@ class RoarkClient:
             "authorization": f"Bearer {api_key}",
             "content-type": "application/json",
         }
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            transport=httpx.AsyncHTTPTransport(retries=1),
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=timeout, sock_connect=min(10.0, timeout), sock_read=timeout
         )
+        self._max_connections = max_connections
+        self._proxies = EnvProxies()
+        self._http: aiohttp.ClientSession | None = None
+        """Opened by the first request: a session belongs to the loop it is made in."""
 
     async def __aenter__(self) -> RoarkClient:
         return self
@@ -106,7 +135,9 @@ class RoarkClient:
 
     async def aclose(self) -> None:
         """Close the connection pool."""
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     async def send_event(self, payload: CallStarted | CallEnded, *, idempotency_key: str) -> None:
         """POST a call-started or call-ended event.
@@ -139,7 +170,7 @@ class RoarkClient:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise RetryableError(
                 f"malformed chunk-upload-url response from {self.base_url} ({exc}); will retry",
-                status=response.status_code,
+                status=response.status,
                 body=response.text[:_BODY_LIMIT],
             ) from exc
 
@@ -163,7 +194,7 @@ class RoarkClient:
         )
         if response.is_success:
             return
-        if response.status_code == 403:
+        if response.status == 403:
             raise UploadUrlExpired(
                 "the presigned upload URL was refused (expired or signature mismatch); "
                 "a new one will be requested",
@@ -191,12 +222,12 @@ class RoarkClient:
         faultpoints.reached("drain:put", call_id)
         await self.put_chunk(url, data)
 
-    async def _post(self, path: str, body: bytes, idempotency_key: str) -> httpx.Response:
+    async def _post(self, path: str, body: bytes, idempotency_key: str) -> Answer:
         headers = {**self._roark_headers, "Idempotency-Key": header_key(idempotency_key)}
         response = await self._send(
             f"POST {path}",
             "POST",
-            httpx.URL(self.base_url + path),
+            URL(self.base_url + path),
             content=body,
             headers=headers,
             request=_REQUEST_NAMES.get(path, path),
@@ -209,12 +240,12 @@ class RoarkClient:
         self,
         what: str,
         method: str,
-        url: httpx.URL,
+        url: URL,
         *,
         content: bytes,
         headers: dict[str, str],
         request: str,
-    ) -> httpx.Response:
+    ) -> Answer:
         """One request, whole (the answer's body read) within ``deadline`` seconds.
 
         Timed for the ``pipecat_roark_request_duration_seconds`` histogram under ``request``.
@@ -226,17 +257,44 @@ class RoarkClient:
             RetryableError: no whole answer within the deadline, or network trouble.
         """  # noqa: DOC501 (network trouble is classified by classify_transport_error)
         try:
-            with metrics.REQUEST_SECONDS.labels(request).time(), anyio.fail_after(self.deadline):
-                return await self._http.request(method, url, content=content, headers=headers)
+            with metrics.REQUEST_SECONDS.labels(request).time():
+                async with asyncio.timeout(self.deadline):
+                    try:
+                        return await self._exchange(method, url, content, headers)
+                    except aiohttp.ClientConnectorError:  # nothing was sent: once more
+                        return await self._exchange(method, url, content, headers)
+        except aiohttp.ClientError as exc:  # before TimeoutError: a socket timeout is both
+            raise classify_transport_error(exc, what) from exc
         except TimeoutError as exc:
             raise RetryableError(
                 f"{what}: no complete answer within {self.deadline:g} s; will retry"
             ) from exc
-        except httpx.TransportError as exc:
-            raise classify_transport_error(exc, what) from exc
+
+    async def _exchange(
+        self, method: str, url: URL, content: bytes, headers: dict[str, str]
+    ) -> Answer:
+        http = self._http or self._open()
+        async with http.request(
+            method,
+            url,
+            data=content,
+            headers=headers,
+            allow_redirects=False,
+            proxy=self._proxies.for_url(url.scheme, url.host or ""),
+        ) as response:
+            body = await response.read()
+            return Answer(response.status, body, response.headers.get("retry-after"))
+
+    def _open(self) -> aiohttp.ClientSession:
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._max_connections),
+            timeout=self._timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        return self._http
 
 
-def usable_upload_url(url: ChunkUploadUrl) -> tuple[httpx.URL, str]:
+def usable_upload_url(url: ChunkUploadUrl) -> tuple[URL, str]:
     """The presigned URL and method, checked before anything is sent.
 
     Usable means an http(s) URL with a host, a PUT or POST, a content type that fits in
@@ -251,8 +309,8 @@ def usable_upload_url(url: ChunkUploadUrl) -> tuple[httpx.URL, str]:
     """
     problem = None
     try:
-        target = httpx.URL(url.upload_url)
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        target = URL(url.upload_url, encoded=True)  # as minted: a signature covers it
+    except (ValueError, TypeError) as exc:
         problem = f"uploadUrl {url.upload_url[:200]!r} does not parse ({exc})"
     else:
         if target.scheme not in ("http", "https") or not target.host:
@@ -271,7 +329,7 @@ def _header_safe(value: str) -> bool:
     return value.isascii() and value.isprintable() and value.strip() == value and bool(value)
 
 
-def classify_transport_error(exc: httpx.TransportError, what: str) -> RetryableError:
+def classify_transport_error(exc: aiohttp.ClientError, what: str) -> RetryableError:
     """Network trouble of any kind is worth another try later.
 
     Returns:
@@ -280,7 +338,7 @@ def classify_transport_error(exc: httpx.TransportError, what: str) -> RetryableE
     return RetryableError(f"{what} failed: {type(exc).__name__}: {exc or 'no detail'}; will retry")
 
 
-def classify_status(response: httpx.Response, what: str, *, roark: bool) -> Exception:
+def classify_status(response: Answer, what: str, *, roark: bool) -> Exception:
     """Map an HTTP failure status to the drainer's error classes.
 
     A 3xx is retryable: we never follow redirects (a POST must not turn into a GET
@@ -290,10 +348,10 @@ def classify_status(response: httpx.Response, what: str, *, roark: bool) -> Exce
         The error to raise: RetryableError (3xx, 408, 429, 5xx, with the server's
         Retry-After), AuthError (401/403 from Roark itself), else PermanentError.
     """
-    status = response.status_code
+    status = response.status
     body = response.text[:_BODY_LIMIT]
     if status >= 500 or status in (408, 429) or 300 <= status < 400:
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        retry_after = parse_retry_after(response.retry_after)
         return RetryableError(
             f"{what}: HTTP {status}; will retry", status=status, body=body, retry_after=retry_after
         )

@@ -15,7 +15,7 @@
         └── PermanentError           Roark refused the request, or gave an unusable
                                      upload URL: the row goes dead
 
-The drainer acts on the class alone; ``client.py`` is the one boundary where httpx
+The drainer acts on the class alone; ``client.py`` is the one boundary where transport
 errors and HTTP statuses become these classes. Exceptions from anywhere else while a
 row is handled (a decoder, an encoder, the disk, a bug) are classified by the drainer's
 one per-row boundary (``RowDelivery.deliver``). Every message is one line that says what

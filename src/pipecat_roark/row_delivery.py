@@ -70,7 +70,7 @@ class RowDelivery:
     async def deliver(self, client: RoarkClient, row: Delivery, report: DrainReport) -> None:
         """Deliver one claimed row: the one boundary per row, which never raises.
 
-        Whatever goes wrong with this row (our errors, httpx's, a decoder's, a bug's)
+        Whatever goes wrong with this row (our errors, aiohttp's, a decoder's, a bug's)
         counts as an attempt of this row alone and is classified here; nothing raised for
         one row reaches the other rows or stops the drain.
         """

@@ -220,8 +220,8 @@ def key_label(key: str, call_id: str) -> str:
 def header_key(key: str) -> str:
     """The Idempotency-Key header for a stored key: any ``str`` in, printable ASCII out.
 
-    Call ids are any text, but a header holds visible ASCII only (httpx raises
-    UnicodeEncodeError on the rest, and NUL or a newline can never be sent). A plain key
+    Call ids are any text, but a header holds visible ASCII only (HTTP clients refuse
+    the rest, and NUL or a newline can never be sent). A plain key
     goes out as it is; otherwise its UTF-8 is percent-encoded (``réunion`` →
     ``r%C3%A9union``); past ``HEADER_KEY_MAX`` characters, the first 64 encoded ones are
     kept and ``%sha256:<hex of the whole key>`` follows. Deterministic, so every retry

@@ -210,6 +210,7 @@ class Writer:
             )
             self._death = f"{type(exc).__name__}: {exc}"  # the connection is kept for it
             return
+        self._spooler.close()
         self._wal.close()
 
     # ---- writer thread ----

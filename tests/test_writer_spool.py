@@ -1,0 +1,126 @@
+"""The writer writes a batch's chunk files side by side: what the serial writer recorded
+for a call, it still records. Real Writer, real SQLite file, real chunk files.
+
+Each test holds the writer thread on a barrier that waits for a gate, so the ops queued
+behind it are taken as one batch and their files go through the spool threads.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pipecat_roark import faultpoints
+from pipecat_roark.events import CallOpened
+from pipecat_roark.ops import BarrierOp, ChunkOp, OpenOp
+from pipecat_roark.writer import Writer
+
+CHUNK = bytes(range(256)) * 4  # 1 KiB
+
+
+@pytest.fixture(autouse=True)
+def _disarm() -> Iterator[None]:
+    yield
+    faultpoints.clear()
+
+
+def _gate() -> tuple[threading.Event, Callable[[], None]]:
+    """A barrier release that holds the writer thread until the event is set."""
+    gate = threading.Event()
+
+    def hold() -> None:
+        gate.wait(30)
+
+    return gate, hold
+
+
+def _chunk_rows(directory: Path, call_id: str) -> list[tuple[int, str]]:
+    conn = sqlite3.connect(directory / "wal.sqlite")
+    try:
+        rows = conn.execute(
+            "SELECT idx, path FROM chunks WHERE call_id = ? ORDER BY idx", (call_id,)
+        ).fetchall()
+    finally:
+        conn.close()
+    return [(int(idx), str(path)) for idx, path in rows]
+
+
+def test_a_chunk_is_kept_when_a_later_one_of_its_batch_hits_the_spool_cap(
+    tmp_path: Path,
+) -> None:
+    """Two chunks of one call in one batch, the cap between them: the first is recorded
+    (a gapless prefix), the second is skipped; the first's file is not discarded."""
+    writer = Writer(tmp_path, max_spool_bytes=len(CHUNK) * 3 // 2, min_free_bytes=0)
+    try:
+        gate, hold = _gate()
+        writer.submit(BarrierOp(hold))  # the next ops queue up together
+        writer.submit(OpenOp("c", CallOpened(at=1, agent_id="a"), None))
+        writer.submit(ChunkOp("c", 0, CHUNK, 16000, 2, 2))
+        writer.submit(ChunkOp("c", 1, CHUNK, 16000, 2, 3))
+        gate.set()
+        assert writer.flush_sync(30)
+    finally:
+        assert writer.close()
+    rows = _chunk_rows(tmp_path, "c")
+    assert [idx for idx, _ in rows] == [0]
+    assert (tmp_path / rows[0][1]).read_bytes() == CHUNK
+    assert writer.stats.chunks_skipped == 1
+
+
+def test_every_chunk_of_a_burst_from_many_calls_is_recorded_with_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """Twelve chunks of three calls in one batch: each row points at its own bytes."""
+    writer = Writer(tmp_path, min_free_bytes=0)
+    calls = ("a", "b", "c")
+    try:
+        gate, hold = _gate()
+        writer.submit(BarrierOp(hold))
+        for call_id in calls:
+            writer.submit(OpenOp(call_id, CallOpened(at=1, agent_id="a"), None))
+        for idx in range(4):
+            for call_id in calls:
+                data = f"{call_id}{idx}".encode() * 512
+                writer.submit(ChunkOp(call_id, idx, data, 16000, 2, 2 + idx))
+        gate.set()
+        assert writer.flush_sync(30)
+    finally:
+        assert writer.close()
+    for call_id in calls:
+        rows = _chunk_rows(tmp_path, call_id)
+        assert [idx for idx, _ in rows] == [0, 1, 2, 3]
+        for idx, path in rows:
+            assert (tmp_path / path).read_bytes() == f"{call_id}{idx}".encode() * 512
+    assert writer.stats.chunks_skipped == 0
+
+
+def test_a_failed_write_leaves_its_call_a_gapless_prefix_and_no_stray_files(
+    tmp_path: Path,
+) -> None:
+    """One write of call "c" fails (whichever spool thread gets there first): its call
+    keeps the chunks before it and none after, the later files of its batch are
+    discarded, and the other call in the batch loses nothing."""
+    faultpoints.inject("writer:chunk-file", ValueError("injected"), call_id="c", times=1)
+    writer = Writer(tmp_path, min_free_bytes=0)
+    try:
+        gate, hold = _gate()
+        writer.submit(BarrierOp(hold))
+        for call_id in ("c", "d"):
+            writer.submit(OpenOp(call_id, CallOpened(at=1, agent_id="a"), None))
+        for idx in range(4):
+            for call_id in ("c", "d"):
+                writer.submit(ChunkOp(call_id, idx, CHUNK, 16000, 2, 2 + idx))
+        gate.set()
+        assert writer.flush_sync(30)
+    finally:
+        assert writer.close()
+    kept = [idx for idx, _ in _chunk_rows(tmp_path, "c")]
+    assert kept == list(range(len(kept))) and len(kept) < 4
+    folder = tmp_path / "chunks" / "c"
+    on_disk = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    assert on_disk == [f"{idx:06d}.pcm" for idx in kept]
+    assert [idx for idx, _ in _chunk_rows(tmp_path, "d")] == [0, 1, 2, 3]
