@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from devserver_fixture import RunningDevServer, running_dev_server
 from helpers import LogCapture, stored_events
 from pipecat_roark import RoarkObserver
 from pipecat_roark.background_drainer import ensure_background_drainer, stop_background_drainers
-from pipecat_roark.drain import Drainer, DrainPolicy
+from pipecat_roark.drain import Drainer, DrainPolicy, DrainReport
 from pipecat_roark.lifecycle import writer_for
 from pipecat_roark.testing import Bot, ScriptedCall, Tool, User, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended, assemble_call_started
@@ -253,6 +254,40 @@ async def test_slow_answers_and_expiring_urls_still_deliver_once(
         third = await Drainer(data_dir, KEY, server.base_url, QUICK).run_once(budget_s=30)
         assert third.complete, str(third)
         assert_arrived_whole(server, data_dir, "slow-1")
+
+
+async def test_a_budget_running_out_as_the_last_worker_finishes_never_cancels_the_caller(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The loop stalls past the budget in the very step where the last worker ends (a slow
+    progress display here; a descheduled process or a GC pause in the field). The budget
+    then expired while the drainer stopped its lease renewer, and run_once raised a bare
+    CancelledError at its caller (a drain command, a bot's exit drain) instead of
+    returning a report that is out of time."""
+    await record(data_dir, "stall-1")
+    budget_s = 0.3
+    failing_fast = DrainPolicy(backoff_base_s=0.001, backoff_cap_s=0.001)
+    with running_dev_server(tmp_path, fail_rate=1.0) as server:
+        for _ in range(3):
+            stall = LoopStall(until=time.monotonic() + budget_s + 0.7)
+            drainer = Drainer(data_dir, KEY, server.base_url, failing_fast, stall)
+            report = await drainer.run_once(budget_s=budget_s)
+            assert stall.after_retries == [1], "the loop stalled after one failed attempt"
+            assert report.out_of_time and report.delivered == 0 and report.pending > 0
+
+
+class LoopStall:
+    """A progress callback that blocks the event loop once, until ``until`` (monotonic):
+    the first row outcome reported is followed by the worker's last step."""
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+        self.after_retries: list[int] = []
+
+    def __call__(self, report: DrainReport) -> None:
+        if not self.after_retries:
+            self.after_retries.append(report.retried)
+            time.sleep(max(0.0, self.until - time.monotonic()))
 
 
 async def test_a_refused_key_pauses_without_loss_and_resumes_when_fixed(

@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 from loguru import logger
@@ -232,18 +231,22 @@ class Drainer:
                         break
                     await self._rows.deliver(client, row, report)
 
-        workers = asyncio.gather(*(worker() for _ in range(max(1, self.policy.concurrency))))
-        renewer = asyncio.ensure_future(self._renew_leases_until(workers))
-        try:
-            await workers
-        finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+        # anyio task groups, not asyncio.gather plus a renewer cancelled by hand: a budget
+        # expiring just as the workers finished cancelled that gather while the renewer's
+        # own cancel was pending, and asyncio then raised a bare CancelledError that no
+        # cancel scope could recognise as its own, out of run_once.
+        async with anyio.create_task_group() as renewing:
+            renewing.start_soon(self._renew_leases)
+            async with anyio.create_task_group() as working:
+                for _ in range(max(1, self.policy.concurrency)):
+                    working.start_soon(worker)
+            renewing.cancel_scope.cancel()
 
-    async def _renew_leases_until(self, done: asyncio.Future[Any]) -> None:
+    async def _renew_leases(self) -> None:
+        """Renew this drainer's leases every third of a lease, until cancelled."""
         every = self.policy.lease_s / 3
-        while not done.done():
-            await asyncio.sleep(every)
+        while True:
+            await anyio.sleep(every)
             await self._db.guarded("renew leases", self._renew)
 
     def _claim(self, call_id: str | None) -> list[Delivery]:
