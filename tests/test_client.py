@@ -415,3 +415,52 @@ async def test_https_verifies_the_certificate(tmp_path: Path) -> None:
         with pytest.raises(RetryableError, match="certificate verify failed"):
             await client.send_event(STARTED, idempotency_key="c1:call-started")
     assert answered == []
+
+
+async def test_https_trusts_the_system_store_and_ssl_cert_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA named by SSL_CERT_FILE (a company's own) is trusted, as OpenSSL's default is."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        + ["-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    answered: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        answered.append(request.path)
+        return web.Response(text="{}")
+
+    async with (
+        _local_server(ok, server_tls) as where,
+        RoarkClient(KEY, f"https://{where}", timeout=5) as client,
+    ):
+        await client.send_event(STARTED, idempotency_key="c1:call-started")
+    assert answered == ["/v1/integrations/pipecat"]
+
+
+def test_https_trusts_certifis_public_cas_where_the_system_has_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container image with no CA store still verifies Roark: certifi's bundle is loaded."""
+    import certifi
+
+    from pipecat_roark.client import tls_context
+
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    monkeypatch.setenv("SSL_CERT_FILE", str(empty))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    bare = ssl.create_default_context()
+    assert bare.cert_store_stats()["x509_ca"] == 0, "the system store is out of the way"
+    bundle = ssl.create_default_context(cafile=certifi.where())
+    ours = tls_context()
+    assert ours.cert_store_stats()["x509_ca"] == bundle.cert_store_stats()["x509_ca"] > 100
+    assert ours.verify_mode == ssl.CERT_REQUIRED and ours.check_hostname

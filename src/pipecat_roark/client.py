@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ssl
 import time
 from types import TracebackType
 from typing import NamedTuple
 
 import aiohttp
+import certifi
 import msgspec
 from yarl import URL
 
@@ -121,6 +123,8 @@ class RoarkClient:
         self._proxies = EnvProxies()
         self._http: aiohttp.ClientSession | None = None
         """Opened by the first request: a session belongs to the loop it is made in."""
+        self._tls: ssl.SSLContext | None = None
+        """Made by the first https request (a context costs milliseconds to load)."""
 
     async def __aenter__(self) -> RoarkClient:
         return self
@@ -281,9 +285,17 @@ class RoarkClient:
             headers=headers,
             allow_redirects=False,
             proxy=self._proxies.for_url(url.scheme, url.host or ""),
+            ssl=self._tls_for(url),
         ) as response:
             body = await response.read()
             return Answer(response.status, body, response.headers.get("retry-after"))
+
+    def _tls_for(self, url: URL) -> ssl.SSLContext | bool:
+        if url.scheme != "https":
+            return True
+        if self._tls is None:
+            self._tls = tls_context()
+        return self._tls
 
     def _open(self) -> aiohttp.ClientSession:
         self._http = aiohttp.ClientSession(
@@ -292,6 +304,22 @@ class RoarkClient:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         return self._http
+
+
+def tls_context() -> ssl.SSLContext:
+    """What an https request to Roark or its storage is verified against.
+
+    The system's CAs (with ``SSL_CERT_FILE``/``SSL_CERT_DIR``, where a company's own CA
+    goes) and certifi's public bundle, which minimal container images without a system
+    store lack: httpx, which delivered before aiohttp, verified against certifi's alone,
+    so a deployment that worked then keeps working.
+
+    Returns:
+        A client context that verifies the certificate and the host name.
+    """
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=certifi.where())
+    return context
 
 
 def usable_upload_url(url: ChunkUploadUrl) -> tuple[URL, str]:
