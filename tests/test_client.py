@@ -390,8 +390,8 @@ async def test_the_proxy_comes_from_the_environment_and_no_proxy_is_honoured(
     assert [r["idempotencyKey"] for r in dev_server.requests()] == ["c1:call-started"]
 
 
-async def test_https_verifies_the_certificate(tmp_path: Path) -> None:
-    """A self-signed certificate is refused (retryable: the deployment may be fixed)."""
+def self_signed(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 that no CA signed, and a server context serving it."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
@@ -402,6 +402,12 @@ async def test_https_verifies_the_certificate(tmp_path: Path) -> None:
     )
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_tls.load_cert_chain(cert, key)
+    return cert, server_tls
+
+
+async def test_https_verifies_the_certificate(tmp_path: Path) -> None:
+    """A self-signed certificate is refused (retryable: the deployment may be fixed)."""
+    _, server_tls = self_signed(tmp_path)
     answered: list[str] = []
 
     async def ok(request: web.Request) -> web.Response:
@@ -421,16 +427,7 @@ async def test_https_trusts_the_system_store_and_ssl_cert_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A CA named by SSL_CERT_FILE (a company's own) is trusted, as OpenSSL's default is."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
-        + ["-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1"]
-        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
+    cert, server_tls = self_signed(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     answered: list[str] = []
 
