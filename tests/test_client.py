@@ -405,17 +405,27 @@ def self_signed(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
     return cert, server_tls
 
 
-async def test_https_verifies_the_certificate(tmp_path: Path) -> None:
-    """A self-signed certificate is refused (retryable: the deployment may be fixed)."""
-    _, server_tls = self_signed(tmp_path)
+@contextlib.asynccontextmanager
+async def https_server(tmp_path: Path) -> AsyncIterator[tuple[str, Path, list[str]]]:
+    """A local https server with a self-signed certificate that answers ``{}``.
+
+    Yields its address, its certificate, and the paths it answered.
+    """
+    cert, server_tls = self_signed(tmp_path)
     answered: list[str] = []
 
     async def ok(request: web.Request) -> web.Response:
         answered.append(request.path)
         return web.Response(text="{}")
 
+    async with _local_server(ok, server_tls) as where:
+        yield where, cert, answered
+
+
+async def test_https_verifies_the_certificate(tmp_path: Path) -> None:
+    """A self-signed certificate is refused (retryable: the deployment may be fixed)."""
     async with (
-        _local_server(ok, server_tls) as where,
+        https_server(tmp_path) as (where, _, answered),
         RoarkClient(KEY, f"https://{where}", timeout=5) as client,
     ):
         with pytest.raises(RetryableError, match="certificate verify failed"):
@@ -427,19 +437,10 @@ async def test_https_trusts_the_system_store_and_ssl_cert_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A CA named by SSL_CERT_FILE (a company's own) is trusted, as OpenSSL's default is."""
-    cert, server_tls = self_signed(tmp_path)
-    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    answered: list[str] = []
-
-    async def ok(request: web.Request) -> web.Response:
-        answered.append(request.path)
-        return web.Response(text="{}")
-
-    async with (
-        _local_server(ok, server_tls) as where,
-        RoarkClient(KEY, f"https://{where}", timeout=5) as client,
-    ):
-        await client.send_event(STARTED, idempotency_key="c1:call-started")
+    async with https_server(tmp_path) as (where, cert, answered):
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        async with RoarkClient(KEY, f"https://{where}", timeout=5) as client:
+            await client.send_event(STARTED, idempotency_key="c1:call-started")
     assert answered == ["/v1/integrations/pipecat"]
 
 
