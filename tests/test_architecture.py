@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "writer_state",
             "wal_file",
             "chunk_spooler",
+            "parked_ops",
             "op_apply",
             "batch_commit",
             "client",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loguru import logger
@@ -20,7 +20,7 @@ from loguru import logger
 from . import spool
 from .chunk_spooler import OP_RETRY_DELAYS_S, ChunkSpooler
 from .op_apply import OpApplier
-from .ops import CallOp, ChunkOp, EventOp, FinalizeOp, OpenOp, SpooledChunkOp
+from .ops import CallOp, ChunkOp, EventOp, FinalizeOp, Op, OpenOp, SpooledChunkOp
 from .store import transaction
 from .wal_file import DatabaseDown, WalFile, is_disk_full, is_transient
 from .writer_state import EXITING, CallBook, CallIdReused, WriterStats, reused
@@ -47,6 +47,8 @@ class Batch:
     """Apply one op per transaction: after a failed batch, or after the thread died on it."""
     suspect: CallOp | None = None
     """The op being applied on its own: if the thread dies now, this op killed it."""
+    taken: deque[Op] = field(default_factory=deque)
+    """Taken from the queue and not yet sorted into ``work``, a flush or a parked line."""
 
 
 class BatchCommitter:
@@ -69,17 +71,20 @@ class BatchCommitter:
         self._stats = stats
         self._spooler = spooler
 
-    def screen(self, batch: Batch) -> None:
+    def screen(self, work: deque[CallOp]) -> deque[CallOp]:
         """Refuse a reused call id before any of its files are written.
 
         Also drops the ops of calls that are not recorded. In queue order: a refusal
         affects only later ops.
+
+        Returns:
+            ``work`` without the refused and discarded ops.
         """
         skipped = self._book.skipped
-        if not skipped and not any(isinstance(op, OpenOp) for op in batch.work):
-            return
+        if not skipped and not any(isinstance(op, OpenOp) for op in work):
+            return work
         kept: deque[CallOp] = deque()
-        for op in batch.work:
+        for op in work:
             call_id = op.call_id
             if (
                 isinstance(op, OpenOp)
@@ -91,7 +96,7 @@ class BatchCommitter:
                 self._discard(op)
             else:
                 kept.append(op)
-        batch.work = kept
+        return kept
 
     def commit(self, batch: Batch) -> bool:
         """Commit the batch as one transaction; on failure, one op per transaction.

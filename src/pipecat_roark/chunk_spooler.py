@@ -14,8 +14,9 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from loguru import logger
 
@@ -32,6 +33,7 @@ __all__ = [
     "SPOOL_THREADS",
     "ChunkSpooler",
     "Drop",
+    "PendingChunk",
 ]
 
 DATABASE_RESERVE_BYTES = 256 << 10
@@ -41,7 +43,7 @@ that end the call must still fit after audio has stopped."""
 OP_RETRY_DELAYS_S = (0.01, 0.05, 0.2, 0.5)
 """Backoff before each retry of one op that failed with a transient error (<1 s in all)."""
 SPOOL_THREADS = 4
-"""Chunk files of one batch written side by side (see ``ChunkSpooler.spool``)."""
+"""Chunk files written side by side, while the writer commits (see ``ChunkSpooler.start``)."""
 
 Drop = Callable[[CallOp, BaseException], None]
 """What loses one op's record, and says so (``BatchCommitter.drop``)."""
@@ -49,8 +51,15 @@ _Written = tuple[SpooledChunk | None, BaseException | None, int]
 """A chunk file written (or the exception that stopped it) and how many retries it took."""
 
 
+class PendingChunk(NamedTuple):
+    """A chunk whose file a spool thread is writing; its row waits for it."""
+
+    op: ChunkOp
+    written: Future[_Written]
+
+
 class ChunkSpooler:
-    """Turns a batch's ``ChunkOp``s into durable files (``SpooledChunkOp``), or stops audio."""
+    """Turns ``ChunkOp``s into durable files (``SpooledChunkOp``), or stops audio."""
 
     def __init__(
         self,
@@ -73,60 +82,55 @@ class ChunkSpooler:
         """Undelivered audio only: delivered chunks wait for retention, not against the cap."""
         self._spool_bytes = undelivered_audio_bytes(conn)
 
-    def spool(self, work: deque[CallOp], drop: Drop) -> deque[CallOp]:
-        """Write the chunk files durably, before their rows are committed.
+    def start(self, op: ChunkOp, on_written: Callable[[], None]) -> PendingChunk | None:
+        """Admit ``op`` (in queue order) and start writing its file on a spool thread.
 
-        The files are written side by side (``SPOOL_THREADS``), all before the batch
-        commits: each is still fsynced, linked and its folder fsynced before any row can
-        point at it. Side by side, because a file is a dozen syscalls and after each one
-        this thread waits for the GIL that a busy event loop holds for up to a switch
-        interval: written one after another, a burst of chunks from many calls kept every
+        The file is written while the writer goes on committing other calls' ops; its row
+        waits for it (``parked_ops``). A file is a dozen syscalls, and after each one the
+        writing thread waits for the GIL that a busy event loop holds for up to a switch
+        interval: written inside the batch, a burst of chunks from many calls kept every
         record queued behind it waiting for the sum of those waits (issue 12).
+        ``on_written`` is called (on the spool thread) once the file is written or failed.
 
         Returns:
-            ``work`` in order, each ChunkOp replaced by its SpooledChunkOp, or left out
-            when its file could not be written (``drop`` is told).
+            The chunk being written, or None if its call records no more audio or the
+            spool cap or free-space floor refuses it.
         """
-        chunk_ops = [op for op in work if isinstance(op, ChunkOp)]
-        if not chunk_ops:
-            return work
-        admitted = [op for op in chunk_ops if self._admit(op)]
-        written = self._map_writes(admitted)
-        files: dict[int, SpooledChunk] = {}
-        failed: set[str] = set()
-        for op, (chunk, exc, retries) in zip(admitted, written, strict=True):
-            self._stats.retried_ops += retries
-            if chunk is not None and op.call_id not in failed:
-                files[id(op)] = chunk
-                continue
-            failed.add(op.call_id)
-            self._spool_bytes -= len(op.data)
-            if chunk is not None:  # an earlier chunk of its call failed: no gap is recorded
-                self._stats.chunks_skipped += 1
-                spool.discard_chunk(self._directory, chunk.relpath)
-            elif is_disk_full(exc):
-                self.stop_audio(op.call_id, f"disk full writing audio ({exc})")
-            elif exc is not None:
-                drop(op, exc)
-        out: deque[CallOp] = deque()
-        for item in work:
-            if not isinstance(item, ChunkOp):
-                out.append(item)
-            elif id(item) in files:
-                out.append(
-                    SpooledChunkOp(
-                        item.call_id,
-                        item.idx,
-                        files[id(item)],
-                        item.sample_rate,
-                        item.num_channels,
-                        item.at,
-                    )
-                )
-        return out
+        if not self._admit(op):
+            return None
+        written = self._submit(op)
+        written.add_done_callback(lambda _: on_written())
+        return PendingChunk(op, written)
+
+    def finish(
+        self, pending: PendingChunk, drop: Drop, *, after_loss: bool
+    ) -> SpooledChunkOp | None:
+        """The op that records a written file, once ``pending.written`` is done.
+
+        ``after_loss``: an earlier chunk of this call could not be written, so this one is
+        discarded (no gap is recorded); a later chunk refused at admission does not count.
+
+        Returns:
+            The op that records its row, or None when it is not recorded (``drop`` is
+            told of a failed write; a full disk stops its call's audio).
+        """
+        op = pending.op
+        chunk, exc, retries = pending.written.result()
+        self._stats.retried_ops += retries
+        if chunk is not None and not after_loss:
+            return SpooledChunkOp(op.call_id, op.idx, chunk, op.sample_rate, op.num_channels, op.at)
+        self._spool_bytes -= len(op.data)
+        if chunk is not None:
+            self._stats.chunks_skipped += 1
+            spool.discard_chunk(self._directory, chunk.relpath)
+        elif is_disk_full(exc):
+            self.stop_audio(op.call_id, f"disk full writing audio ({exc})")
+        elif exc is not None:
+            drop(op, exc)
+        return None
 
     def close(self) -> None:
-        """Let the spool threads go (the writer thread is stopping; no batch is in flight)."""
+        """Let the spool threads go (the writer thread is stopping; no file is pending)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
@@ -149,25 +153,24 @@ class ChunkSpooler:
         self._spool_bytes += size
         return True
 
-    def _map_writes(self, ops: list[ChunkOp]) -> list[_Written]:
-        """``_write_file`` over ``ops``, side by side on the spool threads.
+    def _submit(self, op: ChunkOp) -> Future[_Written]:
+        """``_write_file`` on a spool thread (on this one once the interpreter is exiting).
 
-        On this thread for one op, or once the interpreter is exiting (its executors take
-        no more work by then).
+        Executors take no more work once the interpreter exits; the file is still written.
 
         Returns:
-            One outcome per op, in the order of ``ops``.
+            The outcome to come (already done when written here).
         """
-        if len(ops) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    SPOOL_THREADS, thread_name_prefix=f"pipecat-roark-spool:{self._directory}"
-                )
-            try:
-                return list(self._pool.map(self._write_file, ops))
-            except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
-                pass
-        return [self._write_file(op) for op in ops]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                SPOOL_THREADS, thread_name_prefix=f"pipecat-roark-spool:{self._directory}"
+            )
+        try:
+            return self._pool.submit(self._write_file, op)
+        except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+            done: Future[_Written] = Future()
+            done.set_result(self._write_file(op))
+            return done
 
     def _write_file(self, op: ChunkOp) -> _Written:
         """One chunk file, transient errors retried; any thread, no spooler state touched.

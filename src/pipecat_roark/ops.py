@@ -17,6 +17,7 @@ __all__ = [
     "BarrierOp",
     "CallOp",
     "ChunkOp",
+    "ChunkWrittenOp",
     "EventOp",
     "FinalizeOp",
     "Op",
@@ -74,9 +75,18 @@ class FinalizeOp(NamedTuple):
 
 
 class BarrierOp(NamedTuple):
-    """Call ``release`` once everything queued before it is committed (a flush)."""
+    """Call ``release`` once everything queued before it is committed (a flush).
+
+    With a ``call_id``, once everything *that call* queued before it is committed: a call
+    waits for its own chunk files, not for other calls' (``parked_ops``).
+    """
 
     release: Callable[[], None]
+    call_id: str | None = None
+
+
+class ChunkWrittenOp(NamedTuple):
+    """A spool thread finished a chunk file: the writer settles what waited behind it."""
 
 
 class StopOp(NamedTuple):
@@ -86,5 +96,5 @@ class StopOp(NamedTuple):
 CallOp = OpenOp | EventOp | ChunkOp | SpooledChunkOp | FinalizeOp
 """An op that writes something of one call: what a batch's work is made of."""
 
-Op = CallOp | BarrierOp | StopOp
+Op = CallOp | BarrierOp | ChunkWrittenOp | StopOp
 """Anything the writer's queue holds."""

@@ -27,11 +27,12 @@ from loguru import logger
 
 from . import calls_table, crashpoints, metrics
 from .batch_commit import Batch, BatchCommitter
-from .chunk_spooler import ChunkSpooler
+from .chunk_spooler import ChunkSpooler, PendingChunk
 from .config import DEFAULT_MIN_FREE_BYTES
 from .op_apply import OpApplier
-from .ops import BarrierOp, CallOp, Op, SpooledChunkOp, StopOp
+from .ops import BarrierOp, ChunkWrittenOp, Op, SpooledChunkOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
+from .parked_ops import ParkedOps
 from .store import now_us, transaction
 from .wal_file import WalFile
 from .writer_state import CallBook, WriterStats
@@ -82,6 +83,7 @@ class Writer:
         )
         self._spooler.measure(self._wal.db())
         self._wal.keep_reserve()
+        self._parked = ParkedOps()
         self._inflight: Batch | None = None
         self._death: str | None = None
         self._closing = False
@@ -244,31 +246,32 @@ class Writer:
                 next_heartbeat = time.monotonic() + self.heartbeat_s
 
     def _take(self, first: Op) -> Batch:
-        ops = [first]
+        taken: deque[Op] = deque((first,))
         while True:
             try:
-                ops.append(self._queue.get_nowait())
+                taken.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        work: deque[CallOp] = deque()
-        barriers: list[Callable[[], None]] = []
-        stop = False
-        for op in ops:
-            if isinstance(op, BarrierOp):
-                barriers.append(op.release)
-            elif isinstance(op, StopOp):
-                stop = True
-            else:
-                work.append(op)
-        return Batch(work=work, barriers=barriers, stop=stop)
+        stop = any(isinstance(op, StopOp) for op in taken)
+        return Batch(work=deque(), barriers=[], stop=stop, taken=taken)
+
+    def _chunk_written(self) -> None:
+        self._queue.put(_WRITTEN)
+
+    def _finish(self, pending: PendingChunk, after_loss: bool) -> SpooledChunkOp | None:
+        return self._spooler.finish(pending, self._committer.drop, after_loss=after_loss)
 
     def _process(self, batch: Batch) -> None:
         self._wal.check_file()
+        self._parked.sort(batch, self._committer, self._spooler, self._chunk_written)
+        if batch.stop:
+            self._parked.wait_for_files()
+        ready = self._parked.take_ready(self._finish)
+        batch.work.extend(ready.work)
+        batch.barriers.extend(ready.releases)
         added_deliveries = False
         if batch.work:
             started = time.perf_counter()
-            self._committer.screen(batch)
-            batch.work = self._spooler.spool(batch.work, self._committer.drop)
             if any(isinstance(op, SpooledChunkOp) for op in batch.work):
                 crashpoints.reached("chunk-file-durable")
             crashpoints.reached("before-commit")
@@ -297,6 +300,9 @@ class Writer:
             self._wal.keep_reserve()
         except Exception as exc:
             logger.warning(f"pipecat-roark: heartbeat to {self.directory} failed: {exc}")
+
+
+_WRITTEN = ChunkWrittenOp()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

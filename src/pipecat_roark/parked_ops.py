@@ -1,0 +1,178 @@
+"""ParkedOps: a call's ops wait behind its own chunk files, never behind another call's.
+
+A chunk's file is written on a spool thread from the moment the writer takes it. Its row,
+and everything its call queued after it, wait here until the file is durable, so a call's
+order holds: a chunk row after its file, the next chunk's row after this one, the call's
+end after its last chunk. Other calls' ops are committed meanwhile. Before this, a burst of
+chunk files from many calls held every record queued behind it (issue 12: frame →
+committed at 100 calls).
+
+A flush (a ``BarrierOp``) still means "everything queued before it": it waits for the
+ops parked before it. With a call id it waits only for that call's.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .batch_commit import Batch, BatchCommitter
+from .chunk_spooler import ChunkSpooler, PendingChunk
+from .ops import BarrierOp, CallOp, ChunkOp, ChunkWrittenOp, SpooledChunkOp, StopOp
+
+__all__ = ["Finish", "ParkedOps", "Ready"]
+
+Release = Callable[[], None]
+Finish = Callable[[PendingChunk, bool], SpooledChunkOp | None]
+"""Turns a written chunk into its row's op (None: not recorded); the flag says an earlier
+chunk of the call could not be written (``ChunkSpooler.finish``)."""
+
+
+class _CallBarrier(NamedTuple):
+    release: Release
+
+
+_Item = PendingChunk | CallOp | _CallBarrier
+
+
+@dataclass
+class _Line:
+    """One call's parked items, oldest first, each with its place in the queue."""
+
+    items: deque[tuple[int, _Item]] = field(default_factory=deque)
+    lost_audio: bool = False
+    """A chunk of this call could not be written: the chunks after it are not recorded."""
+
+
+class Ready(NamedTuple):
+    """What may be committed now, in each call's order, and the flushes it satisfies."""
+
+    work: list[CallOp]
+    releases: list[Release]
+
+
+class ParkedOps:
+    """The writer thread's per-call waiting lines (touched only by that thread)."""
+
+    def __init__(self) -> None:
+        self._lines: dict[str, _Line] = {}
+        self._flushes: list[tuple[int, Release]] = []
+        self._seq = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._lines or self._flushes)
+
+    def holds(self, call_id: str) -> bool:
+        """Does this call have ops waiting (so its next op must wait too)?
+
+        Returns:
+            True while a chunk file of the call, or an op behind one, is not committed.
+        """
+        return call_id in self._lines
+
+    def park(self, call_id: str, item: PendingChunk | CallOp) -> None:
+        """Queue ``item`` behind this call's parked ops (a chunk starts a line)."""
+        line = self._lines.get(call_id)
+        if line is None:
+            line = self._lines[call_id] = _Line()
+        line.items.append((self._seq, item))
+        self._seq += 1
+
+    def wait(self, release: Release, call_id: str | None) -> bool:
+        """Hold a flush until what was parked before it is committed.
+
+        Returns:
+            False when nothing it waits for is parked: release it after this commit.
+        """
+        if call_id is not None:
+            line = self._lines.get(call_id)
+            if line is None:
+                return False
+            line.items.append((self._seq, _CallBarrier(release)))
+            return True
+        if not self._lines:
+            return False
+        self._flushes.append((self._seq, release))
+        return True
+
+    def sort(
+        self,
+        batch: Batch,
+        committer: BatchCommitter,
+        spooler: ChunkSpooler,
+        on_written: Callable[[], None],
+    ) -> None:
+        """In queue order: what commits now (``batch.work``), what waits for a chunk file.
+
+        A chunk's file starts being written here (``ChunkSpooler.start``); its row and its
+        call's later ops are parked until it is durable. Taken ops are removed one by one,
+        so a writer thread restarted mid-sort goes on where it stopped.
+        """
+        calls: deque[CallOp] = deque(
+            op for op in batch.taken if not isinstance(op, (BarrierOp, ChunkWrittenOp, StopOp))
+        )
+        kept = {id(op) for op in committer.screen(calls)}
+        taken = batch.taken
+        while taken:
+            op = taken[0]
+            try:
+                if isinstance(op, BarrierOp):
+                    if not self.wait(op.release, op.call_id):
+                        batch.barriers.append(op.release)
+                elif isinstance(op, (ChunkWrittenOp, StopOp)) or id(op) not in kept:
+                    pass
+                elif isinstance(op, ChunkOp):
+                    pending = spooler.start(op, on_written)
+                    if pending is not None:
+                        self.park(op.call_id, pending)
+                elif self.holds(op.call_id):
+                    self.park(op.call_id, op)
+                else:
+                    batch.work.append(op)
+            except Exception as exc:  # one op, never the thread
+                if not isinstance(op, (BarrierOp, ChunkWrittenOp, StopOp)):
+                    committer.drop(op, exc)
+            taken.popleft()
+
+    def take_ready(self, finish: Finish) -> Ready:
+        """Every call's items up to its first chunk file still being written.
+
+        Returns:
+            The ops to commit now (each call's in its order) and the flushes to release
+            once they are committed.
+        """
+        work: list[CallOp] = []
+        releases: list[Release] = []
+        for call_id, line in list(self._lines.items()):
+            items = line.items
+            while items:
+                item = items[0][1]
+                if isinstance(item, PendingChunk):
+                    if not item.written.done():
+                        break
+                    spooled = finish(item, line.lost_audio)
+                    if spooled is None:
+                        line.lost_audio = True
+                    else:
+                        work.append(spooled)
+                elif isinstance(item, _CallBarrier):
+                    releases.append(item.release)
+                else:
+                    work.append(item)
+                items.popleft()
+            if not items:
+                del self._lines[call_id]
+        if self._flushes:
+            oldest = min((line.items[0][0] for line in self._lines.values()), default=self._seq)
+            releases.extend(release for seq, release in self._flushes if seq <= oldest)
+            self._flushes = [(seq, release) for seq, release in self._flushes if seq > oldest]
+        return Ready(work, releases)
+
+    def wait_for_files(self) -> None:
+        """Block until every pending chunk file is written or failed (the writer stops)."""
+        for line in self._lines.values():
+            for _, item in line.items:
+                if isinstance(item, PendingChunk):
+                    item.written.exception()
