@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipecat_roark import faultpoints
-from pipecat_roark.events import CallOpened
-from pipecat_roark.ops import BarrierOp, ChunkOp, OpenOp
+from pipecat_roark.events import CallOpened, UserText, decode_event
+from pipecat_roark.ops import BarrierOp, ChunkOp, EventOp, FinalizeOp, OpenOp
 from pipecat_roark.writer import Writer
 
 CHUNK = bytes(range(256)) * 4  # 1 KiB
@@ -124,3 +124,95 @@ def test_a_failed_write_leaves_its_call_a_gapless_prefix_and_no_stray_files(
     on_disk = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
     assert on_disk == [f"{idx:06d}.pcm" for idx in kept]
     assert [idx for idx, _ in _chunk_rows(tmp_path, "d")] == [0, 1, 2, 3]
+
+
+def _rows(directory: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(f"file:{directory / 'wal.sqlite'}?mode=ro", uri=True)
+    try:
+        return [tuple(row) for row in conn.execute(sql, args).fetchall()]
+    finally:
+        conn.close()
+
+
+def _timeline(directory: Path, call_id: str) -> list[str]:
+    """The call's events in commit order, by kind (the tag ``events.py`` gives each)."""
+    bodies = _rows(directory, "SELECT body FROM events WHERE call_id = ? ORDER BY id", call_id)
+    return [type(decode_event(bytes(body))).__name__ for (body,) in bodies]  # type: ignore[arg-type]
+
+
+def test_only_a_calls_chunk_rows_and_end_wait_for_its_chunk_file(tmp_path: Path) -> None:
+    """Call "a"'s chunk file is held on its spool thread. Call "b" commits meanwhile, and
+    so do "a"'s events (the timeline reads chunks by index, not by their place among the
+    events); "a"'s end waits behind its chunk, and so do a flush (everything queued before
+    it) and "a"'s own flush queued after its end. Released, the chunk row and then the
+    call's end are committed (issue 12: one call's audio must not hold frame → committed)."""
+    gate = threading.Event()
+    faultpoints.inject("writer:chunk-file", faultpoints.Hold(gate), call_id="a")
+    writer = Writer(tmp_path, min_free_bytes=0)
+    flushed, a_flushed, b_flushed = threading.Event(), threading.Event(), threading.Event()
+    try:
+        for call_id in ("a", "b"):
+            writer.submit(OpenOp(call_id, CallOpened(at=1, agent_id="x"), None))
+        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
+        writer.submit(EventOp("a", UserText(at=3, text="after the chunk")))
+        writer.submit(FinalizeOp("a", 4, "completed"))
+        writer.submit(EventOp("a", UserText(at=5, text="after the end")))
+        writer.submit(BarrierOp(a_flushed.set, "a"))
+        writer.submit(BarrierOp(flushed.set))
+        writer.submit(EventOp("b", UserText(at=3, text="b goes on")))
+        writer.submit(FinalizeOp("b", 4, "completed"))
+        writer.submit(BarrierOp(b_flushed.set, "b"))
+        assert b_flushed.wait(30)
+        assert _timeline(tmp_path, "b") == ["CallOpened", "UserText"]
+        assert _timeline(tmp_path, "a") == ["CallOpened", "UserText"]
+        assert _rows(tmp_path, "SELECT id, state FROM calls ORDER BY id") == [
+            ("a", "open"),
+            ("b", "ended"),
+        ]
+        assert _rows(tmp_path, "SELECT kind FROM deliveries WHERE call_id = 'a'") == [
+            ("call-started",)
+        ]
+        assert not flushed.is_set() and not a_flushed.is_set()
+        gate.set()
+        assert writer.flush_sync(30)
+        assert flushed.is_set() and a_flushed.is_set()
+    finally:
+        gate.set()
+        assert writer.close()
+    assert _timeline(tmp_path, "a") == ["CallOpened", "UserText", "ChunkRecorded", "UserText"]
+    assert _rows(tmp_path, "SELECT state FROM calls WHERE id = 'a'") == [("ended",)]
+    assert _rows(
+        tmp_path, "SELECT kind, chunk_idx FROM deliveries WHERE call_id = 'a' ORDER BY id"
+    ) == [("call-started", None), ("chunk", 0), ("call-ended", None)]
+    assert (tmp_path / _chunk_rows(tmp_path, "a")[0][1]).read_bytes() == CHUNK
+
+
+def test_a_failed_chunk_file_loses_only_its_calls_later_audio_not_its_events(
+    tmp_path: Path,
+) -> None:
+    """Chunk 0 of "a" fails while chunks 1 and 2 are already being written behind it:
+    neither is recorded (no gap) and their files are gone; the event queued between them
+    and the call's end are still committed, in order."""
+    faultpoints.inject("writer:chunk-file", ValueError("injected"), call_id="a", times=1)
+    writer = Writer(tmp_path, min_free_bytes=0)
+    try:
+        gate, hold = _gate()
+        writer.submit(BarrierOp(hold))
+        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
+        writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
+        writer.submit(EventOp("a", UserText(at=4, text="still recorded")))
+        writer.submit(ChunkOp("a", 2, CHUNK, 16000, 2, 5))
+        writer.submit(FinalizeOp("a", 6, "completed"))
+        gate.set()
+        assert writer.flush_sync(30)
+    finally:
+        assert writer.close()
+    assert _chunk_rows(tmp_path, "a") == []
+    folder = tmp_path / "chunks" / "a"
+    assert not folder.exists() or list(folder.iterdir()) == []
+    assert _timeline(tmp_path, "a") == ["CallOpened", "UserText"]
+    assert _rows(tmp_path, "SELECT kind FROM deliveries WHERE call_id = 'a' ORDER BY id") == [
+        ("call-started",),
+        ("call-ended",),
+    ]

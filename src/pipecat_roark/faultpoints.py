@@ -3,8 +3,10 @@
 The crash suite (``crashpoints``) proves what survives a SIGKILL; this proves the
 bulkheads: an exception raised while handling one call's op or row must touch only
 that call. ``inject(point, exc, call_id=…)`` arms a point in this process; the writer
-and the drainer call ``reached(point, call_id)`` at each step. Nothing is armed in
-production, where ``reached`` is one truth test of an empty dict.
+and the drainer call ``reached(point, call_id)`` at each step. Armed with a ``Hold``,
+the point waits for a gate instead of raising: one call's step is slow, and a test
+proves the other calls do not wait for it. Nothing is armed in production, where
+``reached`` is one truth test of an empty dict.
 
 Points (each is a step that handles one call's data):
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["POINTS", "clear", "inject", "reached"]
+__all__ = ["HOLD_LIMIT_S", "POINTS", "Hold", "clear", "inject", "reached"]
 
 POINTS = (
     "writer:open",
@@ -35,6 +37,18 @@ POINTS = (
     "drain:mark-delivered",
     "drain:finalize-orphan",
 )
+
+HOLD_LIMIT_S = 30.0
+"""A held point goes on after this long even if its gate is never opened."""
+
+
+class Hold(BaseException):
+    """Armed in place of an error: the point waits for ``gate`` (at most ``HOLD_LIMIT_S``)."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__("held by a test")
+        self.gate = gate
+
 
 _ARMED: dict[str, tuple[str | None, BaseException, int]] = {}
 _LOCK = threading.Lock()
@@ -75,4 +89,7 @@ def reached(point: str, call_id: str) -> None:
             return
         if times > 0:
             _ARMED[point] = (target, exc, times - 1)
+    if isinstance(exc, Hold):
+        exc.gate.wait(HOLD_LIMIT_S)
+        return
     raise exc

@@ -77,8 +77,9 @@ class FinalizeOp(NamedTuple):
 class BarrierOp(NamedTuple):
     """Call ``release`` once everything queued before it is committed (a flush).
 
-    With a ``call_id``, once everything *that call* queued before it is committed: a call
-    waits for its own chunk files, not for other calls' (``parked_ops``).
+    With a ``call_id``, once that call's records queued before it are committed (its
+    events, its end), not other calls' and not chunk files still being written
+    (``parked_ops``).
     """
 
     release: Callable[[], None]

@@ -1,14 +1,18 @@
-"""ParkedOps: a call's ops wait behind its own chunk files, never behind another call's.
+"""ParkedOps: a chunk's row waits for its file; no other record waits for it.
 
-A chunk's file is written on a spool thread from the moment the writer takes it. Its row,
-and everything its call queued after it, wait here until the file is durable, so a call's
-order holds: a chunk row after its file, the next chunk's row after this one, the call's
-end after its last chunk. Other calls' ops are committed meanwhile. Before this, a burst of
-chunk files from many calls held every record queued behind it (issue 12: frame →
-committed at 100 calls).
+A chunk's file is written on a spool thread from the moment the writer takes it. Its row
+waits here until the file is durable, and so do the call's later chunks and its end, so
+what the drainer sees holds: a chunk row after its file, the next chunk's row after this
+one (a failed file leaves no gap), the call's end after its last chunk. The call's events
+do not wait: the timeline reads chunks by index, not by their place among the events, so
+a transcript line is committed while the audio before it is still being written; only
+events queued after the call's end wait with it. Other calls never wait. Before this, a
+burst of chunk files from many calls held every record queued behind it (issue 12: frame
+→ committed at 100 calls).
 
-A flush (a ``BarrierOp``) still means "everything queued before it": it waits for the
-ops parked before it. With a call id it waits only for that call's.
+A flush (a ``BarrierOp``) still means "everything queued before it", chunk files
+included. With a call id it means that call's records (its events, its end), as they
+commit: it waits for chunk files only behind the call's end.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import NamedTuple
 
 from .batch_commit import Batch, BatchCommitter
 from .chunk_spooler import ChunkSpooler, PendingChunk
-from .ops import BarrierOp, CallOp, ChunkOp, ChunkWrittenOp, SpooledChunkOp, StopOp
+from .ops import BarrierOp, CallOp, ChunkOp, ChunkWrittenOp, EventOp, SpooledChunkOp, StopOp
 
 __all__ = ["Finish", "ParkedOps", "Ready"]
 
@@ -44,6 +48,8 @@ class _Line:
     items: deque[tuple[int, _Item]] = field(default_factory=deque)
     lost_audio: bool = False
     """A chunk of this call could not be written: the chunks after it are not recorded."""
+    ending: bool = False
+    """The call's end is parked: whatever the call queues after it waits too."""
 
 
 class Ready(NamedTuple):
@@ -64,13 +70,17 @@ class ParkedOps:
     def __bool__(self) -> bool:
         return bool(self._lines or self._flushes)
 
-    def holds(self, call_id: str) -> bool:
-        """Does this call have ops waiting (so its next op must wait too)?
+    def must_wait(self, op: CallOp) -> bool:
+        """Must ``op`` wait behind its call's parked chunk files?
 
         Returns:
-            True while a chunk file of the call, or an op behind one, is not committed.
+            True for the call's end (or a chunk row) behind a chunk file still being
+            written, and for anything behind a parked end; False for an event otherwise.
         """
-        return call_id in self._lines
+        line = self._lines.get(op.call_id)
+        if line is None:
+            return False
+        return line.ending or not isinstance(op, EventOp)
 
     def park(self, call_id: str, item: PendingChunk | CallOp) -> None:
         """Queue ``item`` behind this call's parked ops (a chunk starts a line)."""
@@ -78,6 +88,7 @@ class ParkedOps:
         if line is None:
             line = self._lines[call_id] = _Line()
         line.items.append((self._seq, item))
+        line.ending = line.ending or not isinstance(item, PendingChunk)
         self._seq += 1
 
     def wait(self, release: Release, call_id: str | None) -> bool:
@@ -88,7 +99,7 @@ class ParkedOps:
         """
         if call_id is not None:
             line = self._lines.get(call_id)
-            if line is None:
+            if line is None or not line.ending:
                 return False
             line.items.append((self._seq, _CallBarrier(release)))
             return True
@@ -127,7 +138,7 @@ class ParkedOps:
                     pending = spooler.start(op, on_written)
                     if pending is not None:
                         self.park(op.call_id, pending)
-                elif self.holds(op.call_id):
+                elif self.must_wait(op):
                     self.park(op.call_id, op)
                 else:
                     batch.work.append(op)
