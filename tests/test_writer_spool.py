@@ -216,3 +216,29 @@ def test_a_failed_chunk_file_loses_only_its_calls_later_audio_not_its_events(
         ("call-started",),
         ("call-ended",),
     ]
+
+
+def test_a_batch_of_events_alone_is_stored_in_queue_order_in_one_statement(
+    tmp_path: Path,
+) -> None:
+    """A batch of only events is one padded statement (one call into SQLite, issue 12):
+    every event is stored once, in the order queued, whatever the statement's size."""
+    writer = Writer(tmp_path, min_free_bytes=0)
+    try:
+        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
+        assert writer.flush_sync(30)
+        for count in (1, 7, 8, 9, 64, 65, 300):
+            gate, hold = _gate()
+            writer.submit(BarrierOp(hold))  # the events queue up as one batch
+            for n in range(count):
+                writer.submit(EventOp("a", UserText(at=n, text=f"{count}:{n}")))
+            gate.set()
+            assert writer.flush_sync(30)
+    finally:
+        assert writer.close()
+    bodies = _rows(tmp_path, "SELECT body FROM events WHERE call_id = 'a' ORDER BY id")
+    texts = [getattr(decode_event(bytes(body)), "text", None) for (body,) in bodies]  # type: ignore[arg-type]
+    expected = [f"{count}:{n}" for count in (1, 7, 8, 9, 64, 65, 300) for n in range(count)]
+    assert texts == [None, *expected]
+    assert writer.stats.events == 1 + len(expected)
+    assert writer.stats.failed_batches == 0  # not stored by the one-op-at-a-time fallback

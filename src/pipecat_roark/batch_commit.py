@@ -14,11 +14,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from loguru import logger
 
 from . import spool
 from .chunk_spooler import OP_RETRY_DELAYS_S, ChunkSpooler
+from .events_table import MAX_EVENTS_PER_STATEMENT
 from .op_apply import OpApplier
 from .ops import CallOp, ChunkOp, EventOp, FinalizeOp, Op, OpenOp, SpooledChunkOp
 from .store import transaction
@@ -118,10 +120,16 @@ class BatchCommitter:
                 if batch.careful:
                     added = self._commit_one_by_one(batch) or added
                 else:
-                    with transaction(self._wal.db()):
-                        added = self._applier.apply(batch.work)
-                    self._applier.settle(batch.work)
-                    batch.work.clear()
+                    work = batch.work
+                    if len(work) <= MAX_EVENTS_PER_STATEMENT and all(
+                        type(op) is EventOp for op in work
+                    ):
+                        self._applier.apply_events_alone(cast("deque[EventOp]", work))
+                    else:
+                        with transaction(self._wal.db()):
+                            added = self._applier.apply(work)
+                    self._applier.settle(work)
+                    work.clear()
             except DatabaseDown as down:
                 streak_logged = self._wait_for_database(batch, down, streak_logged, delay)
                 delay = min(delay * 2, 2.0)

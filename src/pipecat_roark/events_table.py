@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 
 import msgspec
 
@@ -22,7 +23,9 @@ __all__ = [
     "StoredEvents",
     "bodies_to_check",
     "count_for_call",
+    "MAX_EVENTS_PER_STATEMENT",
     "insert_events",
+    "insert_events_in_one_statement",
     "last_event_body",
     "load_events",
     "read_events",
@@ -32,6 +35,40 @@ __all__ = [
 def insert_events(conn: sqlite3.Connection, events: list[tuple[str, bytes]]) -> None:
     """Append encoded events, as (call id, body) pairs (inside the caller's transaction)."""
     conn.executemany("INSERT INTO events (call_id, body) VALUES (?, ?)", events)
+
+
+MAX_EVENTS_PER_STATEMENT = 512
+_STATEMENT_SIZES = (8, 64, MAX_EVENTS_PER_STATEMENT)
+"""Statements are padded to one of these sizes, so SQLite's statement cache holds them all."""
+
+
+def insert_events_in_one_statement(
+    conn: sqlite3.Connection, events: list[tuple[str, bytes]]
+) -> None:
+    """Append up to ``MAX_EVENTS_PER_STATEMENT`` encoded events with one statement, in order.
+
+    Outside a transaction it is its own atomic commit and one call into SQLite, so the
+    writer thread lets go of the GIL once, not at BEGIN, at each row and at COMMIT: behind
+    a busy event loop each time costs up to a switch interval (issue 12).
+
+    Raises:
+        ValueError: more events than one statement takes.
+    """
+    size = next((size for size in _STATEMENT_SIZES if size >= len(events)), None)
+    if size is None:
+        raise ValueError(f"{len(events)} events are more than one statement takes")
+    params: list[str | bytes | None] = [value for event in events for value in event]
+    params.extend([None] * (2 * (size - len(events))))
+    conn.execute(_padded_insert(size), params)
+
+
+@cache
+def _padded_insert(size: int) -> str:
+    rows = ", ".join(f"(?, ?, {position})" for position in range(size))
+    return (
+        "INSERT INTO events (call_id, body) SELECT column1, column2"
+        f" FROM (VALUES {rows}) WHERE column1 IS NOT NULL ORDER BY column3"
+    )
 
 
 @dataclass(frozen=True)

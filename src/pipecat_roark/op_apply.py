@@ -9,6 +9,7 @@ here into it.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .events import CallOpened, ChunkRecorded, encode_event
 from .ops import CallOp, EventOp, FinalizeOp, OpenOp, SpooledChunkOp
 from .owner import Owner
 from .store import now_us, transaction
-from .wal_file import WalFile
+from .wal_file import WalFile, is_busy
 from .writer_state import CallBook, OpenCall, WriterStats, reused
 
 __all__ = ["OpApplier"]
@@ -66,6 +67,31 @@ class OpApplier:
         if events:
             self._insert_events(events)
         return added
+
+    def apply_events_alone(self, work: Iterable[EventOp]) -> None:
+        """Commit a batch of events only, as one statement in its own transaction.
+
+        Why: see ``events_table.insert_events_in_one_statement``. A database busy with
+        another process's commit gets the usual transaction, which waits its turn.
+
+        Raises:
+            sqlite3.OperationalError: the statement failed for another reason than a busy
+                database (the committer decides what that means).
+        """
+        reached = faultpoints.reached
+        events: list[tuple[str, bytes]] = []
+        for op in work:
+            reached("writer:event", op.call_id)
+            events.append((op.call_id, encode_event(op.event)))
+        conn = self._wal.db()
+        try:
+            events_table.insert_events_in_one_statement(conn, events)
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            with transaction(conn):
+                events_table.insert_events(conn, events)
+        self._stats.events += len(events)
 
     def settle(self, work: Iterable[CallOp]) -> None:
         """After a commit: what this process remembers about its open calls."""

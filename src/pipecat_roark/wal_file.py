@@ -22,7 +22,7 @@ from .errors import PipecatRoarkError, StoreCorrupt
 from .store import DB_NAME, connect, quarantine, transaction
 from .writer_state import WriterStats
 
-__all__ = ["DatabaseDown", "WalFile", "is_disk_full", "is_transient"]
+__all__ = ["DatabaseDown", "WalFile", "is_busy", "is_disk_full", "is_transient"]
 
 RESERVE_NAME = ".reserve"
 RESERVE_BYTES = 128 << 10
@@ -60,6 +60,16 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in _TRANSIENT_ERRNOS
     return isinstance(exc, sqlite3.OperationalError)
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Another connection holds the database ("database is locked", "busy").
+
+    Returns:
+        True for SQLite's busy and locked errors.
+    """
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
 
 class WalFile:
@@ -151,10 +161,7 @@ class WalFile:
         """
         if not isinstance(exc, (sqlite3.Error, OSError)):
             return False
-        text = str(exc).lower()
-        if is_disk_full(exc) or (
-            isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
-        ):
+        if is_disk_full(exc) or is_busy(exc):
             return True
         try:
             conn = self.db()
