@@ -1,0 +1,175 @@
+"""Delivery from a child process (``RoarkObserver(delivery_process=True)``), for real: a
+Pipecat pipeline, the dev server on 127.0.0.1 in strict order mode, a real
+``pipecat-roark drain --follow --parent-pipe`` child, and a bot killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devserver_fixture import RunningDevServer
+from pipecat_roark import RoarkObserver, config, lifecycle
+from pipecat_roark.delivery_process import DeliveryProcess
+from pipecat_roark.testing import ScriptedCall, run_pipeline
+from test_drain import assert_arrived_whole, delivery_states, short_script
+
+pytestmark = pytest.mark.strict_order
+
+KEY = "rk_live_child_secret"
+HERE = Path(__file__).parent
+BOT = HERE / "delivery_process_bot.py"
+
+
+@pytest.fixture
+def children() -> Iterator[None]:
+    """Every delivery child a test started gets its EOF at the end and is waited for."""
+    yield
+    with lifecycle.PROCESS.lock:
+        started = list(lifecycle.PROCESS.delivery_processes.values())
+        lifecycle.PROCESS.delivery_processes.clear()
+    for child in started:
+        child.close()
+        assert isinstance(child, DeliveryProcess)
+        assert child.exited.wait(150), "the delivery child exited after its last pass"
+
+
+def child_of(directory: Path) -> DeliveryProcess:
+    key = (config.registry_key(directory), config.key_fingerprint(KEY))
+    child = lifecycle.PROCESS.delivery_processes[key]
+    assert isinstance(child, DeliveryProcess)
+    for _ in range(600):  # bounded: it is spawned in a thread
+        if child.pid is not None or child.exited.is_set():
+            break
+        time.sleep(0.05)
+    assert child.pid is not None, "the delivery child started"
+    return child
+
+
+def ended(server: RunningDevServer, call_id: str) -> bool:
+    return any(c["pipecatCallId"] == call_id and c["ended"] for c in server.calls())
+
+
+def gone(pid: int) -> bool:
+    """The process exited (a zombie its new parent has not reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+@pytest.mark.anyio
+async def test_a_call_is_delivered_by_the_child_and_its_key_is_never_in_argv(
+    data_dir: Path, dev_server: RunningDevServer, children: None
+) -> None:
+    roark = RoarkObserver(
+        agent_id="child-bot",
+        api_key=KEY,
+        base_url=dev_server.base_url,
+        pipecat_call_id="by-child",
+        data_dir=data_dir,
+        chunk_bytes=8000,
+        delivery_process=True,
+    )
+    await run_pipeline([ScriptedCall(short_script(1)), roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
+    child = child_of(data_dir)
+    assert child.pid is not None
+
+    argv = Path(f"/proc/{child.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"--parent-pipe" in argv, argv
+    assert not [a for a in argv if KEY.encode() in a], "the key is not in the child's argv"
+    environ = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
+    assert f"ROARK_API_KEY={KEY}".encode() in environ, "the key went in its environment"
+    assert os.getsid(child.pid) == child.pid, "a session of its own: Ctrl-C reaches the bot only"
+    assert not lifecycle.PROCESS.drainers, "no drainer in the bot's loop"
+
+    assert dev_server.wait_until(lambda: ended(dev_server, "by-child"), 60)
+    assert_arrived_whole(dev_server, data_dir, "by-child")
+    assert set(delivery_states(data_dir).values()) == {"delivered"}
+
+    lifecycle.PROCESS.delivery_processes.clear()
+    child.close()  # what shut_down does last: EOF, one last pass, exit
+    assert child.exited.wait(150)
+    assert child.cpu_s is not None, "reaped by the bot, its CPU noted"
+
+
+def test_a_bot_killed_after_its_commit_has_its_call_delivered_by_the_child(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    # Nothing can be delivered while the bot lives: every answer is a 503 until the bot
+    # is dead, so the call reaches Roark only through the child's work after the kill.
+    dev_server.configure(status_sequence=[503] * 10_000)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPECAT_ROARK_CRASH")}
+    env.update(ROARK_API_KEY=KEY, ROARK_BASE_URL=dev_server.base_url)
+    bot = subprocess.Popen(
+        [sys.executable, str(BOT), str(data_dir), "orphaned-child"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert bot.stdout is not None
+        line = bot.stdout.readline()
+        child = json.loads(line)["child"]
+        assert isinstance(child, int) and not gone(child)
+        # The child is up and following: it tried, and was refused, before the kill.
+        assert dev_server.wait_until(
+            lambda: any(r["status"] == 503 for r in dev_server.requests()), 60
+        )
+    finally:
+        bot.send_signal(signal.SIGKILL)
+        bot.wait(30)
+        if bot.stdout is not None:
+            bot.stdout.close()
+    assert bot.returncode == -signal.SIGKILL
+    assert not ended(dev_server, "orphaned-child")
+    assert set(delivery_states(data_dir).values()) != {"delivered"}
+
+    dev_server.configure(status_sequence=[])  # Roark is back; the bot is gone
+    for _ in range(1500):  # bounded: the child's last pass honours its backoff
+        if gone(child):
+            break
+        time.sleep(0.1)
+    assert gone(child), "the child exited on its own after its parent died"
+    assert_arrived_whole(dev_server, data_dir, "orphaned-child")  # once each: 0 duplicated
+    assert set(delivery_states(data_dir).values()) == {"delivered"}, "0 lost"
+
+
+def test_the_child_exits_when_its_parents_pipe_closes(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    env = {**os.environ, "ROARK_API_KEY": KEY, "ROARK_BASE_URL": dev_server.base_url}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipecat_roark.cli", "drain", "--follow", "--parent-pipe"]
+        + ["--dir", str(data_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert b"following new calls" in child.stdout.readline()
+        child.stdin.write(b"\0")  # a wake: it goes on following
+        child.stdin.flush()
+        assert child.poll() is None
+        child.stdin.close()  # the parent is gone
+        code = child.wait(60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+        child.stdout.close()
+        errors = child.stderr.read().decode() if child.stderr else ""
+        if child.stderr:
+            child.stderr.close()
+    assert code == 0, errors
