@@ -4,6 +4,7 @@ Pipecat pipeline, the dev server on 127.0.0.1 in strict order mode, a real
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from devserver_fixture import RunningDevServer
+from helpers import LogCapture
 from pipecat_roark import RoarkObserver, config, lifecycle
+from pipecat_roark.background_drainer import stop_background_drainers
 from pipecat_roark.delivery_process import DeliveryProcess
 from pipecat_roark.testing import ScriptedCall, run_pipeline
 from test_drain import assert_arrived_whole, delivery_states, short_script
@@ -57,6 +60,16 @@ def ended(server: RunningDevServer, call_id: str) -> bool:
     return any(c["pipecatCallId"] == call_id and c["ended"] for c in server.calls())
 
 
+async def arrived(server: RunningDevServer, call_id: str) -> bool:
+    """Whether the call ended at the server within 60 s, the loop free meanwhile (the
+    bot's own drainer may be the one delivering it)."""
+    for _ in range(600):
+        if ended(server, call_id):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
 def gone(pid: int) -> bool:
     """The process exited (a zombie its new parent has not reaped yet counts as gone)."""
     try:
@@ -91,7 +104,7 @@ async def test_a_call_is_delivered_by_the_child_and_its_key_is_never_in_argv(
     assert os.getsid(child.pid) == child.pid, "a session of its own: Ctrl-C reaches the bot only"
     assert not lifecycle.PROCESS.drainers, "no drainer in the bot's loop"
 
-    assert dev_server.wait_until(lambda: ended(dev_server, "by-child"), 60)
+    assert await arrived(dev_server, "by-child")
     assert_arrived_whole(dev_server, data_dir, "by-child")
     assert set(delivery_states(data_dir).values()) == {"delivered"}
 
@@ -173,3 +186,42 @@ def test_the_child_exits_when_its_parents_pipe_closes(
         if child.stderr:
             child.stderr.close()
     assert code == 0, errors
+
+
+@pytest.mark.anyio
+async def test_a_child_that_dies_is_replaced_by_the_in_loop_drainer(
+    data_dir: Path, dev_server: RunningDevServer, children: None, logs: LogCapture
+) -> None:
+    async def call(call_id: str) -> None:
+        roark = RoarkObserver(
+            agent_id="child-bot",
+            api_key=KEY,
+            base_url=dev_server.base_url,
+            pipecat_call_id=call_id,
+            data_dir=data_dir,
+            chunk_bytes=8000,
+            delivery_process=True,
+        )
+        await run_pipeline(
+            [ScriptedCall(short_script(2)), roark.audio_processor],  # type: ignore[arg-type]
+            observers=[roark],
+        )
+
+    await call("before-death")
+    child = child_of(data_dir)
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.exited.wait(30)
+    assert child.failed
+    assert len(logs.matching("delivering from this process's event loop instead")) == 1
+    for _ in range(100):  # bounded: the reaper thread hands the start to this loop
+        if lifecycle.PROCESS.drainers:
+            break
+        await asyncio.sleep(0.01)
+    assert lifecycle.PROCESS.drainers, "the bot's own drainer took over at once"
+
+    await call("after-death")
+    assert await arrived(dev_server, "after-death"), "delivered from the bot's loop"
+    assert_arrived_whole(dev_server, data_dir, "after-death")
+    assert_arrived_whole(dev_server, data_dir, "before-death")
+    await stop_background_drainers()
