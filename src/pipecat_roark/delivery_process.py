@@ -78,9 +78,13 @@ class DeliveryProcess:
 
     def start(self) -> None:
         """Spawn the child in a daemon thread: never blocks the caller, never raises."""
-        threading.Thread(
-            target=self._spawn, name="pipecat-roark-delivery-spawn", daemon=True
-        ).start()
+        try:
+            threading.Thread(
+                target=self._run, name="pipecat-roark-delivery-spawn", daemon=True
+            ).start()
+        except Exception as exc:  # no thread to be had: deliver in-loop
+            self._fall_back(f"the delivery process did not start ({exc})")
+            self.exited.set()
 
     def wake(self) -> None:
         """A commit added deliveries (the writer thread): one byte to the child, never waiting."""
@@ -105,7 +109,16 @@ class DeliveryProcess:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def _spawn(self) -> None:
+    def _run(self) -> None:
+        """Spawn, wait, reap; whatever fails, the bot falls back to its in-loop drainer."""
+        try:
+            self._spawn_and_reap()
+        except Exception as exc:
+            self._fall_back(f"the delivery process failed ({exc})")
+        finally:
+            self.exited.set()
+
+    def _spawn_and_reap(self) -> None:
         env = {
             k: v
             for k, v in os.environ.items()
@@ -123,7 +136,6 @@ class DeliveryProcess:
             )
         except Exception as exc:
             self._fall_back(f"the delivery process did not start ({exc})")
-            self.exited.set()
             return
         assert child.stdin is not None
         fd = os.dup(child.stdin.fileno())
@@ -151,7 +163,6 @@ class DeliveryProcess:
         self.close()
         if not asked:
             self._fall_back(f"the delivery process {child.pid} exited with status {code}")
-        self.exited.set()
 
     def _reap(self, child: subprocess.Popen[bytes]) -> int:
         """Wait for the child's exit (no zombie while the bot lives) and note its CPU.
