@@ -44,9 +44,12 @@ def children() -> Iterator[None]:
         assert child.exited.wait(150), "the delivery child exited after its last pass"
 
 
+def registry_key(directory: Path) -> tuple[Path, str | None]:
+    return (config.registry_key(directory), config.key_fingerprint(KEY))
+
+
 def child_of(directory: Path) -> DeliveryProcess:
-    key = (config.registry_key(directory), config.key_fingerprint(KEY))
-    child = lifecycle.PROCESS.delivery_processes[key]
+    child = lifecycle.PROCESS.delivery_processes[registry_key(directory)]
     assert isinstance(child, DeliveryProcess)
     for _ in range(600):  # bounded: it is spawned in a thread
         if child.pid is not None or child.exited.is_set():
@@ -102,7 +105,7 @@ async def test_a_call_is_delivered_by_the_child_and_its_key_is_never_in_argv(
     environ = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
     assert f"ROARK_API_KEY={KEY}".encode() in environ, "the key went in its environment"
     assert os.getsid(child.pid) == child.pid, "a session of its own: Ctrl-C reaches the bot only"
-    assert not lifecycle.PROCESS.drainers, "no drainer in the bot's loop"
+    assert registry_key(data_dir) not in lifecycle.PROCESS.drainers, "none in the bot's loop"
 
     assert await arrived(dev_server, "by-child")
     assert_arrived_whole(dev_server, data_dir, "by-child")
@@ -215,10 +218,10 @@ async def test_a_child_that_dies_is_replaced_by_the_in_loop_drainer(
     assert child.failed
     assert len(logs.matching("delivering from this process's event loop instead")) == 1
     for _ in range(100):  # bounded: the reaper thread hands the start to this loop
-        if lifecycle.PROCESS.drainers:
+        if registry_key(data_dir) in lifecycle.PROCESS.drainers:
             break
         await asyncio.sleep(0.01)
-    assert lifecycle.PROCESS.drainers, "the bot's own drainer took over at once"
+    assert registry_key(data_dir) in lifecycle.PROCESS.drainers, "the bot's own drainer took over"
 
     await call("after-death")
     assert await arrived(dev_server, "after-death"), "delivered from the bot's loop"

@@ -77,9 +77,9 @@ class RoarkObserver(BaseObserver):
             (default False): the first observer of a data directory and key starts one
             ``pipecat-roark drain --follow`` child, woken on every commit, that outlives
             the bot only for one last bounded pass. The HTTP and the drainer's SQL then
-            cost the child's CPU, not the bot's; it costs a second process and about
-            0.3 s of start-up, off the loop. If the child cannot start or dies, the
-            in-loop drainer takes over.
+            cost the child's CPU, not the bot's; it costs a second process and its
+            start-up (about 0.6 s, mostly imports), off the loop. If the child cannot
+            start or dies, the in-loop drainer takes over.
         chunk_bytes: Size of one stereo recording chunk of the default audio processor.
         max_spool_bytes: Cap on undelivered audio on disk; past it new audio is not
             recorded (events still are), with a loud warning.
