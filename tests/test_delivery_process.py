@@ -160,6 +160,35 @@ def test_a_bot_killed_after_its_commit_has_its_call_delivered_by_the_child(
     assert set(delivery_states(data_dir).values()) == {"delivered"}, "0 lost"
 
 
+def test_the_bots_shutdown_lets_its_child_finish_and_exit_while_the_bot_lives(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    env = {**os.environ, "ROARK_API_KEY": KEY, "ROARK_BASE_URL": dev_server.base_url}
+    bot = subprocess.Popen(
+        [sys.executable, str(BOT), str(data_dir), "shut-down", "shutdown"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert bot.stdout is not None
+        child = json.loads(bot.stdout.readline())["child"]
+        assert isinstance(child, int)
+        for _ in range(1500):  # bounded: its last pass, then it exits
+            if gone(child):
+                break
+            time.sleep(0.1)
+        assert gone(child), "shut_down closed the child's pipe: it exited on its own"
+        assert bot.poll() is None, "while the bot lives on"
+    finally:
+        bot.send_signal(signal.SIGKILL)
+        bot.wait(30)
+        if bot.stdout is not None:
+            bot.stdout.close()
+    assert_arrived_whole(dev_server, data_dir, "shut-down")
+
+
 def test_the_child_exits_when_its_parents_pipe_closes(
     data_dir: Path, dev_server: RunningDevServer
 ) -> None:
