@@ -58,7 +58,7 @@ class DeliveryProcess:
     """
 
     directory: Path
-    api_key: str
+    api_key: str = field(repr=False)  # never in a log line
     base_url: str | None
     keep_delivered_audio: bool
     loop: asyncio.AbstractEventLoop

@@ -17,10 +17,11 @@ another data directory), and if the main thread is stuck in C code the process s
 leaves within a second of the drain.
 
 Everything process-wide lives here, in one ``ProcessState`` (``PROCESS``): the writers,
-the background drainers, the live observers and their delivery settings, and the SIGTERM
-state; every registry is keyed by ``config.registry_key(directory)``. ``shut_down`` is the
-one shutdown order (finalize open calls, flush their writers, stop the background
-drainers, the exit drain, close the writers), used by atexit, the SIGTERM thread and tests.
+the background drainers, the delivery children, the live observers and their delivery
+settings, and the SIGTERM state; every registry is keyed by
+``config.registry_key(directory)``. ``shut_down`` is the one shutdown order (finalize open
+calls, flush their writers, stop the background drainers, the exit drain, close the
+writers, then the delivery children's pipes), used by atexit, the SIGTERM thread and tests.
 
 No API key is kept here. The exit drain asks each registered ``DeliveryTarget`` for its
 key at exit time; a target is the observer's own ``CallDelivery`` (frozen, holding the
