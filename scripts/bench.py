@@ -239,6 +239,7 @@ def arrival_rows(base_url: str, tmp: Path, ref: str | None, rounds: int) -> list
         return []
     ours = worker(sys.executable, "arrival", "ours", rounds, base_url, tmp)["latencies"]
     theirs = worker(ref, "arrival", "reference", rounds, base_url, tmp)["latencies"]
+    child = worker(sys.executable, "arrival", "process", rounds, base_url, tmp)["latencies"]
     return [
         Row(
             "end of a real-time call → call-ended stored at the server (median)",
@@ -247,7 +248,17 @@ def arrival_rows(base_url: str, tmp: Path, ref: str | None, rounds: int) -> list
             median(ours) / median(theirs),
             "≤ 1×",
             "scripts/bench (arrival: a 3 s call at real-time pace, per round)",
-        )
+        ),
+        Row(
+            "end of a real-time call → call-ended stored at the server (median): ours with"
+            " delivery_process=True",
+            f"{median(child) * 1000:.0f} ms",
+            f"{median(theirs) * 1000:.0f} ms (reference)",
+            median(child) / median(theirs),
+            "≤ 1×",
+            "scripts/bench (arrival: a 3 s call at real-time pace, per round; the child"
+            " starts during the first round's call)",
+        ),
     ]
 
 
@@ -315,15 +326,36 @@ async def durable_latency(
     return latencies
 
 
+def child_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def delivery_child(directory: Path) -> Any:
+    """The delivery child this process started for ``directory`` (mode "process")."""
+    from pipecat_roark import config, lifecycle
+
+    key = (config.registry_key(directory), config.key_fingerprint(KEY))
+    child = lifecycle.PROCESS.delivery_processes[key]
+    for _ in range(600):  # bounded: it is spawned in a thread
+        if child.pid is not None:
+            return child
+        time.sleep(0.05)
+    raise SystemExit("the delivery child did not start")
+
+
 async def lag_probe(
     mode: str, base_url: str, directory: Path, calls: int, turns: int
-) -> tuple[list[float], float, float]:
+) -> tuple[list[float], float, float, float]:
     """N real-time calls in this loop with a probe that sleeps 10 ms and notes the oversleep.
 
-    Returns (oversleeps in s, process CPU s, wall s). ``mode`` is "noop" (a no-op observer,
-    the same armed AudioBufferProcessor), "ours" (recording, durable, delivering) or
-    "capture" (recording and durable; a sidecar would deliver). One call runs first,
-    unmeasured, in every mode.
+    Returns (oversleeps in s, process CPU s, wall s, delivery child CPU s). ``mode`` is
+    "noop" (a no-op observer, the same armed AudioBufferProcessor), "ours" (recording,
+    durable, delivering), "capture" (recording and durable; a sidecar would deliver) or
+    "process" (ours with ``delivery_process=True``: a child delivers; its CPU is read from
+    /proc over the same window, 0 in the other modes). One call runs first, unmeasured,
+    in every mode.
     """
     from bench_worker import ArmedRecorder, Hop, NoopObserver, long_call, scripted
 
@@ -341,14 +373,15 @@ async def lag_probe(
     async def one(n: int) -> None:
         await asyncio.sleep(n * 0.01)  # calls start staggered, as real ones do
         observer: Any
-        if mode in ("ours", "capture"):
+        if mode in ("ours", "capture", "process"):
             observer = RoarkObserver(
                 api_key=KEY,
                 agent_id="bench",
                 pipecat_call_id=f"{directory.name}-{n}",  # every round its own calls
                 data_dir=directory,
                 base_url=base_url,
-                deliver=mode == "ours",
+                deliver=mode != "capture",
+                delivery_process=mode == "process",
             )
             recorder = observer.audio_processor
         else:
@@ -360,27 +393,38 @@ async def lag_probe(
         )
 
     # A bot that has been up for a while: imports done, ours' drainer and its HTTP client
-    # made (a one-off per process, tens of ms in the loop), then the calls are measured.
+    # made (a one-off per process, tens of ms in the loop), or the delivery child started,
+    # then the calls are measured.
     await one(calls)
+    child = delivery_child(directory) if mode == "process" else None
+    child_cpu = 0.0 if child is None else child_cpu_s(child.pid)
     prober = asyncio.create_task(probe())
     wall, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one(n) for n in range(calls)))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    child_cpu = 0.0 if child is None else child_cpu_s(child.pid) - child_cpu
     done.set()
     await prober
     if mode == "ours":
         from pipecat_roark.background_drainer import stop_background_drainers
 
         await stop_background_drainers(30)
-    return lags, cpu, wall
+    if child is not None:  # EOF: its last pass, then it exits (and this round is over)
+        from pipecat_roark import lifecycle
+
+        lifecycle.PROCESS.delivery_processes.clear()
+        child.close()
+        await asyncio.to_thread(child.exited.wait, 120)
+    return lags, cpu, wall, child_cpu
 
 
 def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> list[Row]:
     """Event-loop lag and bot CPU at the call count where the recording no-op uses ≤ ~70% of
-    a core (starting from ``calls``): ours vs the recording no-op, interleaved rounds."""
+    a core (starting from ``calls``): ours (delivering in the loop, or from a child
+    process) vs the recording no-op, interleaved rounds."""
     from pipecat_roark.lifecycle import close_all_writers
 
-    _, cpu, wall = asyncio.run(lag_probe("noop", base_url, tmp / "lag-size", calls, turns))
+    _, cpu, wall, _ = asyncio.run(lag_probe("noop", base_url, tmp / "lag-size", calls, turns))
     share = cpu / wall
     chosen = calls if share <= 0.7 else max(1, int(calls * 0.7 / share))
     print(
@@ -388,17 +432,20 @@ def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> l
         f"measuring at {chosen} calls",
         flush=True,
     )
-    modes = ("noop", "ours", "capture")
+    modes = ("noop", "ours", "capture", "process")
     lags: dict[str, list[float]] = {m: [] for m in modes}
     cpus: dict[str, list[float]] = {m: [] for m in modes}
+    child_cpus: list[float] = []
     for round_ in range(rounds):
         for mode in modes:
-            got, cpu, _ = asyncio.run(
+            got, cpu, _, child_cpu = asyncio.run(
                 lag_probe(mode, base_url, tmp / f"lag-{mode}-{round_}", chosen, turns)
             )
             close_all_writers()
             lags[mode] += got
             cpus[mode].append(cpu)
+            if mode == "process":
+                child_cpus.append(cpu + child_cpu)
     ours, noop = p(lags["ours"], 0.99), p(lags["noop"], 0.99)
     cmd = (
         f"scripts/bench (lag: {chosen} real-time calls in one process, {turns} turns each, a"
@@ -437,6 +484,34 @@ def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> l
             f"{median(cpus['capture']):.2f} s",
             f"{median(cpus['noop']):.2f} s",
             median(cpus["capture"]) / median(cpus["noop"]),
+            "",
+            cmd,
+        ),
+        Row(
+            f"event-loop lag p99 during {chosen} real-time calls: ours with"
+            " delivery_process=True (a child delivers) vs a recording no-op",
+            f"{p(lags['process'], 0.99) * 1000:.2f} ms",
+            f"{noop * 1000:.2f} ms",
+            p(lags["process"], 0.99) / noop if noop > 0 else None,
+            "≤ 1.1×",
+            cmd,
+        ),
+        Row(
+            f"bot process CPU for {chosen} real-time calls: ours with delivery_process=True"
+            " vs a recording no-op",
+            f"{median(cpus['process']):.2f} s",
+            f"{median(cpus['noop']):.2f} s",
+            median(cpus["process"]) / median(cpus["noop"]),
+            "≤ 1.05×",
+            cmd,
+        ),
+        Row(
+            f"bot + delivery child CPU for {chosen} real-time calls: ours with"
+            " delivery_process=True (the child's from /proc over the same window) vs a"
+            " recording no-op",
+            f"{median(child_cpus):.2f} s",
+            f"{median(cpus['noop']):.2f} s",
+            median(child_cpus) / median(cpus["noop"]),
             "",
             cmd,
         ),

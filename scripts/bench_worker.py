@@ -6,7 +6,8 @@
     python scripts/bench_worker.py longcall MODE MINUTES BASE_URL DIR
 
 MODE is none | noop (a no-op observer; the same AudioBufferProcessor records) | capture
-(ours, recording only) | ours (recording and delivering during the call) | reference. "reference" runs under the scratch venv that has
+(ours, recording only) | ours (recording and delivering during the call) | process (ours,
+a child process delivering: ``delivery_process=True``) | reference. "reference" runs under the scratch venv that has
 Roark's own `pipecat-roark==0.2.5` installed (which is also called `pipecat_roark`), so
 the scripted call is loaded from our testing.py by path: both sides play the same call.
 Prints one JSON line.
@@ -133,7 +134,7 @@ def short_call() -> list[Any]:
 
 
 def make_observer(mode: str, base_url: str, directory: Path, call_id: str) -> Any:
-    if mode in ("ours", "capture"):
+    if mode in ("ours", "capture", "process"):
         from pipecat_roark import RoarkObserver
 
         return RoarkObserver(
@@ -142,7 +143,8 @@ def make_observer(mode: str, base_url: str, directory: Path, call_id: str) -> An
             pipecat_call_id=call_id,
             base_url=base_url,
             data_dir=directory,
-            deliver=mode == "ours",
+            deliver=mode != "capture",
+            delivery_process=mode == "process",
         )
     if mode == "reference":
         import pipecat_roark.client as reference_client

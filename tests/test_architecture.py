@@ -55,7 +55,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     ("engines", {"writer", "drain"}),
     ("process", {"exit_drain", "lifecycle"}),
-    ("delivery", {"background_drainer", "metrics_endpoint", "call_delivery"}),
+    (
+        "delivery",
+        {"background_drainer", "delivery_process", "metrics_endpoint", "call_delivery"},
+    ),
     (
         "call",
         {"recorder", "recording", "facts", "watchdog", "hooks", "audio_tail", "wiring_warnings"},

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import lifecycle
 from .background_drainer import ensure_background_drainer
+from .delivery_process import ensure_delivery_process
 from .exit_drain import deliver_before_exit
 
 __all__ = ["CallDelivery"]
@@ -20,7 +21,8 @@ __all__ = ["CallDelivery"]
 class CallDelivery:
     """How a call reaches Roark from this process: the background drainer while it runs.
 
-    And at most ``exit_drain_s`` of delivery when it ends during the host's shutdown.
+    Or, with ``delivery_process``, this process's delivery child. And at most
+    ``exit_drain_s`` of delivery when it ends during the host's shutdown.
     """
 
     directory: Path
@@ -29,11 +31,13 @@ class CallDelivery:
     deliver: bool
     exit_drain_s: float
     keep_delivered_audio: bool
+    delivery_process: bool = False
 
     def start(self) -> None:
-        """Deliver while the call runs: this process's background drainer (started once)."""
+        """Deliver while the call runs: the background drainer or the child (started once)."""
         if self.deliver and self.api_key:
-            ensure_background_drainer(
+            start = ensure_delivery_process if self.delivery_process else ensure_background_drainer
+            start(
                 self.directory,
                 self.api_key,
                 self.base_url,

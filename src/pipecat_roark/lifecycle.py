@@ -17,10 +17,11 @@ another data directory), and if the main thread is stuck in C code the process s
 leaves within a second of the drain.
 
 Everything process-wide lives here, in one ``ProcessState`` (``PROCESS``): the writers,
-the background drainers, the live observers and their delivery settings, and the SIGTERM
-state; every registry is keyed by ``config.registry_key(directory)``. ``shut_down`` is the
-one shutdown order (finalize open calls, flush their writers, stop the background
-drainers, the exit drain, close the writers), used by atexit, the SIGTERM thread and tests.
+the background drainers, the delivery children, the live observers and their delivery
+settings, and the SIGTERM state; every registry is keyed by
+``config.registry_key(directory)``. ``shut_down`` is the one shutdown order (finalize open
+calls, flush their writers, stop the background drainers, the exit drain, close the
+writers, then the delivery children's pipes), used by atexit, the SIGTERM thread and tests.
 
 No API key is kept here. The exit drain asks each registered ``DeliveryTarget`` for its
 key at exit time; a target is the observer's own ``CallDelivery`` (frozen, holding the
@@ -81,6 +82,11 @@ class Flushable(Protocol):
         """Block until everything queued so far is committed (or ``timeout``)."""
 
 
+class ClosesAtExit(Protocol):
+    def close(self) -> None:
+        """This process is shutting down: let go (never blocks, never raises)."""
+
+
 class EndsAbruptly(Protocol):
     def end_abruptly(self, reason: str) -> Flushable | None:
         """Finalize now without awaiting; return the writer to flush if the call was open."""
@@ -111,6 +117,9 @@ class ProcessState:
     """Only ``writer_for`` and ``close_all_writers`` take it (never the SIGTERM thread)."""
     drainers: dict[tuple[Path, str | None], RunningDrainer] = field(default_factory=dict)
     """By data directory and key fingerprint; touched only from event loops."""
+    delivery_processes: dict[tuple[Path, str | None], ClosesAtExit] = field(default_factory=dict)
+    """The delivery child of each data directory and key fingerprint (``delivery_process``),
+    guarded by ``lock``; closed, so the child makes its last pass, at the end of shut_down."""
     observers: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
     deliveries: dict[tuple[Path, str | None], DeliveryTarget] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -220,7 +229,8 @@ def shut_down(reason: str = "process-exit", *, close_writers: bool = True) -> No
     Finalize open calls, flush their writers, stop the background drainers, run the
     exit drain, finalize calls that opened meanwhile, close the writers
     (``close_writers``: not from the SIGTERM thread, which never takes the writers'
-    lock and leaves the process right after).
+    lock and leaves the process right after), and last, with everything committed,
+    close the pipes of the delivery children: each makes its last pass and exits.
     """
     _finalize_open_calls(reason)
     for running in list(PROCESS.drainers.values()):
@@ -233,6 +243,11 @@ def shut_down(reason: str = "process-exit", *, close_writers: bool = True) -> No
     if close_writers:
         close_all_writers(timeout=_CLOSE_WRITERS_S)
         EXITING.set()  # a writer still waiting for its disk gives up
+    with PROCESS.lock:
+        children = list(PROCESS.delivery_processes.values())
+        PROCESS.delivery_processes.clear()
+    for child in children:
+        child.close()
 
 
 def host_is_shutting_down() -> bool:

@@ -73,6 +73,13 @@ class RoarkObserver(BaseObserver):
         data_dir: Where the WAL lives; falls back to ``PIPECAT_ROARK_DIR``, then the user state dir.
         base_url: Roark base URL; falls back to ``ROARK_BASE_URL``, then https://api.roark.ai.
         deliver: Start this process's background drainer (default True).
+        delivery_process: Deliver from a child process instead of the bot's event loop
+            (default False): the first observer of a data directory and key starts one
+            ``pipecat-roark drain --follow`` child, woken on every commit, that outlives
+            the bot only for one last bounded pass. The HTTP and the drainer's SQL then
+            cost the child's CPU, not the bot's; it costs a second process and its
+            start-up (about 0.6 s, mostly imports), off the loop. If the child cannot
+            start or dies, the in-loop drainer takes over.
         chunk_bytes: Size of one stereo recording chunk of the default audio processor.
         max_spool_bytes: Cap on undelivered audio on disk; past it new audio is not
             recorded (events still are), with a loud warning.
@@ -111,13 +118,20 @@ class RoarkObserver(BaseObserver):
         exit_drain_s: float = DEFAULT_EXIT_DRAIN_S,
         keep_delivered_audio: bool = False,
         metrics_port: int | None = None,
+        delivery_process: bool = False,
     ) -> None:
         super().__init__()
         call_id = resolve_call_id(pipecat_call_id, runner_args)
         self._api_key = config.resolve_api_key(api_key)
         self._directory = config.resolve_dir(data_dir)
         delivery = CallDelivery(
-            self._directory, self._api_key, base_url, deliver, exit_drain_s, keep_delivered_audio
+            self._directory,
+            self._api_key,
+            base_url,
+            deliver,
+            exit_drain_s,
+            keep_delivered_audio,
+            delivery_process,
         )
         self._recorder = recorder = CallRecorder(
             name=str(self),

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,6 +19,9 @@ from ..outbox import queued_count
 from ..store import connect
 from .group import common_options, main, reading, require_database
 from .present import emit_json, err, fail, out, shown
+
+if TYPE_CHECKING:
+    from ..drain import Drainer
 
 
 @main.command()
@@ -55,6 +58,13 @@ from .present import emit_json, err, fail, out, shown
     is_flag=True,
     help="Keep chunk files after Roark has the whole call (default: delete them then).",
 )
+@click.option(
+    "--parent-pipe",
+    is_flag=True,
+    help="Follow while stdin, a pipe from the bot that started this drain, is open: each"
+    " byte read wakes the drain; at EOF (the bot exited or was killed) one last pass of at"
+    " most --timeout, then exit 0. Implies --follow (RoarkObserver(delivery_process=True)).",
+)
 def drain(
     directory: Path,
     as_json: bool,
@@ -64,6 +74,7 @@ def drain(
     metrics_port: int | None,
     metrics_addr: str,
     keep_delivered_audio: bool,
+    parent_pipe: bool,
 ) -> None:
     """Deliver everything pending to Roark, including calls that never ended.
 
@@ -74,6 +85,8 @@ def drain(
     heartbeat. Ctrl-C stops cleanly: leases are released, nothing is lost.
     Once Roark has a whole call, its chunk files are deleted (rows stay until
     retention prunes them). Exits 1 if anything is left undelivered or dead.
+    With --parent-pipe (how RoarkObserver(delivery_process=True) starts it, the key
+    in the environment) it follows the bot that started it and exits after the bot.
 
     \b
     Example:
@@ -87,6 +100,7 @@ def drain(
     if not api_key:
         fail(f"set {config.ENV_API_KEY} to the Roark API key the calls were recorded with")
     base_url = config.resolve_base_url(None)
+    follow = follow or parent_pipe
     if follow:  # a sidecar may start on an empty volume, before the bot's first call
         connect(directory).close()
     else:
@@ -124,6 +138,9 @@ def drain(
                 + (" and following new calls (Ctrl-C stops)" if follow else "")
             )
 
+        if parent_pipe:
+            await _follow_parent(drainer, stop, timeout)
+            return None
         if follow:
             await drainer.run_forever(stop)
             return None
@@ -153,6 +170,44 @@ def drain(
         elif report.last_error and not report.complete:
             err.print(f"last error: {shown(report.last_error)}")
     sys.exit(0 if report.complete and not report.skipped_calls else 1)
+
+
+async def _follow_parent(drainer: Drainer, stop: asyncio.Event, last_pass_s: float) -> None:
+    """Follow until the parent's pipe (stdin) closes, then one last pass; or until ``stop``.
+
+    Each byte the parent writes (a commit that added deliveries) wakes the drainer at
+    once; EOF means the parent is gone, whether it exited or was killed.
+    """
+    loop = asyncio.get_running_loop()
+    parent_gone = asyncio.Event()
+
+    class ParentPipe(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            drainer.wake()
+
+        def eof_received(self) -> bool:
+            parent_gone.set()
+            return False
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            parent_gone.set()
+
+    try:
+        await loop.connect_read_pipe(ParentPipe, sys.stdin.buffer)
+    except (ValueError, OSError) as exc:
+        fail(f"--parent-pipe needs stdin to be a pipe ({exc})")
+
+    async def until_parent_gone() -> None:
+        await parent_gone.wait()
+        stop.set()
+
+    watcher = asyncio.create_task(until_parent_gone())
+    try:
+        await drainer.run_forever(stop)
+    finally:
+        watcher.cancel()
+    if parent_gone.is_set():  # deliver what the parent left, bounded, then exit 0
+        await drainer.run_once(budget_s=last_pass_s)
 
 
 class _Progress:

@@ -1,0 +1,259 @@
+"""Delivery from a child process (``RoarkObserver(delivery_process=True)``), for real: a
+Pipecat pipeline, the dev server on 127.0.0.1 in strict order mode, a real
+``pipecat-roark drain --follow --parent-pipe`` child, and a bot killed with SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devserver_fixture import RunningDevServer
+from helpers import LogCapture
+from pipecat_roark import RoarkObserver, config, lifecycle
+from pipecat_roark.background_drainer import stop_background_drainers
+from pipecat_roark.delivery_process import DeliveryProcess
+from pipecat_roark.testing import ScriptedCall, run_pipeline
+from test_drain import assert_arrived_whole, delivery_states, short_script
+
+pytestmark = pytest.mark.strict_order
+
+KEY = "rk_live_child_secret"
+HERE = Path(__file__).parent
+BOT = HERE / "delivery_process_bot.py"
+
+
+@pytest.fixture
+def children() -> Iterator[None]:
+    """Every delivery child a test started gets its EOF at the end and is waited for."""
+    yield
+    with lifecycle.PROCESS.lock:
+        started = list(lifecycle.PROCESS.delivery_processes.values())
+        lifecycle.PROCESS.delivery_processes.clear()
+    for child in started:
+        child.close()
+        assert isinstance(child, DeliveryProcess)
+        assert child.exited.wait(150), "the delivery child exited after its last pass"
+
+
+def registry_key(directory: Path) -> tuple[Path, str | None]:
+    return (config.registry_key(directory), config.key_fingerprint(KEY))
+
+
+def child_of(directory: Path) -> DeliveryProcess:
+    child = lifecycle.PROCESS.delivery_processes[registry_key(directory)]
+    assert isinstance(child, DeliveryProcess)
+    for _ in range(600):  # bounded: it is spawned in a thread
+        if child.pid is not None or child.exited.is_set():
+            break
+        time.sleep(0.05)
+    assert child.pid is not None, "the delivery child started"
+    return child
+
+
+def ended(server: RunningDevServer, call_id: str) -> bool:
+    return any(c["pipecatCallId"] == call_id and c["ended"] for c in server.calls())
+
+
+async def arrived(server: RunningDevServer, call_id: str) -> bool:
+    """Whether the call ended at the server within 60 s, the loop free meanwhile (the
+    bot's own drainer may be the one delivering it)."""
+    for _ in range(600):
+        if ended(server, call_id):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def gone(pid: int) -> bool:
+    """The process exited (a zombie its new parent has not reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+@pytest.mark.anyio
+async def test_a_call_is_delivered_by_the_child_and_its_key_is_never_in_argv(
+    data_dir: Path, dev_server: RunningDevServer, children: None
+) -> None:
+    roark = RoarkObserver(
+        agent_id="child-bot",
+        api_key=KEY,
+        base_url=dev_server.base_url,
+        pipecat_call_id="by-child",
+        data_dir=data_dir,
+        chunk_bytes=8000,
+        delivery_process=True,
+    )
+    await run_pipeline([ScriptedCall(short_script(1)), roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
+    child = child_of(data_dir)
+    assert child.pid is not None
+
+    argv = Path(f"/proc/{child.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"--parent-pipe" in argv, argv
+    assert not [a for a in argv if KEY.encode() in a], "the key is not in the child's argv"
+    environ = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
+    assert f"ROARK_API_KEY={KEY}".encode() in environ, "the key went in its environment"
+    assert os.getsid(child.pid) == child.pid, "a session of its own: Ctrl-C reaches the bot only"
+    assert registry_key(data_dir) not in lifecycle.PROCESS.drainers, "none in the bot's loop"
+
+    assert await arrived(dev_server, "by-child")
+    assert_arrived_whole(dev_server, data_dir, "by-child")
+    assert set(delivery_states(data_dir).values()) == {"delivered"}
+
+    lifecycle.PROCESS.delivery_processes.clear()
+    child.close()  # what shut_down does last: EOF, one last pass, exit
+    assert child.exited.wait(150)
+    assert child.cpu_s is not None, "reaped by the bot, its CPU noted"
+
+
+def test_a_bot_killed_after_its_commit_has_its_call_delivered_by_the_child(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    # Nothing can be delivered while the bot lives: every answer is a 503 until the bot
+    # is dead, so the call reaches Roark only through the child's work after the kill.
+    dev_server.configure(status_sequence=[503] * 10_000)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPECAT_ROARK_CRASH")}
+    env.update(ROARK_API_KEY=KEY, ROARK_BASE_URL=dev_server.base_url)
+    bot = subprocess.Popen(
+        [sys.executable, str(BOT), str(data_dir), "orphaned-child"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert bot.stdout is not None
+        line = bot.stdout.readline()
+        child = json.loads(line)["child"]
+        assert isinstance(child, int) and not gone(child)
+        # The child is up and following: it tried, and was refused, before the kill.
+        assert dev_server.wait_until(
+            lambda: any(r["status"] == 503 for r in dev_server.requests()), 60
+        )
+    finally:
+        bot.send_signal(signal.SIGKILL)
+        bot.wait(30)
+        if bot.stdout is not None:
+            bot.stdout.close()
+    assert bot.returncode == -signal.SIGKILL
+    assert not ended(dev_server, "orphaned-child")
+    assert set(delivery_states(data_dir).values()) != {"delivered"}
+
+    dev_server.configure(status_sequence=[])  # Roark is back; the bot is gone
+    for _ in range(1500):  # bounded: the child's last pass honours its backoff
+        if gone(child):
+            break
+        time.sleep(0.1)
+    assert gone(child), "the child exited on its own after its parent died"
+    assert_arrived_whole(dev_server, data_dir, "orphaned-child")  # once each: 0 duplicated
+    assert set(delivery_states(data_dir).values()) == {"delivered"}, "0 lost"
+
+
+def test_the_bots_shutdown_lets_its_child_finish_and_exit_while_the_bot_lives(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    env = {**os.environ, "ROARK_API_KEY": KEY, "ROARK_BASE_URL": dev_server.base_url}
+    bot = subprocess.Popen(
+        [sys.executable, str(BOT), str(data_dir), "shut-down", "shutdown"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert bot.stdout is not None
+        child = json.loads(bot.stdout.readline())["child"]
+        assert isinstance(child, int)
+        for _ in range(1500):  # bounded: its last pass, then it exits
+            if gone(child):
+                break
+            time.sleep(0.1)
+        assert gone(child), "shut_down closed the child's pipe: it exited on its own"
+        assert bot.poll() is None, "while the bot lives on"
+    finally:
+        bot.send_signal(signal.SIGKILL)
+        bot.wait(30)
+        if bot.stdout is not None:
+            bot.stdout.close()
+    assert_arrived_whole(dev_server, data_dir, "shut-down")
+
+
+def test_the_child_exits_when_its_parents_pipe_closes(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    env = {**os.environ, "ROARK_API_KEY": KEY, "ROARK_BASE_URL": dev_server.base_url}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipecat_roark.cli", "drain", "--follow", "--parent-pipe"]
+        + ["--dir", str(data_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert b"following new calls" in child.stdout.readline()
+        child.stdin.write(b"\0")  # a wake: it goes on following
+        child.stdin.flush()
+        assert child.poll() is None
+        child.stdin.close()  # the parent is gone
+        code = child.wait(60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+        child.stdout.close()
+        errors = child.stderr.read().decode() if child.stderr else ""
+        if child.stderr:
+            child.stderr.close()
+    assert code == 0, errors
+
+
+@pytest.mark.anyio
+async def test_a_child_that_dies_is_replaced_by_the_in_loop_drainer(
+    data_dir: Path, dev_server: RunningDevServer, children: None, logs: LogCapture
+) -> None:
+    async def call(call_id: str) -> None:
+        roark = RoarkObserver(
+            agent_id="child-bot",
+            api_key=KEY,
+            base_url=dev_server.base_url,
+            pipecat_call_id=call_id,
+            data_dir=data_dir,
+            chunk_bytes=8000,
+            delivery_process=True,
+        )
+        await run_pipeline(
+            [ScriptedCall(short_script(2)), roark.audio_processor],  # type: ignore[arg-type]
+            observers=[roark],
+        )
+
+    await call("before-death")
+    child = child_of(data_dir)
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.exited.wait(30)
+    assert child.failed
+    assert len(logs.matching("delivering from this process's event loop instead")) == 1
+    for _ in range(100):  # bounded: the reaper thread hands the start to this loop
+        if registry_key(data_dir) in lifecycle.PROCESS.drainers:
+            break
+        await asyncio.sleep(0.01)
+    assert registry_key(data_dir) in lifecycle.PROCESS.drainers, "the bot's own drainer took over"
+
+    await call("after-death")
+    assert await arrived(dev_server, "after-death"), "delivered from the bot's loop"
+    assert_arrived_whole(dev_server, data_dir, "after-death")
+    assert_arrived_whole(dev_server, data_dir, "before-death")
+    await stop_background_drainers()
