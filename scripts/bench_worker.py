@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import importlib.util
 import json
 import sys
@@ -204,7 +205,7 @@ async def mixed(
     Every round plays ``calls`` calls under each mode, the order reversed every other
     round, so the machine's drift and the neighbours' load fall on every mode alike
     (one 0.4 s call in a process of its own is too short to tell a few ms of CPU from
-    that noise). Round 0 plays one call per mode to warm up imports, caches, the writer
+    that noise). Each mode starts from a collected heap. Round 0 plays one call per mode to warm up imports, caches, the writer
     and the drainer, and is not counted. Per mode and round: the process CPU per call
     (every thread: the writer's, the spool threads' and the drainer's work counts), taken
     until ``SETTLE_S`` after the last call, by which time the drainer (ours) or the
@@ -216,6 +217,7 @@ async def mixed(
     for n in range(rounds + 1):
         for mode in order if n % 2 == 0 else order[::-1]:
             played = 0.0
+            gc.collect()  # the garbage of the mode before is not this mode's cost
             start_cpu = time.process_time()
             for k in range(calls if n else 1):
                 start = time.perf_counter()
