@@ -1010,7 +1010,7 @@ def main() -> int:
                 (
                     "pipeline overhead",
                     lambda: overhead_rows(
-                        base_url, tmp, ref, 1 if q else 3, 1 if q else 6, 1 if q else 2
+                        base_url, tmp, ref, 1 if q else 3, 1 if q else 8, 1 if q else 3
                     ),
                 ),
                 ("arrival", lambda: arrival_rows(base_url, tmp, ref, 1 if q else 5)),

@@ -19,6 +19,7 @@ import functools
 import gc
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ HOPS = 4  # stand-ins for STT, LLM, TTS and the output transport: every hop is o
 AUDIO_HOPS = 5  # the audio-only workload of issue 12: 5 pass-through hops
 AUDIO_FRAMES = 20_000  # 20 ms frames, user and bot alternating: 200 s of each side
 MIXED_TURNS = 20  # the mixed call: 20 turns, 54 s of audio, 3,013 frames (profile in BENCHMARKS.md)
-MIXED_CALLS = 2  # mixed calls per mode and round
+MIXED_CALLS = 3  # mixed calls per mode and round
 SETTLE_S = 0.25  # after a mode's calls: delivery finishes (CPU is counted, this wall time not)
 
 
@@ -221,7 +222,9 @@ async def mixed(
             start_cpu = time.process_time()
             for k in range(calls if n else 1):
                 start = time.perf_counter()
-                call_id = f"{mode}-mixed-{n}-{k}"
+                # Unique per dev server: a repeated id's call-started is refused (its
+                # Idempotency-Key was used with another body) and the call delivers less.
+                call_id = f"{mode}-mixed-{os.getpid()}-{n}-{k}"
                 script = long_call(MIXED_TURNS)
                 await play(mode, script, base_url, directory / mode, call_id, pace=0.0)
                 played += time.perf_counter() - start
@@ -242,7 +245,13 @@ async def audio(
     for n in range(rounds + 1):  # round 0 warms up: not counted
         start = time.perf_counter()
         await play(
-            mode, [], base_url, directory, f"{mode}-audio-{n}", pace=0.0, audio_frames=frames
+            mode,
+            [],
+            base_url,
+            directory,
+            f"{mode}-audio-{os.getpid()}-{n}",  # unique per dev server, as in mixed()
+            pace=0.0,
+            audio_frames=frames,
         )
         if n:
             times.append(time.perf_counter() - start)
