@@ -70,7 +70,7 @@ KEY = "bench-key-not-secret"
 HOPS = 4  # stand-ins for STT, LLM, TTS and the output transport: every hop is observed
 AUDIO_HOPS = 5  # the audio-only workload of issue 12: 5 pass-through hops
 AUDIO_FRAMES = 20_000  # 20 ms frames, user and bot alternating: 200 s of each side
-MIXED_TURNS = 20  # the mixed call: 20 turns, 54 s of audio, 3,013 frames (profile in BENCHMARKS.md)
+MIXED_TURNS = 20  # the mixed call: 54 s of audio in 3,013 frames (see BENCHMARKS.md)
 MIXED_CALLS = 3  # mixed calls per mode and round
 SETTLE_S = 0.25  # after a mode's calls: delivery finishes (CPU is counted, this wall time not)
 
@@ -206,11 +206,12 @@ async def mixed(
     Every round plays ``calls`` calls under each mode, the order reversed every other
     round, so the machine's drift and the neighbours' load fall on every mode alike
     (one 0.4 s call in a process of its own is too short to tell a few ms of CPU from
-    that noise). Each mode starts from a collected heap. Round 0 plays one call per mode to warm up imports, caches, the writer
-    and the drainer, and is not counted. Per mode and round: the process CPU per call
-    (every thread: the writer's, the spool threads' and the drainer's work counts), taken
-    until ``SETTLE_S`` after the last call, by which time the drainer (ours) or the
-    reference's end-of-call upload has delivered it; and the pipeline's wall time per call.
+    that noise). Each mode starts from a collected heap. Round 0 plays one call per
+    mode to warm up imports, caches, the writer and the drainer, and is not counted.
+    Per mode and round: the process CPU per call (every thread: the writer's, the spool
+    threads' and the drainer's work counts), taken until ``SETTLE_S`` after the last
+    call, by when the drainer (ours) or the reference's end-of-call upload has normally
+    delivered it; and the pipeline's wall time per call.
     """
     order = modes.split(",")
     cpu: dict[str, list[float]] = {mode: [] for mode in order}
