@@ -1,6 +1,6 @@
 """One side of a side-by-side benchmark, run in its own process by scripts/bench.py.
 
-    python scripts/bench_worker.py overhead MODE ROUNDS BASE_URL DIR
+    python scripts/bench_worker.py mixed MODE,MODE,... ROUNDS BASE_URL DIR [CALLS]
     python scripts/bench_worker.py audio MODE ROUNDS BASE_URL DIR [FRAMES]
     python scripts/bench_worker.py arrival MODE ROUNDS BASE_URL DIR
     python scripts/bench_worker.py longcall MODE MINUTES BASE_URL DIR
@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,6 +71,9 @@ KEY = "bench-key-not-secret"
 HOPS = 4  # stand-ins for STT, LLM, TTS and the output transport: every hop is observed
 AUDIO_HOPS = 5  # the audio-only workload of issue 12: 5 pass-through hops
 AUDIO_FRAMES = 20_000  # 20 ms frames, user and bot alternating: 200 s of each side
+MIXED_TURNS = 20  # the mixed call: 54 s of audio in 3,013 frames (see BENCHMARKS.md)
+MIXED_CALLS = 3  # mixed calls per mode and round
+SETTLE_S = 0.25  # after a mode's calls: delivery finishes (CPU is counted, this wall time not)
 
 
 class Hop(FrameProcessor):
@@ -195,15 +200,44 @@ async def play(
     await scripted.run_pipeline(processors, observers=[] if observer is None else [observer])
 
 
-async def overhead(mode: str, rounds: int, base_url: str, directory: Path) -> dict[str, Any]:
-    times = []
-    for n in range(rounds + 1):  # round 0 warms up imports and caches: not counted
-        start = time.perf_counter()
-        await play(mode, long_call(20), base_url, directory, f"{mode}-overhead-{n}", pace=0.0)
-        if n:
-            times.append(time.perf_counter() - start)
-    await _drain_leftovers(mode)
-    return {"times": times}
+async def mixed(
+    modes: str, rounds: int, base_url: str, directory: Path, calls: int = MIXED_CALLS
+) -> dict[str, Any]:
+    """The mixed call at pace 0 under each of ``modes`` (comma-separated), in turn.
+
+    Every round plays ``calls`` calls under each mode, the order reversed every other
+    round, so the machine's drift and the neighbours' load fall on every mode alike
+    (one 0.4 s call in a process of its own is too short to tell a few ms of CPU from
+    that noise). Each mode starts from a collected heap. Round 0 plays one call per
+    mode to warm up imports, caches, the writer and the drainer, and is not counted.
+    Per mode and round: the process CPU per call (every thread: the writer's, the spool
+    threads' and the drainer's work counts), taken until ``SETTLE_S`` after the last
+    call, by when the drainer (ours) or the reference's end-of-call upload has normally
+    delivered it; and the pipeline's wall time per call.
+    """
+    order = modes.split(",")
+    cpu: dict[str, list[float]] = {mode: [] for mode in order}
+    wall: dict[str, list[float]] = {mode: [] for mode in order}
+    for n in range(rounds + 1):
+        for mode in order if n % 2 == 0 else order[::-1]:
+            played = 0.0
+            gc.collect()  # the garbage of the mode before is not this mode's cost
+            start_cpu = time.process_time()
+            for k in range(calls if n else 1):
+                start = time.perf_counter()
+                # Unique per dev server: a repeated id's call-started is refused (its
+                # Idempotency-Key was used with another body) and the call delivers less.
+                call_id = f"{mode}-mixed-{os.getpid()}-{n}-{k}"
+                script = long_call(MIXED_TURNS)
+                await play(mode, script, base_url, directory / mode, call_id, pace=0.0)
+                played += time.perf_counter() - start
+            await asyncio.sleep(SETTLE_S)
+            if n:
+                cpu[mode].append((time.process_time() - start_cpu) / calls)
+                wall[mode].append(played / calls)
+    for mode in order:
+        await _drain_leftovers(mode)
+    return {"cpu": cpu, "times": wall, "calls": calls}
 
 
 async def audio(
@@ -214,7 +248,13 @@ async def audio(
     for n in range(rounds + 1):  # round 0 warms up: not counted
         start = time.perf_counter()
         await play(
-            mode, [], base_url, directory, f"{mode}-audio-{n}", pace=0.0, audio_frames=frames
+            mode,
+            [],
+            base_url,
+            directory,
+            f"{mode}-audio-{os.getpid()}-{n}",  # unique per dev server, as in mixed()
+            pace=0.0,
+            audio_frames=frames,
         )
         if n:
             times.append(time.perf_counter() - start)
@@ -297,7 +337,7 @@ def main() -> None:
     logger.add(sys.stderr, level="ERROR")
     what, mode, rounds, base_url, directory = sys.argv[1:6]
     extra = [int(arg) for arg in sys.argv[6:]]
-    run = {"overhead": overhead, "audio": audio, "arrival": arrival, "longcall": longcall}[what]
+    run = {"mixed": mixed, "audio": audio, "arrival": arrival, "longcall": longcall}[what]
     result = asyncio.run(run(mode, int(rounds), base_url, Path(directory), *extra))
     print(json.dumps(result), flush=True)
 
