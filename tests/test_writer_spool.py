@@ -242,3 +242,31 @@ def test_a_batch_of_events_alone_is_stored_in_queue_order_in_one_statement(
     assert texts == [None, *expected]
     assert writer.stats.events == 1 + len(expected)
     assert writer.stats.failed_batches == 0  # not stored by the one-op-at-a-time fallback
+
+
+def test_a_chunk_row_that_cannot_be_committed_leaves_no_later_chunk_recorded(
+    tmp_path: Path,
+) -> None:
+    """Chunk 0's file is written but its row fails (non-transient, so it is dropped) while
+    chunk 1 is already admitted behind it: chunk 1 must not be recorded either (a gap
+    Roark cannot stitch), its file is gone, and the call's end is still committed."""
+    faultpoints.inject("writer:chunk", RuntimeError("injected"), call_id="a", times=2)
+    writer = Writer(tmp_path, min_free_bytes=0)
+    try:
+        gate, hold = _gate()
+        writer.submit(BarrierOp(hold))
+        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
+        writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
+        writer.submit(FinalizeOp("a", 4, "completed"))
+        gate.set()
+        assert writer.flush_sync(30)
+    finally:
+        assert writer.close()
+    assert _chunk_rows(tmp_path, "a") == []
+    folder = tmp_path / "chunks" / "a"
+    assert not folder.exists() or list(folder.iterdir()) == []
+    assert _rows(tmp_path, "SELECT kind FROM deliveries WHERE call_id = 'a' ORDER BY id") == [
+        ("call-started",),
+        ("call-ended",),
+    ]

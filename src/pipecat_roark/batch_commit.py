@@ -188,6 +188,10 @@ class BatchCommitter:
         Raises:
             DatabaseDown: the database itself refuses writes (the op is kept).
         """
+        if isinstance(op, SpooledChunkOp) and self._spooler.after_cut(op.call_id, op.idx):
+            self._stats.chunks_skipped += 1  # behind a chunk whose row failed: no gap
+            spool.discard_chunk(self._directory, op.chunk.relpath)
+            return False
         for delay in (*OP_RETRY_DELAYS_S, None):
             if op.call_id in self._book.skipped:
                 self._discard(op)
@@ -232,6 +236,7 @@ class BatchCommitter:
         first = (kind, type(exc).__name__) not in seen
         seen.add((kind, type(exc).__name__))
         if isinstance(op, (ChunkOp, SpooledChunkOp)):
+            self._spooler.cut(call_id, op.idx)
             if isinstance(op, SpooledChunkOp):
                 spool.discard_chunk(self._directory, op.chunk.relpath)
             if is_disk_full(exc):
@@ -254,6 +259,7 @@ class BatchCommitter:
         if isinstance(op, FinalizeOp):
             book.open_calls.pop(call_id, None)
             book.audio_stopped.discard(call_id)
+            book.audio_cut.pop(call_id, None)
             book.faults.pop(call_id, None)
             logger.error(
                 f"pipecat-roark: the end of call {call_id!r} could not be recorded ({cause}); "
@@ -276,3 +282,4 @@ class BatchCommitter:
         elif isinstance(op, FinalizeOp):
             self._book.skipped.pop(op.call_id, None)
             self._book.faults.pop(op.call_id, None)
+            self._book.audio_cut.pop(op.call_id, None)

@@ -109,6 +109,7 @@ class ChunkSpooler:
 
         ``after_loss``: an earlier chunk of this call could not be written, so this one is
         discarded (no gap is recorded); a later chunk refused at admission does not count.
+        So is a chunk behind one whose row could not be committed (``cut``).
 
         Returns:
             The op that records its row, or None when it is not recorded (``drop`` is
@@ -117,7 +118,7 @@ class ChunkSpooler:
         op = pending.op
         chunk, exc, retries = pending.written.result()
         self._stats.retried_ops += retries
-        if chunk is not None and not after_loss:
+        if chunk is not None and not after_loss and not self.after_cut(op.call_id, op.idx):
             return SpooledChunkOp(op.call_id, op.idx, chunk, op.sample_rate, op.num_channels, op.at)
         self._spool_bytes -= len(op.data)
         if chunk is not None:
@@ -128,6 +129,20 @@ class ChunkSpooler:
         elif exc is not None:
             drop(op, exc)
         return None
+
+    def cut(self, call_id: str, idx: int) -> None:
+        """Chunk ``idx`` was admitted but its row is not recorded: none after it may be."""
+        cut = self._book.audio_cut
+        cut[call_id] = min(idx, cut.get(call_id, idx))
+
+    def after_cut(self, call_id: str, idx: int) -> bool:
+        """Is chunk ``idx`` behind a chunk of its call whose row was not recorded?
+
+        Returns:
+            True if recording it would leave a gap in the call's audio.
+        """
+        cut = self._book.audio_cut.get(call_id)
+        return cut is not None and idx > cut
 
     def close(self) -> None:
         """Let the spool threads go (the writer thread is stopping; no file is pending)."""
@@ -237,5 +252,6 @@ class ChunkSpooler:
                 kept.append(op)
                 continue
             (self._directory / op.chunk.relpath).unlink(missing_ok=True)
+            self.cut(op.call_id, op.idx)
             self.stop_audio(op.call_id, f"disk full committing audio ({error})")
         return kept

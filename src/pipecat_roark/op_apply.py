@@ -115,6 +115,7 @@ class OpApplier:
                 book.open_calls.pop(call_id, None)
                 # Only after the commit: a retried batch must still know which calls lost audio.
                 book.audio_stopped.discard(call_id)
+                book.audio_cut.pop(call_id, None)
                 book.skipped.pop(call_id, None)
                 book.faults.pop(call_id, None)
         stats.batches += 1
