@@ -270,3 +270,40 @@ def test_a_chunk_row_that_cannot_be_committed_leaves_no_later_chunk_recorded(
         ("call-started",),
         ("call-ended",),
     ]
+
+
+def test_a_call_id_reused_while_the_first_sessions_end_waits_records_nothing_of_the_second(
+    tmp_path: Path,
+) -> None:
+    """Session 1 of "a" ends while its chunk file is still being written (its end waits);
+    session 2 opens "a" meanwhile and is refused. Session 1's chunk and end are still
+    committed, and nothing of session 2 reaches session 1's call: not the events queued
+    with its refused open, nor those queued after session 1's end was committed. (The
+    chunk's row fails once, so session 1's last ops are committed one by one.)"""
+    gate = threading.Event()
+    faultpoints.inject("writer:chunk-file", faultpoints.Hold(gate), call_id="a")
+    faultpoints.inject("writer:chunk", ValueError("once"), call_id="a", times=1)
+    writer = Writer(tmp_path, min_free_bytes=0)
+    screened = threading.Event()
+    try:
+        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
+        assert writer.flush_sync(30)  # session 2's open is refused as it is taken
+        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
+        writer.submit(FinalizeOp("a", 3, "completed"))
+        writer.submit(OpenOp("a", CallOpened(at=10, agent_id="x"), None))
+        writer.submit(EventOp("a", UserText(at=11, text="session 2, with its open")))
+        writer.submit(BarrierOp(screened.set, "b"))  # all of the above is sorted by now
+        assert screened.wait(30)
+        gate.set()
+        assert writer.flush_sync(30)  # session 1's chunk and end are committed
+        writer.submit(EventOp("a", UserText(at=12, text="session 2, later")))
+        writer.submit(FinalizeOp("a", 13, "session 2 ended"))
+        assert writer.flush_sync(30)
+    finally:
+        gate.set()
+        assert writer.close()
+    assert _timeline(tmp_path, "a") == ["CallOpened", "ChunkRecorded"]
+    assert _rows(tmp_path, "SELECT state FROM calls WHERE id = 'a'") == [("ended",)]
+    assert _rows(
+        tmp_path, "SELECT kind, chunk_idx FROM deliveries WHERE call_id = 'a' ORDER BY id"
+    ) == [("call-started", None), ("chunk", 0), ("call-ended", None)]

@@ -192,8 +192,10 @@ class BatchCommitter:
             self._stats.chunks_skipped += 1  # behind a chunk whose row failed: no gap
             spool.discard_chunk(self._directory, op.chunk.relpath)
             return False
+        book = self._book
         for delay in (*OP_RETRY_DELAYS_S, None):
-            if op.call_id in self._book.skipped:
+            # A call open here is recorded: a skip is then a later session's, refused.
+            if op.call_id in book.skipped and op.call_id not in book.open_calls:
                 self._discard(op)
                 return False
             try:

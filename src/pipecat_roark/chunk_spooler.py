@@ -155,10 +155,12 @@ class ChunkSpooler:
 
         Returns:
             True if the chunk may be written; False if its call records no more audio
-            (stopped or skipped) or the spool cap or free-space floor refuses it.
+            or the spool cap or free-space floor refuses it. (A call that is not recorded
+            was screened out before: ``skipped`` may already name a later session with the
+            same id, refused, while this chunk is the earlier session's.)
         """
         call_id, size = op.call_id, len(op.data)
-        if call_id in self._book.audio_stopped or call_id in self._book.skipped:
+        if call_id in self._book.audio_stopped:
             self._stats.chunks_skipped += 1
             return False
         reason = self._spool_full(size)
