@@ -7,6 +7,7 @@ behind it are taken as one batch and their files go through the spool threads.
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -307,3 +308,49 @@ def test_a_call_id_reused_while_the_first_sessions_end_waits_records_nothing_of_
     assert _rows(
         tmp_path, "SELECT kind, chunk_idx FROM deliveries WHERE call_id = 'a' ORDER BY id"
     ) == [("call-started", None), ("chunk", 0), ("call-ended", None)]
+
+
+
+def _until(condition: Callable[[], bool]) -> bool:
+    """Wait for a condition of the files on disk: bounded in count and time."""
+    pause = threading.Event()
+    for _ in range(3000):
+        if condition():
+            return True
+        pause.wait(0.01)
+    return condition()
+
+
+def test_a_chunk_shed_by_a_full_disk_leaves_no_later_chunk_recorded(tmp_path: Path) -> None:
+    """Chunk 0's row meets a full disk and is shed while chunk 1, admitted behind it, is
+    still being written: chunk 1 must not be recorded either (a gap Roark cannot
+    stitch); the call's end is still committed."""
+    writer = Writer(tmp_path, min_free_bytes=0)
+    second = threading.Event()
+    try:
+        gate, hold = _gate()
+        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
+        writer.submit(BarrierOp(hold, "b"))  # the writer waits once chunk 0 is started
+        first_file = tmp_path / "chunks" / "a" / "000000.pcm"
+        assert _until(first_file.exists)  # so its spool thread is past the point below
+        full = OSError(errno.ENOSPC, "No space left on device")
+        faultpoints.inject("writer:chunk", full, call_id="a", times=1)
+        faultpoints.inject("writer:chunk-file", faultpoints.Hold(second), call_id="a")
+        writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
+        writer.submit(FinalizeOp("a", 4, "completed"))
+        gate.set()
+        assert _until(lambda: not first_file.exists())  # chunk 0's row was shed
+        second.set()
+        assert writer.flush_sync(30)
+    finally:
+        gate.set()
+        second.set()
+        assert writer.close()
+    assert _chunk_rows(tmp_path, "a") == []
+    folder = tmp_path / "chunks" / "a"
+    assert not folder.exists() or list(folder.iterdir()) == []
+    assert _rows(tmp_path, "SELECT kind FROM deliveries WHERE call_id = 'a' ORDER BY id") == [
+        ("call-started",),
+        ("call-ended",),
+    ]
