@@ -310,7 +310,6 @@ def test_a_call_id_reused_while_the_first_sessions_end_waits_records_nothing_of_
     ) == [("call-started", None), ("chunk", 0), ("call-ended", None)]
 
 
-
 def _until(condition: Callable[[], bool]) -> bool:
     """Wait for a condition of the files on disk: bounded in count and time."""
     pause = threading.Event()
