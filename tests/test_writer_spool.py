@@ -353,3 +353,80 @@ def test_a_chunk_shed_by_a_full_disk_leaves_no_later_chunk_recorded(tmp_path: Pa
         ("call-started",),
         ("call-ended",),
     ]
+
+
+def test_a_chunk_file_that_cannot_be_discarded_costs_only_its_own_call(
+    tmp_path: Path,
+) -> None:
+    """Chunk 0 of "a" cannot be written (another file has its name), so chunk 1, written
+    behind it, is to be discarded; that fails too (its name now holds a folder unlink()
+    cannot remove). Only "a"'s audio is lost: the writer thread goes on, "b" is recorded
+    and a flush returns."""
+    folder = tmp_path / "chunks" / "a"
+    folder.mkdir(parents=True)
+    (folder / "000000.pcm").write_bytes(b"other bytes")
+    second_file = folder / "000001.pcm"
+    files = threading.Event()
+    faultpoints.inject("writer:chunk-file", faultpoints.Hold(files), call_id="a")
+    writer = Writer(tmp_path, min_free_bytes=0)
+    try:
+        writer_gate, hold_writer = _gate()
+        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
+        writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
+        writer.submit(BarrierOp(hold_writer, "z"))  # both chunks are started, held
+        files.set()
+        assert _until(second_file.exists)
+        second_file.unlink()
+        second_file.mkdir()
+        (second_file / "keep").write_bytes(b"x")
+        writer_gate.set()
+        writer.submit(OpenOp("b", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(EventOp("b", UserText(at=2, text="b goes on")))
+        writer.submit(FinalizeOp("b", 3, "completed"))
+        assert writer.flush_sync(30)
+    finally:
+        files.set()
+        writer_gate.set()
+        assert writer.close()
+    assert writer.stats.restarts == 0
+    assert _chunk_rows(tmp_path, "a") == []
+    assert _timeline(tmp_path, "b") == ["CallOpened", "UserText"]
+    assert _rows(tmp_path, "SELECT state FROM calls ORDER BY id") == [("open",), ("ended",)]
+
+
+def test_a_chunk_behind_a_failed_row_whose_file_will_not_go_costs_only_its_call(
+    tmp_path: Path,
+) -> None:
+    """Chunk 0's row of "a" fails for good, so chunk 1 (written beside it) is not recorded
+    and its file is to be deleted; that fails too (its name now holds a folder). The
+    writer thread neither dies nor spins on it: "b" is recorded and a flush returns."""
+    folder = tmp_path / "chunks" / "a"
+    second_file = folder / "000001.pcm"
+    files = threading.Event()
+    faultpoints.inject("writer:chunk-file", faultpoints.Hold(files), call_id="a")
+    faultpoints.inject("writer:chunk", RuntimeError("injected"), call_id="a", times=2)
+    writer = Writer(tmp_path, min_free_bytes=0)
+    try:
+        writer_gate, hold_writer = _gate()
+        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
+        writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
+        writer.submit(BarrierOp(hold_writer, "z"))  # both chunks are started, held
+        files.set()
+        assert _until(lambda: (folder / "000000.pcm").exists() and second_file.exists())
+        second_file.unlink()
+        second_file.mkdir()
+        (second_file / "keep").write_bytes(b"x")
+        writer_gate.set()
+        writer.submit(OpenOp("b", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(EventOp("b", UserText(at=2, text="b goes on")))
+        writer.submit(FinalizeOp("b", 3, "completed"))
+        assert writer.flush_sync(30)
+    finally:
+        files.set()
+        writer_gate.set()
+        assert writer.close()
+    assert writer.stats.restarts == 0
+    assert _chunk_rows(tmp_path, "a") == []
+    assert _timeline(tmp_path, "b") == ["CallOpened", "UserText"]

@@ -18,8 +18,7 @@ from typing import cast
 
 from loguru import logger
 
-from . import spool
-from .chunk_spooler import OP_RETRY_DELAYS_S, ChunkSpooler
+from .chunk_spooler import OP_RETRY_DELAYS_S, ChunkSpooler, discard_unrecorded
 from .events_table import MAX_EVENTS_PER_STATEMENT
 from .op_apply import OpApplier
 from .ops import CallOp, ChunkOp, EventOp, FinalizeOp, Op, OpenOp, SpooledChunkOp
@@ -190,7 +189,7 @@ class BatchCommitter:
         """
         if isinstance(op, SpooledChunkOp) and self._spooler.after_cut(op.call_id, op.idx):
             self._stats.chunks_skipped += 1  # behind a chunk whose row failed: no gap
-            spool.discard_chunk(self._directory, op.chunk.relpath)
+            discard_unrecorded(self._directory, op.chunk.relpath)
             return False
         book = self._book
         for delay in (*OP_RETRY_DELAYS_S, None):
@@ -240,7 +239,7 @@ class BatchCommitter:
         if isinstance(op, (ChunkOp, SpooledChunkOp)):
             self._spooler.cut(call_id, op.idx)
             if isinstance(op, SpooledChunkOp):
-                spool.discard_chunk(self._directory, op.chunk.relpath)
+                discard_unrecorded(self._directory, op.chunk.relpath)
             if is_disk_full(exc):
                 self._spooler.stop_audio(call_id, f"disk full committing audio ({exc})")
             else:
@@ -280,7 +279,7 @@ class BatchCommitter:
         """An op of a call that is not recorded (see ``CallBook.skipped``): no line per op."""
         self._stats.dropped_ops += 1
         if isinstance(op, SpooledChunkOp):  # its folder too, once empty: nothing of it stays
-            spool.discard_chunk(self._directory, op.chunk.relpath)
+            discard_unrecorded(self._directory, op.chunk.relpath)
         elif isinstance(op, FinalizeOp):
             self._book.skipped.pop(op.call_id, None)
             self._book.faults.pop(op.call_id, None)

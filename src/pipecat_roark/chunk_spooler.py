@@ -34,6 +34,7 @@ __all__ = [
     "ChunkSpooler",
     "Drop",
     "PendingChunk",
+    "discard_unrecorded",
 ]
 
 DATABASE_RESERVE_BYTES = 256 << 10
@@ -49,6 +50,22 @@ Drop = Callable[[CallOp, BaseException], None]
 """What loses one op's record, and says so (``BatchCommitter.drop``)."""
 _Written = tuple[SpooledChunk | None, BaseException | None, int]
 """A chunk file written (or the exception that stopped it) and how many retries it took."""
+
+
+def discard_unrecorded(directory: Path, relpath: str) -> None:
+    """Delete the file of a chunk that is not recorded; one that will not go stays, said once.
+
+    Cleanup, never a reason to stop: the writer calls this while it settles a batch, and
+    an error here (a name that now holds a folder, a read-only mount) would otherwise end
+    or spin its thread, which every call of the process shares. The file has no row.
+    """
+    try:
+        spool.discard_chunk(directory, relpath)
+    except OSError as exc:
+        logger.warning(
+            f"pipecat-roark: could not delete {relpath} in {directory}, a chunk that is not "
+            f"recorded ({exc}); it is left as it is"
+        )
 
 
 class PendingChunk(NamedTuple):
@@ -123,7 +140,7 @@ class ChunkSpooler:
         self._spool_bytes -= len(op.data)
         if chunk is not None:
             self._stats.chunks_skipped += 1
-            spool.discard_chunk(self._directory, chunk.relpath)
+            discard_unrecorded(self._directory, chunk.relpath)
         elif is_disk_full(exc):
             self.stop_audio(op.call_id, f"disk full writing audio ({exc})")
         elif exc is not None:
@@ -253,7 +270,7 @@ class ChunkSpooler:
             if i not in shed or not isinstance(op, SpooledChunkOp):
                 kept.append(op)
                 continue
-            (self._directory / op.chunk.relpath).unlink(missing_ok=True)
+            discard_unrecorded(self._directory, op.chunk.relpath)
             self.cut(op.call_id, op.idx)
             self.stop_audio(op.call_id, f"disk full committing audio ({error})")
         return kept
