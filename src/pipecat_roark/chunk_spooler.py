@@ -53,7 +53,7 @@ _Written = tuple[SpooledChunk | None, BaseException | None, int]
 
 
 def discard_unrecorded(directory: Path, relpath: str) -> None:
-    """Delete the file of a chunk that is not recorded; one that will not go stays, said once.
+    """Delete the file of a chunk that is not recorded; one that will not go stays, with a warning.
 
     Cleanup, never a reason to stop: the writer calls this while it settles a batch, and
     an error here (a name that now holds a folder, a read-only mount) would otherwise end
