@@ -311,7 +311,7 @@ def test_a_call_id_reused_while_the_first_sessions_end_waits_records_nothing_of_
 
 
 def _until(condition: Callable[[], bool]) -> bool:
-    """Wait for a condition of the files on disk: bounded in count and time."""
+    """Wait for a condition of files or counters: bounded in count and time."""
     pause = threading.Event()
     for _ in range(3000):
         if condition():
@@ -320,30 +320,44 @@ def _until(condition: Callable[[], bool]) -> bool:
     return condition()
 
 
+class _Arrival(threading.Event):
+    """A gate that also says when someone is waiting at it (a spool thread at a
+    ``faultpoints.Hold``, or the writer thread in a flush's release)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.arrived.set()
+        return super().wait(timeout)
+
+
 def test_a_chunk_shed_by_a_full_disk_leaves_no_later_chunk_recorded(tmp_path: Path) -> None:
     """Chunk 0's row meets a full disk and is shed while chunk 1, admitted behind it, is
     still being written: chunk 1 must not be recorded either (a gap Roark cannot
     stitch); the call's end is still committed."""
+    first, second = _Arrival(), threading.Event()
+    faultpoints.inject("writer:chunk-file", faultpoints.Hold(first), call_id="a")
     writer = Writer(tmp_path, min_free_bytes=0)
-    second = threading.Event()
+    sorted_ = threading.Event()
     try:
-        gate, hold = _gate()
         writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
         writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
-        writer.submit(BarrierOp(hold, "b"))  # the writer waits once chunk 0 is started
-        first_file = tmp_path / "chunks" / "a" / "000000.pcm"
-        assert _until(first_file.exists)  # so its spool thread is past the point below
+        assert first.arrived.wait(30)  # chunk 0's file is held, its row not yet tried
         full = OSError(errno.ENOSPC, "No space left on device")
         faultpoints.inject("writer:chunk", full, call_id="a", times=1)
         faultpoints.inject("writer:chunk-file", faultpoints.Hold(second), call_id="a")
         writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
-        writer.submit(FinalizeOp("a", 4, "completed"))
-        gate.set()
-        assert _until(lambda: not first_file.exists())  # chunk 0's row was shed
+        writer.submit(BarrierOp(sorted_.set, "z"))
+        assert sorted_.wait(30)  # chunk 1 is admitted, its file held
+        first.set()
+        assert _until(lambda: writer.stats.failed_batches == 1)  # chunk 0's row: shed
         second.set()
+        writer.submit(FinalizeOp("a", 4, "completed"))
         assert writer.flush_sync(30)
     finally:
-        gate.set()
+        first.set()
         second.set()
         assert writer.close()
     assert _chunk_rows(tmp_path, "a") == []
@@ -353,6 +367,16 @@ def test_a_chunk_shed_by_a_full_disk_leaves_no_later_chunk_recorded(tmp_path: Pa
         ("call-started",),
         ("call-ended",),
     ]
+
+
+def _hold_writer() -> tuple[_Arrival, Callable[[], None]]:
+    """A barrier release that holds the writer thread, and says when it does."""
+    gate = _Arrival()
+
+    def hold() -> None:
+        gate.wait(30)
+
+    return gate, hold
 
 
 def test_a_chunk_file_that_cannot_be_discarded_costs_only_its_own_call(
@@ -370,11 +394,12 @@ def test_a_chunk_file_that_cannot_be_discarded_costs_only_its_own_call(
     faultpoints.inject("writer:chunk-file", faultpoints.Hold(files), call_id="a")
     writer = Writer(tmp_path, min_free_bytes=0)
     try:
-        writer_gate, hold_writer = _gate()
+        writer_gate, hold_writer = _hold_writer()
         writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
         writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
         writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
-        writer.submit(BarrierOp(hold_writer, "z"))  # both chunks are started, held
+        writer.submit(BarrierOp(hold_writer, "z"))
+        assert writer_gate.arrived.wait(30)  # both chunks started, held; the writer waits
         files.set()
         assert _until(second_file.exists)
         second_file.unlink()
@@ -408,11 +433,12 @@ def test_a_chunk_behind_a_failed_row_whose_file_will_not_go_costs_only_its_call(
     faultpoints.inject("writer:chunk", RuntimeError("injected"), call_id="a", times=2)
     writer = Writer(tmp_path, min_free_bytes=0)
     try:
-        writer_gate, hold_writer = _gate()
+        writer_gate, hold_writer = _hold_writer()
         writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
         writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
         writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
-        writer.submit(BarrierOp(hold_writer, "z"))  # both chunks are started, held
+        writer.submit(BarrierOp(hold_writer, "z"))
+        assert writer_gate.arrived.wait(30)  # both chunks started, held; the writer waits
         files.set()
         assert _until(lambda: (folder / "000000.pcm").exists() and second_file.exists())
         second_file.unlink()
