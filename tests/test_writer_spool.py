@@ -7,6 +7,7 @@ behind it are taken as one batch and their files go through the spool threads.
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -242,3 +243,216 @@ def test_a_batch_of_events_alone_is_stored_in_queue_order_in_one_statement(
     assert texts == [None, *expected]
     assert writer.stats.events == 1 + len(expected)
     assert writer.stats.failed_batches == 0  # not stored by the one-op-at-a-time fallback
+
+
+def test_a_chunk_row_that_cannot_be_committed_leaves_no_later_chunk_recorded(
+    tmp_path: Path,
+) -> None:
+    """Chunk 0's file is written but its row fails (non-transient, so it is dropped) while
+    chunk 1 is already admitted behind it: chunk 1 must not be recorded either (a gap
+    Roark cannot stitch), its file is gone, and the call's end is still committed."""
+    faultpoints.inject("writer:chunk", RuntimeError("injected"), call_id="a", times=2)
+    writer = Writer(tmp_path, min_free_bytes=0)
+    try:
+        gate, hold = _gate()
+        writer.submit(BarrierOp(hold))
+        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
+        writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
+        writer.submit(FinalizeOp("a", 4, "completed"))
+        gate.set()
+        assert writer.flush_sync(30)
+    finally:
+        assert writer.close()
+    assert _chunk_rows(tmp_path, "a") == []
+    folder = tmp_path / "chunks" / "a"
+    assert not folder.exists() or list(folder.iterdir()) == []
+    assert _rows(tmp_path, "SELECT kind FROM deliveries WHERE call_id = 'a' ORDER BY id") == [
+        ("call-started",),
+        ("call-ended",),
+    ]
+
+
+def test_a_call_id_reused_while_the_first_sessions_end_waits_records_nothing_of_the_second(
+    tmp_path: Path,
+) -> None:
+    """Session 1 of "a" ends while its chunk file is still being written (its end waits);
+    session 2 opens "a" meanwhile and is refused. Session 1's chunk and end are still
+    committed, and nothing of session 2 reaches session 1's call: not the events queued
+    with its refused open, nor those queued after session 1's end was committed. (The
+    chunk's row fails once, so session 1's last ops are committed one by one.)"""
+    gate = threading.Event()
+    faultpoints.inject("writer:chunk-file", faultpoints.Hold(gate), call_id="a")
+    faultpoints.inject("writer:chunk", ValueError("once"), call_id="a", times=1)
+    writer = Writer(tmp_path, min_free_bytes=0)
+    screened = threading.Event()
+    try:
+        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
+        assert writer.flush_sync(30)  # session 2's open is refused as it is taken
+        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
+        writer.submit(FinalizeOp("a", 3, "completed"))
+        writer.submit(OpenOp("a", CallOpened(at=10, agent_id="x"), None))
+        writer.submit(EventOp("a", UserText(at=11, text="session 2, with its open")))
+        writer.submit(BarrierOp(screened.set, "b"))  # all of the above is sorted by now
+        assert screened.wait(30)
+        gate.set()
+        assert writer.flush_sync(30)  # session 1's chunk and end are committed
+        writer.submit(EventOp("a", UserText(at=12, text="session 2, later")))
+        writer.submit(FinalizeOp("a", 13, "session 2 ended"))
+        assert writer.flush_sync(30)
+    finally:
+        gate.set()
+        assert writer.close()
+    assert _timeline(tmp_path, "a") == ["CallOpened", "ChunkRecorded"]
+    assert _rows(tmp_path, "SELECT state FROM calls WHERE id = 'a'") == [("ended",)]
+    assert _rows(
+        tmp_path, "SELECT kind, chunk_idx FROM deliveries WHERE call_id = 'a' ORDER BY id"
+    ) == [("call-started", None), ("chunk", 0), ("call-ended", None)]
+
+
+def _until(condition: Callable[[], bool]) -> bool:
+    """Wait for a condition of files or counters: bounded in count and time."""
+    pause = threading.Event()
+    for _ in range(3000):
+        if condition():
+            return True
+        pause.wait(0.01)
+    return condition()
+
+
+class _Arrival(threading.Event):
+    """A gate that also says when someone is waiting at it (a spool thread at a
+    ``faultpoints.Hold``, or the writer thread in a flush's release)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.arrived.set()
+        return super().wait(timeout)
+
+
+def test_a_chunk_shed_by_a_full_disk_leaves_no_later_chunk_recorded(tmp_path: Path) -> None:
+    """Chunk 0's row meets a full disk and is shed while chunk 1, admitted behind it, is
+    still being written: chunk 1 must not be recorded either (a gap Roark cannot
+    stitch); the call's end is still committed."""
+    first, second = _Arrival(), threading.Event()
+    faultpoints.inject("writer:chunk-file", faultpoints.Hold(first), call_id="a")
+    writer = Writer(tmp_path, min_free_bytes=0)
+    sorted_ = threading.Event()
+    try:
+        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
+        assert first.arrived.wait(30)  # chunk 0's file is held, its row not yet tried
+        full = OSError(errno.ENOSPC, "No space left on device")
+        faultpoints.inject("writer:chunk", full, call_id="a", times=1)
+        faultpoints.inject("writer:chunk-file", faultpoints.Hold(second), call_id="a")
+        writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
+        writer.submit(BarrierOp(sorted_.set, "z"))
+        assert sorted_.wait(30)  # chunk 1 is admitted, its file held
+        first.set()
+        assert _until(lambda: writer.stats.failed_batches == 1)  # chunk 0's row: shed
+        second.set()
+        writer.submit(FinalizeOp("a", 4, "completed"))
+        assert writer.flush_sync(30)
+    finally:
+        first.set()
+        second.set()
+        assert writer.close()
+    assert _chunk_rows(tmp_path, "a") == []
+    folder = tmp_path / "chunks" / "a"
+    assert not folder.exists() or list(folder.iterdir()) == []
+    assert _rows(tmp_path, "SELECT kind FROM deliveries WHERE call_id = 'a' ORDER BY id") == [
+        ("call-started",),
+        ("call-ended",),
+    ]
+
+
+def _hold_writer() -> tuple[_Arrival, Callable[[], None]]:
+    """A barrier release that holds the writer thread, and says when it does."""
+    gate = _Arrival()
+
+    def hold() -> None:
+        gate.wait(30)
+
+    return gate, hold
+
+
+def test_a_chunk_file_that_cannot_be_discarded_costs_only_its_own_call(
+    tmp_path: Path,
+) -> None:
+    """Chunk 0 of "a" cannot be written (another file has its name), so chunk 1, written
+    behind it, is to be discarded; that fails too (its name now holds a folder unlink()
+    cannot remove). Only "a"'s audio is lost: the writer thread goes on, "b" is recorded
+    and a flush returns."""
+    folder = tmp_path / "chunks" / "a"
+    folder.mkdir(parents=True)
+    (folder / "000000.pcm").write_bytes(b"other bytes")
+    second_file = folder / "000001.pcm"
+    files = threading.Event()
+    faultpoints.inject("writer:chunk-file", faultpoints.Hold(files), call_id="a")
+    writer = Writer(tmp_path, min_free_bytes=0)
+    try:
+        writer_gate, hold_writer = _hold_writer()
+        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
+        writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
+        writer.submit(BarrierOp(hold_writer, "z"))
+        assert writer_gate.arrived.wait(30)  # both chunks started, held; the writer waits
+        files.set()
+        assert _until(second_file.exists)
+        second_file.unlink()
+        second_file.mkdir()
+        (second_file / "keep").write_bytes(b"x")
+        writer_gate.set()
+        writer.submit(OpenOp("b", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(EventOp("b", UserText(at=2, text="b goes on")))
+        writer.submit(FinalizeOp("b", 3, "completed"))
+        assert writer.flush_sync(30)
+    finally:
+        files.set()
+        writer_gate.set()
+        assert writer.close()
+    assert writer.stats.restarts == 0
+    assert _chunk_rows(tmp_path, "a") == []
+    assert _timeline(tmp_path, "b") == ["CallOpened", "UserText"]
+    assert _rows(tmp_path, "SELECT state FROM calls ORDER BY id") == [("open",), ("ended",)]
+
+
+def test_a_chunk_behind_a_failed_row_whose_file_will_not_go_costs_only_its_call(
+    tmp_path: Path,
+) -> None:
+    """Chunk 0's row of "a" fails for good, so chunk 1 (written beside it) is not recorded
+    and its file is to be deleted; that fails too (its name now holds a folder). The
+    writer thread neither dies nor spins on it: "b" is recorded and a flush returns."""
+    folder = tmp_path / "chunks" / "a"
+    second_file = folder / "000001.pcm"
+    files = threading.Event()
+    faultpoints.inject("writer:chunk-file", faultpoints.Hold(files), call_id="a")
+    faultpoints.inject("writer:chunk", RuntimeError("injected"), call_id="a", times=2)
+    writer = Writer(tmp_path, min_free_bytes=0)
+    try:
+        writer_gate, hold_writer = _hold_writer()
+        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
+        writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
+        writer.submit(BarrierOp(hold_writer, "z"))
+        assert writer_gate.arrived.wait(30)  # both chunks started, held; the writer waits
+        files.set()
+        assert _until(lambda: (folder / "000000.pcm").exists() and second_file.exists())
+        second_file.unlink()
+        second_file.mkdir()
+        (second_file / "keep").write_bytes(b"x")
+        writer_gate.set()
+        writer.submit(OpenOp("b", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(EventOp("b", UserText(at=2, text="b goes on")))
+        writer.submit(FinalizeOp("b", 3, "completed"))
+        assert writer.flush_sync(30)
+    finally:
+        files.set()
+        writer_gate.set()
+        assert writer.close()
+    assert writer.stats.restarts == 0
+    assert _chunk_rows(tmp_path, "a") == []
+    assert _timeline(tmp_path, "b") == ["CallOpened", "UserText"]

@@ -18,8 +18,7 @@ from typing import cast
 
 from loguru import logger
 
-from . import spool
-from .chunk_spooler import OP_RETRY_DELAYS_S, ChunkSpooler
+from .chunk_spooler import OP_RETRY_DELAYS_S, ChunkSpooler, discard_unrecorded
 from .events_table import MAX_EVENTS_PER_STATEMENT
 from .op_apply import OpApplier
 from .ops import CallOp, ChunkOp, EventOp, FinalizeOp, Op, OpenOp, SpooledChunkOp
@@ -188,8 +187,14 @@ class BatchCommitter:
         Raises:
             DatabaseDown: the database itself refuses writes (the op is kept).
         """
+        if isinstance(op, SpooledChunkOp) and self._spooler.after_cut(op.call_id, op.idx):
+            self._stats.chunks_skipped += 1  # behind a chunk whose row failed: no gap
+            discard_unrecorded(self._directory, op.chunk.relpath)
+            return False
+        book = self._book
         for delay in (*OP_RETRY_DELAYS_S, None):
-            if op.call_id in self._book.skipped:
+            # A call open here is recorded: a skip is then a later session's, refused.
+            if op.call_id in book.skipped and op.call_id not in book.open_calls:
                 self._discard(op)
                 return False
             try:
@@ -232,8 +237,9 @@ class BatchCommitter:
         first = (kind, type(exc).__name__) not in seen
         seen.add((kind, type(exc).__name__))
         if isinstance(op, (ChunkOp, SpooledChunkOp)):
+            self._spooler.cut(call_id, op.idx)
             if isinstance(op, SpooledChunkOp):
-                spool.discard_chunk(self._directory, op.chunk.relpath)
+                discard_unrecorded(self._directory, op.chunk.relpath)
             if is_disk_full(exc):
                 self._spooler.stop_audio(call_id, f"disk full committing audio ({exc})")
             else:
@@ -254,6 +260,7 @@ class BatchCommitter:
         if isinstance(op, FinalizeOp):
             book.open_calls.pop(call_id, None)
             book.audio_stopped.discard(call_id)
+            book.audio_cut.pop(call_id, None)
             book.faults.pop(call_id, None)
             logger.error(
                 f"pipecat-roark: the end of call {call_id!r} could not be recorded ({cause}); "
@@ -272,7 +279,8 @@ class BatchCommitter:
         """An op of a call that is not recorded (see ``CallBook.skipped``): no line per op."""
         self._stats.dropped_ops += 1
         if isinstance(op, SpooledChunkOp):  # its folder too, once empty: nothing of it stays
-            spool.discard_chunk(self._directory, op.chunk.relpath)
+            discard_unrecorded(self._directory, op.chunk.relpath)
         elif isinstance(op, FinalizeOp):
             self._book.skipped.pop(op.call_id, None)
             self._book.faults.pop(op.call_id, None)
+            self._book.audio_cut.pop(op.call_id, None)

@@ -34,6 +34,7 @@ __all__ = [
     "ChunkSpooler",
     "Drop",
     "PendingChunk",
+    "discard_unrecorded",
 ]
 
 DATABASE_RESERVE_BYTES = 256 << 10
@@ -49,6 +50,22 @@ Drop = Callable[[CallOp, BaseException], None]
 """What loses one op's record, and says so (``BatchCommitter.drop``)."""
 _Written = tuple[SpooledChunk | None, BaseException | None, int]
 """A chunk file written (or the exception that stopped it) and how many retries it took."""
+
+
+def discard_unrecorded(directory: Path, relpath: str) -> None:
+    """Delete the file of a chunk that is not recorded; one that will not go stays, with a warning.
+
+    Cleanup, never a reason to stop: the writer calls this while it settles a batch, and
+    an error here (a name that now holds a folder, a read-only mount) would otherwise end
+    or spin its thread, which every call of the process shares. The file has no row.
+    """
+    try:
+        spool.discard_chunk(directory, relpath)
+    except OSError as exc:
+        logger.warning(
+            f"pipecat-roark: could not delete {relpath} in {directory}, a chunk that is not "
+            f"recorded ({exc}); it is left as it is"
+        )
 
 
 class PendingChunk(NamedTuple):
@@ -109,6 +126,7 @@ class ChunkSpooler:
 
         ``after_loss``: an earlier chunk of this call could not be written, so this one is
         discarded (no gap is recorded); a later chunk refused at admission does not count.
+        So is a chunk behind one whose row could not be committed (``cut``).
 
         Returns:
             The op that records its row, or None when it is not recorded (``drop`` is
@@ -117,17 +135,31 @@ class ChunkSpooler:
         op = pending.op
         chunk, exc, retries = pending.written.result()
         self._stats.retried_ops += retries
-        if chunk is not None and not after_loss:
+        if chunk is not None and not after_loss and not self.after_cut(op.call_id, op.idx):
             return SpooledChunkOp(op.call_id, op.idx, chunk, op.sample_rate, op.num_channels, op.at)
         self._spool_bytes -= len(op.data)
         if chunk is not None:
             self._stats.chunks_skipped += 1
-            spool.discard_chunk(self._directory, chunk.relpath)
+            discard_unrecorded(self._directory, chunk.relpath)
         elif is_disk_full(exc):
             self.stop_audio(op.call_id, f"disk full writing audio ({exc})")
         elif exc is not None:
             drop(op, exc)
         return None
+
+    def cut(self, call_id: str, idx: int) -> None:
+        """Chunk ``idx`` was admitted but its row is not recorded: none after it may be."""
+        cut = self._book.audio_cut
+        cut[call_id] = min(idx, cut.get(call_id, idx))
+
+    def after_cut(self, call_id: str, idx: int) -> bool:
+        """Is chunk ``idx`` behind a chunk of its call whose row was not recorded?
+
+        Returns:
+            True if recording it would leave a gap in the call's audio.
+        """
+        cut = self._book.audio_cut.get(call_id)
+        return cut is not None and idx > cut
 
     def close(self) -> None:
         """Let the spool threads go (the writer thread is stopping; no file is pending)."""
@@ -140,10 +172,12 @@ class ChunkSpooler:
 
         Returns:
             True if the chunk may be written; False if its call records no more audio
-            (stopped or skipped) or the spool cap or free-space floor refuses it.
+            or the spool cap or free-space floor refuses it. (A call that is not recorded
+            was screened out before: ``skipped`` may already name a later session with the
+            same id, refused, while this chunk is the earlier session's.)
         """
         call_id, size = op.call_id, len(op.data)
-        if call_id in self._book.audio_stopped or call_id in self._book.skipped:
+        if call_id in self._book.audio_stopped:
             self._stats.chunks_skipped += 1
             return False
         reason = self._spool_full(size)
@@ -236,6 +270,7 @@ class ChunkSpooler:
             if i not in shed or not isinstance(op, SpooledChunkOp):
                 kept.append(op)
                 continue
-            (self._directory / op.chunk.relpath).unlink(missing_ok=True)
+            discard_unrecorded(self._directory, op.chunk.relpath)
+            self.cut(op.call_id, op.idx)
             self.stop_audio(op.call_id, f"disk full committing audio ({error})")
         return kept

@@ -112,10 +112,12 @@ class OpApplier:
                 ended = book.ended.pop(call_id, None)
                 if ended is not None:  # counted once committed, not when first tried
                     metrics.finalized(ended)
-                book.open_calls.pop(call_id, None)
+                recorded_here = book.open_calls.pop(call_id, None) is not None
                 # Only after the commit: a retried batch must still know which calls lost audio.
                 book.audio_stopped.discard(call_id)
-                book.skipped.pop(call_id, None)
+                book.audio_cut.pop(call_id, None)
+                if not recorded_here:  # else the skip is a later session's, refused: it stays
+                    book.skipped.pop(call_id, None)
                 book.faults.pop(call_id, None)
         stats.batches += 1
         stats.ops += count

@@ -259,7 +259,11 @@ class Writer:
         self._queue.put(_WRITTEN)
 
     def _finish(self, pending: PendingChunk, after_loss: bool) -> SpooledChunkOp | None:
-        return self._spooler.finish(pending, self._committer.drop, after_loss=after_loss)
+        try:
+            return self._spooler.finish(pending, self._committer.drop, after_loss=after_loss)
+        except Exception as exc:  # one chunk (e.g. a file that cannot be discarded), never
+            self._committer.drop(pending.op, exc)  # the thread: it would die on it again
+            return None
 
     def _process(self, batch: Batch) -> None:
         self._wal.check_file()

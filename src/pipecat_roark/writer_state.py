@@ -77,6 +77,10 @@ class CallBook:
     ended: dict[str, str] = field(default_factory=dict)
     """Calls this transaction ended, by reason: counted in metrics once committed."""
     audio_stopped: set[str] = field(default_factory=set)
+    audio_cut: dict[str, int] = field(default_factory=dict)
+    """Per call, the first chunk admitted whose row was not recorded: a later chunk of the
+    call already admitted (its file written while that row failed) must not be recorded
+    either, or the call's audio has a gap."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Calls whose ops are dropped until their end: why (a reused id, a failed open)."""
     faults: dict[str, set[tuple[type[CallOp], str]]] = field(default_factory=dict)
