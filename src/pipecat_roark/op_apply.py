@@ -71,8 +71,10 @@ class OpApplier:
     def apply_events_alone(self, work: Iterable[EventOp]) -> None:
         """Commit a batch of events only, as one statement in its own transaction.
 
-        Why: see ``events_table.insert_events_in_one_statement``. A database busy with
-        another process's commit gets the usual transaction, which waits its turn.
+        Why: see ``events_table.insert_events_in_one_statement``. The statement waits for
+        the write lock like any other (``busy_timeout``); if it still finds the database
+        busy (another process committed between its read and its write, which SQLite does
+        not retry), the events go through the usual transaction, which takes the lock first.
 
         Raises:
             sqlite3.OperationalError: the statement failed for another reason than a busy
