@@ -82,6 +82,34 @@ def gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
+def spawn_bot(env: dict[str, str], *args: object) -> subprocess.Popen[str]:
+    """``tests/delivery_process_bot.py`` with ``args``; its first stdout line names its child.
+
+    Returns:
+        The running bot.
+    """
+    return subprocess.Popen(
+        [sys.executable, str(BOT), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+
+
+def wait_gone(pid: int) -> bool:
+    """Up to 150 s (bounded: a child's last pass honours its backoff) for ``pid`` to exit.
+
+    Returns:
+        True once it is gone.
+    """
+    for _ in range(1500):
+        if gone(pid):
+            return True
+        time.sleep(0.1)
+    return gone(pid)
+
+
 @pytest.mark.anyio
 async def test_a_call_is_delivered_by_the_child_and_its_key_is_never_in_argv(
     data_dir: Path, dev_server: RunningDevServer, children: None
@@ -125,13 +153,7 @@ def test_a_bot_killed_after_its_commit_has_its_call_delivered_by_the_child(
     dev_server.configure(status_sequence=[503] * 10_000)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPECAT_ROARK_CRASH")}
     env.update(ROARK_API_KEY=KEY, ROARK_BASE_URL=dev_server.base_url)
-    bot = subprocess.Popen(
-        [sys.executable, str(BOT), str(data_dir), "orphaned-child"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
+    bot = spawn_bot(env, data_dir, "orphaned-child")
     try:
         assert bot.stdout is not None
         line = bot.stdout.readline()
@@ -151,11 +173,7 @@ def test_a_bot_killed_after_its_commit_has_its_call_delivered_by_the_child(
     assert set(delivery_states(data_dir).values()) != {"delivered"}
 
     dev_server.configure(status_sequence=[])  # Roark is back; the bot is gone
-    for _ in range(1500):  # bounded: the child's last pass honours its backoff
-        if gone(child):
-            break
-        time.sleep(0.1)
-    assert gone(child), "the child exited on its own after its parent died"
+    assert wait_gone(child), "the child exited on its own after its parent died"
     assert_arrived_whole(dev_server, data_dir, "orphaned-child")  # once each: 0 duplicated
     assert set(delivery_states(data_dir).values()) == {"delivered"}, "0 lost"
 
@@ -164,22 +182,12 @@ def test_the_bots_shutdown_lets_its_child_finish_and_exit_while_the_bot_lives(
     data_dir: Path, dev_server: RunningDevServer
 ) -> None:
     env = {**os.environ, "ROARK_API_KEY": KEY, "ROARK_BASE_URL": dev_server.base_url}
-    bot = subprocess.Popen(
-        [sys.executable, str(BOT), str(data_dir), "shut-down", "shutdown"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
+    bot = spawn_bot(env, data_dir, "shut-down", "shutdown")
     try:
         assert bot.stdout is not None
         child = json.loads(bot.stdout.readline())["child"]
         assert isinstance(child, int)
-        for _ in range(1500):  # bounded: its last pass, then it exits
-            if gone(child):
-                break
-            time.sleep(0.1)
-        assert gone(child), "shut_down closed the child's pipe: it exited on its own"
+        assert wait_gone(child), "shut_down closed the child's pipe: it exited on its own"
         assert bot.poll() is None, "while the bot lives on"
     finally:
         bot.send_signal(signal.SIGKILL)

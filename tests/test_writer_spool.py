@@ -392,6 +392,22 @@ def test_a_chunk_file_that_cannot_be_discarded_costs_only_its_own_call(
     second_file = folder / "000001.pcm"
     files = threading.Event()
     faultpoints.inject("writer:chunk-file", faultpoints.Hold(files), call_id="a")
+    writer = _record_b_while_as_second_chunk_file_turns_into_a_folder(
+        tmp_path, files, second_file.exists
+    )
+    assert writer.stats.restarts == 0
+    assert _chunk_rows(tmp_path, "a") == []
+    assert _timeline(tmp_path, "b") == ["CallOpened", "UserText"]
+    assert _rows(tmp_path, "SELECT state FROM calls ORDER BY id") == [("open",), ("ended",)]
+
+
+def _record_b_while_as_second_chunk_file_turns_into_a_folder(
+    tmp_path: Path, files: threading.Event, written: Callable[[], bool]
+) -> Writer:
+    """Two chunks of "a" are written (held at ``files``, then let go until ``written``);
+    chunk 1's name then holds a folder, so it cannot be discarded; then call "b" is
+    recorded and flushed. Returns the closed writer."""
+    second_file = tmp_path / "chunks" / "a" / "000001.pcm"
     writer = Writer(tmp_path, min_free_bytes=0)
     try:
         writer_gate, hold_writer = _hold_writer()
@@ -401,7 +417,7 @@ def test_a_chunk_file_that_cannot_be_discarded_costs_only_its_own_call(
         writer.submit(BarrierOp(hold_writer, "z"))
         assert writer_gate.arrived.wait(30)  # both chunks started, held; the writer waits
         files.set()
-        assert _until(second_file.exists)
+        assert _until(written)
         second_file.unlink()
         second_file.mkdir()
         (second_file / "keep").write_bytes(b"x")
@@ -414,10 +430,7 @@ def test_a_chunk_file_that_cannot_be_discarded_costs_only_its_own_call(
         files.set()
         writer_gate.set()
         assert writer.close()
-    assert writer.stats.restarts == 0
-    assert _chunk_rows(tmp_path, "a") == []
-    assert _timeline(tmp_path, "b") == ["CallOpened", "UserText"]
-    assert _rows(tmp_path, "SELECT state FROM calls ORDER BY id") == [("open",), ("ended",)]
+    return writer
 
 
 def test_a_chunk_behind_a_failed_row_whose_file_will_not_go_costs_only_its_call(
@@ -431,28 +444,9 @@ def test_a_chunk_behind_a_failed_row_whose_file_will_not_go_costs_only_its_call(
     files = threading.Event()
     faultpoints.inject("writer:chunk-file", faultpoints.Hold(files), call_id="a")
     faultpoints.inject("writer:chunk", RuntimeError("injected"), call_id="a", times=2)
-    writer = Writer(tmp_path, min_free_bytes=0)
-    try:
-        writer_gate, hold_writer = _hold_writer()
-        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
-        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
-        writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
-        writer.submit(BarrierOp(hold_writer, "z"))
-        assert writer_gate.arrived.wait(30)  # both chunks started, held; the writer waits
-        files.set()
-        assert _until(lambda: (folder / "000000.pcm").exists() and second_file.exists())
-        second_file.unlink()
-        second_file.mkdir()
-        (second_file / "keep").write_bytes(b"x")
-        writer_gate.set()
-        writer.submit(OpenOp("b", CallOpened(at=1, agent_id="x"), None))
-        writer.submit(EventOp("b", UserText(at=2, text="b goes on")))
-        writer.submit(FinalizeOp("b", 3, "completed"))
-        assert writer.flush_sync(30)
-    finally:
-        files.set()
-        writer_gate.set()
-        assert writer.close()
+    writer = _record_b_while_as_second_chunk_file_turns_into_a_folder(
+        tmp_path, files, lambda: (folder / "000000.pcm").exists() and second_file.exists()
+    )
     assert writer.stats.restarts == 0
     assert _chunk_rows(tmp_path, "a") == []
     assert _timeline(tmp_path, "b") == ["CallOpened", "UserText"]
