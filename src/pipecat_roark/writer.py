@@ -7,10 +7,12 @@ a quiet call commits within a millisecond and a busy process still commits ~ever
 ms; a kill -9 loses only what was queued since the last commit.
 
 This module is the thread, its queue and its supervisor (submit, flush, close, restart);
-the process's registry of writers (``writer_for``) is ``lifecycle``'s. What a batch becomes lives beside it: chunk files
-in ``chunk_spooler``, the bulkheads of a commit in ``batch_commit``, the rows of each op
-in ``op_apply``, the database file itself in ``wal_file``. If the thread dies anyway,
-the next ``submit`` starts it again with the queue intact.
+the process's registry of writers (``writer_for``) is ``lifecycle``'s. What a batch
+becomes lives beside it: chunk files in ``chunk_spooler`` (written on spool threads while
+the writer goes on), what waits for them in ``parked_ops``, the bulkheads of a commit in
+``batch_commit``, the rows of each op in ``op_apply``, the database file itself in
+``wal_file``. If the thread dies anyway, the next ``submit`` starts it again with the
+queue intact (and what was parked).
 """
 
 from __future__ import annotations
