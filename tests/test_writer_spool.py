@@ -188,13 +188,24 @@ def test_only_a_calls_chunk_rows_and_end_wait_for_its_chunk_file(tmp_path: Path)
     assert (tmp_path / _chunk_rows(tmp_path, "a")[0][1]).read_bytes() == CHUNK
 
 
-def test_a_failed_chunk_file_loses_only_its_calls_later_audio_not_its_events(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("point", "error", "times"),
+    [
+        # The file of chunk 0 cannot be written.
+        ("writer:chunk-file", ValueError("injected"), 1),
+        # Chunk 0's file is written but its row fails for good (in the batch, then alone),
+        # so it is dropped.
+        ("writer:chunk", RuntimeError("injected"), 2),
+    ],
+    ids=["file", "row"],
+)
+def test_a_chunk_not_recorded_leaves_no_later_chunk_of_its_call_and_keeps_its_events(
+    tmp_path: Path, point: str, error: BaseException, times: int
 ) -> None:
-    """Chunk 0 of "a" fails while chunks 1 and 2 are already being written behind it:
-    neither is recorded (no gap) and their files are gone; the event queued between them
-    and the call's end are still committed, in order."""
-    faultpoints.inject("writer:chunk-file", ValueError("injected"), call_id="a", times=1)
+    """Chunk 0 of "a" is not recorded while chunks 1 and 2 are already admitted and being
+    written behind it: neither is recorded (a gap Roark cannot stitch) and their files are
+    gone; the event queued between them and the call's end are still committed, in order."""
+    faultpoints.inject(point, error, call_id="a", times=times)
     writer = Writer(tmp_path, min_free_bytes=0)
     try:
         gate, hold = _gate()
@@ -243,34 +254,6 @@ def test_a_batch_of_events_alone_is_stored_in_queue_order_in_one_statement(
     assert texts == [None, *expected]
     assert writer.stats.events == 1 + len(expected)
     assert writer.stats.failed_batches == 0  # not stored by the one-op-at-a-time fallback
-
-
-def test_a_chunk_row_that_cannot_be_committed_leaves_no_later_chunk_recorded(
-    tmp_path: Path,
-) -> None:
-    """Chunk 0's file is written but its row fails (non-transient, so it is dropped) while
-    chunk 1 is already admitted behind it: chunk 1 must not be recorded either (a gap
-    Roark cannot stitch), its file is gone, and the call's end is still committed."""
-    faultpoints.inject("writer:chunk", RuntimeError("injected"), call_id="a", times=2)
-    writer = Writer(tmp_path, min_free_bytes=0)
-    try:
-        gate, hold = _gate()
-        writer.submit(BarrierOp(hold))
-        writer.submit(OpenOp("a", CallOpened(at=1, agent_id="x"), None))
-        writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
-        writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
-        writer.submit(FinalizeOp("a", 4, "completed"))
-        gate.set()
-        assert writer.flush_sync(30)
-    finally:
-        assert writer.close()
-    assert _chunk_rows(tmp_path, "a") == []
-    folder = tmp_path / "chunks" / "a"
-    assert not folder.exists() or list(folder.iterdir()) == []
-    assert _rows(tmp_path, "SELECT kind FROM deliveries WHERE call_id = 'a' ORDER BY id") == [
-        ("call-started",),
-        ("call-ended",),
-    ]
 
 
 def test_a_call_id_reused_while_the_first_sessions_end_waits_records_nothing_of_the_second(
