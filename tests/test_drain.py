@@ -246,7 +246,12 @@ async def test_slow_answers_and_expiring_urls_still_deliver_once(
             "POST /v1/integrations/pipecat: no complete answer within 0.4 s; will retry"
         )
         server.configure(latency_ms=0)
-        second = await Drainer(data_dir, KEY, server.base_url, QUICK).run_once(budget_s=5)
+        # The URLs stay refused for this whole drain: with QUICK's 200 attempts a fast client
+        # could spend them all on one chunk within the budget and the row would go dead.
+        patient = DrainPolicy(
+            backoff_base_s=0.01, backoff_cap_s=0.05, max_attempts=100_000, poll_s=0.05
+        )
+        second = await Drainer(data_dir, KEY, server.base_url, patient).run_once(budget_s=5)
         assert second.delivered == 1 and "presigned upload URL was refused" in (
             second.last_error or ""
         )
