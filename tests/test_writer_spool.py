@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import LogCapture
 from pipecat_roark import faultpoints
 from pipecat_roark.events import CallOpened, UserText, decode_event
 from pipecat_roark.ops import BarrierOp, ChunkOp, EventOp, FinalizeOp, OpenOp
@@ -433,3 +434,41 @@ def test_a_chunk_behind_a_failed_row_whose_file_will_not_go_costs_only_its_call(
     assert writer.stats.restarts == 0
     assert _chunk_rows(tmp_path, "a") == []
     assert _timeline(tmp_path, "b") == ["CallOpened", "UserText"]
+
+
+def test_a_call_that_cannot_be_opened_stays_unrecorded_while_its_chunk_file_is_in_flight(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    """The open of "v" fails while its first chunk file is being written; its end arrives
+    in a later batch, before that file is done. The end must wait behind the chunk, so
+    the call stays "not recorded" until its last op: the chunk is discarded quietly, not
+    committed against a call row that does not exist (one error line: the open's)."""
+    files = threading.Event()
+    faultpoints.inject("writer:chunk-file", faultpoints.Hold(files), call_id="v")
+    faultpoints.inject("writer:open", KeyError("calls"), call_id="v")
+    writer = Writer(tmp_path, min_free_bytes=0)
+    try:
+        writer.submit(OpenOp("v", CallOpened(at=1, agent_id="x"), None))
+        writer.submit(ChunkOp("v", 0, CHUNK, 16000, 2, 2))
+        opened = threading.Event()
+        writer.submit(BarrierOp(opened.set, "v"))
+        assert opened.wait(30)  # the open failed and was committed (not) before the end came
+        writer.submit(FinalizeOp("v", 3, "completed"))
+        writer.submit(OpenOp("b", CallOpened(at=1, agent_id="x"), None))
+        b_done = threading.Event()
+        writer.submit(BarrierOp(b_done.set, "b"))
+        assert b_done.wait(30)  # the end of "v" was sorted while its chunk is in flight
+        files.set()
+        assert writer.flush_sync(30)
+    finally:
+        files.set()
+        assert writer.close()
+    assert _rows(tmp_path, "SELECT id FROM calls") == [("b",)]
+    assert _chunk_rows(tmp_path, "v") == []
+    folder = tmp_path / "chunks" / "v"
+    assert not folder.exists() or list(folder.iterdir()) == []
+    errors = [m for m in logs.messages("ERROR") if "'v'" in m]
+    assert errors == [
+        f"pipecat-roark: call 'v' could not be opened in {tmp_path} (KeyError: 'calls'); "
+        "it is not recorded. Other calls are not affected"
+    ]

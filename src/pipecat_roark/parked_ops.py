@@ -24,7 +24,16 @@ from typing import NamedTuple
 
 from .batch_commit import Batch, BatchCommitter
 from .chunk_spooler import ChunkSpooler, PendingChunk
-from .ops import BarrierOp, CallOp, ChunkOp, ChunkWrittenOp, EventOp, SpooledChunkOp, StopOp
+from .ops import (
+    BarrierOp,
+    CallOp,
+    ChunkOp,
+    ChunkWrittenOp,
+    EventOp,
+    FinalizeOp,
+    SpooledChunkOp,
+    StopOp,
+)
 
 __all__ = ["Finish", "ParkedOps", "Ready"]
 
@@ -119,12 +128,20 @@ class ParkedOps:
 
         A chunk's file starts being written here (``ChunkSpooler.start``); its row and its
         call's later ops are parked until it is durable. Taken ops are removed one by one,
-        so a writer thread restarted mid-sort goes on where it stopped.
+        so a writer thread restarted mid-sort goes on where it stopped. A call's end
+        behind its chunk files is not screened now but in its turn: screening the end of
+        a call that is not recorded forgets that it is not, and its chunk still in flight
+        would then be committed against a call row that does not exist.
         """
+        ends_behind = {
+            id(op) for op in batch.taken if isinstance(op, FinalizeOp) and op.call_id in self._lines
+        }
         calls: deque[CallOp] = deque(
-            op for op in batch.taken if not isinstance(op, (BarrierOp, ChunkWrittenOp, StopOp))
+            op
+            for op in batch.taken
+            if not isinstance(op, (BarrierOp, ChunkWrittenOp, StopOp)) and id(op) not in ends_behind
         )
-        kept = {id(op) for op in committer.screen(calls)}
+        kept = {id(op) for op in committer.screen(calls)} | ends_behind
         taken = batch.taken
         while taken:
             op = taken[0]
