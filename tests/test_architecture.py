@@ -51,9 +51,11 @@ LAYERS: list[tuple[str, set[str]]] = [
             "key_pause",
             "drain_housekeeping",
             "row_delivery",
+            "writer_flush",
+            "writer_pipe",
         },
     ),
-    ("engines", {"writer", "drain"}),
+    ("engines", {"writer", "drain", "writer_child", "writer_process"}),
     ("process", {"exit_drain", "lifecycle"}),
     (
         "delivery",

@@ -30,6 +30,7 @@ __all__ = [
     "delivered_whole_ended_before",
     "end_call",
     "fresh_heartbeat",
+    "open_and_owned_by",
     "insert_call",
     "open_calls",
     "set_audio_format",
@@ -117,6 +118,19 @@ def call_exists(conn: sqlite3.Connection, call_id: str) -> bool:
         True if the call has a row.
     """
     return conn.execute("SELECT 1 FROM calls WHERE id = ?", (call_id,)).fetchone() is not None
+
+
+def open_and_owned_by(conn: sqlite3.Connection, call_id: str, owner_token: str) -> bool:
+    """Is ``call_id`` open and recorded under this owner (a writer of ours opened it)?
+
+    Returns:
+        True only for an open call whose row carries ``owner_token``.
+    """
+    row = conn.execute(
+        "SELECT 1 FROM calls WHERE id = ? AND state = 'open' AND owner_token = ?",
+        (call_id, owner_token),
+    ).fetchone()
+    return row is not None
 
 
 def call_record_state(conn: sqlite3.Connection, call_id: str) -> str | None:

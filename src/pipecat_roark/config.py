@@ -6,12 +6,14 @@ to the key that may deliver it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import platformdirs
+from loguru import logger
 
 from .errors import ConfigError
 
@@ -21,17 +23,20 @@ __all__ = [
     "ENV_API_KEY",
     "ENV_BASE_URL",
     "ENV_DIR",
+    "ENV_WRITER_PROCESS",
     "key_fingerprint",
     "registry_key",
     "resolve_api_key",
     "resolve_base_url",
     "resolve_dir",
+    "resolve_writer_process",
 ]
 
 DEFAULT_BASE_URL = "https://api.roark.ai"
 ENV_API_KEY = "ROARK_API_KEY"
 ENV_BASE_URL = "ROARK_BASE_URL"
 ENV_DIR = "PIPECAT_ROARK_DIR"
+ENV_WRITER_PROCESS = "PIPECAT_ROARK_WRITER_PROCESS"
 DEFAULT_MIN_FREE_BYTES = 64 << 20
 """Free disk space to leave alone (64 MiB): below it new audio is not recorded, so the
 events of every call can still commit; ``doctor`` warns below it."""
@@ -51,6 +56,30 @@ def resolve_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path(platformdirs.user_state_dir("pipecat-roark", appauthor=False))
+
+
+def resolve_writer_process(explicit: bool | None = None) -> bool:
+    """The argument, else ``PIPECAT_ROARK_WRITER_PROCESS`` (``1``/``true``/``yes``).
+
+    Returns:
+        Whether calls are recorded from a writer child process; a value it cannot read
+        is said once in the log and means no.
+    """
+    if explicit is not None:
+        return explicit
+    raw = os.environ.get(ENV_WRITER_PROCESS, "").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw not in ("", "0", "false", "no", "off"):
+        _warn_once(
+            f"pipecat-roark: {ENV_WRITER_PROCESS}={raw!r} is not 1 or 0; recording in this process"
+        )
+    return False
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def registry_key(directory: Path) -> Path:

@@ -53,6 +53,7 @@ from . import config
 from .drain import Drainer
 from .exit_drain import DeliveryTarget, run_exit_drain
 from .writer import Writer
+from .writer_process import AnyWriter, ProcessWriter
 from .writer_state import EXITING
 
 __all__ = [
@@ -112,7 +113,7 @@ class RunningDrainer:
 class ProcessState:
     """Every process-wide singleton of pipecat-roark, in one place."""
 
-    writers: dict[Path, Writer] = field(default_factory=dict)
+    writers: dict[Path, AnyWriter] = field(default_factory=dict)
     writers_lock: threading.Lock = field(default_factory=threading.Lock)
     """Only ``writer_for`` and ``close_all_writers`` take it (never the SIGTERM thread)."""
     drainers: dict[tuple[Path, str | None], RunningDrainer] = field(default_factory=dict)
@@ -148,8 +149,11 @@ class ProcessState:
 PROCESS = ProcessState()
 
 
-def writer_for(directory: Path, **kwargs: Any) -> Writer:
+def writer_for(directory: Path, *, process: bool = False, **kwargs: Any) -> AnyWriter:
     """The process's writer for ``directory``, started on first use.
+
+    With ``process``, the first use starts a ``ProcessWriter`` (a writer child) instead of
+    the writer thread; later uses get whichever the first one started.
 
     Returns:
         The one live writer of this process for that database.
@@ -162,12 +166,12 @@ def writer_for(directory: Path, **kwargs: Any) -> Writer:
         writer = PROCESS.writers.get(key)
         if writer is None or not writer.alive:
             EXITING.clear()  # recording again: whatever exit set it is over (tests, embedders)
-            writer = Writer(key, **kwargs)
+            writer = ProcessWriter(key, **kwargs) if process else Writer(key, **kwargs)
             PROCESS.writers[key] = writer
         return writer
 
 
-def running_writer(directory: Path) -> Writer | None:
+def running_writer(directory: Path) -> AnyWriter | None:
     """This process's live writer for ``directory``, if one runs (never starts one).
 
     Returns:

@@ -42,7 +42,8 @@ from .recorder import CallRecorder
 from .recording import RoarkAudioBufferProcessor
 from .store import now_us
 from .watchdog import DEFAULT_IDLE_TIMEOUT_S
-from .writer import DEFAULT_MAX_SPOOL_BYTES, Writer
+from .writer import DEFAULT_MAX_SPOOL_BYTES
+from .writer_process import AnyWriter
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "RoarkAudioBufferProcessor", "RoarkObserver"]
 
@@ -53,7 +54,7 @@ _monotonic = time.monotonic
 
 
 class RoarkObserver(BaseObserver):
-    """Records a Pipecat call (lifecycle, transcript, tool calls, stereo audio) durably.
+    r"""Records a Pipecat call (lifecycle, transcript, tool calls, stereo audio) durably.
 
     Create one per call and pass it to ``PipelineWorker(pipeline, observers=[roark])``
     (or ``PipelineTask(..., observers=[roark])``), and put ``roark.audio_processor``
@@ -80,6 +81,14 @@ class RoarkObserver(BaseObserver):
             cost the child's CPU, not the bot's; it costs a second process and its
             start-up (about 0.6 s, mostly imports), off the loop. If the child cannot
             start or dies, the in-loop drainer takes over.
+        writer_process: Record from a child process (default False; falls back to
+            ``PIPECAT_ROARK_WRITER_PROCESS``): the first observer of a data directory
+            starts one ``python -m pipecat_roark.writer_child`` that does the SQLite
+            transactions, chunk files and every ``fsync``, so they take no time under the
+            bot's GIL. The bot keeps each record until the child says it is committed;
+            if the child cannot start or dies, this process records itself from there,
+            losing nothing. If the bot dies, even of SIGKILL, the child commits what it
+            was sent. It costs a second process and its start-up, off the loop.
         chunk_bytes: Size of one stereo recording chunk of the default audio processor.
         max_spool_bytes: Cap on undelivered audio on disk; past it new audio is not
             recorded (events still are), with a loud warning.
@@ -119,6 +128,7 @@ class RoarkObserver(BaseObserver):
         keep_delivered_audio: bool = False,
         metrics_port: int | None = None,
         delivery_process: bool = False,
+        writer_process: bool | None = None,
     ) -> None:
         super().__init__()
         call_id = resolve_call_id(pipecat_call_id, runner_args)
@@ -148,6 +158,7 @@ class RoarkObserver(BaseObserver):
             min_free_bytes=min_free_bytes,
             idle_timeout_s=idle_timeout_s,
             before_end=self._release_all_played,
+            writer_process=config.resolve_writer_process(writer_process),
         )
         self._warn_if_no_key()
         self._serve_metrics(metrics_port)
@@ -249,7 +260,7 @@ class RoarkObserver(BaseObserver):
         except Exception as exc:
             self._hooks.failed("cleanup", exc)
 
-    def end_abruptly(self, reason: str) -> Writer | None:
+    def end_abruptly(self, reason: str) -> AnyWriter | None:
         """Process exit: finalize now without awaiting (the event loop may be gone or blocked).
 
         Returns:

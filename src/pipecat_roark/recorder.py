@@ -32,7 +32,7 @@ from .lifecycle import claim_call_id, release_call_id, writer_for
 from .ops import ChunkOp, EventOp, FinalizeOp, OpenOp
 from .store import now_us
 from .watchdog import IdleWatchdog
-from .writer import Writer
+from .writer_process import AnyWriter
 
 __all__ = ["CallRecorder"]
 
@@ -50,8 +50,8 @@ def _reason(frame: Frame, default: str) -> str:
 
 
 def _writer_or_refusal(
-    call_id: str, directory: Path, max_spool_bytes: int, min_free_bytes: int
-) -> tuple[Writer | None, str | None]:
+    call_id: str, directory: Path, max_spool_bytes: int, min_free_bytes: int, process: bool
+) -> tuple[AnyWriter | None, str | None]:
     """The process's writer for the call, or why the call will not be recorded.
 
     Returns:
@@ -62,7 +62,10 @@ def _writer_or_refusal(
         return None, refused
     try:
         return writer_for(
-            directory, max_spool_bytes=max_spool_bytes, min_free_bytes=min_free_bytes
+            directory,
+            process=process,
+            max_spool_bytes=max_spool_bytes,
+            min_free_bytes=min_free_bytes,
         ), None
     except PipecatRoarkError as exc:
         return None, str(exc)
@@ -87,6 +90,7 @@ class CallRecorder:
         min_free_bytes: int,
         idle_timeout_s: float | None,
         before_end: Callable[[], None],
+        writer_process: bool = False,
     ) -> None:
         self._name = name
         self.call_id = call_id
@@ -99,7 +103,7 @@ class CallRecorder:
         self._key_fp = key_fp
         self._delivery = delivery
         self.writer, refused = _writer_or_refusal(
-            call_id, delivery.directory, max_spool_bytes, min_free_bytes
+            call_id, delivery.directory, max_spool_bytes, min_free_bytes, writer_process
         )
         if refused is not None:
             logger.error(f"{self}: call {call_id!a} will not be recorded: {refused}")
@@ -223,7 +227,7 @@ class CallRecorder:
             await processor.stop_recording()
         await self._finish("unknown")
 
-    def end_abruptly(self, reason: str) -> Writer | None:
+    def end_abruptly(self, reason: str) -> AnyWriter | None:
         """Process exit: finalize now without awaiting (the event loop may be gone or blocked).
 
         The recording's tail still buffered in the AudioBufferProcessor (up to one chunk)

@@ -17,12 +17,11 @@ queue intact (and what was parked).
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from loguru import logger
@@ -31,20 +30,22 @@ from . import calls_table, crashpoints, metrics
 from .batch_commit import Batch, BatchCommitter
 from .chunk_spooler import ChunkSpooler, PendingChunk
 from .config import DEFAULT_MIN_FREE_BYTES
+from .events import CallOpened
 from .op_apply import OpApplier
-from .ops import BarrierOp, ChunkWrittenOp, Op, SpooledChunkOp, StopOp
+from .ops import ChunkWrittenOp, Op, SpooledChunkOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
 from .parked_ops import ParkedOps
 from .store import now_us, transaction
 from .wal_file import WalFile
-from .writer_state import CallBook, WriterStats
+from .writer_flush import FlushWaits
+from .writer_state import CallBook, OpenCall, WriterStats
 
 __all__ = ["DEFAULT_MAX_SPOOL_BYTES", "Writer", "WriterStats"]
 
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # 1 GiB
 
 
-class Writer:
+class Writer(FlushWaits):
     """Owns the one write connection of a process to a ``wal.sqlite``, through its thread."""
 
     def __init__(
@@ -54,7 +55,14 @@ class Writer:
         max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
         min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         owner: Owner | None = None,
+        adopt: Mapping[str, tuple[CallOpened, str | None]] | None = None,
     ) -> None:
+        """Open the database and start the thread.
+
+        ``adopt``: calls another writer of this process's calls opened (a writer child
+        that died): this one keeps them alive and records them again in a fresh database,
+        as if it had opened them.
+        """
         self.directory = directory
         # Often enough that a sidecar's grace can be short (PIPECAT_ROARK_HEARTBEAT_S).
         self.heartbeat_s = heartbeat_interval_s()
@@ -66,6 +74,8 @@ class Writer:
         self._queue: queue.SimpleQueue[Op] = queue.SimpleQueue()
         self._listeners: list[Callable[[], None]] = []
         self._book = CallBook()
+        for call_id, (opened, key_fp) in (adopt or {}).items():
+            self._book.open_calls[call_id] = OpenCall(opened, key_fp)
         applier = OpApplier(directory, self._wal, self.owner, self._book, self.stats)
         self._wal.on_reopen = applier.record_open_calls_again
         self._spooler = ChunkSpooler(
@@ -108,51 +118,6 @@ class Writer:
         """Stop calling ``listener`` (one not added is ignored)."""
         if listener in self._listeners:
             self._listeners.remove(listener)
-
-    def flush_sync(self, timeout: float) -> bool:
-        """Block until everything queued so far is committed (or ``timeout``).
-
-        Returns:
-            True if it was committed in time; False on timeout or once closing.
-        """
-        if self._closing:
-            return False
-        done = threading.Event()
-        self.submit(BarrierOp(done.set))
-        deadline = time.monotonic() + timeout
-        while not done.wait(max(0.0, min(_WATCH_S, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                return False
-            self._watch()
-        return True
-
-    async def flush(self, limit_s: float) -> bool:
-        """Wait, without blocking the event loop, until everything queued is committed.
-
-        Returns:
-            True if it was committed within ``limit_s``; False on timeout or once closing.
-        """
-        if self._closing:
-            return False
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-
-        def release() -> None:
-            loop.call_soon_threadsafe(_resolve, future)
-
-        self.submit(BarrierOp(release))
-        deadline = loop.time() + limit_s
-        while True:
-            try:
-                await asyncio.wait_for(
-                    asyncio.shield(future), max(0.0, min(_WATCH_S, deadline - loop.time()))
-                )
-            except TimeoutError:
-                if loop.time() >= deadline:
-                    return False
-                self._watch()
-                continue
-            return True
 
     def close(self, timeout: float = 5.0) -> bool:
         """Commit what is queued, then stop the thread and close the connection.
@@ -309,12 +274,3 @@ class Writer:
 
 
 _WRITTEN = ChunkWrittenOp()
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-_WATCH_S = 0.5
-"""How often a waiting flush checks that the writer thread is still alive."""

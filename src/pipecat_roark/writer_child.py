@@ -1,0 +1,151 @@
+"""The writer child: the bot's durable writer, in a process of its own (``writer_process``).
+
+``python -m pipecat_roark.writer_child --dir DIR``, started by the bot's
+``ProcessWriter``: a ``Writer`` fed from stdin. The bot's calls are recorded under the
+bot's owner identity (it comes in the environment), so a checker judges the bot, not this
+child, when it asks whether a call's process is gone.
+
+After each frame a barrier tells the bot what is committed; the bot keeps every frame
+until then and, if this child dies, gives them to a writer of its own. At EOF (the bot
+closed the pipe, or died: the kernel closes it for a process killed with SIGKILL) the
+writer commits everything it was given and the child exits 0. It runs in a session of its
+own, so the terminal's Ctrl-C reaches only the bot, which then closes the pipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from functools import partial
+from pathlib import Path
+
+from loguru import logger
+
+from .ops import BarrierOp
+from .owner import Owner
+from .writer import Writer
+from .writer_pipe import COMMITTED, DELIVERIES, MESSAGE, RELEASED, RemoteBarrier, decode_frame
+
+__all__ = ["ENV_OWNER", "main", "owner_from_env", "owner_to_env"]
+
+ENV_OWNER = "PIPECAT_ROARK_WRITER_OWNER"
+"""The bot's owner (``host``, ``pid`` and token, tab-separated), for the child's rows."""
+CLOSE_TIMEOUT_S = 120.0
+"""How long the child's writer may take to commit what it holds once the bot is gone."""
+
+
+def owner_to_env(owner: Owner) -> str:
+    """The bot's owner as the child reads it back.
+
+    Returns:
+        ``host``, ``pid`` and token, tab-separated.
+    """
+    return f"{owner.host}\t{owner.pid}\t{owner.token}"
+
+
+def owner_from_env(value: str | None) -> Owner | None:
+    """The owner ``owner_to_env`` wrote, or None if it is missing or malformed.
+
+    Returns:
+        The bot's owner, or None (the child then records under its own).
+    """
+    try:
+        host, pid, token = (value or "").split("\t")
+        return Owner(host=host, pid=int(pid), token=token)
+    except ValueError:
+        return None
+
+
+class _Replies:
+    """Writes the child's messages to the bot; any thread, one message at a time."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._gone = False
+
+    def send(self, kind: bytes, number: int) -> None:
+        with self._lock:
+            if self._gone:
+                return
+            try:
+                os.write(self._fd, MESSAGE.pack(kind, number))  # 9 bytes: one atomic write
+            except OSError:  # the bot is gone: what it left is committed all the same
+                self._gone = True
+
+
+def _feed(writer: Writer, replies: _Replies) -> None:
+    """Submit every frame from stdin to ``writer`` until EOF.
+
+    Raises:
+        FrameUnreadable: a frame did not decode (the bot writes it itself).
+    """
+    stdin = sys.stdin.fileno()
+    while True:
+        try:
+            frame = decode_frame(stdin)
+        except EOFError:
+            logger.warning("pipecat-roark: the bot died while sending records; keeping the rest")
+            return
+        except Exception as exc:  # a frame we cannot read: the bot replays it into its own
+            raise FrameUnreadable(f"{type(exc).__name__}: {exc}") from exc
+        if frame is None:
+            return
+        seq, ops = frame
+        for op in ops:
+            if isinstance(op, RemoteBarrier):
+                writer.submit(BarrierOp(partial(replies.send, RELEASED, op.number), op.call_id))
+            else:
+                writer.submit(op)
+        writer.submit(BarrierOp(partial(replies.send, COMMITTED, seq)))
+
+
+class FrameUnreadable(Exception):
+    """A frame from the bot did not decode: exit, so the bot writes it itself."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the writer child until the bot closes its pipe.
+
+    Returns:
+        0 once everything received is committed; 1 if the writer could not be started.
+    """
+    parser = argparse.ArgumentParser(prog="python -m pipecat_roark.writer_child")
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--max-spool-bytes", type=int, required=True)
+    parser.add_argument("--min-free-bytes", type=int, required=True)
+    args = parser.parse_args(argv)
+    replies = _Replies(sys.stdout.fileno())
+    try:
+        writer = Writer(
+            args.dir,
+            max_spool_bytes=args.max_spool_bytes,
+            min_free_bytes=args.min_free_bytes,
+            owner=owner_from_env(os.environ.get(ENV_OWNER)),
+        )
+    except Exception as exc:
+        logger.error(f"pipecat-roark: the writer process cannot open {args.dir} ({exc})")
+        return 1
+    writer.add_commit_listener(partial(replies.send, DELIVERIES, 0))
+    code = 0
+    try:
+        _feed(writer, replies)
+    except FrameUnreadable as exc:
+        logger.error(
+            f"pipecat-roark: the writer process read a frame it cannot decode ({exc}); "
+            "exiting so the bot records it itself. Please report this"
+        )
+        code = 1
+    finally:
+        if not writer.close(CLOSE_TIMEOUT_S):
+            logger.error(
+                f"pipecat-roark: the writer process for {args.dir} did not finish committing "
+                f"in {CLOSE_TIMEOUT_S:.0f} s; run `pipecat-roark status`"
+            )
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Waiting for a flush: shared by the writer thread and the writer in a child process.
+
+A flush is a ``BarrierOp`` put behind everything queued; whoever commits releases it. The
+waiting is the same wherever the committing happens, so it lives here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from .ops import BarrierOp, Op
+
+__all__ = ["FlushWaits"]
+
+WATCH_S = 0.5
+"""How often a waiting flush checks that whoever commits is still there."""
+
+
+class FlushWaits:
+    """``flush`` and ``flush_sync`` over a ``submit`` and a ``_watch`` of the subclass."""
+
+    _closing: bool
+
+    def submit(self, op: Op) -> None:
+        """Queue ``op`` (the subclass's)."""
+        raise NotImplementedError
+
+    def _watch(self) -> None:
+        """Called while a flush waits: the subclass mends a committer that died."""
+
+    def flush_sync(self, timeout: float) -> bool:
+        """Block until everything queued so far is committed (or ``timeout``).
+
+        Returns:
+            True if it was committed in time; False on timeout or once closing.
+        """
+        if self._closing:
+            return False
+        done = threading.Event()
+        self.submit(BarrierOp(done.set))
+        deadline = time.monotonic() + timeout
+        while not done.wait(max(0.0, min(WATCH_S, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return False
+            self._watch()
+        return True
+
+    async def flush(self, limit_s: float) -> bool:
+        """Wait, without blocking the event loop, until everything queued is committed.
+
+        Returns:
+            True if it was committed within ``limit_s``; False on timeout or once closing.
+        """
+        if self._closing:
+            return False
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def release() -> None:
+            loop.call_soon_threadsafe(_resolve, future)
+
+        self.submit(BarrierOp(release))
+        deadline = loop.time() + limit_s
+        while True:
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(future), max(0.0, min(WATCH_S, deadline - loop.time()))
+                )
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    return False
+                self._watch()
+                continue
+            return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,104 @@
+"""What travels between a bot and its writer child (``writer_process``), both ways.
+
+Bot → child, on the child's stdin: frames, each a 4-byte length and a pickle of
+``(seq, ops)``. The ops are the writer's own (``ops.py``), except that a flush's
+callback cannot cross a process: it travels as a ``RemoteBarrier`` with a number.
+
+Child → bot, on the child's stdout: fixed 9-byte messages, a kind and a number:
+``COMMITTED`` (every frame up to this seq is committed), ``RELEASED`` (this barrier's
+records are committed) and ``DELIVERIES`` (a commit added deliveries: wake a drainer).
+
+Pickle is safe here: both ends are this package, in processes of the same user, and
+the pipe is private to them. It is also the cheapest encoding of the ops on the bot's
+side (one C call per frame).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from typing import Any, NamedTuple
+
+from .ops import Op
+
+__all__ = [
+    "COMMITTED",
+    "DELIVERIES",
+    "MESSAGE",
+    "RELEASED",
+    "RemoteBarrier",
+    "decode_frame",
+    "encode_frame",
+    "read_exactly",
+    "write_all",
+]
+
+COMMITTED = b"C"
+RELEASED = b"R"
+DELIVERIES = b"D"
+MESSAGE = struct.Struct("<cQ")
+"""Child → bot: a kind and a number (a seq, a barrier's number, or 0)."""
+_LENGTH = struct.Struct("<I")
+
+
+class RemoteBarrier(NamedTuple):
+    """A ``BarrierOp`` on its way to the child: the bot keeps its callback by ``number``."""
+
+    number: int
+    call_id: str | None
+
+
+def encode_frame(seq: int, ops: list[Any]) -> bytes:
+    """One frame of ops for the child's stdin.
+
+    Returns:
+        The length-prefixed pickle of ``(seq, ops)``.
+    """
+    body = pickle.dumps((seq, ops), protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(body)) + body
+
+
+def decode_frame(fd: int) -> tuple[int, list[Op | RemoteBarrier]] | None:
+    """Read the next frame from ``fd`` (blocking).
+
+    Returns:
+        ``(seq, ops)``, or None at a clean end of the stream (the bot closed it or died
+        between frames).
+
+    Raises:
+        EOFError: the stream ended inside a frame (the bot died while writing it).
+    """
+    header = read_exactly(fd, _LENGTH.size)
+    if header is None:
+        return None
+    (size,) = _LENGTH.unpack(header)
+    body = read_exactly(fd, size)
+    if body is None:
+        raise EOFError("the stream ended inside a frame")
+    seq, ops = pickle.loads(body)
+    return int(seq), list(ops)
+
+
+def read_exactly(fd: int, size: int) -> bytes | None:
+    """``size`` bytes from ``fd``, or None if it ends first (blocking, releases the GIL).
+
+    Returns:
+        The bytes, or None at end of stream (also part-way: the sender died mid-write).
+    """
+    parts: list[bytes] = []
+    left = size
+    while left:
+        part = os.read(fd, min(left, 1 << 20))
+        if not part:
+            return None
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a blocking ``fd`` (a pipe may take it in several writes)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
