@@ -247,6 +247,15 @@ class ProcessWriter(FlushWaits):
             self._reader.join()
         if self._child is not None:
             self._child.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """Once the reader is done: no pipe of the child stays open in the bot."""
+        child = self._child
+        for pipe in (None, None) if child is None else (child.stdin, child.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
     # ---- the reader thread ----
 
@@ -299,6 +308,7 @@ class ProcessWriter(FlushWaits):
             child.wait()
         if self._reader is not None:
             self._reader.join()
+        self._close_pipes()
         try:
             replay, adopt = self._recovered()
             local = Writer(
