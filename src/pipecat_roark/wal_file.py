@@ -22,7 +22,14 @@ from .errors import PipecatRoarkError, StoreCorrupt
 from .store import DB_NAME, connect, quarantine, transaction
 from .writer_state import WriterStats
 
-__all__ = ["DatabaseDown", "WalFile", "is_busy", "is_disk_full", "is_transient"]
+__all__ = [
+    "DatabaseDown",
+    "WalFile",
+    "connect_or_quarantine",
+    "is_busy",
+    "is_disk_full",
+    "is_transient",
+]
 
 RESERVE_NAME = ".reserve"
 RESERVE_BYTES = 128 << 10
@@ -86,7 +93,7 @@ class WalFile:
         self.directory = directory
         self._min_free_bytes = min_free_bytes
         self._stats = stats
-        self._conn: sqlite3.Connection | None = _connect_or_quarantine(directory)
+        self._conn: sqlite3.Connection | None = connect_or_quarantine(directory)
         self._identity = _file_identity(directory)
         self._lost = ""
         """How the database file was lost (deleted, replaced), for the reopening log line."""
@@ -136,7 +143,7 @@ class WalFile:
 
     def _open_fresh(self) -> sqlite3.Connection:
         try:
-            conn = _connect_or_quarantine(self.directory)
+            conn = connect_or_quarantine(self.directory)
         except PipecatRoarkError as exc:
             raise DatabaseDown(str(exc)) from exc
         self._conn = conn
@@ -238,7 +245,7 @@ def _file_identity(directory: Path) -> tuple[int, int] | None:
     return (stat.st_dev, stat.st_ino)
 
 
-def _connect_or_quarantine(directory: Path) -> sqlite3.Connection:
+def connect_or_quarantine(directory: Path) -> sqlite3.Connection:
     """A bot must keep recording: a damaged database is moved aside and a fresh one started.
 
     Returns:

@@ -20,13 +20,23 @@ import sys
 import threading
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
 from .ops import BarrierOp
 from .owner import Owner
 from .writer import Writer
-from .writer_pipe import COMMITTED, DELIVERIES, MESSAGE, RELEASED, RemoteBarrier, decode_frame
+from .writer_pipe import (
+    COMMITTED,
+    DELIVERIES,
+    LOG,
+    MESSAGE,
+    RELEASED,
+    RemoteBarrier,
+    decode_frame,
+    write_all,
+)
 
 __all__ = ["ENV_OWNER", "main", "owner_from_env", "owner_to_env"]
 
@@ -66,14 +76,22 @@ class _Replies:
         self._lock = threading.Lock()
         self._gone = False
 
-    def send(self, kind: bytes, number: int) -> None:
+    def send(self, kind: bytes, number: int, payload: bytes = b"") -> None:
         with self._lock:
             if self._gone:
                 return
             try:
-                os.write(self._fd, MESSAGE.pack(kind, number))  # 9 bytes: one atomic write
+                write_all(self._fd, MESSAGE.pack(kind, number) + payload)
             except OSError:  # the bot is gone: what it left is committed all the same
                 self._gone = True
+
+    def log(self, message: Any) -> None:
+        """A loguru sink: the line goes to the bot, which logs it with its own sinks."""
+        record = message.record
+        text = f"{record['level'].name}\t{record['message']}".encode(errors="replace")
+        self.send(LOG, len(text), text)
+        if self._gone:  # no bot to say it: stderr, as a process of its own would
+            sys.stderr.write(str(message))
 
 
 def _feed(writer: Writer, replies: _Replies) -> None:
@@ -118,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-free-bytes", type=int, required=True)
     args = parser.parse_args(argv)
     replies = _Replies(sys.stdout.fileno())
+    logger.remove()
+    logger.add(replies.log, level="INFO", format="{message}")
     try:
         writer = Writer(
             args.dir,

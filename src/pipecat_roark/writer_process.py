@@ -44,12 +44,14 @@ from .events import CallOpened, encode_event
 from .ops import BarrierOp, ChunkOp, EventOp, FinalizeOp, Op, OpenOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
 from .store import connect
+from .wal_file import connect_or_quarantine
 from .writer import Writer
 from .writer_child import ENV_OWNER, owner_to_env
 from .writer_flush import FlushWaits
 from .writer_pipe import (
     COMMITTED,
     DELIVERIES,
+    LOG,
     MESSAGE,
     RELEASED,
     RemoteBarrier,
@@ -99,7 +101,7 @@ class ProcessWriter(FlushWaits):
         Raises:
             StoreError: the database cannot be opened (a subclass says why).
         """
-        connect(directory).close()
+        connect_or_quarantine(directory).close()  # as the writer thread would: a damaged file
         self.directory = directory
         self.max_spool_bytes = max_spool_bytes
         self.min_free_bytes = min_free_bytes
@@ -272,8 +274,20 @@ class ProcessWriter(FlushWaits):
             elif kind == DELIVERIES:
                 for listener in list(self._listeners):
                     self._call(listener)
+            elif kind == LOG:
+                line = read_exactly(fd, number)
+                if line is None:
+                    break
+                self._log_child_line(line)
         if not self._finishing:
             self._queue.put(_CHILD_GONE)
+
+    def _log_child_line(self, line: bytes) -> None:
+        level, _, text = line.decode(errors="replace").partition("\t")
+        try:
+            logger.log(level, f"{text} [writer process {self.child_pid}]")
+        except ValueError:  # a level this loguru does not know
+            logger.error(f"{text} [writer process {self.child_pid}]")
 
     def _acknowledged(self, seq: int) -> None:
         unacked = self._unacked
