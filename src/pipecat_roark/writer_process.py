@@ -285,9 +285,9 @@ class ProcessWriter(FlushWaits):
     def _log_child_line(self, line: bytes) -> None:
         level, _, text = line.decode(errors="replace").partition("\t")
         try:
-            logger.log(level, f"{text} [writer process {self.child_pid}]")
+            logger.log(level, text)
         except ValueError:  # a level this loguru does not know
-            logger.error(f"{text} [writer process {self.child_pid}]")
+            logger.error(text)
 
     def _acknowledged(self, seq: int) -> None:
         unacked = self._unacked
