@@ -26,6 +26,7 @@ The child records under the bot's owner identity, so orphan checks judge the bot
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import os
 import queue
@@ -56,7 +57,6 @@ from .writer_pipe import (
     RELEASED,
     RemoteBarrier,
     encode_frame,
-    read_exactly,
     write_all,
 )
 
@@ -208,6 +208,7 @@ class ProcessWriter(FlushWaits):
         assert child.stdin is not None and child.stdout is not None
         self._child, self.child_pid = child, child.pid
         self._stdin = child.stdin.fileno()
+        _widen(self._stdin)
         self._reader = threading.Thread(
             target=self._read,
             args=(child.stdout.fileno(),),
@@ -262,23 +263,36 @@ class ProcessWriter(FlushWaits):
     # ---- the reader thread ----
 
     def _read(self, fd: int) -> None:
+        """Take the child's messages, as many as one read brings, until its stdout ends."""
+        buffer = bytearray()
+        size = MESSAGE.size
         while True:
-            message = read_exactly(fd, MESSAGE.size)
-            if message is None:
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:
+                data = b""
+            if not data:
                 break
-            kind, number = MESSAGE.unpack(message)
-            if kind == COMMITTED:
-                self._acknowledged(number)
-            elif kind == RELEASED:
-                self._call(self._barriers.pop(number, None))
-            elif kind == DELIVERIES:
-                for listener in list(self._listeners):
-                    self._call(listener)
-            elif kind == LOG:
-                line = read_exactly(fd, number)
-                if line is None:
-                    break
-                self._log_child_line(line)
+            buffer += data
+            start = 0
+            while len(buffer) - start >= size:
+                kind, number = MESSAGE.unpack_from(buffer, start)
+                if kind == LOG:
+                    if len(buffer) - start - size < number:
+                        break  # the rest of the line comes with the next read
+                    line = bytes(buffer[start + size : start + size + number])
+                    start += size + number
+                    self._log_child_line(line)
+                    continue
+                start += size
+                if kind == COMMITTED:
+                    self._acknowledged(number)
+                elif kind == RELEASED:
+                    self._call(self._barriers.pop(number, None))
+                elif kind == DELIVERIES:
+                    for listener in list(self._listeners):
+                        self._call(listener)
+            del buffer[:start]
         if not self._finishing:
             self._queue.put(_CHILD_GONE)
 
@@ -405,3 +419,9 @@ class ProcessWriter(FlushWaits):
 
 AnyWriter = Writer | ProcessWriter
 """What ``lifecycle.writer_for`` hands a call: the writer thread, or the writer child."""
+
+
+def _widen(fd: int) -> None:
+    """Let a whole chunk fit in the pipe: one write, no waiting for the child to read."""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
