@@ -235,18 +235,24 @@ class ProcessWriter(FlushWaits):
         return op
 
     def _finish(self) -> None:
-        """Close: EOF tells the child to commit the rest and exit; wait for its last word."""
+        """Close: EOF tells the child to commit the rest and exit; wait for its last word.
+
+        A child that exits with frames unacknowledged (killed, or its writer could not
+        commit them) did not finish: this process records them itself, as on any death.
+        """
         self._finishing = True
+        if self._local is None:
+            if self._child is not None and self._child.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self._child.stdin.close()
+            if self._reader is not None:
+                self._reader.join()
+            if self._child is not None:
+                self._child.wait()
+            if self._unacked and not self._unrecorded:
+                self._fall_back(f"{self._child_exit()} before committing what it was sent")
         if self._local is not None:
             self._local.close()
-            return
-        if self._child is not None and self._child.stdin is not None:
-            with contextlib.suppress(OSError):
-                self._child.stdin.close()
-        if self._reader is not None:
-            self._reader.join()
-        if self._child is not None:
-            self._child.wait()
 
     # ---- the reader thread ----
 
