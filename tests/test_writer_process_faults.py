@@ -8,6 +8,7 @@ process read its own crash point at import, so only the child is armed).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -62,3 +63,25 @@ def test_close_keeps_what_a_child_dying_during_close_did_not_commit(
     assert writer.fell_back is not None, "the child was killed at its second commit"
     assert user_texts(data_dir, "call-1") == ["one", "two", "three"]
     assert call_state(data_dir, "call-1") == "ended"
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("crash", [None, "before-commit"], ids=["clean", "child-killed"])
+def test_close_leaves_no_pipe_to_the_child_open(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, crash: str | None
+) -> None:
+    """Once closed (after a clean exit of the child, or after it was killed and this
+    process recorded in its place), no end of the child's pipes is left open here."""
+    if crash is not None:
+        monkeypatch.setenv("PIPECAT_ROARK_CRASH_AT", crash)
+    process_writer(data_dir).close(CLOSE_S)  # the database exists: its files stay out
+    before = open_fds()
+    writer = process_writer(data_dir)
+    writer.submit(open_op("call-1"))
+    writer.submit(FinalizeOp("call-1", now_us(), "completed"))
+    assert writer.close(CLOSE_S)
+    assert (writer.fell_back is not None) == (crash is not None)
+    assert open_fds() - before == set(), "the writer (still referenced) holds no pipe end"

@@ -247,8 +247,7 @@ class ProcessWriter(FlushWaits):
                     self._child.stdin.close()
             if self._reader is not None:
                 self._reader.join()
-            if self._child is not None:
-                self._child.wait()
+            self._reap()
             if self._unacked and not self._unrecorded:
                 self._fall_back(f"{self._child_exit()} before committing what it was sent")
         if self._local is not None:
@@ -290,6 +289,17 @@ class ProcessWriter(FlushWaits):
 
     # ---- falling back to a writer of this process ----
 
+    def _reap(self) -> None:
+        """Wait for the child and close this process's ends of its pipes (the reader is done)."""
+        child = self._child
+        if child is None:
+            return
+        child.wait()
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
     def _child_exit(self) -> str:
         code = None if self._child is None else self._child.wait()
         return f"the writer process {self.child_pid} exited with status {code}"
@@ -305,6 +315,7 @@ class ProcessWriter(FlushWaits):
             child.wait()
         if self._reader is not None:
             self._reader.join()
+        self._reap()
         try:
             replay, adopt = self._recovered()
             local = Writer(
