@@ -85,3 +85,33 @@ def test_close_leaves_no_pipe_to_the_child_open(
     assert writer.close(CLOSE_S)
     assert (writer.fell_back is not None) == (crash is not None)
     assert open_fds() - before == set(), "the writer (still referenced) holds no pipe end"
+
+
+def test_a_session_refused_for_a_reused_call_id_stays_unrecorded_after_a_fallback(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call id already recorded: the child refuses the second session, then dies. The
+    bot's own writer must go on refusing it, not append the second session's records to
+    the earlier call (it did: the refusal lived only in the dead child)."""
+    earlier = process_writer(data_dir)
+    earlier.submit(open_op("reused"))
+    earlier.submit(said("reused", "the earlier call"))
+    earlier.submit(FinalizeOp("reused", now_us(), "completed"))
+    assert earlier.close(CLOSE_S)
+
+    monkeypatch.setenv("PIPECAT_ROARK_CRASH_AT", "before-commit:2")
+    writer = process_writer(data_dir)
+    writer.submit(open_op("reused"))  # refused by the child: the id is recorded
+    writer.submit(open_op("bystander"))  # the child's first commit
+    assert writer.flush_sync(CLOSE_S)
+    writer.submit(said("reused", "the second session"))
+    writer.submit(said("bystander", "still here"))  # the child dies before this commit
+    assert writer.flush_sync(CLOSE_S)
+    writer.submit(said("reused", "the second session, after the fallback"))
+    writer.submit(FinalizeOp("reused", now_us(), "completed"))
+    writer.submit(FinalizeOp("bystander", now_us(), "completed"))
+    assert writer.close(CLOSE_S)
+    assert writer.fell_back is not None
+    assert user_texts(data_dir, "reused") == ["the earlier call"]
+    assert user_texts(data_dir, "bystander") == ["still here"]
+    assert call_state(data_dir, "bystander") == "ended"

@@ -16,7 +16,8 @@ Nothing acknowledged is lost, and nothing unacknowledged is either:
   ``Writer`` of its own (one line logged). It adopts the calls still open and gives it the
   frames not yet acknowledged. Whatever the child had committed of them is left out,
   looked up in the database (a call's open, events with the same body, chunk rows;
-  ending a call twice is a no-op).
+  ending a call twice is a no-op). A session the child did not record (a reused call id)
+  is screened again by that writer, which refuses it in turn.
 - If the bot dies (even of SIGKILL), the child reads what is left in the pipe, commits it
   and exits: it keeps more of a killed bot's records than the thread would.
 
@@ -352,15 +353,22 @@ class ProcessWriter(FlushWaits):
         """
         frames = list(self._unacked)
         self._unacked.clear()
+        unsent = {op.call_id for _, wire in frames for op in wire if isinstance(op, OpenOp)}
         conn = connect(self.directory)
         try:
-            adopt = {
-                call_id: (op.opened, op.key_fp)
-                for call_id, op in self._open.items()
-                if calls_table.open_and_owned_by(conn, call_id, self.owner.token)
-            }
+            adopt: dict[str, tuple[CallOpened, str | None]] = {}
             bodies: dict[str, set[bytes]] = {}
             replay: list[Op] = []
+            for call_id, op in self._open.items():
+                if call_id in unsent:
+                    continue  # its open is replayed in its turn
+                bodies[call_id] = events_table.bodies_of(conn, call_id)
+                if encode_event(op.opened) not in bodies[call_id]:
+                    # The child did not record this session (a reused id, a failed open):
+                    # our writer screens it again, or it would take the session's records.
+                    replay.append(op)
+                elif calls_table.open_and_owned_by(conn, call_id, self.owner.token):
+                    adopt[call_id] = (op.opened, op.key_fp)
             for _, wire in frames:
                 for op in wire:
                     kept = self._unless_committed(conn, op, adopt, bodies)
