@@ -8,8 +8,9 @@ process read its own crash point at import, so only the child is armed).
 
 from __future__ import annotations
 
-import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def test_close_keeps_what_a_child_dying_during_close_did_not_commit(
 
 
 def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+    return {fd.name for fd in Path("/proc/self/fd").iterdir()}
 
 
 @pytest.mark.parametrize("crash", [None, "before-commit"], ids=["clean", "child-killed"])
@@ -115,3 +116,56 @@ def test_a_session_refused_for_a_reused_call_id_stays_unrecorded_after_a_fallbac
     assert user_texts(data_dir, "reused") == ["the earlier call"]
     assert user_texts(data_dir, "bystander") == ["still here"]
     assert call_state(data_dir, "bystander") == "ended"
+
+
+FORKING_BOT = """
+import os, sys
+from pathlib import Path
+from pipecat_roark.events import CallOpened, UserText
+from pipecat_roark.lifecycle import writer_for
+from pipecat_roark.ops import EventOp, FinalizeOp, OpenOp
+from pipecat_roark.store import now_us
+
+directory = Path(sys.argv[1])
+
+def record(call_id):
+    writer = writer_for(directory, process=True, max_spool_bytes=1 << 30, min_free_bytes=0)
+    writer.submit(OpenOp(call_id, CallOpened(at=now_us(), agent_id="agent"), None))
+    writer.submit(EventOp(call_id, UserText(at=now_us(), text=call_id)))
+    writer.submit(FinalizeOp(call_id, now_us(), "completed"))
+    return writer
+
+parent = record("parent")
+assert parent.flush_sync(60)
+hold_read, hold_write = os.pipe()
+pid = os.fork()
+if pid == 0:  # the fork records a call of its own, and lives on until the parent closed
+    print("fork closed", record("forked").close(60), flush=True)
+    os.read(hold_read, 1)
+    os._exit(0)
+print("parent closed", parent.close(10), flush=True)
+os.write(hold_write, b"x")
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_forked_bot_records_its_own_calls_and_the_parent_still_closes(
+    data_dir: Path,
+) -> None:
+    """After ``os.fork()`` the fork holds a copy of the parent's writer without its
+    threads, and copies of the pipe to the child. The fork's calls were queued to no one
+    (lost), and while the fork lived, the parent's close waited for an end of input the
+    child never saw. Now the fork starts a writer of its own, and the parent closes."""
+    bot = subprocess.run(
+        [sys.executable, "-c", FORKING_BOT, str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert bot.returncode == 0, bot.stderr
+    assert "parent closed True" in bot.stdout, bot.stdout
+    assert "fork closed True" in bot.stdout, bot.stdout
+    assert user_texts(data_dir, "parent") == ["parent"]
+    assert user_texts(data_dir, "forked") == ["forked"]
+    assert call_state(data_dir, "forked") == "ended"

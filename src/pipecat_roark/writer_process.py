@@ -33,6 +33,7 @@ import queue
 import subprocess
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -128,6 +129,7 @@ class ProcessWriter(FlushWaits):
             target=self._run, name=f"pipecat-roark-writer-sender:{directory}", daemon=True
         )
         self._thread.start()
+        _LIVE.add(self)
 
     # ---- the Writer's surface ----
 
@@ -165,6 +167,22 @@ class ProcessWriter(FlushWaits):
     def queue_depth(self) -> int:
         """Records submitted and not yet sent to the child (approximate, for metrics)."""
         return self._queue.qsize()
+
+    def _left_in_fork(self) -> None:
+        """In a forked copy of the bot: this copy's threads did not come along.
+
+        Closed, so ``writer_for`` starts a writer of the fork's own (records given to
+        this copy would wait for a sender thread that does not exist here), and its copies
+        of the pipes closed, so the child still sees its end of input when the parent
+        closes or dies.
+        """
+        self._closing = True
+        child = self._child
+        if child is not None:
+            for pipe in (child.stdin, child.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
 
     # ---- the sender thread ----
 
@@ -402,6 +420,18 @@ class ProcessWriter(FlushWaits):
             return None if chunks_table.chunk_file(conn, op.call_id, op.idx) else op
         result: Op = op
         return result
+
+
+_LIVE: weakref.WeakSet[ProcessWriter] = weakref.WeakSet()
+"""This process's writers with a child: a fork lets go of its copies of them."""
+
+
+def _let_go_in_fork() -> None:
+    for writer in list(_LIVE):
+        writer._left_in_fork()
+
+
+os.register_at_fork(after_in_child=_let_go_in_fork)
 
 
 AnyWriter = Writer | ProcessWriter
