@@ -169,3 +169,23 @@ def test_a_forked_bot_records_its_own_calls_and_the_parent_still_closes(
     assert user_texts(data_dir, "parent") == ["parent"]
     assert user_texts(data_dir, "forked") == ["forked"]
     assert call_state(data_dir, "forked") == "ended"
+
+
+def test_the_child_is_not_given_the_api_key(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child only writes the database: it has no use for the key, and a copy of it in
+    another process's environment is one more place to leak it from (a core dump, a
+    ``ps e``)."""
+    monkeypatch.setenv("ROARK_API_KEY", "rk-writer-child-must-not-see")
+    writer = process_writer(data_dir)
+    try:
+        assert writer.flush_sync(CLOSE_S)  # the child runs
+        assert writer.child_pid is not None
+        environ = Path(f"/proc/{writer.child_pid}/environ").read_bytes()
+    finally:
+        assert writer.close(CLOSE_S)
+    read = b"PIPECAT_ROARK_WRITER_OWNER=" in environ
+    leaked = b"rk-writer-child-must-not-see" in environ
+    assert read, "the child's own environment was read"
+    assert not leaked, "the key is in the child's environment"

@@ -42,6 +42,7 @@ from typing import Any
 from loguru import logger
 
 from . import calls_table, chunks_table, events_table
+from .config import ENV_API_KEY
 from .events import CallOpened, encode_event
 from .ops import BarrierOp, ChunkOp, EventOp, FinalizeOp, Op, OpenOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
@@ -214,6 +215,7 @@ class ProcessWriter(FlushWaits):
 
     def _start_child(self) -> None:
         env = dict(os.environ)  # the child serves no metrics: the bot's port stays the bot's
+        env.pop(ENV_API_KEY, None)  # it only writes the database: one less copy of the key
         env[ENV_OWNER] = owner_to_env(self.owner)
         child = subprocess.Popen(
             writer_child_command(self.directory, self.max_spool_bytes, self.min_free_bytes),
