@@ -8,14 +8,17 @@ process read its own crash point at import, so only the child is armed).
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from helpers import stored_events
+from helpers import LogCapture, stored_events
 from pipecat_roark.events import CallOpened, UserText
 from pipecat_roark.ops import EventOp, FinalizeOp, OpenOp
 from pipecat_roark.store import now_us
@@ -189,3 +192,55 @@ def test_the_child_is_not_given_the_api_key(
     leaked = b"rk-writer-child-must-not-see" in environ
     assert read, "the child's own environment was read"
     assert not leaked, "the key is in the child's environment"
+
+
+def wait_for_log(logs: LogCapture, needle: str) -> None:
+    for _ in range(600):  # bounded: 60 s
+        if logs.matching(needle):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"never logged: {needle!r}")
+
+
+def point(link: Path, target: Path) -> None:
+    """Make ``link`` a symlink to ``target`` in one step (a rename over the old link)."""
+    fresh = link.with_name(link.name + ".new")
+    fresh.symlink_to(target)
+    fresh.replace(link)
+
+
+def test_records_wait_for_a_database_that_is_unusable_when_the_child_dies(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    """The child dies while the data directory is unusable (here: it leads under a plain
+    file), so the bot cannot open a writer of its own either. What it holds, and what comes
+    meanwhile, waits and is recorded once the directory is back, as the writer thread keeps
+    a refusing database's records and retries. (Every record from then on was dropped for
+    the rest of the process, with one line logged.)"""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "blocker").write_bytes(b"a file, not a directory")
+    data_dir = tmp_path / "roark"
+    point(data_dir, real)
+    writer = process_writer(data_dir)
+    try:
+        writer.submit(open_op("call-1"))
+        writer.submit(said("call-1", "before"))
+        assert writer.flush_sync(CLOSE_S)
+        point(data_dir, tmp_path / "blocker" / "roark")
+        assert writer.child_pid is not None
+        writer.submit(said("call-1", "sent to the child"))
+        os.kill(writer.child_pid, signal.SIGKILL)
+        wait_for_log(logs, "cannot be recorded from this process either")
+        writer.submit(said("call-1", "while nothing can record"))
+        point(data_dir, real)
+        assert writer.flush_sync(CLOSE_S), "recorded once the directory is back"
+        writer.submit(FinalizeOp("call-1", now_us(), "completed"))
+    finally:
+        assert writer.close(CLOSE_S)
+    assert user_texts(real, "call-1") == [
+        "before",
+        "sent to the child",
+        "while nothing can record",
+    ]
+    assert call_state(real, "call-1") == "ended"

@@ -30,12 +30,13 @@ import contextlib
 import itertools
 import os
 import queue
+import sqlite3
 import subprocess
 import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,10 @@ class ProcessWriter(FlushWaits):
         self._reader: threading.Thread | None = None
         self._finishing = False
         self._unrecorded = False
-        """Neither the child nor this process can write the database: records are lost."""
+        """No writer of this process could be opened at the last try (said once per streak)."""
+        self._held: list[Op] | None = None
+        """The child is gone and no writer of this process could be opened yet: what came
+        since waits here (after the unacknowledged frames) until one can."""
         self._closing = False
         self._thread = threading.Thread(
             target=self._run, name=f"pipecat-roark-writer-sender:{directory}", daemon=True
@@ -193,21 +197,28 @@ class ProcessWriter(FlushWaits):
         except Exception as exc:
             self._fall_back(f"the writer process did not start ({exc})")
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=None if self._held is None else RETRY_S)
+            except queue.Empty:
+                self._open_local()
+                continue
             taken = [first]
             with contextlib.suppress(queue.Empty):
                 while True:
                     taken.append(self._queue.get_nowait())
             if any(item is _CHILD_GONE for item in taken):
                 taken = [item for item in taken if item is not _CHILD_GONE]
-                if self._local is None:
+                if self.fell_back is None:
                     self._fall_back(self._child_exit())
             stop = any(isinstance(item, StopOp) for item in taken)
             ops = [item for item in taken if not isinstance(item, StopOp)]
-            if self._local is not None:
+            if self._held is not None:
+                self._held.extend(ops)
+                self._open_local()
+            elif self._local is not None:
                 for op in ops:
                     self._local.submit(op)
-            elif ops and not self._unrecorded:
+            elif ops:
                 self._send(ops)  # if that fails, _fall_back replays them with the rest
             if stop:
                 self._finish()
@@ -269,10 +280,17 @@ class ProcessWriter(FlushWaits):
             if self._reader is not None:
                 self._reader.join()
             self._reap()
-            if self._unacked and not self._unrecorded:
+            if self._unacked and self.fell_back is None:
                 self._fall_back(f"{self._child_exit()} before committing what it was sent")
+        if self._held is not None:
+            self._open_local()
         if self._local is not None:
             self._local.close()
+        elif self._held is not None:
+            logger.error(
+                f"pipecat-roark: closing with {self.directory} still unusable; "
+                f"{len(self._held) + sum(len(w) for _, w in self._unacked)} record(s) are lost"
+            )
 
     # ---- the reader thread ----
 
@@ -337,8 +355,26 @@ class ProcessWriter(FlushWaits):
         if self._reader is not None:
             self._reader.join()
         self._reap()
+        self._held = []
+        self._open_local()
+
+    def _open_local(self) -> None:
+        """Open this process's writer and give it what the child left; else keep it all.
+
+        A database this process cannot open either (a full disk, a moved directory) keeps
+        the records in memory and is tried again (``RETRY_S``), as the writer thread keeps
+        a refusing database's records.
+        """
+        held = self._held
+        assert held is not None
         try:
-            replay, adopt = self._recovered()
+            conn = connect(self.directory)
+            try:
+                replay, adopt = _recover(
+                    conn, self._unacked, self._open, self._barriers, self.owner
+                )
+            finally:
+                conn.close()
             local = Writer(
                 self.directory,
                 max_spool_bytes=self.max_spool_bytes,
@@ -347,81 +383,96 @@ class ProcessWriter(FlushWaits):
                 adopt=adopt,
             )
         except Exception as exc:
-            logger.error(
-                f"pipecat-roark: {self.directory} cannot be recorded from this process either "
-                f"({exc}); this process's calls from now on are not recorded"
-            )
-            local = None
-            replay = []
-        if local is None:
+            if not self._unrecorded:
+                logger.error(
+                    f"pipecat-roark: {self.directory} cannot be recorded from this process "
+                    f"either ({exc}); keeping its records in memory and retrying"
+                )
             self._unrecorded = True
             return
+        if self._unrecorded:
+            logger.info(f"pipecat-roark: recording {self.directory} from this process again")
+        for _, wire in self._unacked:  # each was released by the child, or is in the replay
+            for op in wire:
+                if isinstance(op, RemoteBarrier):
+                    self._barriers.pop(op.number, None)
+        self._unacked.clear()
         local.add_commit_listener(self._notify)
-        for op in replay:
+        for op in (*replay, *held):
             local.submit(op)
+        self._held = None
         self._local = local
 
     def _notify(self) -> None:
         for listener in list(self._listeners):
             self._call(listener)
 
-    def _recovered(self) -> tuple[list[Op], dict[str, tuple[CallOpened, str | None]]]:
-        """What the child did not commit of the unacknowledged frames, and the calls to adopt.
 
-        Returns:
-            The ops to give our own writer, in order, and the open calls it takes over.
-        """
-        frames = list(self._unacked)
-        self._unacked.clear()
-        unsent = {op.call_id for _, wire in frames for op in wire if isinstance(op, OpenOp)}
-        conn = connect(self.directory)
-        try:
-            adopt: dict[str, tuple[CallOpened, str | None]] = {}
-            bodies: dict[str, set[bytes]] = {}
-            replay: list[Op] = []
-            for call_id, op in self._open.items():
-                if call_id in unsent:
-                    continue  # its open is replayed in its turn
-                bodies[call_id] = events_table.bodies_of(conn, call_id)
-                if encode_event(op.opened) not in bodies[call_id]:
-                    # The child did not record this session (a reused id, a failed open):
-                    # our writer screens it again, or it would take the session's records.
-                    replay.append(op)
-                elif calls_table.open_and_owned_by(conn, call_id, self.owner.token):
-                    adopt[call_id] = (op.opened, op.key_fp)
-            for _, wire in frames:
-                for op in wire:
-                    kept = self._unless_committed(conn, op, adopt, bodies)
-                    if kept is not None:
-                        replay.append(kept)
-            return replay, adopt
-        finally:
-            conn.close()
+RETRY_S = 1.0
+"""How often records held for a database that cannot be opened try it again."""
 
-    def _unless_committed(
-        self,
-        conn: Any,
-        op: Any,
-        adopt: dict[str, tuple[CallOpened, str | None]],
-        bodies: dict[str, set[bytes]],
-    ) -> Op | None:
-        if isinstance(op, RemoteBarrier):
-            release = self._barriers.pop(op.number, None)
-            return None if release is None else BarrierOp(release, op.call_id)
-        if isinstance(op, OpenOp):
-            return None if op.call_id in adopt else op
-        if isinstance(op, EventOp):
-            if op.call_id not in bodies:
-                bodies[op.call_id] = events_table.bodies_of(conn, op.call_id)
-            body = encode_event(op.event)
-            if body in bodies[op.call_id]:
-                bodies[op.call_id].discard(body)
-                return None
-            return op
-        if isinstance(op, ChunkOp):
-            return None if chunks_table.chunk_file(conn, op.call_id, op.idx) else op
-        result: Op = op
-        return result
+
+def _recover(
+    conn: sqlite3.Connection,
+    frames: Iterable[tuple[int, list[Any]]],
+    open_calls: Mapping[str, OpenOp],
+    barriers: Mapping[int, Callable[[], None]],
+    owner: Owner,
+) -> tuple[list[Op], dict[str, tuple[CallOpened, str | None]]]:
+    """What a dead child did not commit of the unacknowledged frames, and the calls to adopt.
+
+    Reads only: a barrier the child did not release is in the replay, not taken.
+
+    Returns:
+        The ops to give this process's writer, in order, and the open calls it takes over.
+    """
+    frames = list(frames)
+    unsent = {op.call_id for _, wire in frames for op in wire if isinstance(op, OpenOp)}
+    adopt: dict[str, tuple[CallOpened, str | None]] = {}
+    bodies: dict[str, set[bytes]] = {}
+    replay: list[Op] = []
+    for call_id, op in open_calls.items():
+        if call_id in unsent:
+            continue  # its open is replayed in its turn
+        bodies[call_id] = events_table.bodies_of(conn, call_id)
+        if encode_event(op.opened) not in bodies[call_id]:
+            # The child did not record this session (a reused id, a failed open): our
+            # writer screens it again, or it would take the session's records.
+            replay.append(op)
+        elif calls_table.open_and_owned_by(conn, call_id, owner.token):
+            adopt[call_id] = (op.opened, op.key_fp)
+    for _, wire in frames:
+        for op in wire:
+            kept = _unless_committed(conn, op, adopt, bodies, barriers)
+            if kept is not None:
+                replay.append(kept)
+    return replay, adopt
+
+
+def _unless_committed(
+    conn: sqlite3.Connection,
+    op: Any,
+    adopt: Mapping[str, tuple[CallOpened, str | None]],
+    bodies: dict[str, set[bytes]],
+    barriers: Mapping[int, Callable[[], None]],
+) -> Op | None:
+    if isinstance(op, RemoteBarrier):
+        release = barriers.get(op.number)
+        return None if release is None else BarrierOp(release, op.call_id)
+    if isinstance(op, OpenOp):
+        return None if op.call_id in adopt else op
+    if isinstance(op, EventOp):
+        if op.call_id not in bodies:
+            bodies[op.call_id] = events_table.bodies_of(conn, op.call_id)
+        body = encode_event(op.event)
+        if body in bodies[op.call_id]:
+            bodies[op.call_id].discard(body)
+            return None
+        return op
+    if isinstance(op, ChunkOp):
+        return None if chunks_table.chunk_file(conn, op.call_id, op.idx) else op
+    result: Op = op
+    return result
 
 
 _LIVE: weakref.WeakSet[ProcessWriter] = weakref.WeakSet()
