@@ -14,10 +14,9 @@ Nothing acknowledged is lost, and nothing unacknowledged is either:
 - Every frame is kept in the bot until the child says it is committed.
 - If the child cannot start, exits or is killed while the bot lives, the bot opens a
   ``Writer`` of its own (one line logged). It adopts the calls still open and gives it the
-  frames not yet acknowledged. Whatever the child had committed of them is left out,
-  looked up in the database (a call's open, events with the same body, chunk rows;
-  ending a call twice is a no-op). A session the child did not record (a reused call id)
-  is screened again by that writer, which refuses it in turn.
+  frames not yet acknowledged, less whatever the child had committed of them
+  (``writer_recovery``). If that writer cannot open the database either, the records
+  wait in memory and it is tried again each second.
 - If the bot dies (even of SIGKILL), the child reads what is left in the pipe, commits it
   and exits: it keeps more of a killed bot's records than the thread would.
 
@@ -30,22 +29,18 @@ import contextlib
 import itertools
 import os
 import queue
-import sqlite3
 import subprocess
 import sys
 import threading
-import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from . import calls_table, chunks_table, events_table
 from .config import ENV_API_KEY
-from .events import CallOpened, encode_event
-from .ops import BarrierOp, ChunkOp, EventOp, FinalizeOp, Op, OpenOp, StopOp
+from .ops import BarrierOp, FinalizeOp, Op, OpenOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
 from .store import connect
 from .writer import Writer
@@ -61,6 +56,7 @@ from .writer_pipe import (
     read_exactly,
     write_all,
 )
+from .writer_recovery import barrier_numbers, recover
 
 __all__ = ["AnyWriter", "ProcessWriter", "writer_child_command"]
 
@@ -134,7 +130,6 @@ class ProcessWriter(FlushWaits):
             target=self._run, name=f"pipecat-roark-writer-sender:{directory}", daemon=True
         )
         self._thread.start()
-        _LIVE.add(self)
 
     # ---- the Writer's surface ----
 
@@ -173,7 +168,7 @@ class ProcessWriter(FlushWaits):
         """Records submitted and not yet sent to the child (approximate, for metrics)."""
         return self._queue.qsize()
 
-    def _left_in_fork(self) -> None:
+    def left_in_fork(self) -> None:
         """In a forked copy of the bot: this copy's threads did not come along.
 
         Closed, so ``writer_for`` starts a writer of the fork's own (records given to
@@ -182,12 +177,8 @@ class ProcessWriter(FlushWaits):
         closes or dies.
         """
         self._closing = True
-        child = self._child
-        if child is not None:
-            for pipe in (child.stdin, child.stdout):
-                if pipe is not None:
-                    with contextlib.suppress(OSError):
-                        pipe.close()
+        if self._child is not None:
+            _close_pipes(self._child)
 
     # ---- the sender thread ----
 
@@ -286,11 +277,8 @@ class ProcessWriter(FlushWaits):
             self._open_local()
         if self._local is not None:
             self._local.close()
-        elif self._held is not None:
-            logger.error(
-                f"pipecat-roark: closing with {self.directory} still unusable; "
-                f"{len(self._held) + sum(len(w) for _, w in self._unacked)} record(s) are lost"
-            )
+        elif self._held is not None:  # the database never came back
+            logger.error(f"pipecat-roark: {self.directory} unusable at close: its records are lost")
 
     # ---- the reader thread ----
 
@@ -303,10 +291,9 @@ class ProcessWriter(FlushWaits):
             if kind == COMMITTED:
                 self._acknowledged(number)
             elif kind == RELEASED:
-                self._call(self._barriers.pop(number, None))
+                _call(self._barriers.pop(number, None))
             elif kind == DELIVERIES:
-                for listener in list(self._listeners):
-                    self._call(listener)
+                self._notify()
         if not self._finishing:
             self._queue.put(_CHILD_GONE)
 
@@ -317,27 +304,13 @@ class ProcessWriter(FlushWaits):
                 if isinstance(op, FinalizeOp):
                     self._open.pop(op.call_id, None)
 
-    @staticmethod
-    def _call(callback: Callable[[], None] | None) -> None:
-        if callback is None:
-            return
-        try:
-            callback()
-        except Exception as exc:
-            logger.warning(f"pipecat-roark: a writer callback failed: {exc}")
-
     # ---- falling back to a writer of this process ----
 
     def _reap(self) -> None:
         """Wait for the child and close this process's ends of its pipes (the reader is done)."""
-        child = self._child
-        if child is None:
-            return
-        child.wait()
-        for pipe in (child.stdin, child.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        if self._child is not None:
+            self._child.wait()
+            _close_pipes(self._child)
 
     def _child_exit(self) -> str:
         code = None if self._child is None else self._child.wait()
@@ -368,13 +341,9 @@ class ProcessWriter(FlushWaits):
         held = self._held
         assert held is not None
         try:
-            conn = connect(self.directory)
-            try:
-                replay, adopt = _recover(
-                    conn, self._unacked, self._open, self._barriers, self.owner
-                )
-            finally:
-                conn.close()
+            replay, adopt = recover(
+                self.directory, self._unacked, self._open, self._barriers, self.owner
+            )
             local = Writer(
                 self.directory,
                 max_spool_bytes=self.max_spool_bytes,
@@ -392,10 +361,8 @@ class ProcessWriter(FlushWaits):
             return
         if self._unrecorded:
             logger.info(f"pipecat-roark: recording {self.directory} from this process again")
-        for _, wire in self._unacked:  # each was released by the child, or is in the replay
-            for op in wire:
-                if isinstance(op, RemoteBarrier):
-                    self._barriers.pop(op.number, None)
+        for number in barrier_numbers(self._unacked):  # released, or in the replay
+            self._barriers.pop(number, None)
         self._unacked.clear()
         local.add_commit_listener(self._notify)
         for op in (*replay, *held):
@@ -405,86 +372,28 @@ class ProcessWriter(FlushWaits):
 
     def _notify(self) -> None:
         for listener in list(self._listeners):
-            self._call(listener)
+            _call(listener)
 
 
 RETRY_S = 1.0
 """How often records held for a database that cannot be opened try it again."""
 
 
-def _recover(
-    conn: sqlite3.Connection,
-    frames: Iterable[tuple[int, list[Any]]],
-    open_calls: Mapping[str, OpenOp],
-    barriers: Mapping[int, Callable[[], None]],
-    owner: Owner,
-) -> tuple[list[Op], dict[str, tuple[CallOpened, str | None]]]:
-    """What a dead child did not commit of the unacknowledged frames, and the calls to adopt.
-
-    Reads only: a barrier the child did not release is in the replay, not taken.
-
-    Returns:
-        The ops to give this process's writer, in order, and the open calls it takes over.
-    """
-    frames = list(frames)
-    unsent = {op.call_id for _, wire in frames for op in wire if isinstance(op, OpenOp)}
-    adopt: dict[str, tuple[CallOpened, str | None]] = {}
-    bodies: dict[str, set[bytes]] = {}
-    replay: list[Op] = []
-    for call_id, op in open_calls.items():
-        if call_id in unsent:
-            continue  # its open is replayed in its turn
-        bodies[call_id] = events_table.bodies_of(conn, call_id)
-        if encode_event(op.opened) not in bodies[call_id]:
-            # The child did not record this session (a reused id, a failed open): our
-            # writer screens it again, or it would take the session's records.
-            replay.append(op)
-        elif calls_table.open_and_owned_by(conn, call_id, owner.token):
-            adopt[call_id] = (op.opened, op.key_fp)
-    for _, wire in frames:
-        for op in wire:
-            kept = _unless_committed(conn, op, adopt, bodies, barriers)
-            if kept is not None:
-                replay.append(kept)
-    return replay, adopt
+def _call(callback: Callable[[], None] | None) -> None:
+    if callback is None:
+        return
+    try:
+        callback()
+    except Exception as exc:
+        logger.warning(f"pipecat-roark: a writer callback failed: {exc}")
 
 
-def _unless_committed(
-    conn: sqlite3.Connection,
-    op: Any,
-    adopt: Mapping[str, tuple[CallOpened, str | None]],
-    bodies: dict[str, set[bytes]],
-    barriers: Mapping[int, Callable[[], None]],
-) -> Op | None:
-    if isinstance(op, RemoteBarrier):
-        release = barriers.get(op.number)
-        return None if release is None else BarrierOp(release, op.call_id)
-    if isinstance(op, OpenOp):
-        return None if op.call_id in adopt else op
-    if isinstance(op, EventOp):
-        if op.call_id not in bodies:
-            bodies[op.call_id] = events_table.bodies_of(conn, op.call_id)
-        body = encode_event(op.event)
-        if body in bodies[op.call_id]:
-            bodies[op.call_id].discard(body)
-            return None
-        return op
-    if isinstance(op, ChunkOp):
-        return None if chunks_table.chunk_file(conn, op.call_id, op.idx) else op
-    result: Op = op
-    return result
-
-
-_LIVE: weakref.WeakSet[ProcessWriter] = weakref.WeakSet()
-"""This process's writers with a child: a fork lets go of its copies of them."""
-
-
-def _let_go_in_fork() -> None:
-    for writer in list(_LIVE):
-        writer._left_in_fork()
-
-
-os.register_at_fork(after_in_child=_let_go_in_fork)
+def _close_pipes(child: subprocess.Popen[bytes]) -> None:
+    """Close this process's ends of the child's pipes."""
+    for pipe in (child.stdin, child.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 AnyWriter = Writer | ProcessWriter
