@@ -20,7 +20,7 @@ import pytest
 
 from helpers import LogCapture, stored_events
 from pipecat_roark.events import CallOpened, UserText
-from pipecat_roark.ops import EventOp, FinalizeOp, OpenOp
+from pipecat_roark.ops import ChunkOp, EventOp, FinalizeOp, OpenOp
 from pipecat_roark.store import now_us
 from pipecat_roark.writer_process import ProcessWriter
 
@@ -126,7 +126,7 @@ import os, sys
 from pathlib import Path
 from pipecat_roark.events import CallOpened, UserText
 from pipecat_roark.lifecycle import writer_for
-from pipecat_roark.ops import EventOp, FinalizeOp, OpenOp
+from pipecat_roark.ops import ChunkOp, EventOp, FinalizeOp, OpenOp
 from pipecat_roark.store import now_us
 
 directory = Path(sys.argv[1])
@@ -244,3 +244,40 @@ def test_records_wait_for_a_database_that_is_unusable_when_the_child_dies(
         "while nothing can record",
     ]
     assert call_state(real, "call-1") == "ended"
+
+
+def test_identical_events_are_each_recorded_once_across_a_fallback(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two events with identical bodies (same fact, same microsecond): one committed and
+    acknowledged, then one more and a pair the child commits without acknowledging (their
+    frame waits for a chunk file), and one it never commits. The fallback left out every
+    stored body once, whatever its count: the uncommitted twin of an acknowledged event was
+    lost, and of a committed pair one was recorded again."""
+    monkeypatch.setenv("PIPECAT_ROARK_CRASH_AT", "before-commit:3")
+    at = now_us()  # one microsecond for all: identical bodies
+    twin = EventOp("call-1", UserText(at=at, text="same"))
+    pair = EventOp("call-1", UserText(at=at, text="pair"))
+    writer = process_writer(data_dir)
+    writer.submit(open_op("call-1"))
+    writer.submit(open_op("audio"))
+    writer.submit(twin)
+    assert writer.flush_sync(CLOSE_S), "commit 1: acknowledged"
+    # A chunk (its row waits for its file, and its frame's acknowledgement with it) and
+    # the pair, committed at once (commit 2); then the twin: the child dies before commit 3
+    # (the twin's, or the chunk row's with it).
+    writer.submit(ChunkOp("audio", 0, bytes(8 << 20), 16000, 2, now_us()))
+    writer.submit(pair)
+    writer.submit(pair)
+    for _ in range(600):  # bounded: 60 s
+        if user_texts(data_dir, "call-1").count("pair") == 2:
+            break
+        time.sleep(0.1)
+    writer.submit(twin)
+    assert writer.flush_sync(CLOSE_S)
+    writer.submit(FinalizeOp("call-1", now_us(), "completed"))
+    writer.submit(FinalizeOp("audio", now_us(), "completed"))
+    assert writer.close(CLOSE_S)
+    assert writer.fell_back is not None
+    texts = user_texts(data_dir, "call-1")
+    assert texts == ["same", "pair", "pair", "same"], texts

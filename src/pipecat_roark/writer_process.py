@@ -40,7 +40,7 @@ from typing import Any
 from loguru import logger
 
 from .config import ENV_API_KEY
-from .ops import BarrierOp, FinalizeOp, Op, OpenOp, StopOp
+from .ops import BarrierOp, Op, OpenOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
 from .store import connect
 from .writer import Writer
@@ -56,7 +56,7 @@ from .writer_pipe import (
     read_exactly,
     write_all,
 )
-from .writer_recovery import barrier_numbers, recover
+from .writer_recovery import acknowledge, barrier_numbers, recover
 
 __all__ = ["AnyWriter", "ProcessWriter", "writer_child_command"]
 
@@ -113,6 +113,8 @@ class ProcessWriter(FlushWaits):
         self._numbers = itertools.count(1)
         self._seq = 0
         self._unacked: deque[tuple[int, list[Any]]] = deque()
+        self._acked_events: dict[str, int] = {}
+        """Per open call, how many of its events the child said it committed."""
         self._open: dict[str, OpenOp] = {}
         """Calls whose open was sent and whose end is not acknowledged: adopted on fallback."""
         self._local: Writer | None = None
@@ -289,20 +291,13 @@ class ProcessWriter(FlushWaits):
                 break
             kind, number = MESSAGE.unpack(message)
             if kind == COMMITTED:
-                self._acknowledged(number)
+                acknowledge(self._unacked, number, self._open, self._acked_events)
             elif kind == RELEASED:
                 _call(self._barriers.pop(number, None))
             elif kind == DELIVERIES:
                 self._notify()
         if not self._finishing:
             self._queue.put(_CHILD_GONE)
-
-    def _acknowledged(self, seq: int) -> None:
-        unacked = self._unacked
-        while unacked and unacked[0][0] <= seq:
-            for op in unacked.popleft()[1]:
-                if isinstance(op, FinalizeOp):
-                    self._open.pop(op.call_id, None)
 
     # ---- falling back to a writer of this process ----
 
@@ -342,7 +337,12 @@ class ProcessWriter(FlushWaits):
         assert held is not None
         try:
             replay, adopt = recover(
-                self.directory, self._unacked, self._open, self._barriers, self.owner
+                self.directory,
+                self._unacked,
+                self._open,
+                self._barriers,
+                self.owner,
+                self._acked_events,
             )
             local = Writer(
                 self.directory,

@@ -11,18 +11,19 @@ open) is given to that writer again, which screens it in turn.
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from . import calls_table, chunks_table, events_table
-from .events import CallOpened, encode_event
-from .ops import BarrierOp, ChunkOp, EventOp, Op, OpenOp
+from .events import CallOpened, ChunkRecorded, decode_event, encode_event
+from .ops import BarrierOp, ChunkOp, EventOp, FinalizeOp, Op, OpenOp
 from .owner import Owner
 from .store import connect
 from .writer_pipe import RemoteBarrier
 
-__all__ = ["barrier_numbers", "recover"]
+__all__ = ["acknowledge", "barrier_numbers", "recover"]
 
 
 def recover(
@@ -31,6 +32,7 @@ def recover(
     open_calls: Mapping[str, OpenOp],
     barriers: Mapping[int, Callable[[], None]],
     owner: Owner,
+    acked_events: Mapping[str, int],
 ) -> tuple[list[Op], dict[str, tuple[CallOpened, str | None]]]:
     """What a dead child did not commit of the unacknowledged frames, and the calls to adopt.
 
@@ -44,9 +46,28 @@ def recover(
     """
     conn = connect(directory)
     try:
-        return _recover(conn, list(frames), open_calls, barriers, owner)
+        return _recover(conn, list(frames), open_calls, barriers, owner, acked_events)
     finally:
         conn.close()
+
+
+def acknowledge(
+    unacked: deque[tuple[int, list[Any]]],
+    seq: int,
+    open_calls: dict[str, OpenOp],
+    acked_events: dict[str, int],
+) -> None:
+    """The child committed every frame up to ``seq``: let them go, counting their events.
+
+    A call whose end is committed is no longer one to adopt, nor to count events of.
+    """
+    while unacked and unacked[0][0] <= seq:
+        for op in unacked.popleft()[1]:
+            if isinstance(op, EventOp):
+                acked_events[op.call_id] = acked_events.get(op.call_id, 0) + 1
+            elif isinstance(op, FinalizeOp):
+                open_calls.pop(op.call_id, None)
+                acked_events.pop(op.call_id, None)
 
 
 def barrier_numbers(frames: Iterable[tuple[int, list[Any]]]) -> list[int]:
@@ -64,24 +85,26 @@ def _recover(
     open_calls: Mapping[str, OpenOp],
     barriers: Mapping[int, Callable[[], None]],
     owner: Owner,
+    acked_events: Mapping[str, int],
 ) -> tuple[list[Op], dict[str, tuple[CallOpened, str | None]]]:
     unsent = {op.call_id for _, wire in frames for op in wire if isinstance(op, OpenOp)}
     adopt: dict[str, tuple[CallOpened, str | None]] = {}
-    bodies: dict[str, set[bytes]] = {}
+    stored: dict[str, list[bytes]] = {}
     replay: list[Op] = []
     for call_id, op in open_calls.items():
         if call_id in unsent:
             continue  # its open is replayed in its turn
-        bodies[call_id] = events_table.bodies_of(conn, call_id)
-        if encode_event(op.opened) not in bodies[call_id]:
+        stored[call_id] = events_table.bodies_of(conn, call_id)
+        if encode_event(op.opened) not in stored[call_id]:
             # The child did not record this session (a reused id, a failed open): our
             # writer screens it again, or it would take the session's records.
             replay.append(op)
         elif calls_table.open_and_owned_by(conn, call_id, owner.token):
             adopt[call_id] = (op.opened, op.key_fp)
+    committed = _committed_events(conn, frames, acked_events, stored)
     for _, wire in frames:
         for op in wire:
-            kept = _unless_committed(conn, op, adopt, bodies, barriers)
+            kept = _unless_committed(conn, op, adopt, committed, barriers)
             if kept is not None:
                 replay.append(kept)
     return replay, adopt
@@ -91,7 +114,7 @@ def _unless_committed(
     conn: sqlite3.Connection,
     op: Any,
     adopt: Mapping[str, tuple[CallOpened, str | None]],
-    bodies: dict[str, set[bytes]],
+    committed: dict[str, Counter[bytes]],
     barriers: Mapping[int, Callable[[], None]],
 ) -> Op | None:
     if isinstance(op, RemoteBarrier):
@@ -100,14 +123,59 @@ def _unless_committed(
     if isinstance(op, OpenOp):
         return None if op.call_id in adopt else op
     if isinstance(op, EventOp):
-        if op.call_id not in bodies:
-            bodies[op.call_id] = events_table.bodies_of(conn, op.call_id)
+        left_out = committed[op.call_id]
         body = encode_event(op.event)
-        if body in bodies[op.call_id]:
-            bodies[op.call_id].discard(body)
+        if left_out[body] > 0:
+            left_out[body] -= 1
             return None
         return op
     if isinstance(op, ChunkOp):
         return None if chunks_table.chunk_file(conn, op.call_id, op.idx) else op
     result: Op = op
     return result
+
+
+def _committed_events(
+    conn: sqlite3.Connection,
+    frames: list[tuple[int, list[Any]]],
+    acked_events: Mapping[str, int],
+    stored: dict[str, list[bytes]],
+) -> dict[str, Counter[bytes]]:
+    """Per call, the bodies of its unacknowledged events that the child committed.
+
+    A call's events commit in the order they were queued, so its stored events past the
+    acknowledged ones are the first of the unacknowledged ones: counted, not looked up by
+    body, since two identical bodies (one fact twice in one microsecond) are two records.
+    Where the counts do not fit (the child dropped an event), each stored body counts once.
+
+    Returns:
+        For each call with unacknowledged events, the bodies to leave out, with their
+        counts.
+    """
+    sent: dict[str, list[bytes]] = {}
+    for _, wire in frames:
+        for op in wire:
+            if isinstance(op, EventOp):
+                sent.setdefault(op.call_id, []).append(encode_event(op.event))
+    committed: dict[str, Counter[bytes]] = {}
+    for call_id, bodies in sent.items():
+        if call_id not in stored:
+            stored[call_id] = events_table.bodies_of(conn, call_id)
+        rows = [body for body in stored[call_id] if not _written_by_the_writer(body)]
+        done = acked_events.get(call_id, 0)
+        tail = rows[done:]
+        fits = done <= len(rows) and tail == bodies[: len(tail)]
+        committed[call_id] = Counter(tail if fits else rows)
+    return committed
+
+
+def _written_by_the_writer(body: bytes) -> bool:
+    """Is this event one the writer adds itself (a call's opening, a chunk's)?
+
+    Returns:
+        True for those; False for an ``EventOp``'s event, or a row that does not decode.
+    """
+    try:
+        return isinstance(decode_event(body), CallOpened | ChunkRecorded)
+    except Exception:  # a damaged row: not one of ours to leave out
+        return False
