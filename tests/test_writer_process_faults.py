@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,7 @@ def test_a_session_refused_for_a_reused_call_id_stays_unrecorded_after_a_fallbac
 
 FORKING_BOT = """
 import os, sys
+from collections.abc import Callable
 from pathlib import Path
 from pipecat_roark.events import CallOpened, UserText
 from pipecat_roark.lifecycle import writer_for
@@ -281,3 +283,35 @@ def test_identical_events_are_each_recorded_once_across_a_fallback(
     assert writer.fell_back is not None
     texts = user_texts(data_dir, "call-1")
     assert texts == ["same", "pair", "pair", "same"], texts
+
+
+def wait_until(predicate: Callable[[], bool]) -> None:
+    for _ in range(600):  # bounded: 60 s
+        if predicate():
+            return
+        time.sleep(0.1)
+    pytest.fail("the child never got there")
+
+
+def test_a_call_the_child_opened_without_acknowledging_it_is_adopted(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child commits a call's open but dies before acknowledging its frame (the frame
+    waits for a chunk file): the bot's writer takes the call over; the open is not given
+    to it again (it would refuse it as a reused id, and the rest of the call with it)."""
+    monkeypatch.setenv("PIPECAT_ROARK_CRASH_AT", "before-commit:3")
+    writer = process_writer(data_dir)
+    writer.submit(open_op("audio"))
+    assert writer.flush_sync(CLOSE_S), "commit 1"
+    writer.submit(ChunkOp("audio", 0, bytes(8 << 20), 16000, 2, now_us()))
+    writer.submit(open_op("call-2"))
+    writer.submit(said("call-2", "opened"))  # commit 2; the chunk's row is commit 3
+    wait_until(lambda: user_texts(data_dir, "call-2") == ["opened"])
+    writer.submit(said("call-2", "after"))
+    assert writer.flush_sync(CLOSE_S)
+    writer.submit(FinalizeOp("call-2", now_us(), "completed"))
+    writer.submit(FinalizeOp("audio", now_us(), "completed"))
+    assert writer.close(CLOSE_S)
+    assert writer.fell_back is not None
+    assert user_texts(data_dir, "call-2") == ["opened", "after"]
+    assert call_state(data_dir, "call-2") == "ended"

@@ -92,15 +92,14 @@ def _recover(
     stored: dict[str, list[bytes]] = {}
     replay: list[Op] = []
     for call_id, op in open_calls.items():
-        if call_id in unsent:
-            continue  # its open is replayed in its turn
         stored[call_id] = events_table.bodies_of(conn, call_id)
-        if encode_event(op.opened) not in stored[call_id]:
+        if encode_event(op.opened) in stored[call_id]:  # this session's open is committed
+            if calls_table.open_and_owned_by(conn, call_id, owner.token):
+                adopt[call_id] = (op.opened, op.key_fp)
+        elif call_id not in unsent:  # else its open is given again in its turn
             # The child did not record this session (a reused id, a failed open): our
             # writer screens it again, or it would take the session's records.
             replay.append(op)
-        elif calls_table.open_and_owned_by(conn, call_id, owner.token):
-            adopt[call_id] = (op.opened, op.key_fp)
     committed = _committed_events(conn, frames, acked_events, stored)
     for _, wire in frames:
         for op in wire:
