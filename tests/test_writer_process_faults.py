@@ -315,3 +315,26 @@ def test_a_call_the_child_opened_without_acknowledging_it_is_adopted(
     assert writer.fell_back is not None
     assert user_texts(data_dir, "call-2") == ["opened", "after"]
     assert call_state(data_dir, "call-2") == "ended"
+
+
+def test_a_second_session_right_after_the_first_stays_refused_after_a_fallback(
+    data_dir: Path,
+) -> None:
+    """One call id, two sessions in a row, the second opened before the end of the first
+    was acknowledged (here: in the same frame). That acknowledgement forgot the second
+    session's open, so the fallback could not screen it again, and its records went into
+    the first call."""
+    writer = process_writer(data_dir)
+    # Queued while the sender thread starts the child: its first frame holds them all.
+    writer.submit(open_op("reused"))
+    writer.submit(said("reused", "the first session"))
+    writer.submit(FinalizeOp("reused", now_us(), "completed"))
+    writer.submit(open_op("reused"))  # refused by the child: the id is recorded
+    assert writer.flush_sync(CLOSE_S)
+    assert writer.child_pid is not None
+    os.kill(writer.child_pid, signal.SIGKILL)
+    writer.submit(said("reused", "the second session"))
+    writer.submit(FinalizeOp("reused", now_us(), "completed"))
+    assert writer.close(CLOSE_S)
+    assert writer.fell_back is not None
+    assert user_texts(data_dir, "reused") == ["the first session"]

@@ -59,15 +59,29 @@ def acknowledge(
 ) -> None:
     """The child committed every frame up to ``seq``: let them go, counting their events.
 
-    A call whose end is committed is no longer one to adopt, nor to count events of.
+    A call whose end is committed is no longer one to adopt, nor to count events of;
+    unless the id was opened again after that end (a second session, which the child
+    refused): that open is kept, for a fallback to screen again.
     """
     while unacked and unacked[0][0] <= seq:
-        for op in unacked.popleft()[1]:
+        wire = unacked.popleft()[1]
+        for position, op in enumerate(wire):
             if isinstance(op, EventOp):
                 acked_events[op.call_id] = acked_events.get(op.call_id, 0) + 1
             elif isinstance(op, FinalizeOp):
-                open_calls.pop(op.call_id, None)
+                opened = open_calls.get(op.call_id)
+                if opened is None or _sent_after(opened, wire[position + 1 :], unacked):
+                    continue
+                del open_calls[op.call_id]
                 acked_events.pop(op.call_id, None)
+
+
+def _sent_after(
+    op: OpenOp, rest_of_frame: list[Any], unacked: deque[tuple[int, list[Any]]]
+) -> bool:
+    return any(sent is op for sent in rest_of_frame) or any(
+        sent is op for _, wire in unacked for sent in wire
+    )
 
 
 def barrier_numbers(frames: Iterable[tuple[int, list[Any]]]) -> list[int]:
