@@ -338,3 +338,44 @@ def test_a_second_session_right_after_the_first_stays_refused_after_a_fallback(
     assert writer.close(CLOSE_S)
     assert writer.fell_back is not None
     assert user_texts(data_dir, "reused") == ["the first session"]
+
+
+FROZEN_BOT = """
+import sys
+from pathlib import Path
+from pipecat_roark.events import CallOpened
+from pipecat_roark.ops import FinalizeOp, OpenOp
+from pipecat_roark.store import now_us
+from pipecat_roark.writer_process import ProcessWriter
+
+# What PyInstaller and its kin set: sys.executable is the application itself.
+sys.frozen = True
+sys.executable = sys.argv[2]
+writer = ProcessWriter(Path(sys.argv[1]), max_spool_bytes=1 << 30, min_free_bytes=0)
+writer.submit(OpenOp("frozen", CallOpened(at=now_us(), agent_id="agent"), None))
+writer.submit(FinalizeOp("frozen", now_us(), "completed"))
+print("closed", writer.close(60), writer.fell_back, flush=True)
+"""
+
+
+def test_a_frozen_application_records_itself_and_never_runs_its_own_executable(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """In a frozen application ``sys.executable`` is the application: ``-m
+    pipecat_roark.writer_child`` started another copy of the bot (which, ignoring the
+    arguments, could start writer children of its own). It records in this process."""
+    marker = tmp_path / "the application ran again"
+    application = tmp_path / "frozen-bot"
+    application.write_text(f'#!/bin/sh\necho "$@" > "{marker}"\n')
+    application.chmod(0o700)
+    bot = subprocess.run(
+        [sys.executable, "-c", FROZEN_BOT, str(data_dir), str(application)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert bot.returncode == 0, bot.stderr
+    assert "closed True" in bot.stdout, bot.stdout
+    assert not marker.exists(), marker.read_text()
+    assert call_state(data_dir, "frozen") == "ended"

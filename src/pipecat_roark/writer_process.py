@@ -218,6 +218,8 @@ class ProcessWriter(FlushWaits):
                 return
 
     def _start_child(self) -> None:
+        if getattr(sys, "frozen", False):  # sys.executable is the application: not a Python
+            raise RuntimeError("a frozen application has no Python to run it with")
         env = dict(os.environ)  # the child serves no metrics: the bot's port stays the bot's
         env.pop(ENV_API_KEY, None)  # it only writes the database: one less copy of the key
         env[ENV_OWNER] = owner_to_env(self.owner)
