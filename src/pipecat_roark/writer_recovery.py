@@ -2,10 +2,11 @@
 
 The bot (``writer_process``) keeps every frame it sent until the child says it is
 committed. When the child dies, the frames it did not acknowledge may be partly
-committed: this reads the database to leave out what was (a call's open, events with the
-same body, chunk rows; ending a call twice is a no-op), and says which open calls the
-bot's writer takes over. A session the child did not record (a reused call id, a failed
-open) is given to that writer again, which screens it in turn.
+committed: this reads the database to leave out what was (a call's open, its events past
+those acknowledged, chunk rows; ending a call twice is a no-op), and says which open calls
+the bot's writer takes over. A session the child did not record (a reused call id, a
+failed open) is given to that writer again, which screens it in turn. ``acknowledge``
+keeps the books this needs as the child's acknowledgements arrive.
 """
 
 from __future__ import annotations
