@@ -379,3 +379,26 @@ def test_a_frozen_application_records_itself_and_never_runs_its_own_executable(
     assert "closed True" in bot.stdout, bot.stdout
     assert not marker.exists(), marker.read_text()
     assert call_state(data_dir, "frozen") == "ended"
+
+
+def test_what_the_childs_interpreter_prints_does_not_garble_its_answers(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child's answers came on its stdout, where anything its interpreter prints goes
+    too (here a ``sitecustomize``, as a debugging hook or an import-time notice would):
+    the bot read those bytes as answers, out of step with the real ones, so commits went
+    unacknowledged (or a stray ``C`` acknowledged frames that were not committed)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text('print("Custom site hook: C is for commit")\n')
+    monkeypatch.setenv("PYTHONPATH", f"{hooks}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    writer = process_writer(data_dir)
+    try:
+        writer.submit(open_op("call-1"))
+        writer.submit(said("call-1", "hello"))
+        assert writer.flush_sync(CLOSE_S)
+        writer.submit(FinalizeOp("call-1", now_us(), "completed"))
+    finally:
+        assert writer.close(CLOSE_S)
+    assert writer.fell_back is None
+    assert user_texts(data_dir, "call-1") == ["hello"]

@@ -4,7 +4,8 @@ Bot → child, on the child's stdin: frames, each a 4-byte length and a pickle o
 ``(seq, ops)``. The ops are the writer's own (``ops.py``), except that a flush's
 callback cannot cross a process: it travels as a ``RemoteBarrier`` with a number.
 
-Child → bot, on the child's stdout: fixed 9-byte messages, a kind and a number:
+Child → bot, on a pipe of their own (``--answers-fd``; the child's stdout is the bot's,
+for whatever its interpreter prints): fixed 9-byte messages, a kind and a number:
 ``COMMITTED`` (every frame up to this seq is committed), ``RELEASED`` (this barrier's
 records are committed) and ``DELIVERIES`` (a commit added deliveries: wake a drainer).
 

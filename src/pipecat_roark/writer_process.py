@@ -26,6 +26,7 @@ The child records under the bot's owner identity, so orphan checks judge the bot
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import os
 import queue
@@ -61,10 +62,12 @@ from .writer_recovery import acknowledge, barrier_numbers, recover
 __all__ = ["AnyWriter", "ProcessWriter", "writer_child_command"]
 
 _CHILD_GONE = object()
-"""Put on the queue by the reader thread when the child's stdout ends unasked."""
+"""Put on the queue by the reader thread when the child's answers end unasked."""
 
 
-def writer_child_command(directory: Path, max_spool_bytes: int, min_free_bytes: int) -> list[str]:
+def writer_child_command(
+    directory: Path, max_spool_bytes: int, min_free_bytes: int, answers_fd: int
+) -> list[str]:
     """The child's argv, with this interpreter.
 
     Returns:
@@ -80,7 +83,47 @@ def writer_child_command(directory: Path, max_spool_bytes: int, min_free_bytes: 
         str(max_spool_bytes),
         "--min-free-bytes",
         str(min_free_bytes),
+        "--answers-fd",
+        str(answers_fd),
     ]
+
+
+def _spawn(
+    directory: Path, max_spool_bytes: int, min_free_bytes: int, owner: Owner
+) -> tuple[subprocess.Popen[bytes], io.FileIO]:
+    """Start the writer child, with its answers on a pipe of their own.
+
+    What the child's interpreter prints (a site hook, an import-time notice) goes to the
+    bot's stdout, never into the answers.
+
+    Returns:
+        The child, and the read end of its answers.
+
+    Raises:
+        RuntimeError: a frozen application (``sys.executable`` is the application itself).
+        OSError: the child could not be started.
+    """
+    if getattr(sys, "frozen", False):
+        raise RuntimeError("a frozen application has no Python to run the writer child with")
+    env = dict(os.environ)  # the child serves no metrics: the bot's port stays the bot's
+    env.pop(ENV_API_KEY, None)  # it only writes the database: one less copy of the key
+    env[ENV_OWNER] = owner_to_env(owner)
+    read_fd, write_fd = os.pipe()
+    answers = io.FileIO(read_fd, "rb")
+    try:
+        child = subprocess.Popen(
+            writer_child_command(directory, max_spool_bytes, min_free_bytes, write_fd),
+            stdin=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            pass_fds=(write_fd,),
+        )
+    except BaseException:
+        answers.close()
+        raise
+    finally:
+        os.close(write_fd)
+    return child, answers
 
 
 class ProcessWriter(FlushWaits):
@@ -119,6 +162,7 @@ class ProcessWriter(FlushWaits):
         """Calls whose open was sent and whose end is not acknowledged: adopted on fallback."""
         self._local: Writer | None = None
         self._child: subprocess.Popen[bytes] | None = None
+        self._answers: io.FileIO | None = None
         self._stdin: int | None = None
         self._reader: threading.Thread | None = None
         self._finishing = False
@@ -179,8 +223,7 @@ class ProcessWriter(FlushWaits):
         closes or dies.
         """
         self._closing = True
-        if self._child is not None:
-            _close_pipes(self._child)
+        self._close_pipes()
 
     # ---- the sender thread ----
 
@@ -218,24 +261,16 @@ class ProcessWriter(FlushWaits):
                 return
 
     def _start_child(self) -> None:
-        if getattr(sys, "frozen", False):  # sys.executable is the application: not a Python
-            raise RuntimeError("a frozen application has no Python to run it with")
-        env = dict(os.environ)  # the child serves no metrics: the bot's port stays the bot's
-        env.pop(ENV_API_KEY, None)  # it only writes the database: one less copy of the key
-        env[ENV_OWNER] = owner_to_env(self.owner)
-        child = subprocess.Popen(
-            writer_child_command(self.directory, self.max_spool_bytes, self.min_free_bytes),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
+        child, answers = _spawn(
+            self.directory, self.max_spool_bytes, self.min_free_bytes, self.owner
         )
-        assert child.stdin is not None and child.stdout is not None
+        self._answers = answers
+        assert child.stdin is not None
         self._child, self.child_pid = child, child.pid
         self._stdin = child.stdin.fileno()
         self._reader = threading.Thread(
             target=self._read,
-            args=(child.stdout.fileno(),),
+            args=(answers.fileno(),),
             name=f"pipecat-roark-writer-reader:{self.directory}",
             daemon=True,
         )
@@ -307,7 +342,14 @@ class ProcessWriter(FlushWaits):
         """Wait for the child and close this process's ends of its pipes (the reader is done)."""
         if self._child is not None:
             self._child.wait()
-            _close_pipes(self._child)
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """Close this process's ends of the child's pipes."""
+        for pipe in (None if self._child is None else self._child.stdin, self._answers):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
     def _child_exit(self) -> str:
         code = None if self._child is None else self._child.wait()
@@ -388,14 +430,6 @@ def _call(callback: Callable[[], None] | None) -> None:
         callback()
     except Exception as exc:
         logger.warning(f"pipecat-roark: a writer callback failed: {exc}")
-
-
-def _close_pipes(child: subprocess.Popen[bytes]) -> None:
-    """Close this process's ends of the child's pipes."""
-    for pipe in (child.stdin, child.stdout):
-        if pipe is not None:
-            with contextlib.suppress(OSError):
-                pipe.close()
 
 
 AnyWriter = Writer | ProcessWriter
