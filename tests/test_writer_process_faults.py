@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -342,6 +343,7 @@ def test_a_second_session_right_after_the_first_stays_refused_after_a_fallback(
 
 FROZEN_BOT = """
 import sys
+import threading
 from pathlib import Path
 from pipecat_roark.events import CallOpened
 from pipecat_roark.ops import FinalizeOp, OpenOp
@@ -402,3 +404,39 @@ def test_what_the_childs_interpreter_prints_does_not_garble_its_answers(
         assert writer.close(CLOSE_S)
     assert writer.fell_back is None
     assert user_texts(data_dir, "call-1") == ["hello"]
+
+
+def test_close_after_a_fallback_waits_for_this_process_writer(data_dir: Path) -> None:
+    """After a fallback, close gave this process's writer its default 5 s and then said
+    True whatever it had committed: here the database is locked by another connection for
+    longer than that, and close returned True with the last records still in memory."""
+    writer = process_writer(data_dir)
+    writer.submit(open_op("call-1"))
+    assert writer.flush_sync(CLOSE_S)
+    assert writer.child_pid is not None
+    os.kill(writer.child_pid, signal.SIGKILL)
+    assert writer.flush_sync(CLOSE_S), "recorded by this process's writer"
+    assert writer.fell_back is not None
+    lock = sqlite3.connect(data_dir / "wal.sqlite", isolation_level=None, check_same_thread=False)
+    lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+    released = threading.Event()
+
+    def release_later() -> None:
+        time.sleep(8.0)  # longer than the 5 s close gave that writer
+        lock.execute("COMMIT")
+        lock.close()
+        released.set()
+
+    writer.submit(said("call-1", "while the database is locked"))
+    writer.submit(FinalizeOp("call-1", now_us(), "completed"))
+    holder = threading.Thread(target=release_later)
+    holder.start()
+    try:
+        closed = writer.close(CLOSE_S)
+        after_the_lock = released.is_set()
+        texts = user_texts(data_dir, "call-1")
+    finally:
+        holder.join()
+    assert closed
+    assert after_the_lock, "close said True while the records waited for the lock"
+    assert texts == ["while the database is locked"]

@@ -45,7 +45,7 @@ from .ops import BarrierOp, Op, OpenOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
 from .store import connect
 from .writer import Writer
-from .writer_child import ENV_OWNER, owner_to_env
+from .writer_child import CLOSE_TIMEOUT_S, ENV_OWNER, owner_to_env
 from .writer_flush import FlushWaits
 from .writer_pipe import (
     COMMITTED,
@@ -314,8 +314,8 @@ class ProcessWriter(FlushWaits):
                 self._fall_back(f"{self._child_exit()} before committing what it was sent")
         if self._held is not None:
             self._open_local()
-        if self._local is not None:
-            self._local.close()
+        if self._local is not None:  # waited for like the child: close's caller has the limit
+            self._local.close(CLOSE_TIMEOUT_S)
         elif self._held is not None:  # the database never came back
             logger.error(f"pipecat-roark: {self.directory} unusable at close: its records are lost")
 
