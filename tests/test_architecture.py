@@ -53,6 +53,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "row_delivery",
             "writer_flush",
             "writer_pipe",
+            "writer_recovery",
         },
     ),
     ("engines", {"writer", "drain", "writer_child", "writer_process"}),

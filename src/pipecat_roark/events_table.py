@@ -111,14 +111,14 @@ def load_events(conn: sqlite3.Connection, call_id: str) -> list[Event]:
     return read_events(conn, call_id).events
 
 
-def bodies_of(conn: sqlite3.Connection, call_id: str) -> set[bytes]:
-    """The encoded bodies of a call's stored events (to leave out what was committed).
+def bodies_of(conn: sqlite3.Connection, call_id: str) -> list[bytes]:
+    """The encoded bodies of a call's stored events, in order (to leave out what is stored).
 
     Returns:
-        Every body, as stored.
+        Every body, as stored, oldest first.
     """
-    rows = conn.execute("SELECT body FROM events WHERE call_id = ?", (call_id,))
-    return {bytes(body) for (body,) in rows}
+    rows = conn.execute("SELECT body FROM events WHERE call_id = ? ORDER BY id", (call_id,))
+    return [bytes(body) for (body,) in rows]
 
 
 def last_event_body(conn: sqlite3.Connection, call_id: str) -> bytes | None:

@@ -358,4 +358,17 @@ def _finalize_open_calls(reason: str) -> None:
             logger.error(f"pipecat-roark: could not commit calls at exit: {exc}")
 
 
+def _let_go_in_fork() -> None:
+    """A forked copy of the bot: its copies of the writer children's pipes are let go.
+
+    The copy's threads did not come along: records given to it would wait for a sender
+    that does not exist here, and its open pipes would keep a child from seeing the
+    parent's end of input. ``writer_for`` starts the fork's own writer instead.
+    """
+    for writer in PROCESS.writers.values():
+        if isinstance(writer, ProcessWriter):
+            writer.left_in_fork()
+
+
+os.register_at_fork(after_in_child=_let_go_in_fork)
 atexit.register(shut_down)

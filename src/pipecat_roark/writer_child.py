@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--max-spool-bytes", type=int, required=True)
     parser.add_argument("--min-free-bytes", type=int, required=True)
+    parser.add_argument("--answers-fd", type=int, required=True)
     args = parser.parse_args(argv)
-    replies = _Replies(sys.stdout.fileno())
+    replies = _Replies(args.answers_fd)
     logger.remove()
     logger.add(replies.log, level="INFO", format="{message}")
     try:

@@ -4,11 +4,12 @@ Bot → child, on the child's stdin: frames, each a 4-byte length and a pickle o
 ``(seq, ops)``. The ops are the writer's own (``ops.py``), except that a flush's
 callback cannot cross a process: it travels as a ``RemoteBarrier`` with a number.
 
-Child → bot, on the child's stdout: 9-byte messages, a kind and a number: ``COMMITTED``
-(every frame up to this seq is committed), ``RELEASED`` (this barrier's records are
-committed), ``DELIVERIES`` (a commit added deliveries: wake a drainer), and ``LOG``,
-followed by that many bytes: a log line of the child (``LEVEL<tab>message``), which the
-bot logs through its own loguru, so the user's sinks see it like any other line of ours.
+Child → bot, on a pipe of their own (``--answers-fd``; the child's stdout is the bot's,
+for whatever its interpreter prints): 9-byte messages, a kind and a number:
+``COMMITTED`` (every frame up to this seq is committed), ``RELEASED`` (this barrier's
+records are committed), ``DELIVERIES`` (a commit added deliveries: wake a drainer), and
+``LOG``, followed by that many bytes: a log line of the child (``LEVEL<tab>message``),
+which the bot logs through its own loguru, so the user's sinks see it like any other line.
 
 Pickle is safe here: both ends are this package, in processes of the same user, and
 the pipe is private to them. It is also the cheapest encoding of the ops on the bot's

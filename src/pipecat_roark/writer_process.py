@@ -14,9 +14,9 @@ Nothing acknowledged is lost, and nothing unacknowledged is either:
 - Every frame is kept in the bot until the child says it is committed.
 - If the child cannot start, exits or is killed while the bot lives, the bot opens a
   ``Writer`` of its own (one line logged). It adopts the calls still open and gives it the
-  frames not yet acknowledged. Whatever the child had committed of them is left out,
-  looked up in the database (a call's open, events with the same body, chunk rows;
-  ending a call twice is a no-op).
+  frames not yet acknowledged, less whatever the child had committed of them
+  (``writer_recovery``). If that writer cannot open the database either, the records
+  wait in memory and it is tried again each second.
 - If the bot dies (even of SIGKILL), the child reads what is left in the pipe, commits it
   and exits: it keeps more of a killed bot's records than the thread would.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import itertools
 import os
 import queue
@@ -40,14 +41,12 @@ from typing import Any
 
 from loguru import logger
 
-from . import calls_table, chunks_table, events_table
-from .events import CallOpened, encode_event
-from .ops import BarrierOp, ChunkOp, EventOp, FinalizeOp, Op, OpenOp, StopOp
+from .config import ENV_API_KEY
+from .ops import BarrierOp, Op, OpenOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
-from .store import connect
 from .wal_file import connect_or_quarantine
 from .writer import Writer
-from .writer_child import ENV_OWNER, owner_to_env
+from .writer_child import CLOSE_TIMEOUT_S, ENV_OWNER, owner_to_env
 from .writer_flush import FlushWaits
 from .writer_pipe import (
     COMMITTED,
@@ -59,14 +58,17 @@ from .writer_pipe import (
     encode_frame,
     write_all,
 )
+from .writer_recovery import acknowledge, barrier_numbers, recover
 
 __all__ = ["AnyWriter", "ProcessWriter", "writer_child_command"]
 
 _CHILD_GONE = object()
-"""Put on the queue by the reader thread when the child's stdout ends unasked."""
+"""Put on the queue by the reader thread when the child's answers end unasked."""
 
 
-def writer_child_command(directory: Path, max_spool_bytes: int, min_free_bytes: int) -> list[str]:
+def writer_child_command(
+    directory: Path, max_spool_bytes: int, min_free_bytes: int, answers_fd: int
+) -> list[str]:
     """The child's argv, with this interpreter.
 
     Returns:
@@ -82,7 +84,47 @@ def writer_child_command(directory: Path, max_spool_bytes: int, min_free_bytes: 
         str(max_spool_bytes),
         "--min-free-bytes",
         str(min_free_bytes),
+        "--answers-fd",
+        str(answers_fd),
     ]
+
+
+def _spawn(
+    directory: Path, max_spool_bytes: int, min_free_bytes: int, owner: Owner
+) -> tuple[subprocess.Popen[bytes], io.FileIO]:
+    """Start the writer child, with its answers on a pipe of their own.
+
+    What the child's interpreter prints (a site hook, an import-time notice) goes to the
+    bot's stdout, never into the answers.
+
+    Returns:
+        The child, and the read end of its answers.
+
+    Raises:
+        RuntimeError: a frozen application (``sys.executable`` is the application itself).
+        OSError: the child could not be started.
+    """
+    if getattr(sys, "frozen", False):
+        raise RuntimeError("a frozen application has no Python to run the writer child with")
+    env = dict(os.environ)  # the child serves no metrics: the bot's port stays the bot's
+    env.pop(ENV_API_KEY, None)  # it only writes the database: one less copy of the key
+    env[ENV_OWNER] = owner_to_env(owner)
+    read_fd, write_fd = os.pipe()
+    answers = io.FileIO(read_fd, "rb")
+    try:
+        child = subprocess.Popen(
+            writer_child_command(directory, max_spool_bytes, min_free_bytes, write_fd),
+            stdin=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            pass_fds=(write_fd,),
+        )
+    except BaseException:
+        answers.close()
+        raise
+    finally:
+        os.close(write_fd)
+    return child, answers
 
 
 class ProcessWriter(FlushWaits):
@@ -101,7 +143,7 @@ class ProcessWriter(FlushWaits):
         Raises:
             StoreError: the database cannot be opened (a subclass says why).
         """
-        connect_or_quarantine(directory).close()  # as the writer thread would: a damaged file
+        connect_or_quarantine(directory).close()  # as the writer thread would
         self.directory = directory
         self.max_spool_bytes = max_spool_bytes
         self.min_free_bytes = min_free_bytes
@@ -115,15 +157,21 @@ class ProcessWriter(FlushWaits):
         self._numbers = itertools.count(1)
         self._seq = 0
         self._unacked: deque[tuple[int, list[Any]]] = deque()
+        self._acked_events: dict[str, int] = {}
+        """Per open call, how many of its events the child said it committed."""
         self._open: dict[str, OpenOp] = {}
         """Calls whose open was sent and whose end is not acknowledged: adopted on fallback."""
         self._local: Writer | None = None
         self._child: subprocess.Popen[bytes] | None = None
+        self._answers: io.FileIO | None = None
         self._stdin: int | None = None
         self._reader: threading.Thread | None = None
         self._finishing = False
         self._unrecorded = False
-        """Neither the child nor this process can write the database: records are lost."""
+        """No writer of this process could be opened at the last try (said once per streak)."""
+        self._held: list[Op] | None = None
+        """The child is gone and no writer of this process could be opened yet: what came
+        since waits here (after the unacknowledged frames) until one can."""
         self._closing = False
         self._thread = threading.Thread(
             target=self._run, name=f"pipecat-roark-writer-sender:{directory}", daemon=True
@@ -167,6 +215,17 @@ class ProcessWriter(FlushWaits):
         """Records submitted and not yet sent to the child (approximate, for metrics)."""
         return self._queue.qsize()
 
+    def left_in_fork(self) -> None:
+        """In a forked copy of the bot: this copy's threads did not come along.
+
+        Closed, so ``writer_for`` starts a writer of the fork's own (records given to
+        this copy would wait for a sender thread that does not exist here), and its copies
+        of the pipes closed, so the child still sees its end of input when the parent
+        closes or dies.
+        """
+        self._closing = True
+        self._close_pipes()
+
     # ---- the sender thread ----
 
     def _run(self) -> None:
@@ -175,43 +234,45 @@ class ProcessWriter(FlushWaits):
         except Exception as exc:
             self._fall_back(f"the writer process did not start ({exc})")
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=None if self._held is None else RETRY_S)
+            except queue.Empty:
+                self._open_local()
+                continue
             taken = [first]
             with contextlib.suppress(queue.Empty):
                 while True:
                     taken.append(self._queue.get_nowait())
             if any(item is _CHILD_GONE for item in taken):
                 taken = [item for item in taken if item is not _CHILD_GONE]
-                if self._local is None:
+                if self.fell_back is None:
                     self._fall_back(self._child_exit())
             stop = any(isinstance(item, StopOp) for item in taken)
             ops = [item for item in taken if not isinstance(item, StopOp)]
-            if self._local is not None:
+            if self._held is not None:
+                self._held.extend(ops)
+                self._open_local()
+            elif self._local is not None:
                 for op in ops:
                     self._local.submit(op)
-            elif ops and not self._unrecorded:
+            elif ops:
                 self._send(ops)  # if that fails, _fall_back replays them with the rest
             if stop:
                 self._finish()
                 return
 
     def _start_child(self) -> None:
-        env = dict(os.environ)  # the child serves no metrics: the bot's port stays the bot's
-        env[ENV_OWNER] = owner_to_env(self.owner)
-        child = subprocess.Popen(
-            writer_child_command(self.directory, self.max_spool_bytes, self.min_free_bytes),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
+        child, answers = _spawn(
+            self.directory, self.max_spool_bytes, self.min_free_bytes, self.owner
         )
-        assert child.stdin is not None and child.stdout is not None
+        self._answers = answers
+        assert child.stdin is not None
         self._child, self.child_pid = child, child.pid
         self._stdin = child.stdin.fileno()
         _widen(self._stdin)
         self._reader = threading.Thread(
             target=self._read,
-            args=(child.stdout.fileno(),),
+            args=(answers.fileno(),),
             name=f"pipecat-roark-writer-reader:{self.directory}",
             daemon=True,
         )
@@ -238,32 +299,32 @@ class ProcessWriter(FlushWaits):
         return op
 
     def _finish(self) -> None:
-        """Close: EOF tells the child to commit the rest and exit; wait for its last word."""
-        self._finishing = True
-        if self._local is not None:
-            self._local.close()
-            return
-        if self._child is not None and self._child.stdin is not None:
-            with contextlib.suppress(OSError):
-                self._child.stdin.close()
-        if self._reader is not None:
-            self._reader.join()
-        if self._child is not None:
-            self._child.wait()
-        self._close_pipes()
+        """Close: EOF tells the child to commit the rest and exit; wait for its last word.
 
-    def _close_pipes(self) -> None:
-        """Once the reader is done: no pipe of the child stays open in the bot."""
-        child = self._child
-        for pipe in (None, None) if child is None else (child.stdin, child.stdout):
-            if pipe is not None:
+        A child that exits with frames unacknowledged (killed, or its writer could not
+        commit them) did not finish: this process records them itself, as on any death.
+        """
+        self._finishing = True
+        if self._local is None:
+            if self._child is not None and self._child.stdin is not None:
                 with contextlib.suppress(OSError):
-                    pipe.close()
+                    self._child.stdin.close()
+            if self._reader is not None:
+                self._reader.join()
+            self._reap()
+            if self._unacked and self.fell_back is None:
+                self._fall_back(f"{self._child_exit()} before committing what it was sent")
+        if self._held is not None:
+            self._open_local()
+        if self._local is not None:  # waited for like the child: close's caller has the limit
+            self._local.close(CLOSE_TIMEOUT_S)
+        elif self._held is not None:  # the database never came back
+            logger.error(f"pipecat-roark: {self.directory} unusable at close: its records are lost")
 
     # ---- the reader thread ----
 
     def _read(self, fd: int) -> None:
-        """Take the child's messages, as many as one read brings, until its stdout ends."""
+        """Take the child's answers, as many as one read brings, until they end."""
         buffer = bytearray()
         size = MESSAGE.size
         while True:
@@ -282,44 +343,33 @@ class ProcessWriter(FlushWaits):
                         break  # the rest of the line comes with the next read
                     line = bytes(buffer[start + size : start + size + number])
                     start += size + number
-                    self._log_child_line(line)
+                    _log_child_line(line)
                     continue
                 start += size
                 if kind == COMMITTED:
-                    self._acknowledged(number)
+                    acknowledge(self._unacked, number, self._open, self._acked_events)
                 elif kind == RELEASED:
-                    self._call(self._barriers.pop(number, None))
+                    _call(self._barriers.pop(number, None))
                 elif kind == DELIVERIES:
-                    for listener in list(self._listeners):
-                        self._call(listener)
+                    self._notify()
             del buffer[:start]
         if not self._finishing:
             self._queue.put(_CHILD_GONE)
 
-    def _log_child_line(self, line: bytes) -> None:
-        level, _, text = line.decode(errors="replace").partition("\t")
-        try:
-            logger.log(level, text)
-        except ValueError:  # a level this loguru does not know
-            logger.error(text)
-
-    def _acknowledged(self, seq: int) -> None:
-        unacked = self._unacked
-        while unacked and unacked[0][0] <= seq:
-            for op in unacked.popleft()[1]:
-                if isinstance(op, FinalizeOp):
-                    self._open.pop(op.call_id, None)
-
-    @staticmethod
-    def _call(callback: Callable[[], None] | None) -> None:
-        if callback is None:
-            return
-        try:
-            callback()
-        except Exception as exc:
-            logger.warning(f"pipecat-roark: a writer callback failed: {exc}")
-
     # ---- falling back to a writer of this process ----
+
+    def _reap(self) -> None:
+        """Wait for the child and close this process's ends of its pipes (the reader is done)."""
+        if self._child is not None:
+            self._child.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """Close this process's ends of the child's pipes."""
+        for pipe in (None if self._child is None else self._child.stdin, self._answers):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
     def _child_exit(self) -> str:
         code = None if self._child is None else self._child.wait()
@@ -336,9 +386,28 @@ class ProcessWriter(FlushWaits):
             child.wait()
         if self._reader is not None:
             self._reader.join()
-        self._close_pipes()
+        self._reap()
+        self._held = []
+        self._open_local()
+
+    def _open_local(self) -> None:
+        """Open this process's writer and give it what the child left; else keep it all.
+
+        A database this process cannot open either (a full disk, a moved directory) keeps
+        the records in memory and is tried again (``RETRY_S``), as the writer thread keeps
+        a refusing database's records.
+        """
+        held = self._held
+        assert held is not None
         try:
-            replay, adopt = self._recovered()
+            replay, adopt = recover(
+                self.directory,
+                self._unacked,
+                self._open,
+                self._barriers,
+                self.owner,
+                self._acked_events,
+            )
             local = Writer(
                 self.directory,
                 max_spool_bytes=self.max_spool_bytes,
@@ -347,81 +416,56 @@ class ProcessWriter(FlushWaits):
                 adopt=adopt,
             )
         except Exception as exc:
-            logger.error(
-                f"pipecat-roark: {self.directory} cannot be recorded from this process either "
-                f"({exc}); this process's calls from now on are not recorded"
-            )
-            local = None
-            replay = []
-        if local is None:
+            if not self._unrecorded:
+                logger.error(
+                    f"pipecat-roark: {self.directory} cannot be recorded from this process "
+                    f"either ({exc}); keeping its records in memory and retrying"
+                )
             self._unrecorded = True
             return
+        if self._unrecorded:
+            logger.info(f"pipecat-roark: recording {self.directory} from this process again")
+        for number in barrier_numbers(self._unacked):  # released, or in the replay
+            self._barriers.pop(number, None)
+        self._unacked.clear()
         local.add_commit_listener(self._notify)
-        for op in replay:
+        for op in (*replay, *held):
             local.submit(op)
+        self._held = None
         self._local = local
 
     def _notify(self) -> None:
         for listener in list(self._listeners):
-            self._call(listener)
-
-    def _recovered(self) -> tuple[list[Op], dict[str, tuple[CallOpened, str | None]]]:
-        """What the child did not commit of the unacknowledged frames, and the calls to adopt.
-
-        Returns:
-            The ops to give our own writer, in order, and the open calls it takes over.
-        """
-        frames = list(self._unacked)
-        self._unacked.clear()
-        conn = connect(self.directory)
-        try:
-            adopt = {
-                call_id: (op.opened, op.key_fp)
-                for call_id, op in self._open.items()
-                if calls_table.open_and_owned_by(conn, call_id, self.owner.token)
-            }
-            bodies: dict[str, set[bytes]] = {}
-            replay: list[Op] = []
-            for _, wire in frames:
-                for op in wire:
-                    kept = self._unless_committed(conn, op, adopt, bodies)
-                    if kept is not None:
-                        replay.append(kept)
-            return replay, adopt
-        finally:
-            conn.close()
-
-    def _unless_committed(
-        self,
-        conn: Any,
-        op: Any,
-        adopt: dict[str, tuple[CallOpened, str | None]],
-        bodies: dict[str, set[bytes]],
-    ) -> Op | None:
-        if isinstance(op, RemoteBarrier):
-            release = self._barriers.pop(op.number, None)
-            return None if release is None else BarrierOp(release, op.call_id)
-        if isinstance(op, OpenOp):
-            return None if op.call_id in adopt else op
-        if isinstance(op, EventOp):
-            if op.call_id not in bodies:
-                bodies[op.call_id] = events_table.bodies_of(conn, op.call_id)
-            body = encode_event(op.event)
-            if body in bodies[op.call_id]:
-                bodies[op.call_id].discard(body)
-                return None
-            return op
-        if isinstance(op, ChunkOp):
-            return None if chunks_table.chunk_file(conn, op.call_id, op.idx) else op
-        result: Op = op
-        return result
+            _call(listener)
 
 
-AnyWriter = Writer | ProcessWriter
-"""What ``lifecycle.writer_for`` hands a call: the writer thread, or the writer child."""
+RETRY_S = 1.0
+"""How often records held for a database that cannot be opened try it again."""
+
+
+def _log_child_line(line: bytes) -> None:
+    """A line the child logged, through this process's loguru (the user's sinks)."""
+    level, _, text = line.decode(errors="replace").partition("\t")
+    try:
+        logger.log(level, text)
+    except ValueError:  # a level this loguru does not know
+        logger.error(text)
 
 
 def _widen(fd: int) -> None:
     """Let a whole chunk fit in the pipe: one write, no waiting for the child to read."""
     with contextlib.suppress(OSError, AttributeError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+
+
+def _call(callback: Callable[[], None] | None) -> None:
+    if callback is None:
+        return
+    try:
+        callback()
+    except Exception as exc:
+        logger.warning(f"pipecat-roark: a writer callback failed: {exc}")
+
+
+AnyWriter = Writer | ProcessWriter
+"""What ``lifecycle.writer_for`` hands a call: the writer thread, or the writer child."""
