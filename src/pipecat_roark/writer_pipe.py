@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from .ops import Op
@@ -34,6 +35,7 @@ __all__ = [
     "RemoteBarrier",
     "decode_frame",
     "encode_frame",
+    "read_answers",
     "read_exactly",
     "write_all",
 ]
@@ -83,6 +85,33 @@ def decode_frame(fd: int) -> tuple[int, list[Op | RemoteBarrier]] | None:
         raise EOFError("the stream ended inside a frame")
     seq, ops = pickle.loads(body)
     return int(seq), list(ops)
+
+
+def read_answers(fd: int) -> Iterator[tuple[bytes, int, bytes]]:
+    """The child's answers from ``fd``, as many as each read brings, until it ends.
+
+    Yields:
+        ``(kind, number, log line)`` per answer; the line is empty but for ``LOG``.
+    """
+    buffer = bytearray()
+    size = MESSAGE.size
+    while True:
+        try:
+            data = os.read(fd, 1 << 16)
+        except OSError:
+            data = b""
+        if not data:
+            return
+        buffer += data
+        start = 0
+        while len(buffer) - start >= size:
+            kind, number = MESSAGE.unpack_from(buffer, start)
+            end = start + size + (number if kind == LOG else 0)
+            if len(buffer) < end:
+                break  # the rest of the line comes with the next read
+            yield kind, number, bytes(buffer[start + size : end])
+            start = end
+        del buffer[:start]
 
 
 def read_exactly(fd: int, size: int) -> bytes | None:

@@ -52,10 +52,10 @@ from .writer_pipe import (
     COMMITTED,
     DELIVERIES,
     LOG,
-    MESSAGE,
     RELEASED,
     RemoteBarrier,
     encode_frame,
+    read_answers,
     write_all,
 )
 from .writer_recovery import acknowledge, barrier_numbers, recover
@@ -324,35 +324,15 @@ class ProcessWriter(FlushWaits):
     # ---- the reader thread ----
 
     def _read(self, fd: int) -> None:
-        """Take the child's answers, as many as one read brings, until they end."""
-        buffer = bytearray()
-        size = MESSAGE.size
-        while True:
-            try:
-                data = os.read(fd, 1 << 16)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            buffer += data
-            start = 0
-            while len(buffer) - start >= size:
-                kind, number = MESSAGE.unpack_from(buffer, start)
-                if kind == LOG:
-                    if len(buffer) - start - size < number:
-                        break  # the rest of the line comes with the next read
-                    line = bytes(buffer[start + size : start + size + number])
-                    start += size + number
-                    _log_child_line(line)
-                    continue
-                start += size
-                if kind == COMMITTED:
-                    acknowledge(self._unacked, number, self._open, self._acked_events)
-                elif kind == RELEASED:
-                    _call(self._barriers.pop(number, None))
-                elif kind == DELIVERIES:
-                    self._notify()
-            del buffer[:start]
+        for kind, number, line in read_answers(fd):
+            if kind == COMMITTED:
+                acknowledge(self._unacked, number, self._open, self._acked_events)
+            elif kind == RELEASED:
+                _call(self._barriers.pop(number, None))
+            elif kind == DELIVERIES:
+                self._notify()
+            elif kind == LOG:
+                _log_child_line(line)
         if not self._finishing:
             self._queue.put(_CHILD_GONE)
 
