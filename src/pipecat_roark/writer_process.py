@@ -15,7 +15,7 @@ Nothing acknowledged is lost, and nothing unacknowledged is either:
 - If the child cannot start, exits or is killed while the bot lives, the bot opens a
   ``Writer`` of its own (one line logged). It adopts the calls still open and gives it the
   frames not yet acknowledged. Whatever the child had committed of them is left out,
-  looked up in the database (a call's open, events with the same body, chunk rows;
+  looked up in the database (a call's open, equal events as many times as stored, chunk rows;
   ending a call twice is a no-op).
 - If the bot dies (even of SIGKILL), the child reads what is left in the pipe, commits it
   and exits: it keeps more of a killed bot's records than the thread would.
@@ -32,7 +32,7 @@ import queue
 import subprocess
 import sys
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from typing import Any
 from loguru import logger
 
 from . import calls_table, chunks_table, events_table
-from .events import CallOpened, encode_event
+from .events import CallOpened, Event
 from .ops import BarrierOp, ChunkOp, EventOp, FinalizeOp, Op, OpenOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
 from .store import connect
@@ -247,6 +247,17 @@ class ProcessWriter(FlushWaits):
             self._reader.join()
         if self._child is not None:
             self._child.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """Our ends of the child's pipes, once the reader is done with its stdout."""
+        child = self._child
+        if child is None:
+            return
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
     # ---- the reader thread ----
 
@@ -299,6 +310,7 @@ class ProcessWriter(FlushWaits):
             child.wait()
         if self._reader is not None:
             self._reader.join()
+        self._close_pipes()
         try:
             replay, adopt = self._recovered()
             local = Writer(
@@ -342,11 +354,11 @@ class ProcessWriter(FlushWaits):
                 for call_id, op in self._open.items()
                 if calls_table.open_and_owned_by(conn, call_id, self.owner.token)
             }
-            bodies: dict[str, set[bytes]] = {}
+            committed: dict[str, Counter[Event]] = {}
             replay: list[Op] = []
             for _, wire in frames:
                 for op in wire:
-                    kept = self._unless_committed(conn, op, adopt, bodies)
+                    kept = self._unless_committed(conn, op, adopt, committed)
                     if kept is not None:
                         replay.append(kept)
             return replay, adopt
@@ -358,7 +370,7 @@ class ProcessWriter(FlushWaits):
         conn: Any,
         op: Any,
         adopt: dict[str, tuple[CallOpened, str | None]],
-        bodies: dict[str, set[bytes]],
+        committed: dict[str, Counter[Event]],
     ) -> Op | None:
         if isinstance(op, RemoteBarrier):
             release = self._barriers.pop(op.number, None)
@@ -366,11 +378,15 @@ class ProcessWriter(FlushWaits):
         if isinstance(op, OpenOp):
             return None if op.call_id in adopt else op
         if isinstance(op, EventOp):
-            if op.call_id not in bodies:
-                bodies[op.call_id] = events_table.bodies_of(conn, op.call_id)
-            body = encode_event(op.event)
-            if body in bodies[op.call_id]:
-                bodies[op.call_id].discard(body)
+            # Compared as events, not as stored bytes: an event that crossed the pipe can
+            # encode a default value explicitly (msgspec omits a default by identity, and
+            # unpickling makes new strings), so the child's bytes differ from ours. Counted:
+            # two equal events both committed are both left out, not one.
+            stored = committed.get(op.call_id)
+            if stored is None:
+                stored = committed[op.call_id] = Counter(events_table.load_events(conn, op.call_id))
+            if stored[op.event] > 0:
+                stored[op.event] -= 1
                 return None
             return op
         if isinstance(op, ChunkOp):
