@@ -434,7 +434,7 @@ async def test_a_child_killed_mid_call_is_replaced_and_the_call_has_everything_o
 
     why = writer.fell_back
     assert why is not None, "the child died during the call"
-    assert "exited with status -9" in why or "cannot be written to" in why, why
+    assert f"{child} exited with status -9" in why, why
     errors = logs.messages("ERROR")
     assert len(errors) == 1 and FALLBACK in errors[0], errors
     assert not Path(f"/proc/{child}").exists(), "reaped"
@@ -481,7 +481,7 @@ async def test_a_child_that_cannot_start_or_dies_at_once_leaves_the_call_to_the_
 
     why = writer.fell_back
     assert why is not None
-    assert expected in why or "cannot be written to" in why, why
+    assert expected in why, why
     errors = logs.messages("ERROR")
     assert len(errors) == 1 and why in errors[0] and FALLBACK in errors[0], errors
     assert delivered_chunks(dev_server, "bot-records") == emitted

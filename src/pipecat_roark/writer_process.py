@@ -60,6 +60,8 @@ from .writer_pipe import (
 
 __all__ = ["AnyWriter", "ProcessWriter", "writer_child_command"]
 
+_EXIT_WAIT_S = 2.0
+"""How long the sender waits for a child whose stdin refused a frame to exit (to say why)."""
 _CHILD_GONE = object()
 """Put on the queue by the reader thread when the child's stdout ends unasked."""
 
@@ -223,7 +225,7 @@ class ProcessWriter(FlushWaits):
         try:
             write_all(self._stdin, encode_frame(self._seq, wire))
         except Exception as exc:  # EPIPE: the child is gone; this frame is in _unacked
-            self._fall_back(f"the writer process cannot be written to ({exc})")
+            self._fall_back(self._unwritable(exc))
 
     def _outbound(self, op: Op) -> Any:
         if isinstance(op, BarrierOp):
@@ -298,6 +300,18 @@ class ProcessWriter(FlushWaits):
     def _child_exit(self) -> str:
         code = None if self._child is None else self._child.wait()
         return f"the writer process {self.child_pid} exited with status {code}"
+
+    def _unwritable(self, exc: Exception) -> str:
+        """Why a frame could not be written: the child's exit status, once it has one.
+
+        Returns:
+            The exit, or the write's error if the child is still there after a moment.
+        """
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            if self._child is not None:
+                self._child.wait(_EXIT_WAIT_S)  # it closed its stdin: it is exiting
+                return self._child_exit()
+        return f"the writer process cannot be written to ({exc})"
 
     def _fall_back(self, why: str) -> None:
         """Record in this process from now on, starting with what the child did not commit."""
