@@ -325,8 +325,12 @@ class ProcessWriter(FlushWaits):
         if self._reader is not None:
             self._reader.join()
         self._close_pipes()
+        frames = list(self._unacked)
+        self._unacked.clear()
         try:
-            replay, adopt = self._recovered()
+            replay, adopt = _recovered(
+                self.directory, self.owner.token, frames, self._open, self._barriers
+            )
             local = Writer(
                 self.directory,
                 max_spool_bytes=self.max_spool_bytes,
@@ -353,60 +357,70 @@ class ProcessWriter(FlushWaits):
         for listener in list(self._listeners):
             self._call(listener)
 
-    def _recovered(self) -> tuple[list[Op], dict[str, tuple[CallOpened, str | None]]]:
-        """What the child did not commit of the unacknowledged frames, and the calls to adopt.
 
-        Returns:
-            The ops to give our own writer, in order, and the open calls it takes over.
-        """
-        frames = list(self._unacked)
-        self._unacked.clear()
-        conn = connect(self.directory)
-        try:
-            adopt = {
-                call_id: (op.opened, op.key_fp)
-                for call_id, op in self._open.items()
-                if calls_table.open_and_owned_by(conn, call_id, self.owner.token)
-            }
-            committed: dict[str, Counter[Event]] = {}
-            replay: list[Op] = []
-            for _, wire in frames:
-                for op in wire:
-                    kept = self._unless_committed(conn, op, adopt, committed)
-                    if kept is not None:
-                        replay.append(kept)
-            return replay, adopt
-        finally:
-            conn.close()
+Adopted = dict[str, tuple[CallOpened, str | None]]
+"""The open calls a fallback writer takes over: each call's opening event and key fingerprint."""
 
-    def _unless_committed(
-        self,
-        conn: Any,
-        op: Any,
-        adopt: dict[str, tuple[CallOpened, str | None]],
-        committed: dict[str, Counter[Event]],
-    ) -> Op | None:
-        if isinstance(op, RemoteBarrier):
-            release = self._barriers.pop(op.number, None)
-            return None if release is None else BarrierOp(release, op.call_id)
-        if isinstance(op, OpenOp):
-            return None if op.call_id in adopt else op
-        if isinstance(op, EventOp):
-            # Compared as events, not as stored bytes: an event that crossed the pipe can
-            # encode a default value explicitly (msgspec omits a default by identity, and
-            # unpickling makes new strings), so the child's bytes differ from ours. Counted:
-            # two equal events both committed are both left out, not one.
-            stored = committed.get(op.call_id)
-            if stored is None:
-                stored = committed[op.call_id] = Counter(events_table.load_events(conn, op.call_id))
-            if stored[op.event] > 0:
-                stored[op.event] -= 1
-                return None
-            return op
-        if isinstance(op, ChunkOp):
-            return None if chunks_table.chunk_file(conn, op.call_id, op.idx) else op
-        result: Op = op
-        return result
+
+def _recovered(
+    directory: Path,
+    owner_token: str,
+    frames: list[tuple[int, list[Any]]],
+    opened: dict[str, OpenOp],
+    barriers: dict[int, Callable[[], None]],
+) -> tuple[list[Op], Adopted]:
+    """What a dead child did not commit of the unacknowledged ``frames``, and the calls to adopt.
+
+    Returns:
+        The ops to give the bot's own writer, in order, and the open calls it takes over.
+    """
+    conn = connect(directory)
+    try:
+        adopt = {
+            call_id: (op.opened, op.key_fp)
+            for call_id, op in opened.items()
+            if calls_table.open_and_owned_by(conn, call_id, owner_token)
+        }
+        committed: dict[str, Counter[Event]] = {}
+        replay: list[Op] = []
+        for _, wire in frames:
+            for op in wire:
+                kept = _unless_committed(conn, op, adopt, committed, barriers)
+                if kept is not None:
+                    replay.append(kept)
+        return replay, adopt
+    finally:
+        conn.close()
+
+
+def _unless_committed(
+    conn: Any,
+    op: Any,
+    adopt: Adopted,
+    committed: dict[str, Counter[Event]],
+    barriers: dict[int, Callable[[], None]],
+) -> Op | None:
+    if isinstance(op, RemoteBarrier):
+        release = barriers.pop(op.number, None)
+        return None if release is None else BarrierOp(release, op.call_id)
+    if isinstance(op, OpenOp):
+        return None if op.call_id in adopt else op
+    if isinstance(op, EventOp):
+        # Compared as events, not as stored bytes: an event that crossed the pipe can
+        # encode a default value explicitly (msgspec omits a default by identity, and
+        # unpickling makes new strings), so the child's bytes differ from ours. Counted:
+        # two equal events both committed are both left out, not one.
+        stored = committed.get(op.call_id)
+        if stored is None:
+            stored = committed[op.call_id] = Counter(events_table.load_events(conn, op.call_id))
+        if stored[op.event] > 0:
+            stored[op.event] -= 1
+            return None
+        return op
+    if isinstance(op, ChunkOp):
+        return None if chunks_table.chunk_file(conn, op.call_id, op.idx) else op
+    result: Op = op
+    return result
 
 
 AnyWriter = Writer | ProcessWriter
