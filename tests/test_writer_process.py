@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import pickle
+import select
 import signal
 import sqlite3
 import subprocess
@@ -31,6 +32,7 @@ from devserver_fixture import RunningDevServer
 from helpers import LogCapture, stored_events, without_times
 from pipecat_roark import RoarkObserver, lifecycle
 from pipecat_roark.background_drainer import stop_background_drainers
+from pipecat_roark.drain import Drainer
 from pipecat_roark.events import (
     BotSpeech,
     BotText,
@@ -59,7 +61,7 @@ from pipecat_roark.testing import ScriptedCall, default_script, run_pipeline
 from pipecat_roark.writer import Writer
 from pipecat_roark.writer_pipe import RemoteBarrier, decode_frame, encode_frame, write_all
 from pipecat_roark.writer_process import AnyWriter, ProcessWriter
-from test_drain import assert_arrived_whole
+from test_drain import QUICK, assert_arrived_whole
 
 pytestmark = pytest.mark.strict_order
 
@@ -444,6 +446,60 @@ async def test_a_child_killed_mid_call_is_replaced_and_the_call_has_everything_o
     assert chunk_indices(data_dir, "child-killed") == list(range(len(emitted))), "each once"
     assert delivered_chunks(dev_server, "child-killed") == emitted
     assert_arrived_whole(dev_server, data_dir, "child-killed")
+    await stop_background_drainers()
+
+
+@pytest.mark.anyio
+async def test_a_child_killed_while_the_bot_closes_its_writer_leaves_the_rest_to_the_bot(
+    tmp_path: Path,
+    data_dir: Path,
+    dev_server: RunningDevServer,
+    logs: LogCapture,
+) -> None:
+    """The child is stopped for the whole call, so everything waits in the pipe; the bot
+    closes its writer (as at exit) and the child is killed before it read anything."""
+    baseline = await in_process_baseline(tmp_path / "in-process", dev_server, "no-kill")
+    roark = observer(data_dir, "killed-at-close", dev_server, writer_process=True, deliver=False)
+    writer = writer_of(data_dir)
+    assert isinstance(writer, ProcessWriter)
+    assert await writer.flush(FLUSH_S)
+    child = writer.child_pid
+    assert child is not None
+    emitted: list[bytes] = []
+
+    @roark.audio_processor.event_handler("on_audio_data")
+    async def tap(processor: object, audio: bytes, sample_rate: int, num_channels: int) -> None:
+        emitted.append(bytes(audio))
+
+    os.kill(child, signal.SIGSTOP)
+    pipe = os.open(f"/proc/{child}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # the child's stdin
+    try:
+        fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, 1 << 20)  # the bot's sender never blocks
+        call = ScriptedCall(default_script())
+        await run_pipeline([call, roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
+        assert not await asyncio.to_thread(writer.close, 0.1), "the child is stopped"
+        poller = select.poll()
+        poller.register(pipe, select.POLLIN)
+        for _ in range(300):  # bounded: the bot's closing sender closes its end of the pipe
+            if any(events & select.POLLHUP for _, events in poller.poll(100)):
+                break
+        assert any(events & select.POLLHUP for _, events in poller.poll(0)), "closing"
+        assert pipe_bytes(pipe) > 0, "the call is still in the pipe"
+    finally:
+        os.close(pipe)
+        os.kill(child, signal.SIGKILL)
+    assert await asyncio.to_thread(writer.close, FLUSH_S)
+
+    assert writer.fell_back is not None and f"{child} exited with status -9" in writer.fell_back
+    errors = logs.messages("ERROR")
+    assert len(errors) == 1 and FALLBACK in errors[0], errors
+    assert timeline(data_dir, "killed-at-close") == timeline(tmp_path / "in-process", "no-kill")
+    assert chunk_indices(data_dir, "killed-at-close") == list(range(len(emitted)))
+    report = await Drainer(data_dir, KEY, dev_server.base_url, QUICK).run_once()
+    assert report.delivered == len(emitted) + 2
+    assert_same_call(dev_server, "killed-at-close", baseline)
+    assert delivered_chunks(dev_server, "killed-at-close") == emitted
+    assert_arrived_whole(dev_server, data_dir, "killed-at-close")
     await stop_background_drainers()
 
 

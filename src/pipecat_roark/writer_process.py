@@ -237,19 +237,25 @@ class ProcessWriter(FlushWaits):
         return op
 
     def _finish(self) -> None:
-        """Close: EOF tells the child to commit the rest and exit; wait for its last word."""
+        """Close: EOF tells the child to commit the rest and exit; wait for its last word.
+
+        A child that exits with frames unacknowledged died before committing them (killed
+        while the bot shuts down): this process records them itself, then closes.
+        """
         self._finishing = True
+        if self._local is None:
+            if self._child is not None and self._child.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self._child.stdin.close()
+            if self._reader is not None:
+                self._reader.join()
+            if self._child is not None:
+                self._child.wait()
+            self._close_pipes()
+            if self._unacked:
+                self._fall_back(self._child_exit())
         if self._local is not None:
             self._local.close()
-            return
-        if self._child is not None and self._child.stdin is not None:
-            with contextlib.suppress(OSError):
-                self._child.stdin.close()
-        if self._reader is not None:
-            self._reader.join()
-        if self._child is not None:
-            self._child.wait()
-        self._close_pipes()
 
     def _close_pipes(self) -> None:
         """Our ends of the child's pipes, once the reader is done with its stdout."""
