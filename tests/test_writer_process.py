@@ -82,6 +82,7 @@ TIMES = {
 }
 """Payload fields that are wall-clock times, or offsets measured from them."""
 PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
 
 
 # ---- helpers ----
@@ -252,9 +253,11 @@ def reaper() -> Iterator[None]:
     """This test process adopts the orphans of its children (Linux's child subreaper),
     so it can read the exit status of a writer child whose bot it killed."""
     libc = ctypes.CDLL(None, use_errno=True)
+    was = ctypes.c_int(0)
+    assert libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0) == 0
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, ctypes.get_errno()
     yield
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, was.value, 0, 0, 0)
 
 
 def exit_status(pid: int) -> int | None:
