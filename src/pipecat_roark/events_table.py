@@ -20,7 +20,6 @@ import msgspec
 from .events import Event, decode_event
 
 __all__ = [
-    "bodies_of",
     "StoredEvents",
     "bodies_to_check",
     "count_for_call",
@@ -109,16 +108,6 @@ def load_events(conn: sqlite3.Connection, call_id: str) -> list[Event]:
         The call's decodable events, in the order the observer saw them.
     """
     return read_events(conn, call_id).events
-
-
-def bodies_of(conn: sqlite3.Connection, call_id: str) -> list[bytes]:
-    """The encoded bodies of a call's stored events, in order (to leave out what is stored).
-
-    Returns:
-        Every body, as stored, oldest first.
-    """
-    rows = conn.execute("SELECT body FROM events WHERE call_id = ? ORDER BY id", (call_id,))
-    return [bytes(body) for (body,) in rows]
 
 
 def last_event_body(conn: sqlite3.Connection, call_id: str) -> bytes | None:

@@ -76,9 +76,11 @@ def decode_frame(fd: int) -> tuple[int, list[Op | RemoteBarrier]] | None:
     Raises:
         EOFError: the stream ended inside a frame (the bot died while writing it).
     """
-    header = read_exactly(fd, _LENGTH.size)
-    if header is None:
+    header = _read_upto(fd, _LENGTH.size)
+    if not header:
         return None
+    if len(header) < _LENGTH.size:
+        raise EOFError("the stream ended inside a frame's length")
     (size,) = _LENGTH.unpack(header)
     body = read_exactly(fd, size)
     if body is None:
@@ -120,12 +122,22 @@ def read_exactly(fd: int, size: int) -> bytes | None:
     Returns:
         The bytes, or None at end of stream (also part-way: the sender died mid-write).
     """
+    data = _read_upto(fd, size)
+    return data if len(data) == size else None
+
+
+def _read_upto(fd: int, size: int) -> bytes:
+    """``size`` bytes from ``fd``, or fewer if it ends first (blocking, releases the GIL).
+
+    Returns:
+        The bytes read: short only at end of stream.
+    """
     parts: list[bytes] = []
     left = size
     while left:
         part = os.read(fd, min(left, 1 << 20))
         if not part:
-            return None
+            break
         parts.append(part)
         left -= len(part)
     return b"".join(parts)

@@ -62,6 +62,8 @@ from .writer_recovery import acknowledge, barrier_numbers, recover
 
 __all__ = ["AnyWriter", "ProcessWriter", "writer_child_command"]
 
+_EXIT_WAIT_S = 2.0
+"""How long the sender waits for a child whose stdin refused a frame to exit (to say why)."""
 _CHILD_GONE = object()
 """Put on the queue by the reader thread when the child's answers end unasked."""
 
@@ -246,7 +248,7 @@ class ProcessWriter(FlushWaits):
             if any(item is _CHILD_GONE for item in taken):
                 taken = [item for item in taken if item is not _CHILD_GONE]
                 if self.fell_back is None:
-                    self._fall_back(self._child_exit())
+                    self._fall_back(_exit_of(self._child))
             stop = any(isinstance(item, StopOp) for item in taken)
             ops = [item for item in taken if not isinstance(item, StopOp)]
             if self._held is not None:
@@ -287,7 +289,7 @@ class ProcessWriter(FlushWaits):
         try:
             write_all(self._stdin, encode_frame(self._seq, wire))
         except Exception as exc:  # EPIPE: the child is gone; this frame is in _unacked
-            self._fall_back(f"the writer process cannot be written to ({exc})")
+            self._fall_back(_unwritable(self._child, exc))
 
     def _outbound(self, op: Op) -> Any:
         if isinstance(op, BarrierOp):
@@ -313,7 +315,7 @@ class ProcessWriter(FlushWaits):
                 self._reader.join()
             self._reap()
             if self._unacked and self.fell_back is None:
-                self._fall_back(f"{self._child_exit()} before committing what it was sent")
+                self._fall_back(f"{_exit_of(self._child)} before committing what it was sent")
         if self._held is not None:
             self._open_local()
         if self._local is not None:  # waited for like the child: close's caller has the limit
@@ -350,10 +352,6 @@ class ProcessWriter(FlushWaits):
             if pipe is not None:
                 with contextlib.suppress(OSError):
                     pipe.close()
-
-    def _child_exit(self) -> str:
-        code = None if self._child is None else self._child.wait()
-        return f"the writer process {self.child_pid} exited with status {code}"
 
     def _fall_back(self, why: str) -> None:
         """Record in this process from now on, starting with what the child did not commit."""
@@ -421,6 +419,30 @@ class ProcessWriter(FlushWaits):
 
 RETRY_S = 1.0
 """How often records held for a database that cannot be opened try it again."""
+
+
+def _exit_of(child: subprocess.Popen[bytes] | None) -> str:
+    """How the child ended (waiting for it, if it has not yet).
+
+    Returns:
+        One clause naming its pid and exit status.
+    """
+    if child is None:
+        return "the writer process did not start"
+    return f"the writer process {child.pid} exited with status {child.wait()}"
+
+
+def _unwritable(child: subprocess.Popen[bytes] | None, exc: Exception) -> str:
+    """Why a frame could not be written: the child's exit status, once it has one.
+
+    Returns:
+        The exit, or the write's error if the child is still there after a moment.
+    """
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        if child is not None:
+            child.wait(_EXIT_WAIT_S)  # it closed its stdin: it is exiting
+            return _exit_of(child)
+    return f"the writer process cannot be written to ({exc})"
 
 
 def _log_child_line(line: bytes) -> None:

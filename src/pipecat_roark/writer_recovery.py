@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import calls_table, chunks_table, events_table
-from .events import CallOpened, ChunkRecorded, decode_event, encode_event
+from .events import CallOpened, ChunkRecorded, Event
 from .ops import BarrierOp, ChunkOp, EventOp, FinalizeOp, Op, OpenOp
 from .owner import Owner
 from .store import connect
@@ -104,11 +104,11 @@ def _recover(
 ) -> tuple[list[Op], dict[str, tuple[CallOpened, str | None]]]:
     unsent = {op.call_id for _, wire in frames for op in wire if isinstance(op, OpenOp)}
     adopt: dict[str, tuple[CallOpened, str | None]] = {}
-    stored: dict[str, list[bytes]] = {}
+    stored: dict[str, list[Event]] = {}
     replay: list[Op] = []
     for call_id, op in open_calls.items():
-        stored[call_id] = events_table.bodies_of(conn, call_id)
-        if encode_event(op.opened) in stored[call_id]:  # this session's open is committed
+        stored[call_id] = events_table.load_events(conn, call_id)
+        if op.opened in stored[call_id]:  # this session's open is committed
             if calls_table.open_and_owned_by(conn, call_id, owner.token):
                 adopt[call_id] = (op.opened, op.key_fp)
         elif call_id not in unsent:  # else its open is given again in its turn
@@ -128,7 +128,7 @@ def _unless_committed(
     conn: sqlite3.Connection,
     op: Any,
     adopt: Mapping[str, tuple[CallOpened, str | None]],
-    committed: dict[str, Counter[bytes]],
+    committed: dict[str, Counter[Event]],
     barriers: Mapping[int, Callable[[], None]],
 ) -> Op | None:
     if isinstance(op, RemoteBarrier):
@@ -138,9 +138,8 @@ def _unless_committed(
         return None if op.call_id in adopt else op
     if isinstance(op, EventOp):
         left_out = committed[op.call_id]
-        body = encode_event(op.event)
-        if left_out[body] > 0:
-            left_out[body] -= 1
+        if left_out[op.event] > 0:
+            left_out[op.event] -= 1
             return None
         return op
     if isinstance(op, ChunkOp):
@@ -153,43 +152,34 @@ def _committed_events(
     conn: sqlite3.Connection,
     frames: list[tuple[int, list[Any]]],
     acked_events: Mapping[str, int],
-    stored: dict[str, list[bytes]],
-) -> dict[str, Counter[bytes]]:
-    """Per call, the bodies of its unacknowledged events that the child committed.
+    stored: dict[str, list[Event]],
+) -> dict[str, Counter[Event]]:
+    """Per call, its unacknowledged events that the child committed.
 
     A call's events commit in the order they were queued, so its stored events past the
-    acknowledged ones are the first of the unacknowledged ones: counted, not looked up by
-    body, since two identical bodies (one fact twice in one microsecond) are two records.
-    Where the counts do not fit (the child dropped an event), each stored body counts once.
+    acknowledged ones are the first of the unacknowledged ones: counted, not looked up,
+    since two equal events (one fact twice in one microsecond) are two records. Compared
+    as values, not stored bytes: an event that crossed the pipe may encode a default
+    explicitly (msgspec omits a default only when it is the very same object). Where the
+    counts do not fit (the child dropped an event), each stored event counts once.
 
     Returns:
         For each call with unacknowledged events, the bodies to leave out, with their
         counts.
     """
-    sent: dict[str, list[bytes]] = {}
+    sent: dict[str, list[Event]] = {}
     for _, wire in frames:
         for op in wire:
             if isinstance(op, EventOp):
-                sent.setdefault(op.call_id, []).append(encode_event(op.event))
-    committed: dict[str, Counter[bytes]] = {}
-    for call_id, bodies in sent.items():
+                sent.setdefault(op.call_id, []).append(op.event)
+    committed: dict[str, Counter[Event]] = {}
+    for call_id, events in sent.items():
         if call_id not in stored:
-            stored[call_id] = events_table.bodies_of(conn, call_id)
-        rows = [body for body in stored[call_id] if not _written_by_the_writer(body)]
+            stored[call_id] = events_table.load_events(conn, call_id)
+        # The writer adds a call's opening and each chunk's record itself: not EventOps.
+        rows = [e for e in stored[call_id] if not isinstance(e, CallOpened | ChunkRecorded)]
         done = acked_events.get(call_id, 0)
         tail = rows[done:]
-        fits = done <= len(rows) and tail == bodies[: len(tail)]
+        fits = done <= len(rows) and tail == events[: len(tail)]
         committed[call_id] = Counter(tail if fits else rows)
     return committed
-
-
-def _written_by_the_writer(body: bytes) -> bool:
-    """Is this event one the writer adds itself (a call's opening, a chunk's)?
-
-    Returns:
-        True for those; False for an ``EventOp``'s event, or a row that does not decode.
-    """
-    try:
-        return isinstance(decode_event(body), CallOpened | ChunkRecorded)
-    except Exception:  # a damaged row: not one of ours to leave out
-        return False
