@@ -6,6 +6,10 @@
 
 "Ours" is RoarkObserver recording, durable and delivering; a "recording no-op" is a no-op
 observer beside the same armed AudioBufferProcessor (what a bot that records pays anyway).
+Ours also runs with the writer in a child process: with a delivery child too
+(``writer_process=True, delivery_process=True``: the bot neither writes nor delivers) and
+with the loop delivering (``writer_process=True``); the children's CPU is read from
+/proc/<pid>/stat over the same window as the bot's and shown beside it, never hidden.
 Everything talks to the Roark-compatible dev server on 127.0.0.1, in its own process.
 Roark's reference observer (`pipecat-roark==0.2.5`) runs from a scratch venv in .bench/,
 created with uv on first use, its endpoint constants pointed at the dev server.
