@@ -6,6 +6,10 @@
 
 "Ours" is RoarkObserver recording, durable and delivering; a "recording no-op" is a no-op
 observer beside the same armed AudioBufferProcessor (what a bot that records pays anyway).
+Ours also runs with the writer in a child process: with a delivery child too
+(``writer_process=True, delivery_process=True``: the bot neither writes nor delivers) and
+with the loop delivering (``writer_process=True``); the children's CPU is read from
+/proc/<pid>/stat over the same window as the bot's and shown beside it, never hidden.
 Everything talks to the Roark-compatible dev server on 127.0.0.1, in its own process.
 Roark's reference observer (`pipecat-roark==0.2.5`) runs from a scratch venv in .bench/,
 created with uv on first use, its endpoint constants pointed at the dev server.
@@ -126,49 +130,86 @@ def worker(
 # ---- 1. pipeline overhead, 2. arrival at the server ----
 
 
-def overhead_times(
-    what: str, base_url: str, tmp: Path, ref: str | None, rounds: int, repeats: int, *extra: int
-) -> dict[str, float]:
-    """Median pipeline time per mode; modes interleaved, so drift hits every mode alike."""
-    modes = ["none", "noop", "capture", "ours"] + (["reference"] if ref else [])
+CHILDREN = "ours with writer_process=True and delivery_process=True"
+"""What the "children" mode is: a writer child records and a delivery child delivers."""
+WPROC = "ours with writer_process=True (delivering in the loop)"
+"""What the "wproc" mode is: a writer child records, the bot's loop delivers."""
+
+
+@dataclass
+class AudioCosts:
+    """Per mode, medians over every worker's counted plays of the audio-only call."""
+
+    times: dict[str, float]
+    """Pipeline wall time per play."""
+    cpu: dict[str, float]
+    """The worker process's CPU per play."""
+    total_cpu: dict[str, float]
+    """The worker's CPU plus its children's (writer, delivery) per play."""
+
+
+def audio_costs(
+    base_url: str, tmp: Path, ref: str | None, rounds: int, repeats: int, frames: int
+) -> AudioCosts:
+    """The audio-only call per mode; modes interleaved, so drift hits every mode alike."""
+    modes = ["none", "noop", "capture", "ours", "children", "wproc"]
+    modes += ["reference"] if ref else []
     times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    total: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(repeats):
         for mode in modes:
             python = ref if mode == "reference" and ref else sys.executable
-            times[mode] += worker(python, what, mode, rounds, base_url, tmp, *extra)["times"]
-    return {m: median(v) for m, v in times.items()}
+            run = worker(python, "audio", mode, rounds, base_url, tmp, frames)
+            times[mode] += run["times"]
+            cpu[mode].append(run["cpu"])
+            total[mode].append(run["cpu"] + run["child_cpu"])
+    return AudioCosts(
+        {m: median(v) for m, v in times.items()},
+        {m: median(v) for m, v in cpu.items()},
+        {m: median(v) for m, v in total.items()},
+    )
 
 
-def per_frame_rows(t: dict[str, float], frames: int | None, workload: str, cmd: str) -> list[Row]:
-    """Issue 12's ratios: what each observer adds over no observer at all."""
-    cost = {m: t[m] - t["none"] for m in t}
+def per_frame_rows(
+    over: dict[str, float],
+    frames: int,
+    workload: str,
+    cmd: str,
+    mode: str = "ours",
+    label: str = "ours",
+    *,
+    reference: bool = True,
+    targets: bool = True,
+) -> list[Row]:
+    """Issue 12's ratios: what ``mode`` adds over no observer (``over``: per mode), against
+    what the recording no-op adds and (``reference``, if measured) Roark's 0.2.5; with
+    ``targets``, the issue's targets beside them."""
 
-    def shown(mode: str) -> str:
-        if frames:
-            return f"{cost[mode] / frames * 1e6:.1f} µs/frame"
-        return f"{cost[mode] * 1000:.0f} ms"
+    def shown(m: str) -> str:
+        return f"{over[m] / frames * 1e6:.1f} µs/frame"
 
     def ratio(a: str, b: str) -> float | None:
-        return cost[a] / cost[b] if cost[b] > 0 else None
+        return over[a] / over[b] if over[b] > 0 else None
 
     rows = [
         Row(
-            f"{workload}: overhead over no observer, ours vs a recording no-op",
-            shown("ours"),
+            f"{workload}: overhead over no observer, {label} vs a recording no-op",
+            shown(mode),
             shown("noop"),
-            ratio("ours", "noop"),
-            "≤ 1.25×",
+            ratio(mode, "noop"),
+            "≤ 1.25×" if targets else "",
             cmd,
         )
     ]
-    if "reference" in t:
+    if reference and "reference" in over:
         rows.append(
             Row(
-                f"{workload}: overhead over no observer, ours vs Roark's reference 0.2.5",
-                shown("ours"),
+                f"{workload}: overhead over no observer, {label} vs Roark's reference 0.2.5",
+                shown(mode),
                 shown("reference"),
-                ratio("ours", "reference"),
-                "≤ 0.8×",
+                ratio(mode, "reference"),
+                "≤ 0.8×" if targets else "",
                 cmd,
             )
         )
@@ -177,33 +218,41 @@ def per_frame_rows(t: dict[str, float], frames: int | None, workload: str, cmd: 
 
 def mixed_call_costs(
     base_url: str, tmp: Path, ref: str | None, processes: int, rounds: int, calls: int
-) -> tuple[dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Per mode, the mixed call's CPU over no observer and its wall time per call (medians).
 
     Each worker process plays every mode in turn, round after round (``bench_worker
     mixed``); a mode's CPU over no observer is taken within its round, against that
     round's "none", so the neighbours' load on this shared machine falls on both alike.
     Roark's reference runs in its own venv, beside a "none" of its own, in processes
-    alternating with ours.
+    alternating with ours. The modes with children ("children", "wproc") start them in
+    their first (uncounted) call; the children live through the worker's rounds and their
+    CPU per round is the difference of two /proc reads around the mode's block.
 
     Returns:
-        (CPU seconds over no observer, pipeline wall seconds), per call, by mode.
+        (the bot's CPU seconds over no observer, pipeline wall seconds, the bot's and its
+        children's CPU seconds over no observer), per call, by mode.
     """
-    groups = [(sys.executable, ["none", "noop", "capture", "ours"])]
+    groups = [(sys.executable, ["none", "noop", "capture", "ours", "children", "wproc"])]
     if ref:
         groups.append((ref, ["none", "reference"]))  # its "none" pairs with it, no more
     over: dict[str, list[float]] = {}
     wall: dict[str, list[float]] = {}
+    total: dict[str, list[float]] = {}
     for _ in range(processes):
         for python, modes in groups:
             run = worker(python, "mixed", ",".join(modes), rounds, base_url, tmp, calls)
             for mode in modes if python == sys.executable else modes[1:]:
                 paired = zip(run["cpu"][mode], run["cpu"]["none"], strict=True)
-                over.setdefault(mode, []).extend(cpu - none for cpu, none in paired)
+                mine = [cpu - none for cpu, none in paired]
+                over.setdefault(mode, []).extend(mine)
                 wall.setdefault(mode, []).extend(run["times"][mode])
+                children = zip(mine, run["child_cpu"][mode], strict=True)
+                total.setdefault(mode, []).extend(bot + child for bot, child in children)
     return (
         {mode: median(values) for mode, values in over.items()},
         {mode: median(values) for mode, values in wall.items()},
+        {mode: median(values) for mode, values in total.items()},
     )
 
 
@@ -213,11 +262,13 @@ def overhead_rows(
     """The mixed call's rows: what each observer adds over none, in process CPU per call."""
     from bench_worker import HOPS
 
-    over, t = mixed_call_costs(base_url, tmp, ref, processes, rounds, calls)
+    over, t, total = mixed_call_costs(base_url, tmp, ref, processes, rounds, calls)
     workload = (
         "mixed call: a 54 s scripted call (3,013 frames: audio, speaking edges, transcripts,"
         f" TTS words, tool calls), {HOPS} observed hops, pace 0; every mode in turn in one"
-        f" process, {rounds} rounds × {calls} calls, order reversed every other round,"
+        " process (none, a recording no-op, recording only, ours, ours with a writer and a"
+        " delivery child, ours with a writer child),"
+        f" {rounds} rounds × {calls} calls, order reversed every other round,"
         f" {processes} processes"
     )
     cmd = (
@@ -225,6 +276,12 @@ def overhead_rows(
         f" over the same round's no observer; median of {processes * rounds} rounds)"
     )
     wall_cmd = f"scripts/bench ({workload}; pipeline wall time per call, median)"
+    total_cmd = (
+        f"scripts/bench ({workload}; process CPU per call, all threads, until delivered, plus"
+        " the children's CPU over the same window from /proc/<pid>/stat (they live across"
+        " the worker's calls: a delta per round), over the same round's no observer;"
+        f" median of {processes * rounds} rounds)"
+    )
 
     def shown(mode: str) -> str:
         return f"{over[mode] * 1000:.0f} ms CPU"
@@ -279,6 +336,53 @@ def overhead_rows(
             wall_cmd,
         ),
     ]
+    for mode, label in (("children", CHILDREN), ("wproc", WPROC)):
+        rows.append(
+            Row(
+                f"mixed call: overhead over no observer, {label}, the bot's CPU alone vs a"
+                " recording no-op",
+                shown(mode),
+                shown("noop"),
+                ratio(mode, "noop"),
+                "≤ 1.25×" if mode == "children" else "",
+                cmd,
+            )
+        )
+        if mode == "children" and "reference" in over:
+            rows.append(
+                Row(
+                    f"mixed call: overhead over no observer, {label}, the bot's CPU alone vs"
+                    " Roark's reference 0.2.5",
+                    shown(mode),
+                    shown("reference"),
+                    ratio(mode, "reference"),
+                    "≤ 0.8×",
+                    cmd,
+                )
+            )
+        rows.append(
+            Row(
+                f"mixed call: overhead over no observer, {label}, the bot + its children's CPU"
+                " vs a recording no-op",
+                f"{total[mode] * 1000:.0f} ms CPU",
+                shown("noop"),
+                total[mode] / over["noop"] if over["noop"] > 0 else None,
+                "",
+                total_cmd,
+            )
+        )
+        if mode == "children" and "reference" in over:
+            rows.append(
+                Row(
+                    f"mixed call: overhead over no observer, {label}, the bot + its children's"
+                    " CPU vs Roark's reference 0.2.5 (in-process: all of its CPU is the bot's)",
+                    f"{total[mode] * 1000:.0f} ms CPU",
+                    shown("reference"),
+                    total[mode] / over["reference"] if over["reference"] > 0 else None,
+                    "",
+                    total_cmd,
+                )
+            )
     if "reference" in t:
         rows.append(
             Row(
@@ -298,12 +402,47 @@ def audio_only_rows(
 ) -> list[Row]:
     from bench_worker import AUDIO_HOPS
 
-    t = overhead_times("audio", base_url, tmp, ref, rounds, repeats, frames)
-    cmd = (
-        f"scripts/bench (audio-only: {frames:,} audio frames, {AUDIO_HOPS} pass-through"
-        f" hops, pace 0, median of {rounds * repeats} rounds)"
+    costs = audio_costs(base_url, tmp, ref, rounds, repeats, frames)
+    workload = f"audio-only: {frames:,} audio frames, {AUDIO_HOPS} pass-through hops, pace 0"
+    cmd = f"scripts/bench ({workload}, median of {rounds * repeats} rounds)"
+    workload += f"; a process per mode and repeat, modes in turn, {repeats} repeats"
+    wall_over = {m: t - costs.times["none"] for m, t in costs.times.items()}
+    rows = per_frame_rows(wall_over, frames, "audio-only call", cmd)
+    children_cmd = (
+        f"scripts/bench ({workload}; pipeline wall time, median of {rounds * repeats} rounds:"
+        " the bot's, the children commit and deliver on the other core, their CPU is in the"
+        " CPU rows)"
     )
-    return per_frame_rows(t, frames, "audio-only call", cmd)
+    rows += per_frame_rows(wall_over, frames, "audio-only call", children_cmd, "children", CHILDREN)
+    rows += per_frame_rows(
+        wall_over, frames, "audio-only call", children_cmd, "wproc", WPROC, reference=False
+    )
+    cpu_cmd = (
+        f"scripts/bench ({workload}; process CPU per play, every thread, from the first"
+        f" counted play to 0.25 s after the last, over no observer's; the children's from"
+        f" /proc/<pid>/stat over the same window; median of {repeats} processes)"
+    )
+    cpu_over = {m: c - costs.cpu["none"] for m, c in costs.cpu.items()}
+    rows += per_frame_rows(
+        cpu_over,
+        frames,
+        "audio-only call, CPU",
+        cpu_cmd,
+        "children",
+        f"{CHILDREN}, the bot",
+        targets=False,
+    )
+    total_over = {m: c - costs.cpu["none"] for m, c in costs.total_cpu.items()}
+    rows += per_frame_rows(
+        total_over,
+        frames,
+        "audio-only call, CPU",
+        cpu_cmd,
+        "children",
+        f"{CHILDREN}, the bot + its writer and delivery children",
+        targets=False,
+    )
+    return rows
 
 
 def arrival_rows(base_url: str, tmp: Path, ref: str | None, rounds: int) -> list[Row]:
@@ -344,15 +483,36 @@ async def durable_latency(
     key: str | None = None,
     sample_every: int = 10,
     flushes: list[float] | None = None,
+    writer_process: bool = False,
+    started_s: list[float] | None = None,
 ) -> list[float]:
     """Per-frame time until its call's records are committed, sampled every ``sample_every``
     frames (0: a plain RoarkObserver, nothing sampled: for CPU measurements the probes do
     not disturb). ``flushes``, if given, also gets the time until everything any call
-    queued before the frame is committed (a flush)."""
+    queued before the frame is committed (a flush). With ``writer_process`` the records
+    are committed by a writer child, started (and a first flush answered) before the
+    calls, the time that took put in ``started_s`` if given: a sample is released when the
+    child's answer reaches the bot's reader thread."""
     from bench_worker import Hop, long_call, scripted
 
-    from pipecat_roark import RoarkObserver
+    from pipecat_roark import RoarkObserver, lifecycle
+    from pipecat_roark.config import DEFAULT_MIN_FREE_BYTES
     from pipecat_roark.ops import BarrierOp
+    from pipecat_roark.writer import DEFAULT_MAX_SPOOL_BYTES
+    from pipecat_roark.writer_process import ProcessWriter
+
+    if writer_process:  # a bot that has been up for a while: its writer child is running
+        start = time.perf_counter()
+        child = lifecycle.writer_for(
+            directory,
+            process=True,
+            max_spool_bytes=DEFAULT_MAX_SPOOL_BYTES,
+            min_free_bytes=DEFAULT_MIN_FREE_BYTES,
+        )
+        if not isinstance(child, ProcessWriter) or not await child.flush(60) or child.fell_back:
+            raise SystemExit(f"the writer child for {directory} did not start")
+        if started_s is not None:
+            started_s.append(time.perf_counter() - start)
 
     latencies: list[float] = []
 
@@ -382,6 +542,7 @@ async def durable_latency(
             data_dir=directory,
             deliver=False,
             api_key=key,
+            writer_process=writer_process,
         )
         await asyncio.sleep(n * 0.01)  # calls start staggered, as real ones do
         await scripted.run_pipeline(
@@ -398,38 +559,35 @@ async def durable_latency(
     return latencies
 
 
-def child_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a live process has used so far, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def delivery_child(directory: Path) -> Any:
-    """The delivery child this process started for ``directory`` (mode "process")."""
-    from pipecat_roark import config, lifecycle
-
-    key = (config.registry_key(directory), config.key_fingerprint(KEY))
-    child = lifecycle.PROCESS.delivery_processes[key]
-    for _ in range(600):  # bounded: it is spawned in a thread
-        if child.pid is not None:
-            return child
-        time.sleep(0.05)
-    raise SystemExit("the delivery child did not start")
-
-
 async def lag_probe(
     mode: str, base_url: str, directory: Path, calls: int, turns: int
 ) -> tuple[list[float], float, float, float]:
     """N real-time calls in this loop with a probe that sleeps 10 ms and notes the oversleep.
 
-    Returns (oversleeps in s, process CPU s, wall s, delivery child CPU s). ``mode`` is
+    Returns (oversleeps in s, process CPU s, wall s, children's CPU s). ``mode`` is
     "noop" (a no-op observer, the same armed AudioBufferProcessor), "ours" (recording,
-    durable, delivering), "capture" (recording and durable; a sidecar would deliver) or
-    "process" (ours with ``delivery_process=True``: a child delivers; its CPU is read from
-    /proc over the same window, 0 in the other modes). One call runs first, unmeasured,
-    in every mode.
+    durable, delivering), "capture" (recording and durable; a sidecar would deliver),
+    "process" (ours with ``delivery_process=True``: a child delivers), "children" (ours
+    with ``writer_process=True, delivery_process=True``: a writer child records, a
+    delivery child delivers) or "wproc" (ours with ``writer_process=True``: a writer child
+    records, the loop delivers). The children's CPU is read from /proc over the same
+    window (0 in the modes without). One call runs first, unmeasured, in every mode (it
+    starts the children).
     """
-    from bench_worker import ArmedRecorder, Hop, NoopObserver, long_call, scripted
+    from bench_worker import (
+        DELIVERY_CHILD,
+        IN_LOOP_DRAINER,
+        OURS,
+        WRITER_CHILD,
+        ArmedRecorder,
+        Hop,
+        NoopObserver,
+        children_cpu_s,
+        children_pids,
+        delivery_child,
+        long_call,
+        scripted,
+    )
 
     from pipecat_roark import RoarkObserver
 
@@ -445,7 +603,7 @@ async def lag_probe(
     async def one(n: int) -> None:
         await asyncio.sleep(n * 0.01)  # calls start staggered, as real ones do
         observer: Any
-        if mode in ("ours", "capture", "process"):
+        if mode in OURS:
             observer = RoarkObserver(
                 api_key=KEY,
                 agent_id="bench",
@@ -453,7 +611,8 @@ async def lag_probe(
                 data_dir=directory,
                 base_url=base_url,
                 deliver=mode != "capture",
-                delivery_process=mode == "process",
+                delivery_process=mode in DELIVERY_CHILD,
+                writer_process=mode in WRITER_CHILD,
             )
             recorder = observer.audio_processor
         else:
@@ -468,16 +627,17 @@ async def lag_probe(
     # made (a one-off per process, tens of ms in the loop), or the delivery child started,
     # then the calls are measured.
     await one(calls)
-    child = delivery_child(directory) if mode == "process" else None
-    child_cpu = 0.0 if child is None else child_cpu_s(child.pid)
+    pids = children_pids(mode, directory)
+    child = delivery_child(directory) if mode in DELIVERY_CHILD else None
+    child_cpu = children_cpu_s(pids)
     prober = asyncio.create_task(probe())
     wall, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one(n) for n in range(calls)))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    child_cpu = 0.0 if child is None else child_cpu_s(child.pid) - child_cpu
+    child_cpu = children_cpu_s(pids) - child_cpu
     done.set()
     await prober
-    if mode == "ours":
+    if mode in IN_LOOP_DRAINER:
         from pipecat_roark.background_drainer import stop_background_drainers
 
         await stop_background_drainers(30)
@@ -504,10 +664,10 @@ def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> l
         f"measuring at {chosen} calls",
         flush=True,
     )
-    modes = ("noop", "ours", "capture", "process")
+    modes = ("noop", "ours", "capture", "process", "children", "wproc")
     lags: dict[str, list[float]] = {m: [] for m in modes}
     cpus: dict[str, list[float]] = {m: [] for m in modes}
-    child_cpus: list[float] = []
+    with_children: dict[str, list[float]] = {m: [] for m in modes}
     for round_ in range(rounds):
         for mode in modes:
             got, cpu, _, child_cpu = asyncio.run(
@@ -516,15 +676,15 @@ def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> l
             close_all_writers()
             lags[mode] += got
             cpus[mode].append(cpu)
-            if mode == "process":
-                child_cpus.append(cpu + child_cpu)
+            with_children[mode].append(cpu + child_cpu)
+    child_cpus = with_children["process"]
     ours, noop = p(lags["ours"], 0.99), p(lags["noop"], 0.99)
     cmd = (
         f"scripts/bench (lag: {chosen} real-time calls in one process, {turns} turns each, a"
         f" 10 ms sleep probe; recording no-op at {share:.0%} of a core with {calls} calls;"
         f" {rounds} rounds interleaved)"
     )
-    return [
+    rows = [
         Row(
             f"event-loop lag p99 during {chosen} real-time calls: ours vs a recording no-op",
             f"{ours * 1000:.2f} ms (p50 {p(lags['ours'], 0.5) * 1000:.2f})",
@@ -588,6 +748,38 @@ def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> l
             cmd,
         ),
     ]
+    for mode, label, children in (
+        ("children", CHILDREN, "writer and delivery children"),
+        ("wproc", WPROC, "writer child"),
+    ):
+        rows += [
+            Row(
+                f"event-loop lag p99 during {chosen} real-time calls: {label} vs a recording no-op",
+                f"{p(lags[mode], 0.99) * 1000:.2f} ms (p50 {p(lags[mode], 0.5) * 1000:.2f})",
+                f"{noop * 1000:.2f} ms",
+                p(lags[mode], 0.99) / noop if noop > 0 else None,
+                "≤ 1.1×" if mode == "children" else "",
+                cmd,
+            ),
+            Row(
+                f"bot process CPU for {chosen} real-time calls: {label} vs a recording no-op",
+                f"{median(cpus[mode]):.2f} s",
+                f"{median(cpus['noop']):.2f} s",
+                median(cpus[mode]) / median(cpus["noop"]),
+                "≤ 1.05×" if mode == "children" else "",
+                cmd,
+            ),
+            Row(
+                f"bot + {children} CPU for {chosen} real-time calls: {label} (the children's"
+                " from /proc over the same window) vs a recording no-op",
+                f"{median(with_children[mode]):.2f} s",
+                f"{median(cpus['noop']):.2f} s",
+                median(with_children[mode]) / median(cpus["noop"]),
+                "",
+                cmd,
+            ),
+        ]
+    return rows
 
 
 def fsync_seconds(directory: Path, count: int) -> float:
@@ -615,7 +807,7 @@ def durable_rows(tmp: Path, calls: int, turns: int) -> list[Row]:
     close_all_writers()
     one_fsync = fsync_seconds(tmp, 200)
     cmd = f"scripts/bench (durable: {calls} real-time scripted calls in one process)"
-    return [
+    rows = [
         Row(
             f"frame → its call's records committed, p99 over {len(latencies)} samples, "
             f"{calls} concurrent calls",
@@ -633,6 +825,48 @@ def durable_rows(tmp: Path, calls: int, turns: int) -> list[Row]:
             p(flushes, 0.99) / p(latencies, 0.99),
             "",
             cmd,
+        ),
+    ]
+    # The same calls with the writer in a child process (its start-up before them).
+    child_flushes: list[float] = []
+    started: list[float] = []
+    child = asyncio.run(
+        durable_latency(
+            tmp / "durable-child",
+            calls,
+            turns,
+            sample_every=50,
+            flushes=child_flushes,
+            writer_process=True,
+            started_s=started,
+        )
+    )
+    close_all_writers()
+    child_cmd = (
+        f"scripts/bench (durable: {calls} real-time scripted calls in one process, after the"
+        " same calls with the writer thread; the writer child started and answered a first"
+        f" flush before the calls, in {started[0] * 1000:.0f} ms; a sample ends when the"
+        " child's answer reaches the bot's reader thread)"
+    )
+    return [
+        *rows,
+        Row(
+            f"frame → its call's records committed, p99 over {len(child)} samples, {calls}"
+            " concurrent calls: ours with writer_process=True vs the writer thread",
+            f"{p(child, 0.99) * 1000:.1f} ms (p50 {p(child, 0.5) * 1000:.1f})",
+            f"{p(latencies, 0.99) * 1000:.1f} ms (p50 {p(latencies, 0.5) * 1000:.1f})",
+            p(child, 0.99) / p(latencies, 0.99),
+            "p99 ≤ 20 ms",
+            child_cmd,
+        ),
+        Row(
+            "frame → everything any call queued before it committed (a flush), p99, "
+            f"{calls} concurrent calls: ours with writer_process=True",
+            f"{p(child_flushes, 0.99) * 1000:.1f} ms (p50 {p(child_flushes, 0.5) * 1000:.1f})",
+            f"{p(child, 0.99) * 1000:.1f} ms (its call's records)",
+            p(child_flushes, 0.99) / p(child, 0.99),
+            "",
+            child_cmd,
         ),
     ]
 

@@ -7,7 +7,10 @@
 
 MODE is none | noop (a no-op observer; the same AudioBufferProcessor records) | capture
 (ours, recording only) | ours (recording and delivering during the call) | process (ours,
-a child process delivering: ``delivery_process=True``) | reference. "reference" runs under the scratch venv that has
+a child process delivering: ``delivery_process=True``) | children (ours, a writer child
+recording and a delivery child delivering: ``writer_process=True, delivery_process=True``;
+the bot neither writes nor delivers) | wproc (ours, a writer child recording, delivering
+in the loop: ``writer_process=True``) | reference. "reference" runs under the scratch venv that has
 Roark's own `pipecat-roark==0.2.5` installed (which is also called `pipecat_roark`), so
 the scripted call is loaded from our testing.py by path: both sides play the same call.
 Prints one JSON line.
@@ -74,6 +77,14 @@ AUDIO_FRAMES = 20_000  # 20 ms frames, user and bot alternating: 200 s of each s
 MIXED_TURNS = 20  # the mixed call: 54 s of audio in 3,013 frames (see BENCHMARKS.md)
 MIXED_CALLS = 3  # mixed calls per mode and round
 SETTLE_S = 0.25  # after a mode's calls: delivery finishes (CPU is counted, this wall time not)
+OURS = ("ours", "capture", "process", "children", "wproc")
+"""The modes that run RoarkObserver."""
+WRITER_CHILD = ("children", "wproc")
+"""The modes whose records are committed by a writer child (``writer_process=True``)."""
+DELIVERY_CHILD = ("process", "children")
+"""The modes that deliver from a delivery child (``delivery_process=True``)."""
+IN_LOOP_DRAINER = ("ours", "wproc")
+"""The modes that deliver from the bot's event loop."""
 
 
 class Hop(FrameProcessor):
@@ -139,7 +150,7 @@ def short_call() -> list[Any]:
 
 
 def make_observer(mode: str, base_url: str, directory: Path, call_id: str) -> Any:
-    if mode in ("ours", "capture", "process"):
+    if mode in OURS:
         from pipecat_roark import RoarkObserver
 
         return RoarkObserver(
@@ -149,7 +160,8 @@ def make_observer(mode: str, base_url: str, directory: Path, call_id: str) -> An
             base_url=base_url,
             data_dir=directory,
             deliver=mode != "capture",
-            delivery_process=mode == "process",
+            delivery_process=mode in DELIVERY_CHILD,
+            writer_process=mode in WRITER_CHILD,
         )
     if mode == "reference":
         import pipecat_roark.client as reference_client
@@ -168,6 +180,75 @@ def make_observer(mode: str, base_url: str, directory: Path, call_id: str) -> An
     if mode == "noop":
         return NoopObserver()
     return None
+
+
+def child_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a live process has used so far, from
+    /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def delivery_child(directory: Path) -> Any:
+    """The delivery child this process started for ``directory`` (``delivery_process``)."""
+    from pipecat_roark import config, lifecycle
+
+    key = (config.registry_key(directory), config.key_fingerprint(KEY))
+    child = lifecycle.PROCESS.delivery_processes[key]
+    for _ in range(600):  # bounded: it is spawned in a thread
+        if child.pid is not None:
+            return child
+        time.sleep(0.05)
+    raise SystemExit("the delivery child did not start")
+
+
+def writer_child_pid(directory: Path) -> int:
+    """The pid of the writer child recording ``directory`` for this process
+    (``writer_process``); a writer that fell back to a thread of ours is an error here:
+    the figures would be the thread's."""
+    from pipecat_roark import lifecycle
+    from pipecat_roark.writer_process import ProcessWriter
+
+    writer = lifecycle.running_writer(directory)
+    if not isinstance(writer, ProcessWriter):
+        raise SystemExit(f"{directory} is not recorded by a writer child: {writer!r}")
+    for _ in range(600):  # bounded: it is spawned by the writer's sender thread
+        if writer.fell_back:
+            raise SystemExit(f"the writer child of {directory} failed: {writer.fell_back}")
+        if writer.child_pid is not None:
+            return int(writer.child_pid)
+        time.sleep(0.05)
+    raise SystemExit("the writer child did not start")
+
+
+def children_pids(mode: str, directory: Path) -> list[int]:
+    """The pids of the children ``mode`` runs for ``directory`` (none for most modes)."""
+    pids = []
+    if mode in WRITER_CHILD:
+        pids.append(writer_child_pid(directory))
+    if mode in DELIVERY_CHILD:
+        pids.append(delivery_child(directory).pid)
+    return pids
+
+
+async def children_warm(mode: str, base_url: str, call_id: str) -> None:
+    """Wait until ``mode``'s delivery child, if it has one, delivered the warm-up call.
+
+    Its start-up (imports, about 0.6 s of its own CPU) runs beside the first call, in
+    another process; unwaited, it would land in the first counted round. The writer child
+    is warm already: the end of the call waited for its commit.
+    """
+    if mode not in DELIVERY_CHILD:
+        return
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        await _arrived(http, call_id)
+
+
+def children_cpu_s(pids: list[int]) -> float:
+    """The CPU seconds the children ``pids`` have used so far, together."""
+    return sum(child_cpu_s(pid) for pid in pids)
 
 
 async def play(
@@ -213,15 +294,20 @@ async def mixed(
     Per mode and round: the process CPU per call (every thread: the writer's, the spool
     threads' and the drainer's work counts), taken until ``SETTLE_S`` after the last
     call, by when the drainer (ours) or the reference's end-of-call upload has normally
-    delivered it; and the pipeline's wall time per call.
+    delivered it; the CPU per call of the mode's children (writer and delivery child,
+    read from /proc over the same window; 0 for modes without) and the pipeline's wall
+    time per call. A mode's children start with its first call and live to the end.
     """
     order = modes.split(",")
     cpu: dict[str, list[float]] = {mode: [] for mode in order}
     wall: dict[str, list[float]] = {mode: [] for mode in order}
+    child_cpu: dict[str, list[float]] = {mode: [] for mode in order}
+    pids: dict[str, list[int]] = {}
     for n in range(rounds + 1):
         for mode in order if n % 2 == 0 else order[::-1]:
             played = 0.0
             gc.collect()  # the garbage of the mode before is not this mode's cost
+            start_children = children_cpu_s(pids.get(mode, []))
             start_cpu = time.process_time()
             for k in range(calls if n else 1):
                 start = time.perf_counter()
@@ -235,31 +321,45 @@ async def mixed(
             if n:
                 cpu[mode].append((time.process_time() - start_cpu) / calls)
                 wall[mode].append(played / calls)
+                ran = children_cpu_s(pids[mode]) - start_children
+                child_cpu[mode].append(ran / calls)
+            else:  # the children live from this first call to the end of the process
+                pids[mode] = children_pids(mode, directory / mode)
+                await children_warm(mode, base_url, call_id)
     for mode in order:
         await _drain_leftovers(mode)
-    return {"cpu": cpu, "times": wall, "calls": calls}
+    return {"cpu": cpu, "child_cpu": child_cpu, "times": wall, "calls": calls}
 
 
 async def audio(
     mode: str, rounds: int, base_url: str, directory: Path, frames: int = AUDIO_FRAMES
 ) -> dict[str, Any]:
-    """The audio-only call: ``frames`` frames through AUDIO_HOPS hops at pace 0."""
-    times = []
+    """The audio-only call: ``frames`` frames through AUDIO_HOPS hops at pace 0.
+
+    Per counted round, the pipeline's wall time; and per counted round on average, the
+    process CPU (every thread) and the CPU of the mode's children (read from /proc; 0 for
+    modes without), both from the first counted play to ``SETTLE_S`` after the last (what
+    a play leaves to deliver or commit counts, whenever it runs).
+    """
+    times: list[float] = []
+    pids: list[int] = []
+    counted_cpu = counted_children = 0.0
     for n in range(rounds + 1):  # round 0 warms up: not counted
+        if n == 1:
+            counted_children, counted_cpu = children_cpu_s(pids), time.process_time()
+        call_id = f"{mode}-audio-{os.getpid()}-{n}"  # unique per dev server, as in mixed()
         start = time.perf_counter()
-        await play(
-            mode,
-            [],
-            base_url,
-            directory,
-            f"{mode}-audio-{os.getpid()}-{n}",  # unique per dev server, as in mixed()
-            pace=0.0,
-            audio_frames=frames,
-        )
+        await play(mode, [], base_url, directory, call_id, pace=0.0, audio_frames=frames)
         if n:
             times.append(time.perf_counter() - start)
+        else:  # the children live from this first call to the end of the process
+            pids = children_pids(mode, directory)
+            await children_warm(mode, base_url, call_id)
+    await asyncio.sleep(SETTLE_S)
+    cpu = (time.process_time() - counted_cpu) / rounds
+    child_cpu = (children_cpu_s(pids) - counted_children) / rounds
     await _drain_leftovers(mode)
-    return {"times": times, "frames": frames}
+    return {"times": times, "cpu": cpu, "child_cpu": child_cpu, "frames": frames}
 
 
 async def arrival(mode: str, rounds: int, base_url: str, directory: Path) -> dict[str, Any]:
@@ -297,7 +397,7 @@ async def _arrived(http: Any, call_id: str) -> float:
 
 
 async def _drain_leftovers(mode: str) -> None:
-    if mode == "ours":
+    if mode in IN_LOOP_DRAINER:
         from pipecat_roark.background_drainer import stop_background_drainers
 
         await stop_background_drainers(10)

@@ -38,6 +38,12 @@ def test_the_quick_benchmark_runs_every_row_and_writes_nothing(tmp_path: Path) -
     for row in (
         "RoarkObserver recording vs no observer",
         "mixed call: overhead over no observer, ours vs a recording no-op",
+        "the bot's CPU alone vs a recording no-op",
+        "the bot + its children's CPU vs a recording no-op",
+        "audio-only call: overhead over no observer, ours with writer_process=True and",
+        "the bot + its writer and delivery children vs a recording no-op",
+        "bot + writer and delivery children CPU for",
+        "writer_process=True vs the writer thread",
         "audio-only call: overhead over no observer, ours vs a recording no-op",
         "event-loop lag p99 during",
         "frame → its call's records committed, p99",
