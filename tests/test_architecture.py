@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "drain_housekeeping",
             "row_delivery",
             "writer_flush",
+            "frame_feed",
             "writer_pipe",
             "writer_recovery",
         },

@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ __all__ = ["ENV_OWNER", "main", "owner_from_env", "owner_to_env"]
 
 ENV_OWNER = "PIPECAT_ROARK_WRITER_OWNER"
 """The bot's owner (``host``, ``pid`` and token, tab-separated), for the child's rows."""
+ACK_S = 0.005
+"""How often at most the child says what is committed (see ``_Replies``)."""
 CLOSE_TIMEOUT_S = 120.0
 """How long the child's writer may take to commit what it holds once the bot is gone."""
 
@@ -69,12 +72,51 @@ def owner_from_env(value: str | None) -> Owner | None:
 
 
 class _Replies:
-    """Writes the child's messages to the bot; any thread, one message at a time."""
+    """Writes the child's messages to the bot; any thread, one message at a time.
+
+    A flush's release goes at once (someone waits for it). What is committed and that
+    deliveries were added are said at most every ``ACK_S``, the latest only: each answer
+    wakes a thread of the bot, and the bot needs them only to let go of its copies and
+    to wake a drainer.
+    """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._lock = threading.Lock()
         self._gone = False
+        self._committed = 0
+        self._said_committed = 0
+        self._deliveries = False
+        self._due = threading.Event()
+        self._saying = threading.Lock()
+        threading.Thread(target=self._pump, name="pipecat-roark-answers", daemon=True).start()
+
+    def committed(self, seq: int) -> None:
+        """Frames up to ``seq`` are committed (the writer thread, in order)."""
+        self._committed = seq
+        self._due.set()
+
+    def deliveries_added(self) -> None:
+        """A commit added deliveries (the writer thread)."""
+        self._deliveries = True
+        self._due.set()
+
+    def say_what_is_due(self) -> None:
+        """Send the latest commitment and deliveries now (also the last word, at exit)."""
+        with self._saying:
+            committed, self._deliveries, deliveries = self._committed, False, self._deliveries
+            if committed != self._said_committed:
+                self._said_committed = committed
+                self.send(COMMITTED, committed)
+            if deliveries:
+                self.send(DELIVERIES, 0)
+
+    def _pump(self) -> None:
+        while True:
+            self._due.wait()
+            time.sleep(ACK_S)
+            self._due.clear()
+            self.say_what_is_due()
 
     def send(self, kind: bytes, number: int, payload: bytes = b"") -> None:
         with self._lock:
@@ -117,7 +159,7 @@ def _feed(writer: Writer, replies: _Replies) -> None:
                 writer.submit(BarrierOp(partial(replies.send, RELEASED, op.number), op.call_id))
             else:
                 writer.submit(op)
-        writer.submit(BarrierOp(partial(replies.send, COMMITTED, seq)))
+        writer.submit(BarrierOp(partial(replies.committed, seq)))
 
 
 class FrameUnreadable(Exception):
@@ -149,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         logger.error(f"pipecat-roark: the writer process cannot open {args.dir} ({exc})")
         return 1
-    writer.add_commit_listener(partial(replies.send, DELIVERIES, 0))
+    writer.add_commit_listener(replies.deliveries_added)
     code = 0
     try:
         _feed(writer, replies)
@@ -165,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"pipecat-roark: the writer process for {args.dir} did not finish committing "
                 f"in {CLOSE_TIMEOUT_S:.0f} s; run `pipecat-roark status`"
             )
+        replies.say_what_is_due()
     return code
 
 

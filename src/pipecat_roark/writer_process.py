@@ -36,12 +36,14 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
 from .config import ENV_API_KEY
+from .frame_feed import FrameFeed
 from .ops import BarrierOp, Op, OpenOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
 from .wal_file import connect_or_quarantine
@@ -54,9 +56,7 @@ from .writer_pipe import (
     LOG,
     RELEASED,
     RemoteBarrier,
-    encode_frame,
     read_answers,
-    write_all,
 )
 from .writer_recovery import acknowledge, barrier_numbers, recover
 
@@ -64,6 +64,8 @@ __all__ = ["AnyWriter", "ProcessWriter", "writer_child_command"]
 
 _EXIT_WAIT_S = 2.0
 """How long the sender waits for a child whose stdin refused a frame to exit (to say why)."""
+_WAKE = object()
+"""Put on the queue to wake the sender: records wait in the feed."""
 _CHILD_GONE = object()
 """Put on the queue by the reader thread when the child's answers end unasked."""
 
@@ -175,6 +177,7 @@ class ProcessWriter(FlushWaits):
         """The child is gone and no writer of this process could be opened yet: what came
         since waits here (after the unacknowledged frames) until one can."""
         self._closing = False
+        self._feed = FrameFeed(partial(self._queue.put, _WAKE), self._frame)
         self._thread = threading.Thread(
             target=self._run, name=f"pipecat-roark-writer-sender:{directory}", daemon=True
         )
@@ -183,8 +186,8 @@ class ProcessWriter(FlushWaits):
     # ---- the Writer's surface ----
 
     def submit(self, op: Op) -> None:
-        """Queue ``op`` for the child (any thread, never blocks)."""
-        self._queue.put(op)
+        """Queue ``op`` for the child (any thread, never blocks; see ``frame_feed``)."""
+        self._feed.add(op)
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         """Called (from a thread of ours) after a commit that added deliveries."""
@@ -215,7 +218,7 @@ class ProcessWriter(FlushWaits):
     @property
     def queue_depth(self) -> int:
         """Records submitted and not yet sent to the child (approximate, for metrics)."""
-        return self._queue.qsize()
+        return len(self._feed.pending)
 
     def left_in_fork(self) -> None:
         """In a forked copy of the bot: this copy's threads did not come along.
@@ -226,6 +229,7 @@ class ProcessWriter(FlushWaits):
         closes or dies.
         """
         self._closing = True
+        self._feed.left_in_fork()
         self._close_pipes()
 
     # ---- the sender thread ----
@@ -237,29 +241,29 @@ class ProcessWriter(FlushWaits):
             self._fall_back(f"the writer process did not start ({exc})")
         while True:
             try:
-                first = self._queue.get(timeout=None if self._held is None else RETRY_S)
+                taken = [self._queue.get(timeout=None if self._held is None else RETRY_S)]
             except queue.Empty:
                 self._open_local()
                 continue
-            taken = [first]
             with contextlib.suppress(queue.Empty):
                 while True:
                     taken.append(self._queue.get_nowait())
-            if any(item is _CHILD_GONE for item in taken):
-                taken = [item for item in taken if item is not _CHILD_GONE]
-                if self.fell_back is None:
-                    self._fall_back(_exit_of(self._child))
-            stop = any(isinstance(item, StopOp) for item in taken)
-            ops = [item for item in taken if not isinstance(item, StopOp)]
-            if self._held is not None:
-                self._held.extend(ops)
-                self._open_local()
-            elif self._local is not None:
-                for op in ops:
-                    self._local.submit(op)
-            elif ops:
-                self._send(ops)  # if that fails, _fall_back replays them with the rest
-            if stop:
+            if _CHILD_GONE in taken and self.fell_back is None:
+                self._fall_back(_exit_of(self._child))
+            if self._feed.direct:
+                try:
+                    self._feed.flush_blocking()
+                except OSError as exc:  # the child is gone: what was framed is in _unacked
+                    self._fall_back(_unwritable(self._child, exc))
+            if not self._feed.direct:
+                ops = self._feed.take()
+                if self._held is not None:
+                    self._held.extend(ops)
+                    self._open_local()
+                elif self._local is not None:
+                    for op in ops:
+                        self._local.submit(op)
+            if any(isinstance(item, StopOp) for item in taken):
                 self._finish()
                 return
 
@@ -279,17 +283,15 @@ class ProcessWriter(FlushWaits):
             daemon=True,
         )
         self._reader.start()
+        self._feed.connect(self._stdin)
         logger.debug(f"pipecat-roark: recording {self.directory} from process {child.pid}")
 
-    def _send(self, ops: list[Any]) -> None:
+    def _frame(self, ops: list[Any]) -> tuple[int, list[Any]]:
+        # Under the feed's lock: number a frame and keep it until the child commits it.
         wire = [self._outbound(op) for op in ops]
         self._seq += 1
         self._unacked.append((self._seq, wire))
-        assert self._stdin is not None
-        try:
-            write_all(self._stdin, encode_frame(self._seq, wire))
-        except Exception as exc:  # EPIPE: the child is gone; this frame is in _unacked
-            self._fall_back(_unwritable(self._child, exc))
+        return self._seq, wire
 
     def _outbound(self, op: Op) -> Any:
         if isinstance(op, BarrierOp):
@@ -308,6 +310,7 @@ class ProcessWriter(FlushWaits):
         """
         self._finishing = True
         if self._local is None:
+            self._feed.disconnect()  # the sender wrote the rest; nothing may write to a closed fd
             if self._child is not None and self._child.stdin is not None:
                 with contextlib.suppress(OSError):
                     self._child.stdin.close()
@@ -356,6 +359,7 @@ class ProcessWriter(FlushWaits):
     def _fall_back(self, why: str) -> None:
         """Record in this process from now on, starting with what the child did not commit."""
         self.fell_back = why
+        self._feed.disconnect()  # what was framed is in _unacked, replayed below
         logger.error(f"pipecat-roark: {why}; recording {self.directory} from this process instead")
         child = self._child
         if child is not None:

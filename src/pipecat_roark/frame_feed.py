@@ -1,0 +1,146 @@
+"""The bot's side of the writer child's stdin: records framed and written from the loop.
+
+Issue 12's profile of the writer child (``writer_process``) showed that a sender thread
+woken for every record cost the bot more than the records themselves: pickling and
+writing a mixed call's 228 records and 13 chunks takes about 1.5-4 ms of CPU, but the
+thread's wake-ups and the GIL hand-offs they force on the busy event loop cost 20-40 ms
+per call. So a record submitted in an event loop is framed and written by that loop, once
+per loop iteration (``call_soon``), with a non-blocking write into a 1 MiB pipe: no other
+thread runs. The sender thread is only the fallback: a record from a thread without a
+loop, a pipe full for the moment (the rest of a frame waits in ``backlog`` for the
+sender's blocking write), the child not started yet or gone.
+
+Every frame is built and written under one lock, so frames never interleave and seq
+numbers follow the order records were submitted in, whichever thread writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .writer_pipe import encode_frame
+
+__all__ = ["FrameFeed"]
+
+_WAIT_WRITABLE_S = 1.0
+"""How long one blocking wait for room in the pipe lasts before it looks again."""
+
+
+class FrameFeed:
+    """Records on their way to the child: queued, framed, written (any thread; the loop's never waits)."""
+
+    def __init__(
+        self,
+        wake_sender: Callable[[], None],
+        frame: Callable[[list[Any]], tuple[int, list[Any]]],
+    ) -> None:
+        """``frame`` turns records into ``(seq, wire ops)`` and keeps them until acknowledged."""
+        self.pending: deque[Any] = deque()
+        self._wake_sender = wake_sender
+        self._frame = frame
+        self._lock = threading.Lock()
+        self._backlog = b""
+        self._fd: int | None = None
+        self._scheduled = False
+
+    @property
+    def direct(self) -> bool:
+        """True while records go to a live child (else the sender routes them)."""
+        return self._fd is not None
+
+    def connect(self, fd: int) -> None:
+        """The child is up: write to ``fd`` (made non-blocking) from now on."""
+        os.set_blocking(fd, False)
+        with self._lock:
+            self._fd = fd
+
+    def disconnect(self) -> None:
+        """The child is gone: no more writes; what was framed is in the unacknowledged."""
+        with self._lock:
+            self._fd = None
+            self._backlog = b""
+
+    def left_in_fork(self) -> None:
+        """In a forked copy: forget the pipe, and the lock a thread of the parent may hold."""
+        self._lock = threading.Lock()
+        self._fd = None
+        self._backlog = b""
+
+    def add(self, record: Any) -> None:
+        """Queue ``record``; in an event loop, frame and write it on the loop's next turn."""
+        self.pending.append(record)
+        if self._fd is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                if not self._scheduled:
+                    self._scheduled = True
+                    loop.call_soon(self._flush_in_loop)
+                return
+        self._wake_sender()
+
+    def take(self) -> list[Any]:
+        """Everything queued, for the sender to route elsewhere (the child is not there).
+
+        Returns:
+            The records, oldest first.
+        """
+        taken = []
+        while self.pending:
+            taken.append(self.pending.popleft())
+        return taken
+
+    def flush_blocking(self) -> None:
+        """Frame what is queued and write it all, waiting for room (the sender thread).
+
+        Raises:
+            OSError: the pipe is broken (the child is gone).
+        """
+        with self._lock:
+            self._write(blocking=True)
+
+    def _flush_in_loop(self) -> None:
+        self._scheduled = False
+        if not self._lock.acquire(blocking=False):  # the sender is writing: it takes ours too
+            self._wake_sender()
+            return
+        try:
+            done = self._write(blocking=False)
+        except OSError:  # the child is gone: the sender finds out and falls back
+            done = False
+        finally:
+            self._lock.release()
+        if not done:
+            self._wake_sender()
+
+    def _write(self, *, blocking: bool) -> bool:
+        """Under the lock: frame the queue, then write the backlog.
+
+        Returns:
+            True once everything is written; False if a non-blocking write found the pipe
+            full (or there is no child to write to).
+        """
+        fd = self._fd
+        if fd is None:
+            return False
+        if self.pending:
+            seq, wire = self._frame(self.take())
+            self._backlog += encode_frame(seq, wire)
+        while self._backlog:
+            try:
+                written = os.write(fd, self._backlog)
+            except BlockingIOError:
+                if not blocking:
+                    return False
+                select.select([], [fd], [], _WAIT_WRITABLE_S)
+                continue
+            self._backlog = self._backlog[written:]
+        return True
