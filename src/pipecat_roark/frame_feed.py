@@ -4,9 +4,9 @@ Issue 12's profile of the writer child (``writer_process``) showed that a sender
 woken for every record cost the bot more than the records themselves: pickling and
 writing a mixed call's 228 records and 13 chunks takes about 1.5-4 ms of CPU, but the
 thread's wake-ups and the GIL hand-offs they force on the busy event loop cost 20-40 ms
-per call. So a record submitted in an event loop is framed and written by that loop, once
-per loop iteration (``call_soon``), with a non-blocking write into a 1 MiB pipe: no other
-thread runs. The sender thread is only the fallback: a record from a thread without a
+per call. So a record submitted in an event loop is framed and written by that loop,
+gathered for ``_GATHER_S`` (``call_later``), with a non-blocking write into a 1 MiB pipe:
+no other thread runs. The sender thread is only the fallback: a record from a thread without a
 loop, a pipe full for the moment (the rest of a frame waits in ``backlog`` for the
 sender's blocking write), the child not started yet or gone.
 
@@ -28,6 +28,9 @@ from .writer_pipe import encode_frame
 
 __all__ = ["FrameFeed"]
 
+_GATHER_S = 0.002
+"""How long a loop gathers records before it writes them: one write per gathering, not
+one per record (each system call costs the bot, and wakes the child)."""
 _WAIT_WRITABLE_S = 1.0
 """How long one blocking wait for room in the pipe lasts before it looks again."""
 
@@ -83,7 +86,7 @@ class FrameFeed:
             if loop is not None:
                 if not self._scheduled:
                     self._scheduled = True
-                    loop.call_soon(self._flush_in_loop)
+                    loop.call_later(_GATHER_S, self._flush_in_loop)
                 return
         self._wake_sender()
 

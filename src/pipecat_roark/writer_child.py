@@ -43,7 +43,11 @@ __all__ = ["ENV_OWNER", "main", "owner_from_env", "owner_to_env"]
 
 ENV_OWNER = "PIPECAT_ROARK_WRITER_OWNER"
 """The bot's owner (``host``, ``pid`` and token, tab-separated), for the child's rows."""
-ACK_S = 0.005
+DELIVERIES_S = 0.02
+"""How long the child gathers commits that added deliveries before it wakes the bot's
+drainer: each answer wakes a thread of the bot, which costs it more CPU than the answer."""
+ACK_S = 0.1
+"""How often at most the child says what is committed: the bot only lets go of its copies."""
 """How often at most the child says what is committed (see ``_Replies``)."""
 CLOSE_TIMEOUT_S = 120.0
 """How long the child's writer may take to commit what it holds once the bot is gone."""
@@ -97,26 +101,39 @@ class _Replies:
         self._due.set()
 
     def deliveries_added(self) -> None:
-        """A commit added deliveries (the writer thread)."""
+        """A commit added deliveries (the writer thread): a drainer waits for that word."""
         self._deliveries = True
         self._due.set()
 
-    def say_what_is_due(self) -> None:
-        """Send the latest commitment and deliveries now (also the last word, at exit)."""
+    def say_what_is_due(self, *, committed_too: bool = True) -> bool:
+        """Send that deliveries were added, and the latest commitment (also at exit).
+
+        Returns:
+            True if a commitment is left unsaid (``committed_too`` was False).
+        """
         with self._saying:
             committed, self._deliveries, deliveries = self._committed, False, self._deliveries
-            if committed != self._said_committed:
-                self._said_committed = committed
-                self.send(COMMITTED, committed)
             if deliveries:
                 self.send(DELIVERIES, 0)
+            if committed == self._said_committed:
+                return False
+            if not committed_too:
+                return True
+            self._said_committed = committed
+            self.send(COMMITTED, committed)
+            return False
 
     def _pump(self) -> None:
+        said_at = 0.0
         while True:
             self._due.wait()
-            time.sleep(ACK_S)
+            time.sleep(DELIVERIES_S)
             self._due.clear()
-            self.say_what_is_due()
+            now = time.monotonic()
+            if self.say_what_is_due(committed_too=now - said_at >= ACK_S):
+                self._due.set()  # said in a later round
+            else:
+                said_at = now
 
     def send(self, kind: bytes, number: int, payload: bytes = b"") -> None:
         with self._lock:
