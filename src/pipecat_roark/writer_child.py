@@ -43,12 +43,12 @@ __all__ = ["ENV_OWNER", "main", "owner_from_env", "owner_to_env"]
 
 ENV_OWNER = "PIPECAT_ROARK_WRITER_OWNER"
 """The bot's owner (``host``, ``pid`` and token, tab-separated), for the child's rows."""
-DELIVERIES_S = 0.02
-"""How long the child gathers commits that added deliveries before it wakes the bot's
-drainer: each answer wakes a thread of the bot, which costs it more CPU than the answer."""
+DELIVERIES_S = 0.1
+"""How often at most the child says that commits added deliveries (see ``_Replies``)."""
 ACK_S = 0.1
-"""How often at most the child says what is committed: the bot only lets go of its copies."""
 """How often at most the child says what is committed (see ``_Replies``)."""
+_PUMP_S = 0.01
+"""How often the child looks again while something is left to say."""
 CLOSE_TIMEOUT_S = 120.0
 """How long the child's writer may take to commit what it holds once the bot is gone."""
 
@@ -78,10 +78,12 @@ def owner_from_env(value: str | None) -> Owner | None:
 class _Replies:
     """Writes the child's messages to the bot; any thread, one message at a time.
 
-    A flush's release goes at once (someone waits for it). What is committed and that
-    deliveries were added are said at most every ``ACK_S``, the latest only: each answer
-    wakes a thread of the bot, and the bot needs them only to let go of its copies and
-    to wake a drainer.
+    Each answer wakes a thread of the bot, which costs the bot more CPU than the answer's
+    work, so answers are few. A flush's release goes at once (someone waits for it).
+    That a commit added deliveries goes at once after a quiet ``DELIVERIES_S`` (the end
+    of a call is delivered without delay), else once per ``DELIVERIES_S``. What is
+    committed goes at most every ``ACK_S``, the latest only: the bot needs it only to let
+    go of its copies.
     """
 
     def __init__(self, fd: int) -> None:
@@ -90,7 +92,9 @@ class _Replies:
         self._gone = False
         self._committed = 0
         self._said_committed = 0
+        self._committed_said_at = 0.0
         self._deliveries = False
+        self._deliveries_said_at = 0.0
         self._due = threading.Event()
         self._saying = threading.Lock()
         threading.Thread(target=self._pump, name="pipecat-roark-answers", daemon=True).start()
@@ -102,38 +106,42 @@ class _Replies:
 
     def deliveries_added(self) -> None:
         """A commit added deliveries (the writer thread): a drainer waits for that word."""
-        self._deliveries = True
+        with self._saying:
+            self._deliveries = True
+        if not self.say_what_is_due(time.monotonic()):
+            return
         self._due.set()
 
-    def say_what_is_due(self, *, committed_too: bool = True) -> bool:
-        """Send that deliveries were added, and the latest commitment (also at exit).
+    def say_what_is_due(self, now: float, *, everything: bool = False) -> bool:
+        """Send what is due by ``now`` (``everything``: all of it, the last word at exit).
 
         Returns:
-            True if a commitment is left unsaid (``committed_too`` was False).
+            True if something is left to say later.
         """
         with self._saying:
-            committed, self._deliveries, deliveries = self._committed, False, self._deliveries
-            if deliveries:
-                self.send(DELIVERIES, 0)
-            if committed == self._said_committed:
-                return False
-            if not committed_too:
-                return True
-            self._said_committed = committed
-            self.send(COMMITTED, committed)
-            return False
+            left = False
+            if self._deliveries:
+                if everything or now - self._deliveries_said_at >= DELIVERIES_S:
+                    self._deliveries, self._deliveries_said_at = False, now
+                    self.send(DELIVERIES, 0)
+                else:
+                    left = True
+            committed = self._committed
+            if committed != self._said_committed:
+                if everything or now - self._committed_said_at >= ACK_S:
+                    self._said_committed, self._committed_said_at = committed, now
+                    self.send(COMMITTED, committed)
+                else:
+                    left = True
+            return left
 
     def _pump(self) -> None:
-        said_at = 0.0
         while True:
             self._due.wait()
-            time.sleep(DELIVERIES_S)
+            time.sleep(_PUMP_S)
             self._due.clear()
-            now = time.monotonic()
-            if self.say_what_is_due(committed_too=now - said_at >= ACK_S):
-                self._due.set()  # said in a later round
-            else:
-                said_at = now
+            if self.say_what_is_due(time.monotonic()):
+                self._due.set()
 
     def send(self, kind: bytes, number: int, payload: bytes = b"") -> None:
         with self._lock:
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"pipecat-roark: the writer process for {args.dir} did not finish committing "
                 f"in {CLOSE_TIMEOUT_S:.0f} s; run `pipecat-roark status`"
             )
-        replies.say_what_is_due()
+        replies.say_what_is_due(time.monotonic(), everything=True)
     return code
 
 
