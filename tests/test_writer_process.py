@@ -659,3 +659,60 @@ def test_an_op_that_cannot_cross_is_a_flush_callback() -> None:
     """Why ``RemoteBarrier`` exists: a flush's callback does not pickle."""
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
         encode_frame(1, [BarrierOp(lambda: None)])
+
+
+# ---- 7. the event loop writes, and never waits for the child ----
+
+
+@pytest.mark.anyio
+async def test_a_full_pipe_never_blocks_the_loop_and_its_records_arrive_in_order(
+    data_dir: Path, logs: LogCapture
+) -> None:
+    """The child is stopped while the loop submits more audio than the pipe holds: the
+    loop writes what fits and goes on (the rest waits in the bot for the sender's
+    blocking write); once the child runs again, every record is committed, in order."""
+    writer = lifecycle.writer_for(data_dir, process=True, max_spool_bytes=1 << 30, min_free_bytes=0)
+    assert isinstance(writer, ProcessWriter)
+    assert await writer.flush(FLUSH_S)  # the child is up: the loop writes from now on
+    child = writer.child_pid
+    assert child is not None
+    resumed_by_watchdog = threading.Event()
+
+    def watchdog() -> None:  # a loop blocked on the pipe would never get past its sleeps
+        if not loop_went_on.wait(60):
+            resumed_by_watchdog.set()
+            os.kill(child, signal.SIGCONT)
+
+    loop_went_on = threading.Event()
+    opened = CallOpened(at=1, agent_id="bot")
+    chunks = [bytes([n]) * (256 * 1024) for n in range(8)]  # 2 MiB: twice the pipe
+    os.kill(child, signal.SIGSTOP)
+    threading.Thread(target=watchdog, daemon=True).start()
+    try:
+        writer.submit(OpenOp("full-pipe", opened, None))
+        for n, chunk in enumerate(chunks):
+            writer.submit(EventOp("full-pipe", UserText(at=10 + n, text=f"turn {n}")))
+            writer.submit(ChunkOp("full-pipe", n, chunk, 16000, 2, 20 + n))
+            for _ in range(3):
+                await asyncio.sleep(0.01)  # the loop's turns, each writing what fits
+        writer.submit(FinalizeOp("full-pipe", 99, "done"))
+        await asyncio.sleep(0.05)
+        loop_went_on.set()
+        assert not resumed_by_watchdog.is_set(), "the loop waited for the stopped child"
+        stdin = os.open(f"/proc/{child}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            assert pipe_bytes(stdin) >= 1 << 19, "the pipe filled up while the child slept"
+        finally:
+            os.close(stdin)
+    finally:
+        os.kill(child, signal.SIGCONT)
+    assert await writer.flush(FLUSH_S)
+
+    assert chunk_indices(data_dir, "full-pipe") == list(range(len(chunks)))
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        paths = [p for (p,) in conn.execute("SELECT path FROM chunks ORDER BY idx")]
+    assert [(data_dir / p).read_bytes() for p in paths] == chunks
+    texts = [e.text for e in stored_events(data_dir, "full-pipe") if isinstance(e, UserText)]
+    assert texts == [f"turn {n}" for n in range(len(chunks))]
+    assert logs.messages("ERROR") == []
+    assert writer.fell_back is None
