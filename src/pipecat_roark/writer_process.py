@@ -3,11 +3,11 @@
 ``RoarkObserver(writer_process=True)``: the process's writer for a data directory is a
 ``ProcessWriter``. It has the ``Writer``'s surface (``submit``, ``flush``, ``close``,
 commit listeners), but the SQLite transactions, the chunk files and every ``fsync``
-happen in ``python -m pipecat_roark.writer_child``. In the bot, one sender thread pickles
-what was queued since its last frame and writes it to the child's stdin (one C call and
-one system call per frame, both mostly outside the GIL); one reader thread takes the
-child's answers: what is committed, which flushes are released, when deliveries were
-added.
+happen in ``python -m pipecat_roark.writer_child``. In the bot, the event loop that
+submits records frames and writes them to the child's stdin itself (``frame_feed``: no
+thread wakes for them); a sender thread does it only where no loop runs or the pipe is
+full. One reader thread takes the child's answers, which are few because each wakes it:
+what is committed, which flushes are released, when deliveries were added, log lines.
 
 Nothing acknowledged is lost, and nothing unacknowledged is either:
 
