@@ -716,3 +716,29 @@ async def test_a_full_pipe_never_blocks_the_loop_and_its_records_arrive_in_order
     assert texts == [f"turn {n}" for n in range(len(chunks))]
     assert logs.messages("ERROR") == []
     assert writer.fell_back is None
+
+
+def test_a_loop_that_ended_with_its_write_still_due_does_not_hold_up_the_next_one(
+    data_dir: Path,
+) -> None:
+    """One process, two event loops in turn (a bot that runs asyncio.run twice): the first
+    ends right after a record, before its gathered write ran; the second loop's records
+    and flush still go through."""
+    writer = lifecycle.writer_for(data_dir, process=True, max_spool_bytes=1 << 30, min_free_bytes=0)
+    assert isinstance(writer, ProcessWriter)
+
+    async def first() -> None:
+        assert await writer.flush(FLUSH_S)  # the child is up: the loop writes
+        writer.submit(OpenOp("two-loops", CallOpened(at=1, agent_id="bot"), None))
+        # the loop ends here: its write, due in 2 ms, never runs
+
+    async def second() -> bool:
+        writer.submit(EventOp("two-loops", UserText(at=2, text="still here")))
+        writer.submit(FinalizeOp("two-loops", 3, "done"))
+        return await writer.flush(FLUSH_S)
+
+    asyncio.run(first())
+    assert asyncio.run(second())
+    events = stored_events(data_dir, "two-loops")
+    assert [type(e).__name__ for e in events] == ["CallOpened", "UserText"]
+    assert writer.fell_back is None

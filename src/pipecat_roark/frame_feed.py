@@ -50,7 +50,8 @@ class FrameFeed:
         self._lock = threading.Lock()
         self._backlog = b""
         self._fd: int | None = None
-        self._scheduled = False
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
+        """The loop a flush is scheduled on, if any."""
 
     @property
     def direct(self) -> bool:
@@ -84,8 +85,10 @@ class FrameFeed:
             except RuntimeError:
                 loop = None
             if loop is not None:
-                if not self._scheduled:
-                    self._scheduled = True
+                scheduled = self._scheduled_on
+                if scheduled is None or (scheduled is not loop and not scheduled.is_running()):
+                    # (a loop that ended with its flush still scheduled never runs it)
+                    self._scheduled_on = loop
                     loop.call_later(_GATHER_S, self._flush_in_loop)
                 return
         self._wake_sender()
@@ -111,7 +114,7 @@ class FrameFeed:
             self._write(blocking=True)
 
     def _flush_in_loop(self) -> None:
-        self._scheduled = False
+        self._scheduled_on = None
         if not self._lock.acquire(blocking=False):  # the sender is writing: it takes ours too
             self._wake_sender()
             return
