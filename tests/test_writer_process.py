@@ -742,3 +742,39 @@ def test_a_loop_that_ended_with_its_write_still_due_does_not_hold_up_the_next_on
     events = stored_events(data_dir, "two-loops")
     assert [type(e).__name__ for e in events] == ["CallOpened", "UserText"]
     assert writer.fell_back is None
+
+
+@pytest.mark.anyio
+async def test_a_call_the_child_committed_whole_but_never_acknowledged_is_not_given_again(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    """The child commits a whole call (open to end) and dies before it says so (it says
+    what is committed only every ACK_S): the bot's own writer must not be given that
+    call's open again, which it would refuse as a reused id, with an error line about a
+    call that is whole."""
+    for attempt in range(10):  # bounded: each attempt kills the child inside the window
+        directory = tmp_path / f"attempt-{attempt}"
+        writer = lifecycle.writer_for(
+            directory, process=True, max_spool_bytes=1 << 30, min_free_bytes=0
+        )
+        assert isinstance(writer, ProcessWriter)
+        assert await writer.flush(FLUSH_S)
+        await asyncio.sleep(0.2)  # the child's next word on commits is said at once
+        writer.submit(OpenOp("whole", CallOpened(at=1, agent_id="bot"), None))
+        writer.submit(EventOp("whole", UserText(at=2, text="hello")))
+        writer.submit(FinalizeOp("whole", 3, "done"))
+        assert await writer.flush(FLUSH_S)  # released: committed, by the child's word
+        unacknowledged = len(writer._unacked)  # the frames the bot still keeps
+        assert writer.child_pid is not None
+        os.kill(writer.child_pid, signal.SIGKILL)
+        assert await asyncio.to_thread(writer.close, FLUSH_S)
+        lifecycle.close_all_writers()
+        if unacknowledged and writer.fell_back is not None:
+            break
+    else:
+        pytest.fail("the child said it committed the call before every kill")
+    assert [m for m in logs.messages("ERROR") if "already recorded" in m] == []
+    events = stored_events(directory, "whole")
+    assert [type(e).__name__ for e in events] == ["CallOpened", "UserText"]
+    with sqlite3.connect(directory / "wal.sqlite") as conn:
+        assert conn.execute("SELECT state FROM calls WHERE id = 'whole'").fetchall() == [("ended",)]

@@ -70,6 +70,19 @@ class FrameFeed:
             self._fd = None
             self._backlog = b""
 
+    def close(self) -> None:
+        """The last write, at close (the sender): everything queued, then no more writes.
+
+        Raises:
+            OSError: the pipe is broken (what was framed is in the unacknowledged).
+        """
+        with self._lock:
+            try:
+                self._write(blocking=True)
+            finally:
+                self._fd = None
+                self._backlog = b""
+
     def left_in_fork(self) -> None:
         """In a forked copy: forget the pipe, and the lock a thread of the parent may hold."""
         self._lock = threading.Lock()

@@ -310,7 +310,8 @@ class ProcessWriter(FlushWaits):
         """
         self._finishing = True
         if self._local is None:
-            self._feed.disconnect()  # the sender wrote the rest; nothing may write to a closed fd
+            with contextlib.suppress(OSError):  # a dead child: its frames are replayed below
+                self._feed.close()  # nothing may write to the fd once it is closed
             if self._child is not None and self._child.stdin is not None:
                 with contextlib.suppress(OSError):
                     self._child.stdin.close()

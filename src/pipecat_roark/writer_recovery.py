@@ -106,9 +106,11 @@ def _recover(
     adopt: dict[str, tuple[CallOpened, str | None]] = {}
     stored: dict[str, list[Event]] = {}
     replay: list[Op] = []
+    opened_here: set[str] = set()
     for call_id, op in open_calls.items():
         stored[call_id] = events_table.load_events(conn, call_id)
         if op.opened in stored[call_id]:  # this session's open is committed
+            opened_here.add(call_id)
             if calls_table.open_and_owned_by(conn, call_id, owner.token):
                 adopt[call_id] = (op.opened, op.key_fp)
         elif call_id not in unsent:  # else its open is given again in its turn
@@ -118,7 +120,7 @@ def _recover(
     committed = _committed_events(conn, frames, acked_events, stored)
     for _, wire in frames:
         for op in wire:
-            kept = _unless_committed(conn, op, adopt, committed, barriers)
+            kept = _unless_committed(conn, op, opened_here, committed, barriers)
             if kept is not None:
                 replay.append(kept)
     return replay, adopt
@@ -127,7 +129,7 @@ def _recover(
 def _unless_committed(
     conn: sqlite3.Connection,
     op: Any,
-    adopt: Mapping[str, tuple[CallOpened, str | None]],
+    opened_here: set[str],
     committed: dict[str, Counter[Event]],
     barriers: Mapping[int, Callable[[], None]],
 ) -> Op | None:
@@ -135,7 +137,10 @@ def _unless_committed(
         release = barriers.get(op.number)
         return None if release is None else BarrierOp(release, op.call_id)
     if isinstance(op, OpenOp):
-        return None if op.call_id in adopt else op
+        # Committed (this very open: a second session's has another time): not again,
+        # even if the child also ended the call (giving it again would be refused as a
+        # reused id, with an error line about a call that is whole).
+        return None if op.call_id in opened_here else op
     if isinstance(op, EventOp):
         left_out = committed[op.call_id]
         if left_out[op.event] > 0:
