@@ -3,6 +3,7 @@ out; a database with corrupt pages. Nothing is lost, attempts are bounded, logs 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sqlite3
 from pathlib import Path
@@ -117,3 +118,22 @@ async def test_corrupt_pages_are_found_by_doctor_and_moved_aside_by_repair(
         **{k: "pending" for k in delivery_states(data_dir) if ":chunk:" in k},
         "after-repair:call-ended": "pending",
     }
+
+
+async def test_a_claim_that_reaches_its_thread_after_the_run_ended_leases_nothing(
+    data_dir: Path,
+) -> None:
+    """A claim cancelled with its run (the budget ran out while it waited for a worker
+    thread) runs in that thread later, after the leases were handed back: it must take
+    none, or its rows stay leased by a drainer that is gone until the lease expires."""
+    await record(data_dir, "late-claim", 0)
+    drainer = Drainer(data_dir, KEY, "http://127.0.0.1:9", QUICK)
+    await drainer.run_once(budget_s=0.2)
+    assert set(delivery_states(data_dir).values()) == {"pending"}
+    due_in = await drainer._db.run(drainer._next_due_in, None)
+    assert due_in is not None
+    await asyncio.sleep(due_in + 0.05)  # the rows are due again: a claim would take them
+    late = await drainer._db.run(drainer._claim, None)  # what the late thread runs
+    drainer._db.close()
+    assert late == []
+    assert set(delivery_states(data_dir).values()) == {"pending"}
