@@ -71,6 +71,8 @@ class BatchCommitter:
         self._book = book
         self._stats = stats
         self._spooler = spooler
+        self.free_room: Callable[[deque[CallOp]], bool] = lambda work: False
+        """Set by the writer: give up newer chunk files than the batch's (True if any)."""
 
     def screen(self, work: deque[CallOp]) -> deque[CallOp]:
         """Refuse a reused call id before any of its files are written.
@@ -135,7 +137,8 @@ class BatchCommitter:
             except BaseException as exc:  # any class: one bad op must not end the thread
                 self._stats.failed_batches += 1
                 if is_disk_full(exc) and any(isinstance(op, SpooledChunkOp) for op in batch.work):
-                    batch.work = self._spooler.shed(batch.work, str(exc))
+                    if not self.free_room(batch.work):  # newer audio goes first, then the batch's
+                        batch.work = self._spooler.shed(batch.work, str(exc))
                 elif self._wal.refuses_writes(exc):
                     streak_logged = self._wait_for_database(batch, exc, streak_logged, delay)
                     delay = min(delay * 2, 2.0)

@@ -79,6 +79,24 @@ class ParkedOps:
     def __bool__(self) -> bool:
         return bool(self._lines or self._flushes)
 
+    def written_after(self, call_id: str, idx: int) -> list[PendingChunk]:
+        """The call's parked chunks after ``idx`` whose files are already written.
+
+        Returns:
+            Those chunks, oldest first: what a full disk gives up before chunk ``idx``.
+        """
+        line = self._lines.get(call_id)
+        if line is None:
+            return []
+        return [
+            item
+            for _, item in line.items
+            if isinstance(item, PendingChunk)
+            and item.op.idx > idx
+            and item.written.done()
+            and item.written.result()[0] is not None
+        ]
+
     def must_wait(self, op: CallOp) -> bool:
         """Must ``op`` wait behind its call's parked chunk files?
 

@@ -28,11 +28,11 @@ from loguru import logger
 
 from . import calls_table, crashpoints, metrics
 from .batch_commit import Batch, BatchCommitter
-from .chunk_spooler import ChunkSpooler, PendingChunk
+from .chunk_spooler import ChunkSpooler, PendingChunk, discard_unrecorded
 from .config import DEFAULT_MIN_FREE_BYTES
 from .events import CallOpened
 from .op_apply import OpApplier
-from .ops import ChunkWrittenOp, Op, SpooledChunkOp, StopOp
+from .ops import CallOp, ChunkWrittenOp, Op, SpooledChunkOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
 from .parked_ops import ParkedOps
 from .store import now_us, transaction
@@ -96,6 +96,7 @@ class Writer(FlushWaits):
         self._spooler.measure(self._wal.db())
         self._wal.keep_reserve()
         self._parked = ParkedOps()
+        self._committer.free_room = self._free_room
         self._inflight: Batch | None = None
         self._death: str | None = None
         self._closing = False
@@ -231,6 +232,31 @@ class Writer(FlushWaits):
         except Exception as exc:  # one chunk (e.g. a file that cannot be discarded), never
             self._committer.drop(pending.op, exc)  # the thread: it would die on it again
             return None
+
+    def _free_room(self, work: deque[CallOp]) -> bool:
+        """A full disk refused the batch's chunk rows: give up the newer chunk files first.
+
+        Files of later chunks of the same calls, written on spool threads while the batch
+        waited, may be what filled the disk; without this, under load, the batch's older
+        chunk was shed and they were then discarded behind it: a call kept no audio at all.
+
+        Returns:
+            True if files were given up (the commit is tried again as it was).
+        """
+        freed = False
+        for op in work:
+            if not isinstance(op, SpooledChunkOp):
+                continue
+            newer = self._parked.written_after(op.call_id, op.idx)
+            for pending in newer:
+                chunk = pending.written.result()[0]
+                if chunk is not None:
+                    discard_unrecorded(self.directory, chunk.relpath)
+            if newer:
+                self._spooler.cut(op.call_id, newer[0].op.idx - 1)  # none after op is recorded
+                self._spooler.stop_audio(op.call_id, "disk full committing audio")
+                freed = True
+        return freed
 
     def _process(self, batch: Batch) -> None:
         self._wal.check_file()
