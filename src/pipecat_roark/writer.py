@@ -111,15 +111,6 @@ class Writer(FlushWaits):
         if self._death is not None:
             self._restart()
 
-    def add_commit_listener(self, listener: Callable[[], None]) -> None:
-        """Called from the writer thread after a commit that added deliveries."""
-        self._listeners.append(listener)
-
-    def remove_commit_listener(self, listener: Callable[[], None]) -> None:
-        """Stop calling ``listener`` (one not added is ignored)."""
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
     def close(self, timeout: float = 5.0) -> bool:
         """Commit what is queued, then stop the thread and close the connection.
 

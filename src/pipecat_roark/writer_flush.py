@@ -1,7 +1,8 @@
-"""Waiting for a flush: shared by the writer thread and the writer in a child process.
+"""What the writer thread and the writer in a child process share: flushes, listeners.
 
 A flush is a ``BarrierOp`` put behind everything queued; whoever commits releases it. The
-waiting is the same wherever the committing happens, so it lives here once.
+waiting is the same wherever the committing happens, and so is the list of those told
+when a commit added deliveries, so both live here once.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 from .ops import BarrierOp, Op
 
@@ -19,9 +21,23 @@ WATCH_S = 0.5
 
 
 class FlushWaits:
-    """``flush`` and ``flush_sync`` over a ``submit`` and a ``_watch`` of the subclass."""
+    """Flushes and commit listeners, over the subclass's queue and committer.
+
+    ``flush`` and ``flush_sync`` use the subclass's ``submit`` and ``_watch``; the subclass
+    makes ``_listeners`` and calls them after a commit that added deliveries.
+    """
 
     _closing: bool
+    _listeners: list[Callable[[], None]]
+
+    def add_commit_listener(self, listener: Callable[[], None]) -> None:
+        """Called (from a thread of the writer's) after a commit that added deliveries."""
+        self._listeners.append(listener)
+
+    def remove_commit_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling ``listener`` (one not added is ignored)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def submit(self, op: Op) -> None:
         """Queue ``op`` (the subclass's)."""

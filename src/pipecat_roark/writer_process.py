@@ -189,15 +189,6 @@ class ProcessWriter(FlushWaits):
         """Queue ``op`` for the child (any thread, never blocks; see ``frame_feed``)."""
         self._feed.add(op)
 
-    def add_commit_listener(self, listener: Callable[[], None]) -> None:
-        """Called (from a thread of ours) after a commit that added deliveries."""
-        self._listeners.append(listener)
-
-    def remove_commit_listener(self, listener: Callable[[], None]) -> None:
-        """Stop calling ``listener`` (one not added is ignored)."""
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
     def close(self, timeout: float = 5.0) -> bool:
         """Send what is queued, let the child commit it and exit (or close our own writer).
 
