@@ -37,7 +37,7 @@ from .owner import Owner, current_owner, heartbeat_interval_s
 from .parked_ops import ParkedOps
 from .store import now_us, transaction
 from .wal_file import WalFile
-from .writer_flush import FlushWaits
+from .writer_flush import WriterSurface
 from .writer_state import CallBook, OpenCall, WriterStats
 
 __all__ = ["DEFAULT_MAX_SPOOL_BYTES", "Writer", "WriterStats"]
@@ -45,7 +45,7 @@ __all__ = ["DEFAULT_MAX_SPOOL_BYTES", "Writer", "WriterStats"]
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # 1 GiB
 
 
-class Writer(FlushWaits):
+class Writer(WriterSurface):
     """Owns the one write connection of a process to a ``wal.sqlite``, through its thread."""
 
     def __init__(
@@ -110,23 +110,6 @@ class Writer(FlushWaits):
         self._queue.put(op)
         if self._death is not None:
             self._restart()
-
-    def close(self, timeout: float = 5.0) -> bool:
-        """Commit what is queued, then stop the thread and close the connection.
-
-        Returns:
-            True if the thread stopped within ``timeout``.
-        """
-        self._closing = True
-        if self._thread.is_alive():
-            self._queue.put(StopOp())
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def alive(self) -> bool:
-        """False once closed; a thread that died is restarted by the next submit."""
-        return not self._closing
 
     @property
     def queue_depth(self) -> int:

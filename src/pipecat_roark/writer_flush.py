@@ -1,34 +1,57 @@
-"""What the writer thread and the writer in a child process share: flushes, listeners.
+"""What the writer thread and the writer in a child process share: flushes, listeners, close.
 
 A flush is a ``BarrierOp`` put behind everything queued; whoever commits releases it. The
-waiting is the same wherever the committing happens, and so is the list of those told
-when a commit added deliveries, so both live here once.
+waiting is the same wherever the committing happens, and so are the list of those told
+when a commit added deliveries and closing (a ``StopOp`` behind everything queued, then
+the thread that handles it is waited for), so they live here once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-from .ops import BarrierOp, Op
+from .ops import BarrierOp, Op, StopOp
 
-__all__ = ["FlushWaits"]
+__all__ = ["WriterSurface"]
 
 WATCH_S = 0.5
 """How often a waiting flush checks that whoever commits is still there."""
 
 
-class FlushWaits:
-    """Flushes and commit listeners, over the subclass's queue and committer.
+class WriterSurface:
+    """Flushes, commit listeners and close, over the subclass's queue and thread.
 
     ``flush`` and ``flush_sync`` use the subclass's ``submit`` and ``_watch``; the subclass
-    makes ``_listeners`` and calls them after a commit that added deliveries.
+    makes ``_listeners`` and calls them after a commit that added deliveries; ``close``
+    puts a ``StopOp`` on its ``_queue`` for its ``_thread``, which ends after it.
     """
 
     _closing: bool
     _listeners: list[Callable[[], None]]
+    _queue: queue.SimpleQueue[Any]
+    _thread: threading.Thread
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Commit what is queued, then stop (the thread, and the child if there is one).
+
+        Returns:
+            True if the thread stopped within ``timeout``.
+        """
+        self._closing = True
+        if self._thread.is_alive():
+            self._queue.put(StopOp())
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        """False once closed (a writer thread that died is restarted by the next submit)."""
+        return not self._closing
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         """Called (from a thread of the writer's) after a commit that added deliveries."""

@@ -49,7 +49,7 @@ from .owner import Owner, current_owner, heartbeat_interval_s
 from .wal_file import connect_or_quarantine
 from .writer import Writer
 from .writer_child import CLOSE_TIMEOUT_S, ENV_OWNER, owner_to_env
-from .writer_flush import FlushWaits
+from .writer_flush import WriterSurface
 from .writer_pipe import (
     COMMITTED,
     DELIVERIES,
@@ -131,7 +131,7 @@ def _spawn(
     return child, answers
 
 
-class ProcessWriter(FlushWaits):
+class ProcessWriter(WriterSurface):
     """This process's writer for one database, committing in a child process."""
 
     def __init__(
@@ -188,23 +188,6 @@ class ProcessWriter(FlushWaits):
     def submit(self, op: Op) -> None:
         """Queue ``op`` for the child (any thread, never blocks; see ``frame_feed``)."""
         self._feed.add(op)
-
-    def close(self, timeout: float = 5.0) -> bool:
-        """Send what is queued, let the child commit it and exit (or close our own writer).
-
-        Returns:
-            True if everything was committed and stopped within ``timeout``.
-        """
-        self._closing = True
-        if self._thread.is_alive():
-            self._queue.put(StopOp())
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def alive(self) -> bool:
-        """False once closed."""
-        return not self._closing
 
     @property
     def queue_depth(self) -> int:
