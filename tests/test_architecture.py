@@ -53,6 +53,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "row_delivery",
             "writer_flush",
             "frame_feed",
+            "answer_reader",
             "writer_pipe",
             "writer_recovery",
         },

@@ -42,11 +42,17 @@ class FrameFeed:
         self,
         wake_sender: Callable[[], None],
         frame: Callable[[list[Any]], tuple[int, list[Any]]],
+        in_loop: Callable[[asyncio.AbstractEventLoop], None],
     ) -> None:
-        """``frame`` turns records into ``(seq, wire ops)`` and keeps them until acknowledged."""
+        """``frame`` turns records into ``(seq, wire ops)`` and keeps them until acknowledged.
+
+        ``in_loop(loop)`` is told of the loop each gathering is written from (it reads the
+        child's answers there too).
+        """
         self.pending: deque[Any] = deque()
         self._wake_sender = wake_sender
         self._frame = frame
+        self._in_loop = in_loop
         self._lock = threading.Lock()
         self._backlog = b""
         self._fd: int | None = None
@@ -103,7 +109,17 @@ class FrameFeed:
                     # (a loop that ended with its flush still scheduled never runs it)
                     self._scheduled_on = loop
                     loop.call_later(_GATHER_S, self._flush_in_loop)
+                    self._in_loop(loop)
                 return
+        self._wake_sender()
+
+    def add_and_send(self, record: Any) -> None:
+        """Queue ``record`` for the sender to write now, with all queued before it.
+
+        For a thread about to block until it is committed: when that thread is a loop's,
+        the loop's own write would never come.
+        """
+        self.pending.append(record)
         self._wake_sender()
 
     def take(self) -> list[Any]:

@@ -66,6 +66,10 @@ class WriterSurface:
         """Queue ``op`` (the subclass's)."""
         raise NotImplementedError
 
+    def _submit_and_send(self, op: Op) -> None:
+        """Queue ``op`` to be committed without this thread's event loop (it is blocked)."""
+        self.submit(op)
+
     def _watch(self) -> None:
         """Called while a flush waits: the subclass mends a committer that died."""
 
@@ -78,7 +82,7 @@ class WriterSurface:
         if self._closing:
             return False
         done = threading.Event()
-        self.submit(BarrierOp(done.set))
+        self._submit_and_send(BarrierOp(done.set))
         deadline = time.monotonic() + timeout
         while not done.wait(max(0.0, min(WATCH_S, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import pickle
 import struct
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from .ops import Op
@@ -35,8 +34,8 @@ __all__ = [
     "RemoteBarrier",
     "decode_frame",
     "encode_frame",
-    "read_answers",
     "read_exactly",
+    "split_answers",
     "write_all",
 ]
 
@@ -89,31 +88,26 @@ def decode_frame(fd: int) -> tuple[int, list[Op | RemoteBarrier]] | None:
     return int(seq), list(ops)
 
 
-def read_answers(fd: int) -> Iterator[tuple[bytes, int, bytes]]:
-    """The child's answers from ``fd``, as many as each read brings, until it ends.
+def split_answers(buffer: bytearray) -> list[tuple[bytes, int, bytes]]:
+    """Take the whole answers off the front of ``buffer`` (bytes read from the child so far).
 
-    Yields:
+    A message cut short by a read stays in ``buffer`` for the next read's bytes.
+
+    Returns:
         ``(kind, number, log line)`` per answer; the line is empty but for ``LOG``.
     """
-    buffer = bytearray()
+    answers = []
     size = MESSAGE.size
-    while True:
-        try:
-            data = os.read(fd, 1 << 16)
-        except OSError:
-            data = b""
-        if not data:
-            return
-        buffer += data
-        start = 0
-        while len(buffer) - start >= size:
-            kind, number = MESSAGE.unpack_from(buffer, start)
-            end = start + size + (number if kind == LOG else 0)
-            if len(buffer) < end:
-                break  # the rest of the line comes with the next read
-            yield kind, number, bytes(buffer[start + size : end])
-            start = end
-        del buffer[:start]
+    start = 0
+    while len(buffer) - start >= size:
+        kind, number = MESSAGE.unpack_from(buffer, start)
+        end = start + size + (number if kind == LOG else 0)
+        if len(buffer) < end:
+            break  # the rest of the line comes with the next read
+        answers.append((kind, number, bytes(buffer[start + size : end])))
+        start = end
+    del buffer[:start]
+    return answers
 
 
 def read_exactly(fd: int, size: int) -> bytes | None:

@@ -6,8 +6,9 @@ commit listeners), but the SQLite transactions, the chunk files and every ``fsyn
 happen in ``python -m pipecat_roark.writer_child``. In the bot, the event loop that
 submits records frames and writes them to the child's stdin itself (``frame_feed``: no
 thread wakes for them); a sender thread does it only where no loop runs or the pipe is
-full. One reader thread takes the child's answers, which are few because each wakes it:
-what is committed, which flushes are released, when deliveries were added, log lines.
+full. The same loop reads the child's answers (``answer_reader``; a thread only where no
+loop runs): what is committed, which flushes are released, when deliveries were added,
+log lines.
 
 Nothing acknowledged is lost, and nothing unacknowledged is either:
 
@@ -25,9 +26,9 @@ The child records under the bot's owner identity, so orphan checks judge the bot
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
-import io
 import itertools
 import os
 import queue
@@ -42,6 +43,7 @@ from typing import Any
 
 from loguru import logger
 
+from .answer_reader import AnswerReader
 from .config import ENV_API_KEY
 from .frame_feed import FrameFeed
 from .ops import BarrierOp, Op, OpenOp, StopOp
@@ -56,7 +58,6 @@ from .writer_pipe import (
     LOG,
     RELEASED,
     RemoteBarrier,
-    read_answers,
 )
 from .writer_recovery import acknowledge, barrier_numbers, recover
 
@@ -67,7 +68,7 @@ _EXIT_WAIT_S = 2.0
 _WAKE = object()
 """Put on the queue to wake the sender: records wait in the feed."""
 _CHILD_GONE = object()
-"""Put on the queue by the reader thread when the child's answers end unasked."""
+"""Put on the queue by the answers' reader when they end unasked."""
 
 
 def writer_child_command(
@@ -95,7 +96,7 @@ def writer_child_command(
 
 def _spawn(
     directory: Path, max_spool_bytes: int, min_free_bytes: int, owner: Owner
-) -> tuple[subprocess.Popen[bytes], io.FileIO]:
+) -> tuple[subprocess.Popen[bytes], int]:
     """Start the writer child, with its answers on a pipe of their own.
 
     What the child's interpreter prints (a site hook, an import-time notice) goes to the
@@ -114,7 +115,6 @@ def _spawn(
     env.pop(ENV_API_KEY, None)  # it only writes the database: one less copy of the key
     env[ENV_OWNER] = owner_to_env(owner)
     read_fd, write_fd = os.pipe()
-    answers = io.FileIO(read_fd, "rb")
     try:
         child = subprocess.Popen(
             writer_child_command(directory, max_spool_bytes, min_free_bytes, write_fd),
@@ -124,11 +124,11 @@ def _spawn(
             pass_fds=(write_fd,),
         )
     except BaseException:
-        answers.close()
+        os.close(read_fd)
         raise
     finally:
         os.close(write_fd)
-    return child, answers
+    return child, read_fd
 
 
 class ProcessWriter(WriterSurface):
@@ -167,9 +167,8 @@ class ProcessWriter(WriterSurface):
         """Calls whose open was sent and whose end is not acknowledged: adopted on fallback."""
         self._local: Writer | None = None
         self._child: subprocess.Popen[bytes] | None = None
-        self._answers: io.FileIO | None = None
         self._stdin: int | None = None
-        self._reader: threading.Thread | None = None
+        self._reader: AnswerReader | None = None
         self._finishing = False
         self._unrecorded = False
         """No writer of this process could be opened at the last try (said once per streak)."""
@@ -177,7 +176,7 @@ class ProcessWriter(WriterSurface):
         """The child is gone and no writer of this process could be opened yet: what came
         since waits here (after the unacknowledged frames) until one can."""
         self._closing = False
-        self._feed = FrameFeed(partial(self._queue.put, _WAKE), self._frame)
+        self._feed = FrameFeed(partial(self._queue.put, _WAKE), self._frame, self._in_loop)
         self._thread = threading.Thread(
             target=self._run, name=f"pipecat-roark-writer-sender:{directory}", daemon=True
         )
@@ -194,6 +193,24 @@ class ProcessWriter(WriterSurface):
         """Records submitted and not yet sent to the child (approximate, for metrics)."""
         return len(self._feed.pending)
 
+    def _submit_and_send(self, op: Op) -> None:
+        """The sender writes it, and what is queued before it: the loop may be the one waiting."""
+        self._feed.add_and_send(op)
+
+    def flush_sync(self, timeout: float) -> bool:
+        """As the writer thread's; the answers are read by a thread meanwhile.
+
+        The loop that reads them may be the one waiting here, or be gone (at exit).
+
+        Returns:
+            True if it was committed in time; False on timeout or once closing.
+        """
+        reader = self._reader
+        if reader is None:
+            return super().flush_sync(timeout)
+        with reader.thread_reads():
+            return super().flush_sync(timeout)
+
     def left_in_fork(self) -> None:
         """In a forked copy of the bot: this copy's threads did not come along.
 
@@ -204,6 +221,9 @@ class ProcessWriter(WriterSurface):
         """
         self._closing = True
         self._feed.left_in_fork()
+        if self._reader is not None:
+            self._reader.left_in_fork()
+            self._reader = None
         self._close_pipes()
 
     # ---- the sender thread ----
@@ -245,18 +265,16 @@ class ProcessWriter(WriterSurface):
         child, answers = _spawn(
             self.directory, self.max_spool_bytes, self.min_free_bytes, self.owner
         )
-        self._answers = answers
         assert child.stdin is not None
         self._child, self.child_pid = child, child.pid
         self._stdin = child.stdin.fileno()
         _widen(self._stdin)
-        self._reader = threading.Thread(
-            target=self._read,
-            args=(answers.fileno(),),
+        self._reader = AnswerReader(
+            answers,
+            self._answer,
+            self._answers_ended,
             name=f"pipecat-roark-writer-reader:{self.directory}",
-            daemon=True,
         )
-        self._reader.start()
         self._feed.connect(self._stdin)
         logger.debug(f"pipecat-roark: recording {self.directory} from process {child.pid}")
 
@@ -290,7 +308,7 @@ class ProcessWriter(WriterSurface):
                 with contextlib.suppress(OSError):
                     self._child.stdin.close()
             if self._reader is not None:
-                self._reader.join()
+                self._reader.finish()
             self._reap()
             if self._unacked and self.fell_back is None:
                 self._fall_back(f"{_exit_of(self._child)} before committing what it was sent")
@@ -301,35 +319,41 @@ class ProcessWriter(WriterSurface):
         elif self._held is not None:  # the database never came back
             logger.error(f"pipecat-roark: {self.directory} unusable at close: its records are lost")
 
-    # ---- the reader thread ----
+    # ---- the child's answers (from the loop that submits, else the reader's thread) ----
 
-    def _read(self, fd: int) -> None:
-        for kind, number, line in read_answers(fd):
-            if kind == COMMITTED:
-                acknowledge(self._unacked, number, self._open, self._acked_events)
-            elif kind == RELEASED:
-                _call(self._barriers.pop(number, None))
-            elif kind == DELIVERIES:
-                self._notify()
-            elif kind == LOG:
-                _log_child_line(line)
+    def _in_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._reader is not None:
+            self._reader.attach(loop)
+
+    def _answer(self, kind: bytes, number: int, line: bytes) -> None:
+        if kind == COMMITTED:
+            acknowledge(self._unacked, number, self._open, self._acked_events)
+        elif kind == RELEASED:
+            _call(self._barriers.pop(number, None))
+        elif kind == DELIVERIES:
+            self._notify()
+        elif kind == LOG:
+            _log_child_line(line)
+
+    def _answers_ended(self) -> None:
         if not self._finishing:
             self._queue.put(_CHILD_GONE)
 
     # ---- falling back to a writer of this process ----
 
     def _reap(self) -> None:
-        """Wait for the child and close this process's ends of its pipes (the reader is done)."""
+        """Wait for the child and close this process's ends of its pipes (its answers ended)."""
         if self._child is not None:
             self._child.wait()
         self._close_pipes()
 
     def _close_pipes(self) -> None:
         """Close this process's ends of the child's pipes."""
-        for pipe in (None if self._child is None else self._child.stdin, self._answers):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        if self._child is not None and self._child.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._child.stdin.close()
+        if self._reader is not None:
+            self._reader.close()
 
     def _fall_back(self, why: str) -> None:
         """Record in this process from now on, starting with what the child did not commit."""
@@ -342,7 +366,7 @@ class ProcessWriter(WriterSurface):
                 child.kill()  # alive but unwritable: it must not commit behind our back
             child.wait()
         if self._reader is not None:
-            self._reader.join()
+            self._reader.finish()
         self._reap()
         self._held = []
         self._open_local()

@@ -1,0 +1,216 @@
+"""The writer child's answers, read by the bot's event loop, or by a thread where none runs.
+
+Issue 12's profile: every wake of a helper thread costs the bot a fraction of a
+millisecond of CPU (a blocking system call, then the GIL taken back from a busy loop).
+A reader thread blocked on the answers pipe woke for every answer. So the event loop
+that submits records reads the answers too (``add_reader``: the loop is awake anyway,
+one more file descriptor in its ``epoll`` costs nothing), and the thread only reads
+where no loop can: before any loop ran, after it stopped, while a thread waits in
+``flush_sync`` (the loop may be the one waiting), and to the end at close or fallback.
+
+Both may read for a moment at a hand-over, so whoever reads holds ``_lock``, reads
+without blocking and parses into one shared buffer: no answer is read twice or split.
+The descriptor is closed only once no running loop watches it: a number closed under a
+loop's selector could come back as another file's and confuse that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import threading
+from collections.abc import Callable, Iterator
+
+from loguru import logger
+
+from .writer_pipe import split_answers
+
+__all__ = ["AnswerReader"]
+
+WATCH_S = 0.5
+"""How often the idle thread checks that the loop it left the reading to still runs."""
+
+
+class AnswerReader:
+    """Reads one child's answers pipe to its end, from a loop or its own thread."""
+
+    def __init__(
+        self,
+        fd: int,
+        handle: Callable[[bytes, int, bytes], None],
+        ended: Callable[[], None],
+        name: str,
+    ) -> None:
+        """Start the thread; ``handle(kind, number, line)`` gets each answer, ``ended()`` the end.
+
+        Both are called by whoever read, the loop or the thread, one at a time.
+        """
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._handle = handle
+        self._ended = ended
+        self._lock = threading.Lock()
+        self._buffer = bytearray()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop watching ``_fd``, if one was given it."""
+        self._threads_waiting = 0
+        """How many ``thread_reads`` blocks are open: the thread reads while any is."""
+        self._finishing = False
+        self._closed = False
+        self.done = threading.Event()
+        """Set once the end of the answers was read (the child exited, or was killed)."""
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---- who reads ----
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From ``loop``, running: read there from now on (cheap if it already does)."""
+        if self._loop is loop or self.done.is_set():
+            return
+        with self._lock:
+            previous = self._loop
+            if self._closed or previous is not None and previous.is_running():
+                return  # closed, or another thread's loop reads them: it keeps them
+            if previous is not None:  # stopped (not running: touching it is safe) or closed
+                with contextlib.suppress(Exception):
+                    previous.remove_reader(self._fd)
+            try:
+                loop.add_reader(self._fd, self._in_loop, loop)
+            except Exception as exc:  # a loop without add_reader (Windows' proactor)
+                logger.debug(f"pipecat-roark: answers read by a thread ({exc})")
+                self._loop = None
+                return
+            self._loop = loop
+
+    @contextlib.contextmanager
+    def thread_reads(self) -> Iterator[None]:
+        """While inside: the thread reads, whatever the loop does (it may be what waits)."""
+        with self._lock:
+            self._threads_waiting += 1
+        self._wake.set()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._threads_waiting -= 1
+
+    def finish(self, timeout: float | None = None) -> bool:
+        """Read to the end from the thread now, and wait for it (the child is exiting).
+
+        Returns:
+            True once the end was read within ``timeout``.
+        """
+        self._finishing = True
+        self._wake.set()
+        return self.done.wait(timeout)
+
+    def close(self) -> None:
+        """Close the descriptor, now if no running loop watches it, else from that loop."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            loop = self._loop
+            if loop is not None and loop.is_running():
+                with contextlib.suppress(RuntimeError):  # closed meanwhile: its selector is gone
+                    loop.call_soon_threadsafe(self._close_in_loop, loop)
+                    return
+            if loop is not None and not loop.is_closed():
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(self._fd)
+            self._loop = None
+            os.close(self._fd)
+        self._finishing = True
+        self._wake.set()
+
+    def left_in_fork(self) -> None:
+        """In a forked copy: no thread reads here; this copy's descriptor is closed.
+
+        The parent's loop still watches its own copy (one ``epoll`` registration per open
+        file, which the parent still holds).
+        """
+        self._lock = threading.Lock()
+        self._closed = True
+        self._loop = None
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    # ---- reading ----
+
+    def _in_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """``add_reader``'s callback: read what is there; at the end, stop watching."""
+        try:
+            if not self._lock.acquire(blocking=False):
+                return  # the thread is reading this moment: it takes this too
+            try:
+                self._pump()
+                if self.done.is_set() or self._loop is not loop:
+                    loop.remove_reader(self._fd)  # the end stays readable: no spinning on it
+                    if self._loop is loop:
+                        self._loop = None
+                        self._wake.set()  # the thread ends too
+            finally:
+                self._lock.release()
+        except Exception as exc:  # never into the loop
+            logger.error(f"pipecat-roark: reading the writer process's answers failed: {exc}")
+
+    def _close_in_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self._fd)
+            self._loop = None
+            os.close(self._fd)
+        self._finishing = True
+        self._wake.set()
+
+    def _pump(self) -> None:
+        """Under the lock: read everything there is (never waiting), hand each answer on."""
+        if self.done.is_set() or self._closed and self._loop is None:
+            return
+        while True:
+            try:
+                data = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.done.set()
+                self._ended()
+                return
+            self._buffer += data
+            for kind, number, line in split_answers(self._buffer):
+                try:
+                    self._handle(kind, number, line)
+                except Exception as exc:  # one answer's failure is not the reader's
+                    logger.error(f"pipecat-roark: a writer process answer failed: {exc}")
+
+    def _loop_reads(self) -> bool:
+        loop = self._loop
+        return (
+            loop is not None
+            and loop.is_running()
+            and not self._finishing
+            and not self._threads_waiting
+        )
+
+    def _run(self) -> None:
+        """The thread: idle while a running loop reads; else wait for answers and read them."""
+        while not self.done.is_set():
+            if self._closed and self._loop is None:
+                return
+            if self._loop_reads():
+                self._wake.wait(WATCH_S)
+                self._wake.clear()
+                continue
+            try:
+                readable, _, _ = select.select([self._fd], [], [], WATCH_S)
+            except (OSError, ValueError):  # closed under us: nothing more to read
+                return
+            if readable and not self._loop_reads():  # (a loop that took over reads it)
+                with self._lock:
+                    self._pump()

@@ -1,0 +1,250 @@
+"""Who reads the writer child's answers (``answer_reader``): the event loop that submits
+records, else a thread, never both at once, never one answer twice, and never a
+descriptor closed under a loop that still watches it.
+
+Real pipes, real event loops and a real writer child; the answers are the child's own
+9-byte messages (``writer_pipe.MESSAGE``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipecat_roark.answer_reader import AnswerReader
+from pipecat_roark.events import CallOpened
+from pipecat_roark.ops import OpenOp
+from pipecat_roark.writer_pipe import COMMITTED, LOG, MESSAGE, RELEASED
+from pipecat_roark.writer_process import ProcessWriter
+
+WAIT_S = 20.0
+"""A bound on every wait: a reader that never reads fails the test, it does not hang it."""
+
+
+class Answers:
+    """A real pipe whose read end an ``AnswerReader`` reads; what it handled, and where."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        self.handled: list[tuple[bytes, int, bytes, str]] = []
+        self.ends: list[str] = []
+        self.arrived = threading.Condition()
+        self.reader = AnswerReader(self.read_fd, self.handle, self.ended, name="test-reader")
+
+    def handle(self, kind: bytes, number: int, line: bytes) -> None:
+        with self.arrived:
+            self.handled.append((kind, number, line, threading.current_thread().name))
+            self.arrived.notify_all()
+
+    def ended(self) -> None:
+        with self.arrived:
+            self.ends.append(threading.current_thread().name)
+            self.arrived.notify_all()
+
+    def send(self, kind: bytes, number: int, line: bytes = b"") -> None:
+        os.write(self.write_fd, MESSAGE.pack(kind, len(line) if kind == LOG else number) + line)
+
+    def wait_for(self, count: int) -> list[tuple[bytes, int, bytes, str]]:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.handled) >= count, WAIT_S), self.handled
+            return list(self.handled)
+
+    async def wait_in_loop(self, count: int) -> list[tuple[bytes, int, bytes, str]]:
+        for _ in range(int(WAIT_S / 0.01)):
+            if len(self.handled) >= count:
+                return list(self.handled)
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"only {self.handled} arrived")
+
+
+@pytest.fixture
+def answers() -> Iterator[Answers]:
+    made = Answers()
+    yield made
+    made.reader.close()
+    os.close(made.write_fd)
+
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_without_a_loop_the_thread_reads_every_answer_once_even_split_across_writes(
+    answers: Answers,
+) -> None:
+    message = MESSAGE.pack(RELEASED, 7)
+    os.write(answers.write_fd, message[:4])  # half a message: nothing yet
+    os.write(answers.write_fd, message[4:] + MESSAGE.pack(LOG, 5)[:3])
+    os.write(answers.write_fd, MESSAGE.pack(LOG, 5)[3:] + b"INFO\t")
+    answers.send(COMMITTED, 3)
+    handled = answers.wait_for(3)
+    assert [h[:3] for h in handled] == [
+        (RELEASED, 7, b""),
+        (LOG, 5, b"INFO\t"),
+        (COMMITTED, 3, b""),
+    ]
+    assert {h[3] for h in handled} == {"test-reader"}
+
+
+def test_a_running_loop_that_attached_reads_the_answers_itself(answers: Answers) -> None:
+    async def call() -> list[tuple[bytes, int, bytes, str]]:
+        answers.reader.attach(asyncio.get_running_loop())
+        await asyncio.sleep(0.1)  # the thread sees the loop reading and stands aside
+        for n in range(1, 6):
+            answers.send(COMMITTED, n)
+            await answers.wait_in_loop(n)
+        return list(answers.handled)
+
+    handled = asyncio.run(call())
+    assert [h[:2] for h in handled] == [(COMMITTED, n) for n in range(1, 6)]
+    # A thread woken for each of them is what this module exists to avoid.
+    assert [h[3] for h in handled] == [threading.current_thread().name] * 5
+
+
+def test_once_the_loop_has_stopped_the_thread_takes_the_answers_over(answers: Answers) -> None:
+    async def call() -> None:
+        answers.reader.attach(asyncio.get_running_loop())
+        answers.send(COMMITTED, 1)
+        await answers.wait_in_loop(1)
+
+    asyncio.run(call())  # the loop is closed now; its selector watched the descriptor
+    answers.send(RELEASED, 2)
+    handled = answers.wait_for(2)
+    assert handled[1][:2] == (RELEASED, 2)
+    assert handled[1][3] == "test-reader"
+
+
+def test_a_loop_blocked_in_a_thread_reads_block_still_gets_its_answer(answers: Answers) -> None:
+    """``flush_sync`` called from the very loop that reads: it must not wait on itself."""
+
+    async def call() -> bool:
+        answers.reader.attach(asyncio.get_running_loop())
+        await asyncio.sleep(0.1)
+        released = threading.Event()
+        original = answers.handle
+
+        def handle(kind: bytes, number: int, line: bytes) -> None:
+            original(kind, number, line)
+            released.set()
+
+        answers.reader._handle = handle
+        with answers.reader.thread_reads():
+            answers.send(RELEASED, 9)
+            return released.wait(WAIT_S)  # blocks the loop, as flush_sync would
+
+    assert asyncio.run(call()) is True
+    assert answers.handled[-1][:2] == (RELEASED, 9)
+    assert answers.handled[-1][3] == "test-reader"
+
+
+def test_the_end_is_told_once_and_the_loop_stops_watching_it(answers: Answers) -> None:
+    async def call() -> bool:
+        loop = asyncio.get_running_loop()
+        answers.reader.attach(loop)
+        await asyncio.sleep(0.1)
+        os.close(answers.write_fd)
+        answers.write_fd = os.open(os.devnull, os.O_WRONLY)  # for the fixture to close
+        for _ in range(int(WAIT_S / 0.01)):
+            if answers.ends:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # a loop still watching an end calls back at once, forever
+        return loop.remove_reader(answers.read_fd)  # True: it was still watched
+
+    assert asyncio.run(call()) is False
+    assert answers.reader.done.is_set()
+    assert len(answers.ends) == 1
+
+
+def test_close_from_another_thread_leaves_the_running_loop_to_close_the_descriptor(
+    answers: Answers,
+) -> None:
+    seen: dict[str, bool] = {}
+
+    async def call() -> None:
+        loop = asyncio.get_running_loop()
+        answers.reader.attach(loop)
+        await asyncio.sleep(0.1)
+        closer = threading.Thread(target=answers.reader.close)
+        closer.start()
+        await asyncio.to_thread(closer.join)
+        for _ in range(int(WAIT_S / 0.01)):
+            if not fd_is_open(answers.read_fd):
+                break
+            await asyncio.sleep(0.01)
+        seen["closed"] = not fd_is_open(answers.read_fd)
+        seen["watched"] = loop.remove_reader(answers.read_fd)
+
+    asyncio.run(call())
+    assert seen == {"closed": True, "watched": False}
+
+
+def test_a_second_loop_takes_the_answers_over_from_a_stopped_one(answers: Answers) -> None:
+    async def call(n: int) -> None:
+        answers.reader.attach(asyncio.get_running_loop())
+        await asyncio.sleep(0.1)
+        answers.send(COMMITTED, n)
+        await answers.wait_in_loop(n)
+
+    asyncio.run(call(1))
+    asyncio.run(call(2))
+    handled = answers.wait_for(2)
+    assert [h[:2] for h in handled] == [(COMMITTED, 1), (COMMITTED, 2)]
+    assert [h[3] for h in handled] == [threading.current_thread().name] * 2
+
+
+def test_a_writer_childs_commit_listeners_run_on_the_loop_that_records(tmp_path: Path) -> None:
+    """End to end: a real child's DELIVERIES answer is handled by the recording loop."""
+    writer = ProcessWriter(tmp_path, max_spool_bytes=1 << 26, min_free_bytes=0)
+    where: list[str] = []
+    got = threading.Event()
+
+    def listener() -> None:
+        where.append(threading.current_thread().name)
+        got.set()
+
+    writer.add_commit_listener(listener)
+
+    async def call() -> None:
+        assert await writer.flush(WAIT_S)  # the child is up, the loop reads
+        assert await writer.flush(WAIT_S)
+        writer.submit(OpenOp("listened", CallOpened(at=1, agent_id="bot"), None))
+        assert await writer.flush(WAIT_S)
+        for _ in range(int(WAIT_S / 0.01)):
+            if got.is_set():
+                return
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(call())
+    finally:
+        assert writer.close(WAIT_S)
+    assert where and set(where) == {threading.current_thread().name}
+
+
+def test_flush_sync_from_the_loop_that_reads_the_answers_returns_once_committed(
+    tmp_path: Path,
+) -> None:
+    """The loop that would read the release is the one blocked waiting for it."""
+    writer = ProcessWriter(tmp_path, max_spool_bytes=1 << 26, min_free_bytes=0)
+
+    async def call() -> tuple[bool, bool]:
+        assert await writer.flush(WAIT_S)  # the child is up, this loop reads its answers
+        writer.submit(OpenOp("in-loop-sync", CallOpened(at=1, agent_id="bot"), None))
+        return writer.flush_sync(WAIT_S), await writer.flush(WAIT_S)
+
+    try:
+        assert asyncio.run(call()) == (True, True)
+        writer.submit(OpenOp("after-the-loop", CallOpened(at=2, agent_id="bot"), None))
+        assert writer.flush_sync(WAIT_S)  # the loop is gone: the thread reads
+    finally:
+        assert writer.close(WAIT_S)
+    assert writer.fell_back is None
