@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "compat",
             "capture",
             "env_proxy",
+            "scheduling",
         },
     ),
     ("storage", {"store", "spool", "timeline", "ops", "metrics"}),

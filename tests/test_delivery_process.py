@@ -26,6 +26,9 @@ from test_drain import assert_arrived_whole, delivery_states, short_script
 
 pytestmark = pytest.mark.strict_order
 
+BOTS_POLICY = os.sched_getscheduler(0)
+"""This process's scheduling policy before any child started (theirs is their own)."""
+
 KEY = "rk_live_child_secret"
 HERE = Path(__file__).parent
 BOT = HERE / "delivery_process_bot.py"
@@ -136,6 +139,8 @@ async def test_a_call_is_delivered_by_the_child_and_its_key_is_never_in_argv(
     assert registry_key(data_dir) not in lifecycle.PROCESS.drainers, "none in the bot's loop"
 
     assert await arrived(dev_server, "by-child")
+    assert os.sched_getscheduler(child.pid) == os.SCHED_BATCH, "it never preempts the bot"
+    assert os.sched_getscheduler(0) == BOTS_POLICY, "the bot's own is left as it was"
     assert_arrived_whole(dev_server, data_dir, "by-child")
     assert set(delivery_states(data_dir).values()) == {"delivered"}
 

@@ -65,6 +65,9 @@ from test_drain import QUICK, assert_arrived_whole
 
 pytestmark = pytest.mark.strict_order
 
+BOTS_POLICY = os.sched_getscheduler(0)
+"""This process's scheduling policy before any child started (theirs is their own)."""
+
 KEY = "rk_live_writer_child"
 BOT = Path(__file__).with_name("writer_process_bot.py")
 CHUNK_BYTES = 8000
@@ -223,6 +226,9 @@ async def test_a_call_recorded_by_the_writer_child_arrives_as_the_in_process_wri
     argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
     assert b"pipecat_roark.writer_child" in argv, argv
     assert os.getsid(child) == child, "a session of its own: Ctrl-C reaches the bot only"
+    # Batch work: woken by the bot's writes, it never preempts the bot's loop (scheduling).
+    assert os.sched_getscheduler(child) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == BOTS_POLICY, "the bot's own is left as it was"
 
     emitted = await play(roark, dev_server, "by-child")
 

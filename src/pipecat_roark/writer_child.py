@@ -27,6 +27,7 @@ from loguru import logger
 
 from .ops import BarrierOp
 from .owner import Owner
+from .scheduling import run_as_batch_work
 from .writer import Writer
 from .writer_pipe import (
     COMMITTED,
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-free-bytes", type=int, required=True)
     parser.add_argument("--answers-fd", type=int, required=True)
     args = parser.parse_args(argv)
+    run_as_batch_work()
     replies = _Replies(args.answers_fd)
     logger.remove()
     logger.add(replies.log, level="INFO", format="{message}")

@@ -16,6 +16,7 @@ import click
 
 from .. import config
 from ..outbox import queued_count
+from ..scheduling import run_as_batch_work
 from ..store import connect
 from .group import common_options, main, reading, require_database
 from .present import emit_json, err, fail, out, shown
@@ -101,6 +102,8 @@ def drain(
         fail(f"set {config.ENV_API_KEY} to the Roark API key the calls were recorded with")
     base_url = config.resolve_base_url(None)
     follow = follow or parent_pipe
+    if parent_pipe:  # the bot's own delivery child: it must not preempt the bot's loop
+        run_as_batch_work()
     if follow:  # a sidecar may start on an empty volume, before the bot's first call
         connect(directory).close()
     else:
