@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -492,7 +493,7 @@ async def durable_latency(
     queued before the frame is committed (a flush). With ``writer_process`` the records
     are committed by a writer child, started (and a first flush answered) before the
     calls, the time that took put in ``started_s`` if given: a sample is released when the
-    child's answer reaches the bot's reader thread."""
+    bot's event loop reads the child's answer."""
     from bench_worker import Hop, long_call, scripted
 
     from pipecat_roark import RoarkObserver, lifecycle
@@ -561,10 +562,11 @@ async def durable_latency(
 
 async def lag_probe(
     mode: str, base_url: str, directory: Path, calls: int, turns: int
-) -> tuple[list[float], float, float, float]:
+) -> tuple[list[float], float, float, float, int]:
     """N real-time calls in this loop with a probe that sleeps 10 ms and notes the oversleep.
 
-    Returns (oversleeps in s, process CPU s, wall s, children's CPU s). ``mode`` is
+    Returns (oversleeps in s, process CPU s, wall s, children's CPU s, how many times the
+    kernel preempted this process's threads: involuntary context switches, counted). ``mode`` is
     "noop" (a no-op observer, the same armed AudioBufferProcessor), "ours" (recording,
     durable, delivering), "capture" (recording and durable; a sidecar would deliver),
     "process" (ours with ``delivery_process=True``: a child delivers), "children" (ours
@@ -632,8 +634,10 @@ async def lag_probe(
     child_cpu = children_cpu_s(pids)
     prober = asyncio.create_task(probe())
     wall, cpu = time.perf_counter(), time.process_time()
+    preempted = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
     await asyncio.gather(*(one(n) for n in range(calls)))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    preempted = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - preempted
     child_cpu = children_cpu_s(pids) - child_cpu
     done.set()
     await prober
@@ -647,7 +651,7 @@ async def lag_probe(
         lifecycle.PROCESS.delivery_processes.clear()
         child.close()
         await asyncio.to_thread(child.exited.wait, 120)
-    return lags, cpu, wall, child_cpu
+    return lags, cpu, wall, child_cpu, preempted
 
 
 def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> list[Row]:
@@ -656,7 +660,7 @@ def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> l
     process) vs the recording no-op, interleaved rounds."""
     from pipecat_roark.lifecycle import close_all_writers
 
-    _, cpu, wall, _ = asyncio.run(lag_probe("noop", base_url, tmp / "lag-size", calls, turns))
+    _, cpu, wall, _, _ = asyncio.run(lag_probe("noop", base_url, tmp / "lag-size", calls, turns))
     share = cpu / wall
     chosen = calls if share <= 0.7 else max(1, int(calls * 0.7 / share))
     print(
@@ -668,21 +672,23 @@ def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> l
     lags: dict[str, list[float]] = {m: [] for m in modes}
     cpus: dict[str, list[float]] = {m: [] for m in modes}
     with_children: dict[str, list[float]] = {m: [] for m in modes}
+    preemptions: dict[str, list[int]] = {m: [] for m in modes}
     for round_ in range(rounds):
-        for mode in modes:
-            got, cpu, _, child_cpu = asyncio.run(
+        for mode in modes if round_ % 2 == 0 else modes[::-1]:
+            got, cpu, _, child_cpu, preempted = asyncio.run(
                 lag_probe(mode, base_url, tmp / f"lag-{mode}-{round_}", chosen, turns)
             )
             close_all_writers()
             lags[mode] += got
             cpus[mode].append(cpu)
             with_children[mode].append(cpu + child_cpu)
+            preemptions[mode].append(preempted)
     child_cpus = with_children["process"]
     ours, noop = p(lags["ours"], 0.99), p(lags["noop"], 0.99)
     cmd = (
         f"scripts/bench (lag: {chosen} real-time calls in one process, {turns} turns each, a"
         f" 10 ms sleep probe; recording no-op at {share:.0%} of a core with {calls} calls;"
-        f" {rounds} rounds interleaved)"
+        f" {rounds} rounds, the modes in turn, their order reversed every other round)"
     )
     rows = [
         Row(
@@ -779,6 +785,18 @@ def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> l
                 cmd,
             ),
         ]
+    rows += [
+        Row(
+            f"times the kernel preempted the bot during {chosen} real-time calls (involuntary"
+            f" context switches, median): {label} vs a recording no-op",
+            f"{median(preemptions[mode]):.0f}",
+            f"{median(preemptions['noop']):.0f}",
+            median(preemptions[mode]) / max(1.0, median(preemptions["noop"])),
+            "",
+            cmd,
+        )
+        for mode, label in (("ours", "ours"), ("children", CHILDREN))
+    ]
     return rows
 
 
@@ -846,7 +864,7 @@ def durable_rows(tmp: Path, calls: int, turns: int) -> list[Row]:
         f"scripts/bench (durable: {calls} real-time scripted calls in one process, after the"
         " same calls with the writer thread; the writer child started and answered a first"
         f" flush before the calls, in {started[0] * 1000:.0f} ms; a sample ends when the"
-        " child's answer reaches the bot's reader thread)"
+        " bot's event loop reads the child's answer)"
     )
     return [
         *rows,
@@ -1367,7 +1385,7 @@ def main() -> int:
                 ),
                 (
                     "event-loop lag",
-                    lambda: lag_rows(base_url, tmp, 5 if q else 50, 1 if q else 2, 1 if q else 2),
+                    lambda: lag_rows(base_url, tmp, 5 if q else 50, 1 if q else 2, 1 if q else 4),
                 ),
                 ("frame to durable", lambda: durable_rows(tmp, 5 if q else 100, 1 if q else 4)),
                 ("load", lambda: load_rows(base_url, tmp, 10 if q else 200, 1 if q else 2)),
