@@ -199,7 +199,13 @@ class AnswerReader:
         )
 
     def _run(self) -> None:
-        """The thread: idle while a running loop reads; else wait for answers and read them."""
+        """The thread: idle while a running loop reads; else wait for answers and read them.
+
+        It waits with ``poll``: ``select`` refuses a descriptor numbered 1024 or more (a
+        bot with many calls has that many files open).
+        """
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
         while not self.done.is_set():
             if self._closed and self._loop is None:
                 return
@@ -207,10 +213,9 @@ class AnswerReader:
                 self._wake.wait(WATCH_S)
                 self._wake.clear()
                 continue
-            try:
-                readable, _, _ = select.select([self._fd], [], [], WATCH_S)
-            except (OSError, ValueError):  # closed under us: nothing more to read
-                return
+            readable = poller.poll(WATCH_S * 1000)
+            if any(events & select.POLLNVAL for _, events in readable):
+                return  # closed under us: nothing more to read
             if readable and not self._loop_reads():  # (a loop that took over reads it)
                 with self._lock:
                     self._pump()
