@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import selectors
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -248,3 +249,77 @@ def test_flush_sync_from_the_loop_that_reads_the_answers_returns_once_committed(
     finally:
         assert writer.close(WAIT_S)
     assert writer.fell_back is None
+
+
+class CountingSelector(selectors.DefaultSelector):
+    """A real selector that counts how often it reported one descriptor readable."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.readable = 0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = super().select(timeout)
+        self.readable += sum(1 for key, _ in events if key.fd == self.fd)
+        return events
+
+
+def test_the_loop_neither_spins_nor_waits_while_the_thread_holds_the_answers(
+    answers: Answers,
+) -> None:
+    """A thread reads while a flush_sync of another thread waits; it holds the reading
+    lock while it hands an answer on (a slow log sink, a listener). The loop, told the
+    descriptor is readable, found the lock taken and returned: level-triggered, it was
+    told again at once, tens of thousands of times a second until the thread let go. And
+    its next attach waited for that lock."""
+    selector = CountingSelector(answers.read_fd)
+    handing_on, let_go, handed_on = threading.Event(), threading.Event(), threading.Event()
+    original = answers.handle
+
+    def slow_first_answer(kind: bytes, number: int, line: bytes) -> None:
+        original(kind, number, line)
+        if number == 1:
+            handing_on.set()
+            let_go.wait(WAIT_S)
+            handed_on.set()
+
+    answers.reader._handle = slow_first_answer
+    inside, leave = threading.Event(), threading.Event()
+
+    def flush_sync_elsewhere() -> None:
+        with answers.reader.thread_reads():
+            inside.set()
+            leave.wait(WAIT_S)
+
+    waiter = threading.Thread(target=flush_sync_elsewhere)
+    waiter.start()
+    assert inside.wait(WAIT_S)
+
+    async def call() -> tuple[int, bool]:
+        loop = asyncio.get_running_loop()
+        answers.reader.attach(loop)
+        answers.send(COMMITTED, 1)
+        assert handing_on.wait(WAIT_S)  # (blocking this loop: the thread takes answer 1)
+        answers.send(COMMITTED, 2)  # readable now, the lock held by the thread
+        told = selector.readable
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+        told = selector.readable - told
+        answers.reader.attach(loop)  # the next gathering's: it must not wait for the lock
+        waited = handed_on.is_set()
+        let_go.set()
+        leave.set()
+        await answers.wait_in_loop(2)
+        return told, waited
+
+    try:
+        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+            told, waited = runner.run(call())
+    finally:
+        let_go.set()
+        leave.set()
+        waiter.join()
+    assert told <= 2, f"the loop was told {told} times of one answer it could not read"
+    assert not waited, "attach waited for the thread to hand the answer on"
+    assert [h[:2] for h in answers.handled] == [(COMMITTED, 1), (COMMITTED, 2)]

@@ -68,10 +68,15 @@ class AnswerReader:
     # ---- who reads ----
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """From ``loop``, running: read there from now on (cheap if it already does)."""
+        """From ``loop``, running: read there from now on (cheap if it already does).
+
+        Called at each gathering: one that finds the thread reading leaves it to the next.
+        """
         if self._loop is loop or self.done.is_set():
             return
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            return  # the thread is reading this moment: the loop never waits for it
+        try:
             previous = self._loop
             if self._closed or previous is not None and previous.is_running():
                 return  # closed, or another thread's loop reads them: it keeps them
@@ -85,6 +90,8 @@ class AnswerReader:
                 self._loop = None
                 return
             self._loop = loop
+        finally:
+            self._lock.release()
 
     @contextlib.contextmanager
     def thread_reads(self) -> Iterator[None]:
@@ -145,7 +152,12 @@ class AnswerReader:
         """``add_reader``'s callback: read what is there; at the end, stop watching."""
         try:
             if not self._lock.acquire(blocking=False):
-                return  # the thread is reading this moment: it takes this too
+                # The thread is reading this moment: it takes this too. Watching on would
+                # spin (told again at once, level-triggered); the next gathering attaches.
+                loop.remove_reader(self._fd)
+                if self._loop is loop:
+                    self._loop = None
+                return
             try:
                 self._pump()
                 if self.done.is_set() or self._loop is not loop:
