@@ -323,3 +323,31 @@ def test_the_loop_neither_spins_nor_waits_while_the_thread_holds_the_answers(
     assert told <= 2, f"the loop was told {told} times of one answer it could not read"
     assert not waited, "attach waited for the thread to hand the answer on"
     assert [h[:2] for h in answers.handled] == [(COMMITTED, 1), (COMMITTED, 2)]
+
+
+def test_answers_are_read_while_the_loop_that_reads_them_is_blocked(answers: Answers) -> None:
+    """The loop that attached is running but stuck in a blocking call (a bot's handler;
+    another loop in another thread records on): the thread stood aside for as long as
+    that loop ran, so nobody read the answers, and another loop's flush waited on it."""
+    attached, unblock = threading.Event(), threading.Event()
+
+    def blocked_loop() -> None:
+        async def call() -> None:
+            answers.reader.attach(asyncio.get_running_loop())
+            await asyncio.sleep(0.1)  # the thread sees the loop reading and stands aside
+            attached.set()
+            unblock.wait(2 * WAIT_S)  # a blocking call in the loop
+
+        asyncio.run(call())
+
+    stuck = threading.Thread(target=blocked_loop)
+    stuck.start()
+    try:
+        assert attached.wait(WAIT_S)
+        answers.send(RELEASED, 1)
+        handled = answers.wait_for(1)
+    finally:
+        unblock.set()
+        stuck.join()
+    assert handled[0][:2] == (RELEASED, 1)
+    assert handled[0][3] == "test-reader"

@@ -8,6 +8,7 @@ process read its own crash point at import, so only the child is armed).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import signal
@@ -484,3 +485,40 @@ def test_a_bot_with_more_than_1024_open_files_still_hears_its_writer_child(
     assert user_texts(data_dir, "call-1") == ["after the audio"]
     with sqlite3.connect(data_dir / "wal.sqlite") as conn:
         assert conn.execute("SELECT COUNT(*) FROM chunks").fetchone() == (8,)
+
+
+def test_a_flush_in_one_loop_is_answered_while_the_loop_that_reads_answers_is_blocked(
+    data_dir: Path,
+) -> None:
+    """Two loops in two threads record into one writer; the one that reads the child's
+    answers is stuck in a blocking call. The other loop's flush waited for it (and timed
+    out), though its records were committed."""
+    writer = process_writer(data_dir)
+    attached, unblock = threading.Event(), threading.Event()
+
+    def blocked_loop() -> None:
+        async def call() -> None:
+            writer.submit(open_op("reads"))
+            assert await writer.flush(CLOSE_S)  # the child is up
+            writer.submit(said("reads", "attached"))  # written, and read, by this loop
+            assert await writer.flush(CLOSE_S)
+            attached.set()
+            unblock.wait(2 * CLOSE_S)  # a blocking call in the loop
+
+        asyncio.run(call())
+
+    async def other_call() -> bool:
+        writer.submit(open_op("other"))
+        return await writer.flush(CLOSE_S)
+
+    stuck = threading.Thread(target=blocked_loop)
+    stuck.start()
+    try:
+        assert attached.wait(CLOSE_S)
+        flushed = asyncio.run(other_call())
+    finally:
+        unblock.set()
+        stuck.join()
+        assert writer.close(CLOSE_S)
+    assert flushed
+    assert writer.fell_back is None

@@ -6,10 +6,15 @@ A reader thread blocked on the answers pipe woke for every answer. So the event 
 that submits records reads the answers too (``add_reader``: the loop is awake anyway,
 one more file descriptor in its ``epoll`` costs nothing), and the thread only reads
 where no loop can: before any loop ran, after it stopped, while a thread waits in
-``flush_sync`` (the loop may be the one waiting), and to the end at close or fallback.
+``flush_sync`` (the loop may be the one waiting), while a running loop is stuck in a
+blocking call (answers left unread for a whole ``WATCH_S``), and to the end at close or
+fallback.
 
 Both may read for a moment at a hand-over, so whoever reads holds ``_lock``, reads
 without blocking and parses into one shared buffer: no answer is read twice or split.
+The loop never waits for that lock: a loop that finds the thread reading stops watching
+(a readable descriptor it cannot read would wake it again at once) until its next
+gathering attaches it again.
 The descriptor is closed only once no running loop watches it: a number closed under a
 loop's selector could come back as another file's and confuse that loop.
 """
@@ -30,7 +35,8 @@ from .writer_pipe import split_answers
 __all__ = ["AnswerReader"]
 
 WATCH_S = 0.5
-"""How often the idle thread checks that the loop it left the reading to still runs."""
+"""How often the idle thread checks that the loop it left the reading to still runs and
+reads (a running loop stuck in a blocking call reads nothing: the thread reads for it)."""
 
 
 class AnswerReader:
@@ -59,6 +65,8 @@ class AnswerReader:
         """How many ``thread_reads`` blocks are open: the thread reads while any is."""
         self._finishing = False
         self._closed = False
+        self._pumps = 0
+        """How many times anyone read: the thread tells a loop that stopped reading by it."""
         self.done = threading.Event()
         """Set once the end of the answers was read (the child exited, or was killed)."""
         self._wake = threading.Event()
@@ -181,6 +189,7 @@ class AnswerReader:
 
     def _pump(self) -> None:
         """Under the lock: read everything there is (never waiting), hand each answer on."""
+        self._pumps += 1
         if self.done.is_set() or self._closed and self._loop is None:
             return
         while True:
@@ -218,12 +227,18 @@ class AnswerReader:
         """
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
+        unread_since: int | None = None  # _pumps when answers last waited while a loop reads
         while not self.done.is_set():
             if self._closed and self._loop is None:
                 return
             if self._loop_reads():
                 self._wake.wait(WATCH_S)
                 self._wake.clear()
+                waiting = bool(poller.poll(0))
+                if waiting and unread_since == self._pumps and self._loop_reads():
+                    with self._lock:  # a whole watch unread: that loop is stuck in a call
+                        self._pump()
+                unread_since = self._pumps if waiting else None
                 continue
             readable = poller.poll(WATCH_S * 1000)
             if any(events & select.POLLNVAL for _, events in readable):
