@@ -127,7 +127,7 @@ def test_a_session_refused_for_a_reused_call_id_stays_unrecorded_after_a_fallbac
 
 FORKING_BOT = """
 import os, sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from pipecat_roark.events import CallOpened, UserText
 from pipecat_roark.lifecycle import writer_for
