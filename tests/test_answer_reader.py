@@ -351,3 +351,39 @@ def test_answers_are_read_while_the_loop_that_reads_them_is_blocked(answers: Ans
         stuck.join()
     assert handled[0][:2] == (RELEASED, 1)
     assert handled[0][3] == "test-reader"
+
+
+def test_a_close_left_to_a_loop_that_stops_before_running_it_still_closes_the_descriptor(
+    answers: Answers,
+) -> None:
+    """Closed from another thread while the loop that watches the answers runs, the
+    descriptor is left to that loop; a loop in its last turn (stopping: the bot's loop
+    ending as its writer child dies) never ran that callback, and the descriptor stayed
+    open for good."""
+    loop = asyncio.new_event_loop()
+    attached, closed_elsewhere = threading.Event(), threading.Event()
+
+    def last_turn() -> None:
+        answers.reader.attach(loop)
+        attached.set()
+        loop.stop()
+        assert closed_elsewhere.wait(WAIT_S)  # closed meanwhile: left to this loop
+
+    def close_elsewhere() -> None:
+        assert attached.wait(WAIT_S)
+        answers.reader.close()
+        closed_elsewhere.set()
+
+    closer = threading.Thread(target=close_elsewhere)
+    closer.start()
+    loop.call_soon(last_turn)
+    try:
+        loop.run_forever()
+    finally:
+        closer.join()
+        loop.close()
+    for _ in range(int(WAIT_S / 0.01)):
+        if not fd_is_open(answers.read_fd):
+            break
+        threading.Event().wait(0.01)
+    assert not fd_is_open(answers.read_fd)

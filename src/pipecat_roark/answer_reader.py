@@ -65,6 +65,8 @@ class AnswerReader:
         """How many ``thread_reads`` blocks are open: the thread reads while any is."""
         self._finishing = False
         self._closed = False
+        """``close`` was called (the descriptor may still be left to a loop to close)."""
+        self._fd_closed = False
         self._pumps = 0
         """How many times anyone read: the thread tells a loop that stopped reading by it."""
         self.done = threading.Event()
@@ -133,12 +135,9 @@ class AnswerReader:
             if loop is not None and loop.is_running():
                 with contextlib.suppress(RuntimeError):  # closed meanwhile: its selector is gone
                     loop.call_soon_threadsafe(self._close_in_loop, loop)
+                    self._wake.set()  # the thread closes it if that loop stops first
                     return
-            if loop is not None and not loop.is_closed():
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(self._fd)
-            self._loop = None
-            os.close(self._fd)
+            self._close_fd(loop)
         self._finishing = True
         self._wake.set()
 
@@ -149,7 +148,7 @@ class AnswerReader:
         file, which the parent still holds).
         """
         self._lock = threading.Lock()
-        self._closed = True
+        self._closed = self._fd_closed = True
         self._loop = None
         with contextlib.suppress(OSError):
             os.close(self._fd)
@@ -172,7 +171,7 @@ class AnswerReader:
                     loop.remove_reader(self._fd)  # the end stays readable: no spinning on it
                     if self._loop is loop:
                         self._loop = None
-                        self._wake.set()  # the thread ends too
+                        self._wake.set()  # the thread looks again
             finally:
                 self._lock.release()
         except Exception as exc:  # never into the loop
@@ -180,18 +179,26 @@ class AnswerReader:
 
     def _close_in_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
-            with contextlib.suppress(Exception):
-                loop.remove_reader(self._fd)
-            self._loop = None
-            os.close(self._fd)
+            self._close_fd(loop)
         self._finishing = True
         self._wake.set()
+
+    def _close_fd(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Under the lock, once: ``loop`` (running here, or not running) stops watching."""
+        if self._fd_closed:
+            return
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self._fd)
+        self._loop = None
+        self._fd_closed = True
+        os.close(self._fd)
 
     def _pump(self) -> None:
         """Under the lock: read everything there is (never waiting), hand each answer on."""
         self._pumps += 1
-        if self.done.is_set() or self._closed and self._loop is None:
-            return
+        if self.done.is_set() or self._fd_closed:
+            return  # (a closed number may be another file's by now)
         while True:
             try:
                 data = os.read(self._fd, 1 << 16)
@@ -222,15 +229,26 @@ class AnswerReader:
     def _run(self) -> None:
         """The thread: idle while a running loop reads; else wait for answers and read them.
 
+        After the end it waits for ``close``, and closes the descriptor itself should the
+        running loop it was left to stop before doing it.
+
         It waits with ``poll``: ``select`` refuses a descriptor numbered 1024 or more (a
         bot with many calls has that many files open).
         """
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         unread_since: int | None = None  # _pumps when answers last waited while a loop reads
-        while not self.done.is_set():
-            if self._closed and self._loop is None:
-                return
+        while not self._fd_closed:
+            if self._closed:  # left to a running loop: closed here if it stops first
+                with self._lock:
+                    loop = self._loop
+                    if loop is None or not loop.is_running():
+                        self._close_fd(loop)
+                        return
+            if self._closed or self.done.is_set():  # (after the end: waits for close)
+                self._wake.wait(WATCH_S)
+                self._wake.clear()
+                continue
             if self._loop_reads():
                 self._wake.wait(WATCH_S)
                 self._wake.clear()
