@@ -387,3 +387,35 @@ def test_a_close_left_to_a_loop_that_stops_before_running_it_still_closes_the_de
             break
         threading.Event().wait(0.01)
     assert not fd_is_open(answers.read_fd)
+
+
+def test_a_thread_reads_block_never_waits_for_an_answer_being_handed_on(
+    answers: Answers,
+) -> None:
+    """``flush_sync`` counted itself in under the reading lock, which whoever reads holds
+    while handing an answer on: a handler stuck in a write (a log line to a full stderr
+    pipe) kept the SIGTERM thread's bounded flush from even starting, and so the
+    process from ever leaving."""
+    stuck, let_go = threading.Event(), threading.Event()
+
+    def stuck_handler(kind: bytes, number: int, line: bytes) -> None:
+        stuck.set()
+        let_go.wait(2 * WAIT_S)
+
+    answers.reader._handle = stuck_handler
+    answers.send(LOG, 0, b"WARNING\ta line for a full pipe")
+    entered = threading.Event()
+
+    def flush_sync_elsewhere() -> None:
+        with answers.reader.thread_reads():
+            entered.set()
+
+    waiter = threading.Thread(target=flush_sync_elsewhere)
+    try:
+        assert stuck.wait(WAIT_S)  # the reader's thread holds the lock, stuck
+        waiter.start()
+        assert entered.wait(WAIT_S), "thread_reads waited for the stuck handler"
+    finally:
+        let_go.set()
+        if waiter.ident is not None:
+            waiter.join()

@@ -63,6 +63,8 @@ class AnswerReader:
         """The loop watching ``_fd``, if one was given it."""
         self._threads_waiting = 0
         """How many ``thread_reads`` blocks are open: the thread reads while any is."""
+        self._counting = threading.Lock()
+        """Guards ``_threads_waiting``; never ``_lock``, held while an answer is handed on."""
         self._finishing = False
         self._closed = False
         """``close`` was called (the descriptor may still be left to a loop to close)."""
@@ -106,13 +108,13 @@ class AnswerReader:
     @contextlib.contextmanager
     def thread_reads(self) -> Iterator[None]:
         """While inside: the thread reads, whatever the loop does (it may be what waits)."""
-        with self._lock:
+        with self._counting:
             self._threads_waiting += 1
         self._wake.set()
         try:
             yield
         finally:
-            with self._lock:
+            with self._counting:
                 self._threads_waiting -= 1
 
     def finish(self, timeout: float | None = None) -> bool:
@@ -147,7 +149,7 @@ class AnswerReader:
         The parent's loop still watches its own copy (one ``epoll`` registration per open
         file, which the parent still holds).
         """
-        self._lock = threading.Lock()
+        self._lock, self._counting = threading.Lock(), threading.Lock()
         self._closed = self._fd_closed = True
         self._loop = None
         with contextlib.suppress(OSError):
