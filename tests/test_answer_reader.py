@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import selectors
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -248,3 +249,173 @@ def test_flush_sync_from_the_loop_that_reads_the_answers_returns_once_committed(
     finally:
         assert writer.close(WAIT_S)
     assert writer.fell_back is None
+
+
+class CountingSelector(selectors.DefaultSelector):
+    """A real selector that counts how often it reported one descriptor readable."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.readable = 0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = super().select(timeout)
+        self.readable += sum(1 for key, _ in events if key.fd == self.fd)
+        return events
+
+
+def test_the_loop_neither_spins_nor_waits_while_the_thread_holds_the_answers(
+    answers: Answers,
+) -> None:
+    """A thread reads while a flush_sync of another thread waits; it holds the reading
+    lock while it hands an answer on (a slow log sink, a listener). The loop, told the
+    descriptor is readable, found the lock taken and returned: level-triggered, it was
+    told again at once, tens of thousands of times a second until the thread let go. And
+    its next attach waited for that lock."""
+    selector = CountingSelector(answers.read_fd)
+    handing_on, let_go, handed_on = threading.Event(), threading.Event(), threading.Event()
+    original = answers.handle
+
+    def slow_first_answer(kind: bytes, number: int, line: bytes) -> None:
+        original(kind, number, line)
+        if number == 1:
+            handing_on.set()
+            let_go.wait(WAIT_S)
+            handed_on.set()
+
+    answers.reader._handle = slow_first_answer
+    inside, leave = threading.Event(), threading.Event()
+
+    def flush_sync_elsewhere() -> None:
+        with answers.reader.thread_reads():
+            inside.set()
+            leave.wait(WAIT_S)
+
+    waiter = threading.Thread(target=flush_sync_elsewhere)
+    waiter.start()
+    assert inside.wait(WAIT_S)
+
+    async def call() -> tuple[int, bool]:
+        loop = asyncio.get_running_loop()
+        answers.reader.attach(loop)
+        answers.send(COMMITTED, 1)
+        assert handing_on.wait(WAIT_S)  # (blocking this loop: the thread takes answer 1)
+        answers.send(COMMITTED, 2)  # readable now, the lock held by the thread
+        told = selector.readable
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+        told = selector.readable - told
+        answers.reader.attach(loop)  # the next gathering's: it must not wait for the lock
+        waited = handed_on.is_set()
+        let_go.set()
+        leave.set()
+        await answers.wait_in_loop(2)
+        return told, waited
+
+    try:
+        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+            told, waited = runner.run(call())
+    finally:
+        let_go.set()
+        leave.set()
+        waiter.join()
+    assert told <= 2, f"the loop was told {told} times of one answer it could not read"
+    assert not waited, "attach waited for the thread to hand the answer on"
+    assert [h[:2] for h in answers.handled] == [(COMMITTED, 1), (COMMITTED, 2)]
+
+
+def test_answers_are_read_while_the_loop_that_reads_them_is_blocked(answers: Answers) -> None:
+    """The loop that attached is running but stuck in a blocking call (a bot's handler;
+    another loop in another thread records on): the thread stood aside for as long as
+    that loop ran, so nobody read the answers, and another loop's flush waited on it."""
+    attached, unblock = threading.Event(), threading.Event()
+
+    def blocked_loop() -> None:
+        async def call() -> None:
+            answers.reader.attach(asyncio.get_running_loop())
+            await asyncio.sleep(0.1)  # the thread sees the loop reading and stands aside
+            attached.set()
+            unblock.wait(2 * WAIT_S)  # a blocking call in the loop
+
+        asyncio.run(call())
+
+    stuck = threading.Thread(target=blocked_loop)
+    stuck.start()
+    try:
+        assert attached.wait(WAIT_S)
+        answers.send(RELEASED, 1)
+        handled = answers.wait_for(1)
+    finally:
+        unblock.set()
+        stuck.join()
+    assert handled[0][:2] == (RELEASED, 1)
+    assert handled[0][3] == "test-reader"
+
+
+def test_a_close_left_to_a_loop_that_stops_before_running_it_still_closes_the_descriptor(
+    answers: Answers,
+) -> None:
+    """Closed from another thread while the loop that watches the answers runs, the
+    descriptor is left to that loop; a loop in its last turn (stopping: the bot's loop
+    ending as its writer child dies) never ran that callback, and the descriptor stayed
+    open for good."""
+    loop = asyncio.new_event_loop()
+    attached, closed_elsewhere = threading.Event(), threading.Event()
+
+    def last_turn() -> None:
+        answers.reader.attach(loop)
+        attached.set()
+        loop.stop()
+        assert closed_elsewhere.wait(WAIT_S)  # closed meanwhile: left to this loop
+
+    def close_elsewhere() -> None:
+        assert attached.wait(WAIT_S)
+        answers.reader.close()
+        closed_elsewhere.set()
+
+    closer = threading.Thread(target=close_elsewhere)
+    closer.start()
+    loop.call_soon(last_turn)
+    try:
+        loop.run_forever()
+    finally:
+        closer.join()
+        loop.close()
+    for _ in range(int(WAIT_S / 0.01)):
+        if not fd_is_open(answers.read_fd):
+            break
+        threading.Event().wait(0.01)
+    assert not fd_is_open(answers.read_fd)
+
+
+def test_a_thread_reads_block_never_waits_for_an_answer_being_handed_on(
+    answers: Answers,
+) -> None:
+    """``flush_sync`` counted itself in under the reading lock, which whoever reads holds
+    while handing an answer on: a handler stuck in a write (a log line to a full stderr
+    pipe) kept the SIGTERM thread's bounded flush from even starting, and so the
+    process from ever leaving."""
+    stuck, let_go = threading.Event(), threading.Event()
+
+    def stuck_handler(kind: bytes, number: int, line: bytes) -> None:
+        stuck.set()
+        let_go.wait(2 * WAIT_S)
+
+    answers.reader._handle = stuck_handler
+    answers.send(LOG, 0, b"WARNING\ta line for a full pipe")
+    entered = threading.Event()
+
+    def flush_sync_elsewhere() -> None:
+        with answers.reader.thread_reads():
+            entered.set()
+
+    waiter = threading.Thread(target=flush_sync_elsewhere)
+    try:
+        assert stuck.wait(WAIT_S)  # the reader's thread holds the lock, stuck
+        waiter.start()
+        assert entered.wait(WAIT_S), "thread_reads waited for the stuck handler"
+    finally:
+        let_go.set()
+        if waiter.ident is not None:
+            waiter.join()

@@ -8,14 +8,16 @@ process read its own crash point at import, so only the child is armed).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import resource
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -440,3 +442,83 @@ def test_close_after_a_fallback_waits_for_this_process_writer(data_dir: Path) ->
     assert closed
     assert after_the_lock, "close said True while the records waited for the lock"
     assert texts == ["while the database is locked"]
+
+
+@pytest.fixture
+def descriptors_above_1024() -> Iterator[None]:
+    """A bot with many open files (sockets of many calls): its next pipes are numbered
+    above 1024, where ``select.select`` refuses them (``FD_SETSIZE``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"at most {hard} open files here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.usefixtures("descriptors_above_1024")
+def test_a_bot_with_more_than_1024_open_files_still_hears_its_writer_child(
+    data_dir: Path,
+) -> None:
+    """The answers' reader thread waited with ``select.select``, which raises on a
+    descriptor numbered 1024 or more: the thread died at once, a flush without a loop
+    timed out and close waited forever for answers nobody read. The sender's wait for
+    room in a full pipe did the same, and the sender thread died with it."""
+    writer = process_writer(data_dir)
+    try:
+        writer.submit(open_op("call-1"))
+        assert writer.flush_sync(CLOSE_S), "the answer was read"
+        audio = bytes(range(256)) * (4 << 12)  # 1 MiB a chunk: the pipe fills
+        for index in range(8):
+            writer.submit(ChunkOp("call-1", index, audio, 16000, 2, now_us()))
+        writer.submit(said("call-1", "after the audio"))
+        assert writer.flush_sync(CLOSE_S), "the sender waited for room and wrote it all"
+        writer.submit(FinalizeOp("call-1", now_us(), "completed"))
+    finally:
+        assert writer.close(CLOSE_S)
+    assert writer.fell_back is None
+    assert user_texts(data_dir, "call-1") == ["after the audio"]
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM chunks").fetchone() == (8,)
+
+
+def test_a_flush_in_one_loop_is_answered_while_the_loop_that_reads_answers_is_blocked(
+    data_dir: Path,
+) -> None:
+    """Two loops in two threads record into one writer; the one that reads the child's
+    answers is stuck in a blocking call. The other loop's flush waited for it (and timed
+    out), though its records were committed."""
+    writer = process_writer(data_dir)
+    attached, unblock = threading.Event(), threading.Event()
+
+    def blocked_loop() -> None:
+        async def call() -> None:
+            writer.submit(open_op("reads"))
+            assert await writer.flush(CLOSE_S)  # the child is up
+            writer.submit(said("reads", "attached"))  # written, and read, by this loop
+            assert await writer.flush(CLOSE_S)
+            attached.set()
+            unblock.wait(2 * CLOSE_S)  # a blocking call in the loop
+
+        asyncio.run(call())
+
+    async def other_call() -> bool:
+        writer.submit(open_op("other"))
+        return await writer.flush(CLOSE_S)
+
+    stuck = threading.Thread(target=blocked_loop)
+    stuck.start()
+    try:
+        assert attached.wait(CLOSE_S)
+        flushed = asyncio.run(other_call())
+    finally:
+        unblock.set()
+        stuck.join()
+        assert writer.close(CLOSE_S)
+    assert flushed
+    assert writer.fell_back is None

@@ -6,10 +6,15 @@ A reader thread blocked on the answers pipe woke for every answer. So the event 
 that submits records reads the answers too (``add_reader``: the loop is awake anyway,
 one more file descriptor in its ``epoll`` costs nothing), and the thread only reads
 where no loop can: before any loop ran, after it stopped, while a thread waits in
-``flush_sync`` (the loop may be the one waiting), and to the end at close or fallback.
+``flush_sync`` (the loop may be the one waiting), while a running loop is stuck in a
+blocking call (answers left unread for a whole ``WATCH_S``), and to the end at close or
+fallback.
 
 Both may read for a moment at a hand-over, so whoever reads holds ``_lock``, reads
 without blocking and parses into one shared buffer: no answer is read twice or split.
+The loop never waits for that lock: a loop that finds the thread reading stops watching
+(a readable descriptor it cannot read would wake it again at once) until its next
+gathering attaches it again.
 The descriptor is closed only once no running loop watches it: a number closed under a
 loop's selector could come back as another file's and confuse that loop.
 """
@@ -30,7 +35,8 @@ from .writer_pipe import split_answers
 __all__ = ["AnswerReader"]
 
 WATCH_S = 0.5
-"""How often the idle thread checks that the loop it left the reading to still runs."""
+"""How often the idle thread checks that the loop it left the reading to still runs and
+reads (a running loop stuck in a blocking call reads nothing: the thread reads for it)."""
 
 
 class AnswerReader:
@@ -57,8 +63,14 @@ class AnswerReader:
         """The loop watching ``_fd``, if one was given it."""
         self._threads_waiting = 0
         """How many ``thread_reads`` blocks are open: the thread reads while any is."""
+        self._counting = threading.Lock()
+        """Guards ``_threads_waiting``; never ``_lock``, held while an answer is handed on."""
         self._finishing = False
         self._closed = False
+        """``close`` was called (the descriptor may still be left to a loop to close)."""
+        self._fd_closed = False
+        self._pumps = 0
+        """How many times anyone read: the thread tells a loop that stopped reading by it."""
         self.done = threading.Event()
         """Set once the end of the answers was read (the child exited, or was killed)."""
         self._wake = threading.Event()
@@ -68,10 +80,15 @@ class AnswerReader:
     # ---- who reads ----
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """From ``loop``, running: read there from now on (cheap if it already does)."""
+        """From ``loop``, running: read there from now on (cheap if it already does).
+
+        Called at each gathering: one that finds the thread reading leaves it to the next.
+        """
         if self._loop is loop or self.done.is_set():
             return
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            return  # the thread is reading this moment: the loop never waits for it
+        try:
             previous = self._loop
             if self._closed or previous is not None and previous.is_running():
                 return  # closed, or another thread's loop reads them: it keeps them
@@ -85,17 +102,19 @@ class AnswerReader:
                 self._loop = None
                 return
             self._loop = loop
+        finally:
+            self._lock.release()
 
     @contextlib.contextmanager
     def thread_reads(self) -> Iterator[None]:
         """While inside: the thread reads, whatever the loop does (it may be what waits)."""
-        with self._lock:
+        with self._counting:
             self._threads_waiting += 1
         self._wake.set()
         try:
             yield
         finally:
-            with self._lock:
+            with self._counting:
                 self._threads_waiting -= 1
 
     def finish(self, timeout: float | None = None) -> bool:
@@ -118,12 +137,9 @@ class AnswerReader:
             if loop is not None and loop.is_running():
                 with contextlib.suppress(RuntimeError):  # closed meanwhile: its selector is gone
                     loop.call_soon_threadsafe(self._close_in_loop, loop)
+                    self._wake.set()  # the thread closes it if that loop stops first
                     return
-            if loop is not None and not loop.is_closed():
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(self._fd)
-            self._loop = None
-            os.close(self._fd)
+            self._close_fd(loop)
         self._finishing = True
         self._wake.set()
 
@@ -133,8 +149,8 @@ class AnswerReader:
         The parent's loop still watches its own copy (one ``epoll`` registration per open
         file, which the parent still holds).
         """
-        self._lock = threading.Lock()
-        self._closed = True
+        self._lock, self._counting = threading.Lock(), threading.Lock()
+        self._closed = self._fd_closed = True
         self._loop = None
         with contextlib.suppress(OSError):
             os.close(self._fd)
@@ -145,14 +161,19 @@ class AnswerReader:
         """``add_reader``'s callback: read what is there; at the end, stop watching."""
         try:
             if not self._lock.acquire(blocking=False):
-                return  # the thread is reading this moment: it takes this too
+                # The thread is reading this moment: it takes this too. Watching on would
+                # spin (told again at once, level-triggered); the next gathering attaches.
+                loop.remove_reader(self._fd)
+                if self._loop is loop:
+                    self._loop = None
+                return
             try:
                 self._pump()
                 if self.done.is_set() or self._loop is not loop:
                     loop.remove_reader(self._fd)  # the end stays readable: no spinning on it
                     if self._loop is loop:
                         self._loop = None
-                        self._wake.set()  # the thread ends too
+                        self._wake.set()  # the thread looks again
             finally:
                 self._lock.release()
         except Exception as exc:  # never into the loop
@@ -160,17 +181,26 @@ class AnswerReader:
 
     def _close_in_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
-            with contextlib.suppress(Exception):
-                loop.remove_reader(self._fd)
-            self._loop = None
-            os.close(self._fd)
+            self._close_fd(loop)
         self._finishing = True
         self._wake.set()
 
+    def _close_fd(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Under the lock, once: ``loop`` (running here, or not running) stops watching."""
+        if self._fd_closed:
+            return
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self._fd)
+        self._loop = None
+        self._fd_closed = True
+        os.close(self._fd)
+
     def _pump(self) -> None:
         """Under the lock: read everything there is (never waiting), hand each answer on."""
-        if self.done.is_set() or self._closed and self._loop is None:
-            return
+        self._pumps += 1
+        if self.done.is_set() or self._fd_closed:
+            return  # (a closed number may be another file's by now)
         while True:
             try:
                 data = os.read(self._fd, 1 << 16)
@@ -199,18 +229,40 @@ class AnswerReader:
         )
 
     def _run(self) -> None:
-        """The thread: idle while a running loop reads; else wait for answers and read them."""
-        while not self.done.is_set():
-            if self._closed and self._loop is None:
-                return
-            if self._loop_reads():
+        """The thread: idle while a running loop reads; else wait for answers and read them.
+
+        After the end it waits for ``close``, and closes the descriptor itself should the
+        running loop it was left to stop before doing it.
+
+        It waits with ``poll``: ``select`` refuses a descriptor numbered 1024 or more (a
+        bot with many calls has that many files open).
+        """
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        unread_since: int | None = None  # _pumps when answers last waited while a loop reads
+        while not self._fd_closed:
+            if self._closed:  # left to a running loop: closed here if it stops first
+                with self._lock:
+                    loop = self._loop
+                    if loop is None or not loop.is_running():
+                        self._close_fd(loop)
+                        return
+            if self._closed or self.done.is_set():  # (after the end: waits for close)
                 self._wake.wait(WATCH_S)
                 self._wake.clear()
                 continue
-            try:
-                readable, _, _ = select.select([self._fd], [], [], WATCH_S)
-            except (OSError, ValueError):  # closed under us: nothing more to read
-                return
+            if self._loop_reads():
+                self._wake.wait(WATCH_S)
+                self._wake.clear()
+                waiting = bool(poller.poll(0))
+                if waiting and unread_since == self._pumps and self._loop_reads():
+                    with self._lock:  # a whole watch unread: that loop is stuck in a call
+                        self._pump()
+                unread_since = self._pumps if waiting else None
+                continue
+            readable = poller.poll(WATCH_S * 1000)
+            if any(events & select.POLLNVAL for _, events in readable):
+                return  # closed under us: nothing more to read
             if readable and not self._loop_reads():  # (a loop that took over reads it)
                 with self._lock:
                     self._pump()

@@ -175,7 +175,18 @@ class FrameFeed:
             except BlockingIOError:
                 if not blocking:
                     return False
-                select.select([], [fd], [], _WAIT_WRITABLE_S)
+                _wait_writable(fd)
                 continue
             self._backlog = self._backlog[written:]
         return True
+
+
+def _wait_writable(fd: int) -> None:
+    """Wait (bounded) for room in the pipe.
+
+    With ``poll``: ``select`` refuses a descriptor numbered 1024 or more (a bot with many
+    calls has that many files open).
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.poll(_WAIT_WRITABLE_S * 1000)
