@@ -279,20 +279,28 @@ class ProcessWriter(WriterSurface):
         logger.debug(f"pipecat-roark: recording {self.directory} from process {child.pid}")
 
     def _frame(self, ops: list[Any]) -> tuple[int, list[Any]]:
-        # Under the feed's lock: number a frame and keep it until the child commits it.
-        wire = [self._outbound(op) for op in ops]
-        self._seq += 1
-        self._unacked.append((self._seq, wire))
-        return self._seq, wire
+        """Under the feed's lock: number a frame and keep it until the child commits it.
 
-    def _outbound(self, op: Op) -> Any:
-        if isinstance(op, BarrierOp):
-            number = next(self._numbers)
-            self._barriers[number] = op.release
-            return RemoteBarrier(number, op.call_id)
-        if isinstance(op, OpenOp):
-            self._open[op.call_id] = op
-        return op
+        An acknowledgement may be read meanwhile (by the loop, or the reader's thread), so
+        each op is in the kept frame before its call is noted as open: an acknowledgement
+        that sees the open also sees it sent (``writer_recovery.acknowledge``).
+
+        Returns:
+            The frame's seq and its ops as they cross the pipe.
+        """
+        self._seq += 1
+        wire: list[Any] = []
+        self._unacked.append((self._seq, wire))
+        for op in ops:
+            if isinstance(op, BarrierOp):
+                number = next(self._numbers)
+                self._barriers[number] = op.release
+                wire.append(RemoteBarrier(number, op.call_id))
+                continue
+            wire.append(op)
+            if isinstance(op, OpenOp):
+                self._open[op.call_id] = op
+        return self._seq, wire
 
     def _finish(self) -> None:
         """Close: EOF tells the child to commit the rest and exit; wait for its last word.

@@ -80,8 +80,10 @@ def acknowledge(
 def _sent_after(
     op: OpenOp, rest_of_frame: list[Any], unacked: deque[tuple[int, list[Any]]]
 ) -> bool:
+    # A copy (one C call): the sender may append a frame meanwhile, which would stop a
+    # generator over the deque itself ("deque mutated during iteration").
     return any(sent is op for sent in rest_of_frame) or any(
-        sent is op for _, wire in unacked for sent in wire
+        sent is op for _, wire in list(unacked) for sent in wire
     )
 
 
