@@ -419,3 +419,34 @@ def test_a_thread_reads_block_never_waits_for_an_answer_being_handed_on(
         let_go.set()
         if waiter.ident is not None:
             waiter.join()
+
+
+class LoopWithoutReaders(asyncio.SelectorEventLoop):
+    """A loop that cannot watch a descriptor (as Windows' proactor loop cannot)."""
+
+    asked = 0
+
+    def add_reader(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        LoopWithoutReaders.asked += 1
+        raise NotImplementedError("no add_reader on this loop")
+
+
+def test_a_loop_that_cannot_watch_the_answers_is_asked_once_and_the_thread_reads(
+    answers: Answers,
+) -> None:
+    """``attach`` runs at every gathering of records: a refusal must not be retried there."""
+
+    async def call() -> None:
+        for _ in range(5):
+            answers.reader.attach(asyncio.get_running_loop())
+        answers.send(COMMITTED, 1)
+        await answers.wait_in_loop(1)
+
+    loop = LoopWithoutReaders()
+    try:
+        loop.run_until_complete(call())
+    finally:
+        loop.close()
+    assert LoopWithoutReaders.asked == 1
+    assert answers.handled[0][:2] == (COMMITTED, 1)
+    assert answers.handled[0][3] == "test-reader"

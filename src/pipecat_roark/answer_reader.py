@@ -65,6 +65,8 @@ class AnswerReader:
         """How many ``thread_reads`` blocks are open: the thread reads while any is."""
         self._counting = threading.Lock()
         """Guards ``_threads_waiting``; never ``_lock``, held while an answer is handed on."""
+        self._thread_only = False
+        """A loop could not watch the descriptor: the thread reads, and no loop is asked again."""
         self._finishing = False
         self._closed = False
         """``close`` was called (the descriptor may still be left to a loop to close)."""
@@ -84,7 +86,7 @@ class AnswerReader:
 
         Called at each gathering: one that finds the thread reading leaves it to the next.
         """
-        if self._loop is loop or self.done.is_set():
+        if self._loop is loop or self.done.is_set() or self._thread_only:
             return
         if not self._lock.acquire(blocking=False):
             return  # the thread is reading this moment: the loop never waits for it
@@ -100,6 +102,7 @@ class AnswerReader:
             except Exception as exc:  # a loop without add_reader (Windows' proactor)
                 logger.debug(f"pipecat-roark: answers read by a thread ({exc})")
                 self._loop = None
+                self._thread_only = True  # asked at every gathering: not again
                 return
             self._loop = loop
         finally:
