@@ -22,7 +22,7 @@ from pipecat_roark import RoarkObserver, config, lifecycle
 from pipecat_roark.background_drainer import stop_background_drainers
 from pipecat_roark.delivery_process import DeliveryProcess
 from pipecat_roark.testing import ScriptedCall, run_pipeline
-from test_drain import assert_arrived_whole, delivery_states, short_script
+from test_drain import assert_arrived_whole, delivery_states, record, short_script
 
 pytestmark = pytest.mark.strict_order
 
@@ -231,6 +231,54 @@ def test_the_child_exits_when_its_parents_pipe_closes(
         if child.stderr:
             child.stderr.close()
     assert code == 0, errors
+
+
+def ignored_signals(pid: int) -> int:
+    """The mask of signals ``pid`` ignores (``SigIgn`` in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigIgn line for {pid}")
+
+
+@pytest.mark.anyio
+async def test_a_stop_signal_to_every_process_leaves_the_child_to_deliver_what_the_bot_ends(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    """A service manager stops a unit by signalling all of its processes at once
+    (systemd's control-group kill). The child is the bot's: it ignores the signal, and
+    delivers the call the bot ends in its own shutdown once the bot's pipe closes."""
+    env = {**os.environ, "ROARK_API_KEY": KEY, "ROARK_BASE_URL": dev_server.base_url}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipecat_roark.cli", "drain", "--follow", "--parent-pipe"]
+        + ["--dir", str(data_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert b"following new calls" in child.stdout.readline()
+        stops = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+        assert ignored_signals(child.pid) & stops == stops
+        child.send_signal(signal.SIGTERM)
+        child.send_signal(signal.SIGINT)
+        await record(data_dir, "ended-in-shutdown", key=KEY)  # the bot ends it after the signal
+        writer = lifecycle.running_writer(data_dir)
+        assert writer is not None and await writer.flush(30), "the call is committed"
+        child.stdin.close()  # then the bot exits
+        code = await asyncio.to_thread(child.wait, 60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+        child.stdout.close()
+        errors = child.stderr.read().decode() if child.stderr else ""
+        if child.stderr:
+            child.stderr.close()
+    assert code == 0, errors
+    assert_arrived_whole(dev_server, data_dir, "ended-in-shutdown")
 
 
 @pytest.mark.anyio

@@ -459,6 +459,43 @@ async def test_a_child_killed_mid_call_is_replaced_and_the_call_has_everything_o
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+async def test_a_stop_signal_to_every_process_leaves_the_child_to_the_bot(
+    tmp_path: Path,
+    data_dir: Path,
+    dev_server: RunningDevServer,
+    logs: LogCapture,
+    stop: signal.Signals,
+) -> None:
+    """A service manager stops a unit by signalling all of its processes (systemd's
+    control-group kill): the child is the bot's to stop, so it goes on recording the call
+    and exits once the bot closes its writer; no fallback, no error line."""
+    baseline = await in_process_baseline(tmp_path / "in-process", dev_server, "no-signal")
+    roark = observer(data_dir, "signalled", dev_server, writer_process=True)
+    writer = writer_of(data_dir)
+    assert isinstance(writer, ProcessWriter)
+    assert await writer.flush(FLUSH_S), "the writer child is up (a flush commits nothing)"
+    child = writer.child_pid
+    assert child is not None
+
+    async def signal_child(step: int) -> None:
+        if step == 2:
+            os.kill(child, stop)
+
+    emitted = await play(roark, dev_server, "signalled", on_step=signal_child)
+
+    assert writer.fell_back is None, writer.fell_back
+    assert writer.child_pid == child, "the same child recorded the whole call"
+    assert logs.messages("ERROR") == []
+    assert_same_call(dev_server, "signalled", baseline)
+    assert timeline(data_dir, "signalled") == timeline(tmp_path / "in-process", "no-signal")
+    assert delivered_chunks(dev_server, "signalled") == emitted
+    await stop_background_drainers()
+    assert writer.close(FLUSH_S)
+    assert not Path(f"/proc/{child}").exists(), "it exited once the bot closed, and was reaped"
+
+
+@pytest.mark.anyio
 async def test_a_child_killed_while_the_bot_closes_its_writer_leaves_the_rest_to_the_bot(
     tmp_path: Path,
     data_dir: Path,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 import time
@@ -192,6 +193,20 @@ class FrameUnreadable(Exception):
     """A frame from the bot did not decode: exit, so the bot writes it itself."""
 
 
+def _leave_stopping_to_the_bot() -> None:
+    """Ignore SIGTERM and SIGINT: the child stops when the bot closes its pipe, or dies.
+
+    A service manager's stop signals every process of the service at once (systemd's
+    default control-group kill; ``pkill -f`` by a deploy script). Dying of it here would
+    leave the bot's own SIGTERM handling, which ends its open calls through this child,
+    to fall back to a writer of its own mid-shutdown. Nothing would be lost, but the
+    stop would cost an error line and a replay; ignored, the child commits what the bot
+    sends it and exits when the bot is done. A SIGKILL still ends it.
+    """
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the writer child until the bot closes its pipe.
 
@@ -204,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-free-bytes", type=int, required=True)
     parser.add_argument("--answers-fd", type=int, required=True)
     args = parser.parse_args(argv)
+    _leave_stopping_to_the_bot()
     run_as_batch_work()
     replies = _Replies(args.answers_fd)
     logger.remove()

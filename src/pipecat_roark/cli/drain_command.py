@@ -64,7 +64,8 @@ if TYPE_CHECKING:
     is_flag=True,
     help="Follow while stdin, a pipe from the bot that started this drain, is open: each"
     " byte read wakes the drain; at EOF (the bot exited or was killed) one last pass of at"
-    " most --timeout, then exit 0. Implies --follow (RoarkObserver(delivery_process=True)).",
+    " most --timeout, then exit 0. SIGTERM and SIGINT are ignored: it stops with the bot."
+    " Implies --follow (RoarkObserver(delivery_process=True)).",
 )
 def drain(
     directory: Path,
@@ -131,7 +132,10 @@ def drain(
         stop = asyncio.Event()
         task = asyncio.current_task()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set if follow else task.cancel)  # type: ignore[union-attr]
+            if parent_pipe:  # the bot's child: it stops when the bot's pipe closes
+                signal.signal(sig, signal.SIG_IGN)
+            else:
+                loop.add_signal_handler(sig, stop.set if follow else task.cancel)  # type: ignore[union-attr]
         if metrics_url is not None:
             err.print(f"metrics at {metrics_url}")
         if not as_json:  # after the handlers: from here on a signal stops us cleanly
@@ -176,10 +180,14 @@ def drain(
 
 
 async def _follow_parent(drainer: Drainer, stop: asyncio.Event, last_pass_s: float) -> None:
-    """Follow until the parent's pipe (stdin) closes, then one last pass; or until ``stop``.
+    """Follow until the parent's pipe (stdin) closes, then one last pass.
 
     Each byte the parent writes (a commit that added deliveries) wakes the drainer at
-    once; EOF means the parent is gone, whether it exited or was killed.
+    once; EOF means the parent is gone, whether it exited or was killed. SIGTERM and
+    SIGINT are ignored: a service manager's stop signals every process of the service at
+    once (systemd's control-group kill), and stopping here would leave the calls the bot
+    ends in its own shutdown undelivered until the next start, or for ever on a disk that
+    goes with the container. The bot's exit closes the pipe; a SIGKILL still ends it.
     """
     loop = asyncio.get_running_loop()
     parent_gone = asyncio.Event()
