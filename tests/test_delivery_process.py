@@ -150,6 +150,55 @@ async def test_a_call_is_delivered_by_the_child_and_its_key_is_never_in_argv(
     assert child.cpu_s is not None, "reaped by the bot, its CPU noted"
 
 
+@pytest.mark.anyio
+async def test_the_children_hold_no_secret_of_the_bots_but_the_one_they_need(
+    data_dir: Path, dev_server: RunningDevServer, children: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bot's environment holds its other services' keys; its children only write our
+    database or deliver to Roark, so they get none of them (and the writer no Roark key)."""
+    others = {
+        "OPENAI_API_KEY": "sk-proj-other-secret",
+        "DEEPGRAM_API_KEY": "dg-other-secret",
+        "DAILY_API_TOKEN": "daily-other-secret",
+        "AWS_SECRET_ACCESS_KEY": "aws-other-secret",
+        "DB_PASSWORD": "db-other-secret",
+    }
+    for name, value in others.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PIPECAT_ROARK_EXAMPLE_SETTING", "kept")
+    roark = RoarkObserver(
+        agent_id="child-bot",
+        api_key=KEY,
+        base_url=dev_server.base_url,
+        pipecat_call_id="no-secrets",
+        data_dir=data_dir,
+        chunk_bytes=8000,
+        delivery_process=True,
+        writer_process=True,
+    )
+    await run_pipeline([ScriptedCall(short_script(1)), roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
+    writer = lifecycle.running_writer(data_dir)
+    assert writer is not None
+    writer_pid = getattr(writer, "child_pid", None)
+    assert isinstance(writer_pid, int), "the writer child is up"
+    delivery_pid = child_of(data_dir).pid
+    assert delivery_pid is not None
+    assert await arrived(dev_server, "no-secrets")
+
+    def environ(pid: int) -> dict[str, str]:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode()
+        return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+    for pid, roark_key in ((writer_pid, None), (delivery_pid, KEY)):
+        env = environ(pid)
+        assert env.get("ROARK_API_KEY") == roark_key
+        assert not set(others) & set(env), sorted(set(others) & set(env))
+        assert not [v for v in env.values() if "other-secret" in v]
+        assert env["PIPECAT_ROARK_EXAMPLE_SETTING"] == "kept"
+        assert env["PATH"] == os.environ["PATH"]
+    assert_arrived_whole(dev_server, data_dir, "no-secrets")
+
+
 def test_a_bot_killed_after_its_commit_has_its_call_delivered_by_the_child(
     data_dir: Path, dev_server: RunningDevServer
 ) -> None:

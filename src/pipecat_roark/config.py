@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,6 +25,7 @@ __all__ = [
     "ENV_BASE_URL",
     "ENV_DIR",
     "ENV_WRITER_PROCESS",
+    "child_environment",
     "key_fingerprint",
     "registry_key",
     "resolve_api_key",
@@ -42,6 +44,26 @@ DEFAULT_MIN_FREE_BYTES = 64 << 20
 events of every call can still commit; ``doctor`` warns below it."""
 
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSW(OR)?D|CREDENTIAL|AUTH|COOKIE|SESSION", re.I)
+"""Names of variables a child of ours has no use for and should not hold: a bot's
+environment carries its other services' keys (OpenAI, Deepgram, Daily, cloud tokens)."""
+
+
+def child_environment(drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """This process's environment for a child of ours, without what looks like a secret.
+
+    The children only write our database or deliver to Roark; every other key stays in
+    the bot. The Roark key is set again by the one child that needs it.
+
+    Returns:
+        A copy of ``os.environ`` without secret-looking names and without ``drop``.
+    """
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name not in drop and not _SECRET_NAME.search(name)
+    }
 
 
 def resolve_dir(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -119,11 +119,8 @@ class DeliveryProcess:
             self.exited.set()
 
     def _spawn_and_reap(self) -> None:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in (ENV_METRICS_PORT, config.ENV_API_KEY, config.ENV_BASE_URL)
-        }  # the bot serves the metrics; a second bind of its port would stop the child
+        # The bot serves the metrics; a second bind of its port would stop the child.
+        env = config.child_environment(drop=(ENV_METRICS_PORT, config.ENV_BASE_URL))
         env[config.ENV_API_KEY] = self.api_key
         env[config.ENV_BASE_URL] = config.resolve_base_url(self.base_url)
         try:

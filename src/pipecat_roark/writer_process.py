@@ -44,7 +44,7 @@ from typing import Any
 from loguru import logger
 
 from .answer_reader import AnswerReader
-from .config import ENV_API_KEY
+from .config import child_environment
 from .frame_feed import FrameFeed
 from .ops import BarrierOp, Op, OpenOp, StopOp
 from .owner import Owner, current_owner, heartbeat_interval_s
@@ -111,8 +111,8 @@ def _spawn(
     """
     if getattr(sys, "frozen", False):
         raise RuntimeError("a frozen application has no Python to run the writer child with")
-    env = dict(os.environ)  # the child serves no metrics: the bot's port stays the bot's
-    env.pop(ENV_API_KEY, None)  # it only writes the database: one less copy of the key
+    # It only writes the database: no key of the bot's, Roark's or another service's.
+    env = child_environment()
     env[ENV_OWNER] = owner_to_env(owner)
     read_fd, write_fd = os.pipe()
     try:
