@@ -37,6 +37,14 @@ __all__ = ["AnswerReader"]
 WATCH_S = 0.5
 """How often the idle thread checks that the loop it left the reading to still runs and
 reads (a running loop stuck in a blocking call reads nothing: the thread reads for it)."""
+LOOP_READ_BYTES = 16 << 10
+"""At most this much is read per callback of the loop: a child that floods answers or log
+lines (a stuck log loop) must not hold the bot's loop for as long as it writes. The loop
+is called back while the pipe stays readable, with its other callbacks in between; a
+message cut by a read waits in the buffer for the next."""
+THREAD_READ_BYTES = 1 << 20
+"""At most this much is read by the thread per hold of the reading lock (the loop may
+want it back)."""
 
 
 class AnswerReader:
@@ -171,7 +179,7 @@ class AnswerReader:
                     self._loop = None
                 return
             try:
-                self._pump()
+                self._pump(LOOP_READ_BYTES)
                 if self.done.is_set() or self._loop is not loop:
                     loop.remove_reader(self._fd)  # the end stays readable: no spinning on it
                     if self._loop is loop:
@@ -199,14 +207,18 @@ class AnswerReader:
         self._fd_closed = True
         os.close(self._fd)
 
-    def _pump(self) -> None:
-        """Under the lock: read everything there is (never waiting), hand each answer on."""
+    def _pump(self, budget: int) -> None:
+        """Under the lock: read what there is, up to ``budget`` bytes (never waiting).
+
+        Each whole answer is handed on; a short read means the pipe is empty for now.
+        """
         self._pumps += 1
         if self.done.is_set() or self._fd_closed:
             return  # (a closed number may be another file's by now)
-        while True:
+        while budget > 0:
+            asked = min(budget, 1 << 16)
             try:
-                data = os.read(self._fd, 1 << 16)
+                data = os.read(self._fd, asked)
             except BlockingIOError:
                 return
             except OSError:
@@ -215,12 +227,15 @@ class AnswerReader:
                 self.done.set()
                 self._ended()
                 return
+            budget -= len(data)
             self._buffer += data
             for kind, number, line in split_answers(self._buffer):
                 try:
                     self._handle(kind, number, line)
                 except Exception as exc:  # one answer's failure is not the reader's
                     logger.error(f"pipecat-roark: a writer process answer failed: {exc}")
+            if len(data) < asked:
+                return
 
     def _loop_reads(self) -> bool:
         loop = self._loop
@@ -260,7 +275,7 @@ class AnswerReader:
                 waiting = bool(poller.poll(0))
                 if waiting and unread_since == self._pumps and self._loop_reads():
                     with self._lock:  # a whole watch unread: that loop is stuck in a call
-                        self._pump()
+                        self._pump(THREAD_READ_BYTES)
                 unread_since = self._pumps if waiting else None
                 continue
             readable = poller.poll(WATCH_S * 1000)
@@ -268,4 +283,4 @@ class AnswerReader:
                 return  # closed under us: nothing more to read
             if readable and not self._loop_reads():  # (a loop that took over reads it)
                 with self._lock:
-                    self._pump()
+                    self._pump(THREAD_READ_BYTES)
