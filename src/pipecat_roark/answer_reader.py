@@ -56,15 +56,20 @@ class AnswerReader:
         handle: Callable[[bytes, int, bytes], None],
         ended: Callable[[], None],
         name: str,
+        exited: Callable[[], bool] | None = None,
     ) -> None:
         """Start the thread; ``handle(kind, number, line)`` gets each answer, ``ended()`` the end.
 
         Both are called by whoever read, the loop or the thread, one at a time.
+        ``exited()`` says whether the child is gone: then what it wrote is all in the pipe,
+        and the end is told once that is read, even if the end of the pipe never comes (a
+        fork of the bot, or a grandchild, holds a copy of its write end).
         """
         os.set_blocking(fd, False)
         self._fd = fd
         self._handle = handle
         self._ended = ended
+        self._exited = exited
         self._lock = threading.Lock()
         self._buffer = bytearray()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -161,10 +166,12 @@ class AnswerReader:
         file, which the parent still holds).
         """
         self._lock, self._counting = threading.Lock(), threading.Lock()
+        was_closed = self._fd_closed  # (its number may be another file's by now)
         self._closed = self._fd_closed = True
         self._loop = None
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        if not was_closed:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
 
     # ---- reading ----
 
@@ -237,6 +244,17 @@ class AnswerReader:
             if len(data) < asked:
                 return
 
+    def _end_after_exit(self) -> None:
+        """Under the lock, the child gone: read what it left (bounded), then tell the end.
+
+        A dead child's answers are all in the pipe already, at most a pipe's worth: one
+        bounded read of them, whatever a stray copy of the write end still writes.
+        """
+        self._pump(THREAD_READ_BYTES)
+        if not self.done.is_set() and not self._fd_closed:
+            self.done.set()
+            self._ended()
+
     def _loop_reads(self) -> bool:
         loop = self._loop
         return (
@@ -265,6 +283,9 @@ class AnswerReader:
                     if loop is None or not loop.is_running():
                         self._close_fd(loop)
                         return
+            if not self.done.is_set() and self._exited is not None and self._exited():
+                with self._lock:
+                    self._end_after_exit()
             if self._closed or self.done.is_set():  # (after the end: waits for close)
                 self._wake.wait(WATCH_S)
                 self._wake.clear()
