@@ -132,7 +132,7 @@ def wait_for_last_word(
     deadline = time.monotonic() + talking_s
     while not reader.finish(WATCH_S):
         if watch.stuck() or time.monotonic() >= deadline:
-            logger.error(
+            logger.warning(
                 f"pipecat-roark: the writer process {child.pid} did not finish after its "
                 f"input ended ({stalled()} without a word); killing it"
             )
