@@ -17,6 +17,12 @@ The loop never waits for that lock: a loop that finds the thread reading stops w
 gathering attaches it again.
 The descriptor is closed only once no running loop watches it: a number closed under a
 loop's selector could come back as another file's and confuse that loop.
+
+Nothing the child does can hold the loop: one callback reads at most ``LOOP_READ_BYTES``
+(a child flooding answers or log lines is read a slice per turn of the loop). And the end
+of the answers is not only their EOF: once the child has exited (``exited``), what it
+wrote is read and the end is told, even while a fork of the bot or a grandchild holds a
+copy of the pipe's write end (``child_watch``).
 """
 
 from __future__ import annotations

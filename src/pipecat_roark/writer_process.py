@@ -20,6 +20,10 @@ Nothing acknowledged is lost, and nothing unacknowledged is either:
   wait in memory and it is tried again each second.
 - If the bot dies (even of SIGKILL), the child reads what is left in the pipe, commits it
   and exits: it keeps more of a killed bot's records than the thread would.
+- The bot never waits on the child without a limit (``child_watch``): it sees the child's
+  exit even when the end of its answers never comes (a fork of the bot holds a copy of
+  the pipe), and a child that owes answers (frames, or its exit at close) and says
+  nothing for ``STALL_S`` (SIGSTOP, a deadlock) is killed and replaced as above.
 
 The child records under the bot's owner identity, so orphan checks judge the bot.
 """
