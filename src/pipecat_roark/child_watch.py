@@ -11,9 +11,10 @@ may still be importing on a loaded machine) is stuck. The bot then kills it and 
 what it did not acknowledge itself (``writer_recovery``): SQLite keeps a killed
 transaction out, so nothing is lost or recorded twice.
 
-A working child is never silent that long while it owes: it says what is committed at
-least every ``writer_child.ACK_S`` while it commits, and its first word as soon as its
-database is open.
+A working child is rarely silent that long while it owes: it says what is committed at
+most ``writer_child.ACK_S`` after each commit, and its first word as soon as its database
+is open. One commit that takes longer (a disk stalled for seconds) gets it replaced all
+the same: correct, only slower, and said in one error line.
 
 A pipe's end the bot holds for a child only for a moment (between ``os.pipe()`` and the
 spawn, or the spawn and the owner storing it) is ``HiddenFromForks``: a Python fork of
