@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import os
 import selectors
+import subprocess
+import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pipecat_roark.answer_reader import AnswerReader
+from pipecat_roark.answer_reader import LOOP_READ_BYTES, AnswerReader
 from pipecat_roark.events import CallOpened
 from pipecat_roark.ops import OpenOp
 from pipecat_roark.writer_pipe import COMMITTED, LOG, MESSAGE, RELEASED
@@ -450,3 +453,75 @@ def test_a_loop_that_cannot_watch_the_answers_is_asked_once_and_the_thread_reads
     assert LoopWithoutReaders.asked == 1
     assert answers.handled[0][:2] == (COMMITTED, 1)
     assert answers.handled[0][3] == "test-reader"
+
+
+FLOODER = """
+import os, struct, sys
+message = struct.Struct("<cQ")
+fd, count = int(sys.argv[1]), int(sys.argv[2])
+parts = []
+for n in range(1, count + 1):
+    if n % 50:
+        parts.append(message.pack(b"C", n))
+    else:  # a log line now and then, of varying length: reads cut some of them
+        line = b"INFO\\t" + str(n).encode() * (n % 97)
+        parts.append(message.pack(b"L", len(line)) + line)
+data = memoryview(b"".join(parts))
+while data:
+    data = data[os.write(fd, data):]
+"""
+
+
+def test_a_flooding_child_never_holds_the_loop_for_more_than_one_bounded_read(
+    answers: Answers,
+) -> None:
+    """A child that writes answers faster than the bot reads them (a stuck log loop, a
+    bug): the loop's callback read until the pipe was empty, which it never was while
+    the child wrote, so the loop ran nothing else for as long as the child flooded. Now
+    each callback reads at most ``LOOP_READ_BYTES``, the loop's other callbacks run in
+    between, and every answer still arrives once, whole and in order."""
+    count = 120_000
+    turns = 0
+    turn_of_answer: list[int] = []
+    loop_thread = threading.current_thread().name
+    original = answers.handle
+
+    def counting_handle(kind: bytes, number: int, line: bytes) -> None:
+        original(kind, number, line)
+        if threading.current_thread().name == loop_thread:
+            turn_of_answer.append(turns)
+
+    answers.reader._handle = counting_handle
+
+    async def call() -> None:
+        nonlocal turns
+        answers.reader.attach(asyncio.get_running_loop())
+        await asyncio.sleep(0.1)  # the thread sees the loop reading and stands aside
+        flooder = subprocess.Popen(
+            [sys.executable, "-c", FLOODER, str(answers.write_fd), str(count)],
+            pass_fds=(answers.write_fd,),
+        )
+        os.close(answers.write_fd)  # the flooder's end only: its exit is the answers' end
+        answers.write_fd = os.open(os.devnull, os.O_WRONLY)  # for the fixture to close
+        try:
+            for _ in range(10_000_000):  # one turn of the loop each
+                if answers.ends:
+                    break
+                turns += 1
+                await asyncio.sleep(0)
+        finally:
+            flooder.kill()
+            flooder.wait()
+
+    asyncio.run(call())
+    assert answers.ends, "the flood's end was read"
+    numbers = [h[1] for h in answers.handled if h[0] == COMMITTED]
+    assert numbers == [n for n in range(1, count + 1) if n % 50], "each answer once, in order"
+    lines = [h[2] for h in answers.handled if h[0] == LOG]
+    assert lines == [b"INFO\t" + str(n).encode() * (n % 97) for n in range(50, count + 1, 50)]
+    per_turn = Counter(turn_of_answer)
+    most = max(per_turn.values())
+    assert most <= LOOP_READ_BYTES // MESSAGE.size, (
+        f"one turn of the loop handled {most} answers: it read for as long as the child wrote"
+    )
+    assert len(per_turn) >= len(turn_of_answer) // (LOOP_READ_BYTES // MESSAGE.size)

@@ -55,6 +55,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "writer_flush",
             "frame_feed",
             "answer_reader",
+            "child_watch",
             "writer_pipe",
             "writer_recovery",
         },
@@ -292,6 +293,7 @@ STATE_OUTSIDE_LIFECYCLE = {
     ("crashpoints", "_hits"): "the SIGKILL test hook counts hits in its own process",
     ("faultpoints", "_ARMED"): "the fault-injection test hook's armed points",
     ("writer_state", "EXITING"): "read by the writer, below lifecycle; only lifecycle sets it",
+    ("child_watch", "_HIDDEN"): "a spawn's pipes for a moment, closed by a fork, below lifecycle",
 }
 _MUTATORS = {"add", "append", "clear", "discard", "pop", "popitem", "remove", "set"}
 _MUTATORS |= {"setdefault", "update", "extend", "insert"}

@@ -251,6 +251,35 @@ def test_the_bots_shutdown_lets_its_child_finish_and_exit_while_the_bot_lives(
     assert_arrived_whole(dev_server, data_dir, "shut-down")
 
 
+def test_a_fork_of_the_bot_does_not_keep_the_delivery_child_from_its_last_pass(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    """The bot forks (``os.fork``: another thread's ``multiprocessing``, a user's code),
+    then shuts down. The fork held a copy of the pipe to the delivery child, which never
+    saw its end: it went on following for as long as the fork lived."""
+    env = {**os.environ, "ROARK_API_KEY": KEY, "ROARK_BASE_URL": dev_server.base_url}
+    bot = spawn_bot(env, data_dir, "forked-bot", "fork-shutdown")
+    try:
+        assert bot.stdout is not None
+        started = json.loads(bot.stdout.readline())
+        child, fork = started["child"], started["fork"]
+        assert isinstance(child, int) and isinstance(fork, int)
+        exited = False
+        for _ in range(600):  # bounded (60 s): its last pass is short with Roark up
+            exited = gone(child)
+            if exited:
+                break
+            time.sleep(0.1)
+        assert exited, "the child made its last pass and exited"
+        assert not gone(fork), "while the fork lives on"
+    finally:
+        bot.send_signal(signal.SIGKILL)
+        bot.wait(30)
+        if bot.stdout is not None:
+            bot.stdout.close()
+    assert_arrived_whole(dev_server, data_dir, "forked-bot")
+
+
 def test_the_child_exits_when_its_parents_pipe_closes(
     data_dir: Path, dev_server: RunningDevServer
 ) -> None:

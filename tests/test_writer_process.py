@@ -9,12 +9,12 @@ call (payloads without ids and times, chunk bytes), or with what the bot handed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import fcntl
 import json
 import os
 import pickle
-import select
 import signal
 import sqlite3
 import subprocess
@@ -496,14 +496,15 @@ async def test_a_stop_signal_to_every_process_leaves_the_child_to_the_bot(
 
 
 @pytest.mark.anyio
-async def test_a_child_killed_while_the_bot_closes_its_writer_leaves_the_rest_to_the_bot(
+async def test_a_child_stopped_for_the_whole_call_is_killed_and_the_bot_records_it_all(
     tmp_path: Path,
     data_dir: Path,
     dev_server: RunningDevServer,
     logs: LogCapture,
 ) -> None:
-    """The child is stopped for the whole call, so everything waits in the pipe; the bot
-    closes its writer (as at exit) and the child is killed before it read anything."""
+    """The child is stopped (SIGSTOP) for the whole call, so everything waits in the pipe.
+    The bot once waited for it without a limit at close; now a child that owes answers
+    and says nothing for ``STALL_S`` is killed, and the bot records what it was sent."""
     baseline = await in_process_baseline(tmp_path / "in-process", dev_server, "no-kill")
     roark = observer(data_dir, "killed-at-close", dev_server, writer_process=True, deliver=False)
     writer = writer_of(data_dir)
@@ -523,20 +524,14 @@ async def test_a_child_killed_while_the_bot_closes_its_writer_leaves_the_rest_to
         fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, 1 << 20)  # the bot's sender never blocks
         call = ScriptedCall(default_script())
         await run_pipeline([call, roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
-        assert not await asyncio.to_thread(writer.close, 0.1), "the child is stopped"
-        poller = select.poll()
-        poller.register(pipe, select.POLLIN)
-        for _ in range(300):  # bounded: the bot's closing sender closes its end of the pipe
-            if any(events & select.POLLHUP for _, events in poller.poll(100)):
-                break
-        assert any(events & select.POLLHUP for _, events in poller.poll(0)), "closing"
-        assert pipe_bytes(pipe) > 0, "the call is still in the pipe"
     finally:
         os.close(pipe)
-        os.kill(child, signal.SIGKILL)
     assert await asyncio.to_thread(writer.close, FLUSH_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child, 0)
+        raise AssertionError("the stopped child is still there")
 
-    assert writer.fell_back is not None and f"{child} exited with status -9" in writer.fell_back
+    assert writer.fell_back is not None and str(child) in writer.fell_back
     errors = logs.messages("ERROR")
     assert len(errors) == 1 and FALLBACK in errors[0], errors
     assert timeline(data_dir, "killed-at-close") == timeline(tmp_path / "in-process", "no-kill")

@@ -9,6 +9,7 @@ process read its own crash point at import, so only the child is armed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import signal
@@ -522,3 +523,158 @@ def test_a_flush_in_one_loop_is_answered_while_the_loop_that_reads_answers_is_bl
         assert writer.close(CLOSE_S)
     assert flushed
     assert writer.fell_back is None
+
+
+HOLDER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)  # a copy of the child's answers' write end
+print("holding", flush=True)
+sys.stdin.read()  # until the test lets go
+"""
+
+
+@pytest.fixture
+def answers_write_end_held_elsewhere() -> Iterator[Callable[[int], None]]:
+    """Another process (a grandchild, a fork of the bot) holding a copy of the writer
+    child's answers' write end: their end never comes, whatever the child does."""
+    holders: list[subprocess.Popen[str]] = []
+
+    def hold(child_pid: int) -> None:
+        argv = Path(f"/proc/{child_pid}/cmdline").read_bytes().split(b"\0")
+        answers_fd = int(argv[argv.index(b"--answers-fd") + 1])
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, f"/proc/{child_pid}/fd/{answers_fd}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        holders.append(holder)
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "holding\n"
+
+    yield hold
+    for holder in holders:
+        holder.kill()
+        holder.communicate()  # (closes the pipes to it)
+
+
+def test_a_child_killed_while_another_process_holds_its_answers_is_still_replaced(
+    data_dir: Path, answers_write_end_held_elsewhere: Callable[[int], None]
+) -> None:
+    """The bot learned of the child's death only from the end of its answers: with a copy
+    of their write end in another process, it never came, and the bot's records waited
+    for a dead child for good. The bot also watches the child's exit now."""
+    writer = process_writer(data_dir)
+    writer.submit(open_op("call-1"))
+    assert writer.flush_sync(CLOSE_S)
+    assert writer.child_pid is not None
+    answers_write_end_held_elsewhere(writer.child_pid)
+    os.kill(writer.child_pid, signal.SIGKILL)
+    writer.submit(said("call-1", "after the child died"))
+    try:
+        assert writer.flush_sync(CLOSE_S), "recorded by this process's writer"
+        writer.submit(FinalizeOp("call-1", now_us(), "completed"))
+    finally:
+        assert writer.close(CLOSE_S)
+    assert writer.fell_back is not None and "-9" in writer.fell_back
+    assert user_texts(data_dir, "call-1") == ["after the child died"]
+    assert call_state(data_dir, "call-1") == "ended"
+
+
+def test_a_flush_waiting_on_a_stopped_child_is_answered_by_this_process(
+    data_dir: Path,
+) -> None:
+    """A child stopped with SIGSTOP neither answers nor exits: a flush waited its whole
+    limit, and every flush after it. A child that owes answers and says nothing for
+    ``STALL_S`` is killed now, and this process records what it did not acknowledge."""
+    writer = process_writer(data_dir)
+    writer.submit(open_op("call-1"))
+    assert writer.flush_sync(CLOSE_S)
+    child = writer.child_pid
+    assert child is not None
+    os.kill(child, signal.SIGSTOP)
+    try:
+        writer.submit(said("call-1", "to a stopped child"))
+        assert writer.flush_sync(CLOSE_S), "recorded by this process's writer"
+        writer.submit(FinalizeOp("call-1", now_us(), "completed"))
+    finally:
+        assert writer.close(CLOSE_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    assert writer.fell_back is not None and "said nothing" in writer.fell_back
+    assert user_texts(data_dir, "call-1") == ["to a stopped child"]
+    assert call_state(data_dir, "call-1") == "ended"
+
+
+def test_close_with_a_stopped_child_and_a_full_pipe_is_bounded_and_keeps_everything(
+    data_dir: Path,
+) -> None:
+    """The child is stopped and the pipe to it full: the sender waited for room without a
+    limit, so close never even reached the child, and the records stayed in memory."""
+    writer = process_writer(data_dir)
+    writer.submit(open_op("call-1"))
+    assert writer.flush_sync(CLOSE_S)
+    child = writer.child_pid
+    assert child is not None
+    os.kill(child, signal.SIGSTOP)
+    audio = bytes(range(256)) * (4 << 12)  # 1 MiB a chunk: the pipe fills
+    try:
+        for index in range(4):
+            writer.submit(ChunkOp("call-1", index, audio, 16000, 2, now_us()))
+        writer.submit(said("call-1", "after the audio"))
+        writer.submit(FinalizeOp("call-1", now_us(), "completed"))
+        assert writer.close(CLOSE_S), "close finished"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    assert writer.fell_back is not None
+    assert user_texts(data_dir, "call-1") == ["after the audio"]
+    assert call_state(data_dir, "call-1") == "ended"
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM chunks").fetchone() == (4,)
+
+
+C_FORKING_BOT = """
+import ctypes, os, sys
+from pathlib import Path
+from pipecat_roark.events import CallOpened, UserText
+from pipecat_roark.lifecycle import writer_for
+from pipecat_roark.ops import EventOp, FinalizeOp, OpenOp
+from pipecat_roark.store import now_us
+
+directory = Path(sys.argv[1])
+writer = writer_for(directory, process=True, max_spool_bytes=1 << 30, min_free_bytes=0)
+writer.submit(OpenOp("call-1", CallOpened(at=now_us(), agent_id="agent"), None))
+writer.submit(EventOp("call-1", UserText(at=now_us(), text="before the fork")))
+assert writer.flush_sync(60)
+hold_read, hold_write = os.pipe()
+# A C library's fork (no Python at-fork hook runs): the copy holds every descriptor of
+# the bot, the child's stdin among them, until the bot lets it go.
+pid = ctypes.PyDLL(None).fork()
+if pid == 0:
+    os.read(hold_read, 1)
+    os._exit(0)
+writer.submit(EventOp("call-1", UserText(at=now_us(), text="after the fork")))
+writer.submit(FinalizeOp("call-1", now_us(), "completed"))
+print("closed", writer.close(60), flush=True)
+os.write(hold_write, b"x")
+os.waitpid(pid, 0)
+"""
+
+
+def test_close_ends_even_when_a_c_level_fork_holds_the_childs_stdin(data_dir: Path) -> None:
+    """A fork made in C (a native library; Python's at-fork hooks do not run) holds a copy
+    of the child's stdin: the child never saw the end of its input, and the bot's close
+    waited for the child's last word for good. The child owes its exit once its input is
+    closed: silent past ``STALL_S``, it is killed; everything was committed already."""
+    bot = subprocess.run(
+        [sys.executable, "-c", C_FORKING_BOT, str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert bot.returncode == 0, bot.stderr
+    assert "closed True" in bot.stdout, (bot.stdout, bot.stderr[-2000:])
+    assert user_texts(data_dir, "call-1") == ["before the fork", "after the fork"]
+    assert call_state(data_dir, "call-1") == "ended"

@@ -17,6 +17,12 @@ The loop never waits for that lock: a loop that finds the thread reading stops w
 gathering attaches it again.
 The descriptor is closed only once no running loop watches it: a number closed under a
 loop's selector could come back as another file's and confuse that loop.
+
+Nothing the child does can hold the loop: one callback reads at most ``LOOP_READ_BYTES``
+(a child flooding answers or log lines is read a slice per turn of the loop). And the end
+of the answers is not only their EOF: once the child has exited (``exited``), what it
+wrote is read and the end is told, even while a fork of the bot or a grandchild holds a
+copy of the pipe's write end (``child_watch``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,14 @@ __all__ = ["AnswerReader"]
 WATCH_S = 0.5
 """How often the idle thread checks that the loop it left the reading to still runs and
 reads (a running loop stuck in a blocking call reads nothing: the thread reads for it)."""
+LOOP_READ_BYTES = 16 << 10
+"""At most this much is read per callback of the loop: a child that floods answers or log
+lines (a stuck log loop) must not hold the bot's loop for as long as it writes. The loop
+is called back while the pipe stays readable, with its other callbacks in between; a
+message cut by a read waits in the buffer for the next."""
+THREAD_READ_BYTES = 1 << 20
+"""At most this much is read by the thread per hold of the reading lock (the loop may
+want it back)."""
 
 
 class AnswerReader:
@@ -48,15 +62,20 @@ class AnswerReader:
         handle: Callable[[bytes, int, bytes], None],
         ended: Callable[[], None],
         name: str,
+        exited: Callable[[], bool] | None = None,
     ) -> None:
         """Start the thread; ``handle(kind, number, line)`` gets each answer, ``ended()`` the end.
 
         Both are called by whoever read, the loop or the thread, one at a time.
+        ``exited()`` says whether the child is gone: then what it wrote is all in the pipe,
+        and the end is told once that is read, even if the end of the pipe never comes (a
+        fork of the bot, or a grandchild, holds a copy of its write end).
         """
         os.set_blocking(fd, False)
         self._fd = fd
         self._handle = handle
         self._ended = ended
+        self._exited = exited
         self._lock = threading.Lock()
         self._buffer = bytearray()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,10 +172,12 @@ class AnswerReader:
         file, which the parent still holds).
         """
         self._lock, self._counting = threading.Lock(), threading.Lock()
+        was_closed = self._fd_closed  # (its number may be another file's by now)
         self._closed = self._fd_closed = True
         self._loop = None
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        if not was_closed:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
 
     # ---- reading ----
 
@@ -171,7 +192,7 @@ class AnswerReader:
                     self._loop = None
                 return
             try:
-                self._pump()
+                self._pump(LOOP_READ_BYTES)
                 if self.done.is_set() or self._loop is not loop:
                     loop.remove_reader(self._fd)  # the end stays readable: no spinning on it
                     if self._loop is loop:
@@ -199,14 +220,18 @@ class AnswerReader:
         self._fd_closed = True
         os.close(self._fd)
 
-    def _pump(self) -> None:
-        """Under the lock: read everything there is (never waiting), hand each answer on."""
+    def _pump(self, budget: int) -> None:
+        """Under the lock: read what there is, up to ``budget`` bytes (never waiting).
+
+        Each whole answer is handed on; a short read means the pipe is empty for now.
+        """
         self._pumps += 1
         if self.done.is_set() or self._fd_closed:
             return  # (a closed number may be another file's by now)
-        while True:
+        while budget > 0:
+            asked = min(budget, 1 << 16)
             try:
-                data = os.read(self._fd, 1 << 16)
+                data = os.read(self._fd, asked)
             except BlockingIOError:
                 return
             except OSError:
@@ -215,12 +240,26 @@ class AnswerReader:
                 self.done.set()
                 self._ended()
                 return
+            budget -= len(data)
             self._buffer += data
             for kind, number, line in split_answers(self._buffer):
                 try:
                     self._handle(kind, number, line)
                 except Exception as exc:  # one answer's failure is not the reader's
                     logger.error(f"pipecat-roark: a writer process answer failed: {exc}")
+            if len(data) < asked:
+                return
+
+    def _end_after_exit(self) -> None:
+        """Under the lock, the child gone: read what it left (bounded), then tell the end.
+
+        A dead child's answers are all in the pipe already, at most a pipe's worth: one
+        bounded read of them, whatever a stray copy of the write end still writes.
+        """
+        self._pump(THREAD_READ_BYTES)
+        if not self.done.is_set() and not self._fd_closed:
+            self.done.set()
+            self._ended()
 
     def _loop_reads(self) -> bool:
         loop = self._loop
@@ -250,6 +289,9 @@ class AnswerReader:
                     if loop is None or not loop.is_running():
                         self._close_fd(loop)
                         return
+            if not self.done.is_set() and self._exited is not None and self._exited():
+                with self._lock:
+                    self._end_after_exit()
             if self._closed or self.done.is_set():  # (after the end: waits for close)
                 self._wake.wait(WATCH_S)
                 self._wake.clear()
@@ -260,7 +302,7 @@ class AnswerReader:
                 waiting = bool(poller.poll(0))
                 if waiting and unread_since == self._pumps and self._loop_reads():
                     with self._lock:  # a whole watch unread: that loop is stuck in a call
-                        self._pump()
+                        self._pump(THREAD_READ_BYTES)
                 unread_since = self._pumps if waiting else None
                 continue
             readable = poller.poll(WATCH_S * 1000)
@@ -268,4 +310,4 @@ class AnswerReader:
                 return  # closed under us: nothing more to read
             if readable and not self._loop_reads():  # (a loop that took over reads it)
                 with self._lock:
-                    self._pump()
+                    self._pump(THREAD_READ_BYTES)

@@ -15,7 +15,7 @@ from loguru import logger
 from . import config
 from .drain import Drainer
 from .drain_policy import DrainPolicy
-from .lifecycle import PROCESS, RunningDrainer, writer_for
+from .lifecycle import PROCESS, RunningDrainer, running_writer
 
 __all__ = ["ensure_background_drainer", "stop_background_drainers"]
 
@@ -45,8 +45,13 @@ def ensure_background_drainer(
         def on_commit() -> None:
             loop.call_soon_threadsafe(drainer.wake)
 
-        writer_for(directory).add_commit_listener(on_commit)
-        task.add_done_callback(lambda _: writer_for(directory).remove_commit_listener(on_commit))
+        # The writer that runs, never a new one (without it the drainer looks every poll_s);
+        # and at the task's end, that same writer: a lookup there could start a writer (a
+        # thread, or a child process) at teardown just to take a listener off it.
+        writer = running_writer(directory)
+        if writer is not None:
+            writer.add_commit_listener(on_commit)
+            task.add_done_callback(lambda _: writer.remove_commit_listener(on_commit))
     except Exception as exc:
         logger.error(
             f"pipecat-roark: the background drainer did not start ({exc}); run `pipecat-roark drain`"

@@ -30,6 +30,7 @@ from loguru import logger
 
 from . import config
 from .background_drainer import ensure_background_drainer
+from .child_watch import HiddenFromForks
 from .lifecycle import PROCESS, running_writer
 from .metrics_endpoint import ENV_METRICS_PORT
 
@@ -109,6 +110,20 @@ class DeliveryProcess:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    def left_in_fork(self) -> None:
+        """In a forked copy of the bot: close this copy of the pipe, use none of it.
+
+        A copy left open would keep the child from seeing the bot's end (its exit, its
+        SIGKILL) for as long as the fork lives. The parent's thread may hold ``_lock``:
+        a fresh one here (the fork has one thread).
+        """
+        self._lock = threading.Lock()
+        self._closing = True
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def _run(self) -> None:
         """Spawn, wait, reap; whatever fails, the bot falls back to its in-loop drainer."""
         try:
@@ -135,13 +150,17 @@ class DeliveryProcess:
             self._fall_back(f"the delivery process did not start ({exc})")
             return
         assert child.stdin is not None
+        hidden = HiddenFromForks(child.stdin.fileno())  # until self._fd holds it
         fd = os.dup(child.stdin.fileno())
+        hidden.add(fd)
+        hidden.release(child.stdin.fileno())
         child.stdin.close()
         os.set_blocking(fd, False)
         with self._lock:
             closing = self._closing
             if not closing:
                 self._fd, self.pid = fd, child.pid
+        hidden.release()  # this object's now (``left_in_fork``), or closed just below
         writer = None if closing else running_writer(self.directory)
         if closing:  # shut down while it started: EOF at once
             os.close(fd)

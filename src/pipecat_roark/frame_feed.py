@@ -17,6 +17,8 @@ numbers follow the order records were submitted in, whichever thread writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import select
 import threading
@@ -43,16 +45,19 @@ class FrameFeed:
         wake_sender: Callable[[], None],
         frame: Callable[[list[Any]], tuple[int, list[Any]]],
         in_loop: Callable[[asyncio.AbstractEventLoop], None],
+        stuck: Callable[[], bool],
     ) -> None:
         """``frame`` turns records into ``(seq, wire ops)`` and keeps them until acknowledged.
 
         ``in_loop(loop)`` is told of the loop each gathering is written from (it reads the
-        child's answers there too).
+        child's answers there too). ``stuck()`` says when a blocking write stops waiting
+        for room: the child reads nothing and answers nothing (``child_watch``).
         """
         self.pending: deque[Any] = deque()
         self._wake_sender = wake_sender
         self._frame = frame
         self._in_loop = in_loop
+        self._stuck = stuck
         self._lock = threading.Lock()
         self._backlog = b""
         self._fd: int | None = None
@@ -65,8 +70,13 @@ class FrameFeed:
         return self._fd is not None
 
     def connect(self, fd: int) -> None:
-        """The child is up: write to ``fd`` (made non-blocking) from now on."""
+        """The child is up: write to ``fd`` (made non-blocking, and widened) from now on.
+
+        A 1 MiB pipe takes a whole chunk in one write, without waiting for the child.
+        """
         os.set_blocking(fd, False)
+        with contextlib.suppress(OSError, AttributeError):  # (not Linux: the default size)
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
         with self._lock:
             self._fd = fd
 
@@ -80,7 +90,8 @@ class FrameFeed:
         """The last write, at close (the sender): everything queued, then no more writes.
 
         Raises:
-            OSError: the pipe is broken (what was framed is in the unacknowledged).
+            OSError: the pipe is broken, or the child stuck (what was framed is in the
+                unacknowledged).
         """
         with self._lock:
             try:
@@ -137,7 +148,9 @@ class FrameFeed:
         """Frame what is queued and write it all, waiting for room (the sender thread).
 
         Raises:
-            OSError: the pipe is broken (the child is gone).
+            OSError: the pipe is broken (the child is gone), or ``TimeoutError``: no room
+                came while the child said nothing past its limit (stopped, or dead with a
+                stray copy of the pipe's read end in another process).
         """
         with self._lock:
             self._write(blocking=True)
@@ -162,6 +175,9 @@ class FrameFeed:
         Returns:
             True once everything is written; False if a non-blocking write found the pipe
             full (or there is no child to write to).
+
+        Raises:
+            TimeoutError: a blocking write found no room while the child was stuck.
         """
         fd = self._fd
         if fd is None:
@@ -175,6 +191,8 @@ class FrameFeed:
             except BlockingIOError:
                 if not blocking:
                     return False
+                if self._stuck():
+                    raise TimeoutError("the writer process reads nothing") from None
                 _wait_writable(fd)
                 continue
             self._backlog = self._backlog[written:]

@@ -87,6 +87,9 @@ class ClosesAtExit(Protocol):
     def close(self) -> None:
         """This process is shutting down: let go (never blocks, never raises)."""
 
+    def left_in_fork(self) -> None:
+        """In a forked copy of this process: close this copy's end of the child's pipe."""
+
 
 class EndsAbruptly(Protocol):
     def end_abruptly(self, reason: str) -> Flushable | None:
@@ -359,15 +362,18 @@ def _finalize_open_calls(reason: str) -> None:
 
 
 def _let_go_in_fork() -> None:
-    """A forked copy of the bot: its copies of the writer children's pipes are let go.
+    """A forked copy of the bot: its copies of its children's pipes are let go.
 
     The copy's threads did not come along: records given to it would wait for a sender
-    that does not exist here, and its open pipes would keep a child from seeing the
-    parent's end of input. ``writer_for`` starts the fork's own writer instead.
+    that does not exist here, and its open pipes would keep a child (a writer child, a
+    delivery child) from seeing the parent's end of input. ``writer_for`` starts the
+    fork's own writer instead. (Pipes held only during a spawn: ``child_watch``.)
     """
     for writer in PROCESS.writers.values():
         if isinstance(writer, ProcessWriter):
             writer.left_in_fork()
+    for child in PROCESS.delivery_processes.values():
+        child.left_in_fork()
 
 
 os.register_at_fork(after_in_child=_let_go_in_fork)

@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error(f"pipecat-roark: the writer process cannot open {args.dir} ({exc})")
         return 1
     writer.add_commit_listener(replies.deliveries_added)
+    replies.send(COMMITTED, 0)  # the first word: the bot judges this child's silence from here
     code = 0
     try:
         _feed(writer, replies)

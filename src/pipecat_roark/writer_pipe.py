@@ -23,6 +23,8 @@ import pickle
 import struct
 from typing import Any, NamedTuple
 
+from loguru import logger
+
 from .ops import Op
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "RemoteBarrier",
     "decode_frame",
     "encode_frame",
+    "log_child_line",
     "read_exactly",
     "split_answers",
     "write_all",
@@ -142,3 +145,12 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def log_child_line(line: bytes) -> None:
+    """A ``LOG`` answer's line (``LEVEL<tab>message``), through this process's loguru."""
+    level, _, text = line.decode(errors="replace").partition("\t")
+    try:
+        logger.log(level, text)
+    except ValueError:  # a level this loguru does not know
+        logger.error(text)

@@ -20,6 +20,10 @@ Nothing acknowledged is lost, and nothing unacknowledged is either:
   wait in memory and it is tried again each second.
 - If the bot dies (even of SIGKILL), the child reads what is left in the pipe, commits it
   and exits: it keeps more of a killed bot's records than the thread would.
+- The bot never waits on the child without a limit (``child_watch``): it sees the child's
+  exit even when the end of its answers never comes (a fork of the bot holds a copy of
+  the pipe), and a child that owes answers (frames, or its exit at close) and says
+  nothing for ``STALL_S`` (SIGSTOP, a deadlock) is killed and replaced as above.
 
 The child records under the bot's owner identity, so orphan checks judge the bot.
 """
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import itertools
 import os
 import queue
@@ -43,7 +46,9 @@ from typing import Any
 
 from loguru import logger
 
+from . import child_watch
 from .answer_reader import AnswerReader
+from .child_watch import START_S
 from .config import child_environment
 from .frame_feed import FrameFeed
 from .ops import BarrierOp, Op, OpenOp, StopOp
@@ -58,17 +63,18 @@ from .writer_pipe import (
     LOG,
     RELEASED,
     RemoteBarrier,
+    log_child_line,
 )
 from .writer_recovery import acknowledge, barrier_numbers, recover
 
 __all__ = ["AnyWriter", "ProcessWriter", "writer_child_command"]
 
-_EXIT_WAIT_S = 2.0
-"""How long the sender waits for a child whose stdin refused a frame to exit (to say why)."""
 _WAKE = object()
 """Put on the queue to wake the sender: records wait in the feed."""
 _CHILD_GONE = object()
 """Put on the queue by the answers' reader when they end unasked."""
+_CHILD_STUCK = object()
+"""Put on the queue by a waiting flush: the child owes answers and says nothing."""
 
 
 def writer_child_command(
@@ -95,15 +101,22 @@ def writer_child_command(
 
 
 def _spawn(
-    directory: Path, max_spool_bytes: int, min_free_bytes: int, owner: Owner
-) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the writer child, with its answers on a pipe of their own.
+    directory: Path,
+    max_spool_bytes: int,
+    min_free_bytes: int,
+    owner: Owner,
+    reader: Callable[..., AnswerReader],
+    hidden: child_watch.HiddenFromForks,
+) -> tuple[subprocess.Popen[bytes], AnswerReader]:
+    """Start the writer child, with its answers on a pipe of their own, and their reader.
 
     What the child's interpreter prints (a site hook, an import-time notice) goes to the
-    bot's stdout, never into the answers.
+    bot's stdout, never into the answers. The pipes' ends this process keeps are in
+    ``hidden`` (the caller lets go once it holds them): a fork's copy of the answers'
+    write end would hold their end back, and of the child's stdin its end of input.
 
     Returns:
-        The child, and the read end of its answers.
+        The child, and ``reader(answers' read end, exited=whether the child exited)``.
 
     Raises:
         RuntimeError: a frozen application (``sys.executable`` is the application itself).
@@ -114,21 +127,28 @@ def _spawn(
     # It only writes the database: no key of the bot's, Roark's or another service's.
     env = child_environment()
     env[ENV_OWNER] = owner_to_env(owner)
-    read_fd, write_fd = os.pipe()
+    answers, answers_for_child = os.pipe()
+    hidden.add(answers)
+    hidden.add(answers_for_child)
+    started: AnswerReader | None = None
     try:
         child = subprocess.Popen(
-            writer_child_command(directory, max_spool_bytes, min_free_bytes, write_fd),
+            writer_child_command(directory, max_spool_bytes, min_free_bytes, answers_for_child),
             stdin=subprocess.PIPE,
             env=env,
             start_new_session=True,
-            pass_fds=(write_fd,),
+            pass_fds=(answers_for_child,),
         )
-    except BaseException:
-        os.close(read_fd)
-        raise
+        assert child.stdin is not None
+        hidden.add(child.stdin.fileno())
+        started = reader(answers, exited=lambda: child.poll() is not None)
+        return child, started
     finally:
-        os.close(write_fd)
-    return child, read_fd
+        hidden.release(answers_for_child)
+        os.close(answers_for_child)
+        if started is None:
+            hidden.release(answers)
+            os.close(answers)
 
 
 class ProcessWriter(WriterSurface):
@@ -176,7 +196,10 @@ class ProcessWriter(WriterSurface):
         """The child is gone and no writer of this process could be opened yet: what came
         since waits here (after the unacknowledged frames) until one can."""
         self._closing = False
-        self._feed = FrameFeed(partial(self._queue.put, _WAKE), self._frame, self._in_loop)
+        self._watch_child = child_watch.ChildWatch()
+        self._feed = FrameFeed(
+            partial(self._queue.put, _WAKE), self._frame, self._in_loop, self._watch_child.stuck
+        )
         self._thread = threading.Thread(
             target=self._run, name=f"pipecat-roark-writer-sender:{directory}", daemon=True
         )
@@ -243,12 +266,14 @@ class ProcessWriter(WriterSurface):
                 while True:
                     taken.append(self._queue.get_nowait())
             if _CHILD_GONE in taken and self.fell_back is None:
-                self._fall_back(_exit_of(self._child))
+                self._fall_back(child_watch.ended_why(self._child))
+            if _CHILD_STUCK in taken and self.fell_back is None and self._feed.direct:
+                self._fall_back(child_watch.silent_why(self._child))
             if self._feed.direct:
                 try:
                     self._feed.flush_blocking()
                 except OSError as exc:  # the child is gone: what was framed is in _unacked
-                    self._fall_back(_unwritable(self._child, exc))
+                    self._fall_back(child_watch.unwritable_why(self._child, exc))
             if not self._feed.direct:
                 ops = self._feed.take()
                 if self._held is not None:
@@ -262,19 +287,17 @@ class ProcessWriter(WriterSurface):
                 return
 
     def _start_child(self) -> None:
-        child, answers = _spawn(
-            self.directory, self.max_spool_bytes, self.min_free_bytes, self.owner
-        )
-        assert child.stdin is not None
-        self._child, self.child_pid = child, child.pid
+        name = f"pipecat-roark-writer-reader:{self.directory}"
+        reader = partial(AnswerReader, handle=self._answer, ended=self._answers_ended, name=name)
+        hidden = child_watch.HiddenFromForks()
+        try:
+            args = (self.directory, self.max_spool_bytes, self.min_free_bytes, self.owner)
+            child, self._reader = _spawn(*args, reader, hidden)
+            assert child.stdin is not None
+            self._child, self.child_pid = child, child.pid
+        finally:
+            hidden.release()  # this writer's now (``left_in_fork``), or closed
         self._stdin = child.stdin.fileno()
-        _widen(self._stdin)
-        self._reader = AnswerReader(
-            answers,
-            self._answer,
-            self._answers_ended,
-            name=f"pipecat-roark-writer-reader:{self.directory}",
-        )
         self._feed.connect(self._stdin)
         logger.debug(f"pipecat-roark: recording {self.directory} from process {child.pid}")
 
@@ -290,6 +313,7 @@ class ProcessWriter(WriterSurface):
         """
         self._seq += 1
         wire: list[Any] = []
+        self._watch_child.owe()  # (from now, unless older frames already wait)
         self._unacked.append((self._seq, wire))
         for op in ops:
             if isinstance(op, BarrierOp):
@@ -310,22 +334,26 @@ class ProcessWriter(WriterSurface):
         """
         self._finishing = True
         if self._local is None:
-            with contextlib.suppress(OSError):  # a dead child: its frames are replayed below
-                self._feed.close()  # nothing may write to the fd once it is closed
-            if self._child is not None and self._child.stdin is not None:
-                with contextlib.suppress(OSError):
-                    self._child.stdin.close()
-            if self._reader is not None:
-                self._reader.finish()
+            _end_input(self._feed, self._child, self._reader, self._watch_child)
             self._reap()
             if self._unacked and self.fell_back is None:
-                self._fall_back(f"{_exit_of(self._child)} before committing what it was sent")
+                self._fall_back(
+                    f"{child_watch.exit_of(self._child)} before committing what it was sent"
+                )
         if self._held is not None:
             self._open_local()
         if self._local is not None:  # waited for like the child: close's caller has the limit
             self._local.close(CLOSE_TIMEOUT_S)
         elif self._held is not None:  # the database never came back
             logger.error(f"pipecat-roark: {self.directory} unusable at close: its records are lost")
+
+    def _watch(self) -> None:
+        """A flush waits: a child that owes answers and says nothing is replaced.
+
+        Only asks the sender (this may be the event loop: it must not wait).
+        """
+        if self._watch_child.stuck():
+            self._queue.put(_CHILD_STUCK)
 
     # ---- the child's answers (from the loop that submits, else the reader's thread) ----
 
@@ -334,14 +362,16 @@ class ProcessWriter(WriterSurface):
             self._reader.attach(loop)
 
     def _answer(self, kind: bytes, number: int, line: bytes) -> None:
+        self._watch_child.heard()
         if kind == COMMITTED:
             acknowledge(self._unacked, number, self._open, self._acked_events)
+            self._watch_child.settled(bool(self._unacked))
         elif kind == RELEASED:
             _call(self._barriers.pop(number, None))
         elif kind == DELIVERIES:
             self._notify()
         elif kind == LOG:
-            _log_child_line(line)
+            log_child_line(line)
 
     def _answers_ended(self) -> None:
         if not self._finishing:
@@ -350,9 +380,13 @@ class ProcessWriter(WriterSurface):
     # ---- falling back to a writer of this process ----
 
     def _reap(self) -> None:
-        """Wait for the child and close this process's ends of its pipes (its answers ended)."""
+        """Reap the child, bounded, and close this process's ends of its pipes.
+
+        Its answers ended, or it was killed: it is exiting; one still there after
+        ``child_watch.STALL_S`` is killed.
+        """
         if self._child is not None:
-            self._child.wait()
+            child_watch.reap(self._child)
         self._close_pipes()
 
     def _close_pipes(self) -> None:
@@ -368,13 +402,8 @@ class ProcessWriter(WriterSurface):
         self.fell_back = why
         self._feed.disconnect()  # what was framed is in _unacked, replayed below
         logger.error(f"pipecat-roark: {why}; recording {self.directory} from this process instead")
-        child = self._child
-        if child is not None:
-            with contextlib.suppress(OSError):
-                child.kill()  # alive but unwritable: it must not commit behind our back
-            child.wait()
-        if self._reader is not None:
-            self._reader.finish()
+        if self._child is not None:  # alive but unwritable, or stuck: it must not commit
+            child_watch.end_child(self._child, self._reader)  # behind our back
         self._reap()
         self._held = []
         self._open_local()
@@ -432,43 +461,24 @@ RETRY_S = 1.0
 """How often records held for a database that cannot be opened try it again."""
 
 
-def _exit_of(child: subprocess.Popen[bytes] | None) -> str:
-    """How the child ended (waiting for it, if it has not yet).
+def _end_input(
+    feed: FrameFeed,
+    child: subprocess.Popen[bytes] | None,
+    reader: AnswerReader | None,
+    watch: child_watch.ChildWatch,
+) -> None:
+    """Close the child's input (EOF: commit the rest and exit); wait for its last word.
 
-    Returns:
-        One clause naming its pid and exit status.
+    Bounded (``child_watch.wait_for_last_word``): a stuck child is killed.
     """
-    if child is None:
-        return "the writer process did not start"
-    return f"the writer process {child.pid} exited with status {child.wait()}"
-
-
-def _unwritable(child: subprocess.Popen[bytes] | None, exc: Exception) -> str:
-    """Why a frame could not be written: the child's exit status, once it has one.
-
-    Returns:
-        The exit, or the write's error if the child is still there after a moment.
-    """
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        if child is not None:
-            child.wait(_EXIT_WAIT_S)  # it closed its stdin: it is exiting
-            return _exit_of(child)
-    return f"the writer process cannot be written to ({exc})"
-
-
-def _log_child_line(line: bytes) -> None:
-    """A line the child logged, through this process's loguru (the user's sinks)."""
-    level, _, text = line.decode(errors="replace").partition("\t")
-    try:
-        logger.log(level, text)
-    except ValueError:  # a level this loguru does not know
-        logger.error(text)
-
-
-def _widen(fd: int) -> None:
-    """Let a whole chunk fit in the pipe: one write, no waiting for the child to read."""
-    with contextlib.suppress(OSError, AttributeError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    with contextlib.suppress(OSError):  # a dead or stuck child: replayed by the caller
+        feed.close()  # nothing may write to the fd once it is closed
+    if child is not None and child.stdin is not None:
+        with contextlib.suppress(OSError):
+            child.stdin.close()
+    watch.owe_exit()  # its last answers and its exit
+    if reader is not None and child is not None:
+        child_watch.wait_for_last_word(reader, child, watch, CLOSE_TIMEOUT_S + START_S)
 
 
 def _call(callback: Callable[[], None] | None) -> None:
