@@ -21,7 +21,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from helpers import stored_events
 from pipecat_roark import RoarkObserver, call_ending, compat
-from pipecat_roark.events import BotText, CallClosed, CallOpened, ChunkRecorded, UserText
+from pipecat_roark.events import BotSpeech, BotText, CallClosed, CallOpened, ChunkRecorded, UserText
 from pipecat_roark.ops import EventOp, OpenOp
 from pipecat_roark.owner import Owner
 from pipecat_roark.store import connect, now_us
@@ -153,3 +153,21 @@ async def test_a_call_whose_owner_died_after_storing_its_end_ends_there_once(
     ]
     ended = assemble_call_ended("c", events)
     assert (ended.call_ended_reason, ended.call_ended_at) == ("agent-ended", iso(opened + 20))
+
+
+def test_a_call_stored_with_late_facts_after_its_end_has_no_turn_after_the_end() -> None:
+    """Versions before this one stored a late fact after the end, stamped when observed.
+    Assembly happens at delivery, so such a call still delivers its words, at the end."""
+    events = [
+        CallOpened(at=1_000, agent_id="a"),
+        BotSpeech(at=2_000, started=True),
+        BotText(at=2_100, text="Good"),
+        CallClosed(at=3_000, reason="agent-ended"),
+        BotText(at=3_500, text="bye!"),
+        BotSpeech(at=3_600, started=False),
+    ]
+    ended = assemble_call_ended("c", events)
+    assert ended.call_ended_at == iso(3_000)
+    assert [(t.content, t.timestamp, t.end_timestamp) for t in ended.transcript or []] == [
+        ("Good bye!", iso(2_000), iso(3_000))
+    ]

@@ -201,10 +201,15 @@ class CallRecorder:
         return event
 
     def _pipeline_time(self) -> int | None:
-        """The pipeline clock now (ns), or None before the pipeline set our processor up."""
+        """The pipeline clock now, the clock Pipecat stamps each push with.
+
+        Returns:
+            Nanoseconds since the pipeline's clock started, or None before the pipeline
+            set our processor up (then the end is told by finalize alone).
+        """
         try:
             now = self._processor.get_clock().get_time() if self._processor is not None else 0
-        except Exception:  # not set up (no clock yet): the end is told by finalize alone
+        except Exception:  # not set up: no clock yet
             return None
         return now if isinstance(now, int) and now > 0 else None
 
