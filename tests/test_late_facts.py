@@ -25,12 +25,13 @@ from pipecat_roark.events import BotSpeech, BotText, CallClosed, CallOpened, Chu
 from pipecat_roark.ops import EventOp, OpenOp
 from pipecat_roark.owner import Owner
 from pipecat_roark.store import connect, now_us
-from pipecat_roark.testing import ScriptedCall, run_pipeline
+from pipecat_roark.testing import Bot, PlayedOutput, ScriptedCall, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended, iso
 from pipecat_roark.wire import encode
 from pipecat_roark.writer import Writer
 from test_capture_pipeline import AGENT, EXPECTED_DEFAULT_CALL, timeline_without_audio
 from test_cli import cli_json
+from test_played_words import WORD_BYTES
 from test_timeline_pipeline import EXPECTED_TRANSCRIPT, untimed
 
 HELD_TEXT = "Goodbye!"
@@ -171,3 +172,53 @@ def test_a_call_stored_with_late_facts_after_its_end_has_no_turn_after_the_end()
     assert [(t.content, t.timestamp, t.end_timestamp) for t in ended.transcript or []] == [
         ("Good bye!", iso(2_000), iso(3_000))
     ]
+
+
+class HeldPlayback(PlayedOutput):
+    """A real output transport whose playback stalls after ``budget_bytes`` until
+    ``resume`` is set: its last words are released only then."""
+
+    def __init__(self, resume: asyncio.Event, budget_bytes: int) -> None:
+        super().__init__()
+        self.resume = resume
+        self.budget_bytes = budget_bytes
+
+    async def write_audio_frame(self, frame: Any) -> bool:
+        if len(self.played) >= self.budget_bytes:
+            await asyncio.wait_for(self.resume.wait(), WAIT_S)
+        return await super().write_audio_frame(frame)
+
+
+class SeesTheEnd(RoarkObserver):
+    """Sets ``saw_end`` once it was handed the EndFrame (its first push, at the head)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.saw_end = asyncio.Event()
+
+    async def on_push_frame(self, data: Any) -> None:
+        await super().on_push_frame(data)
+        if isinstance(data.frame, EndFrame):
+            self.saw_end.set()
+
+
+@pytest.mark.anyio
+async def test_words_the_transport_plays_after_the_observer_saw_the_end_frame_are_the_calls(
+    data_dir: Path,
+) -> None:
+    """The observer sees the EndFrame where it enters the pipeline, while the output
+    transport still holds the last words' audio; the call ends after they played."""
+    roark = SeesTheEnd(agent_id="played", pipecat_call_id="played-1", deliver=False)
+    output = HeldPlayback(roark.saw_end, budget_bytes=WORD_BYTES)
+    script = ScriptedCall([Bot(["Hello", "there."])], speaking_edges=False)
+    await run_pipeline([script, output, roark.audio_processor], observers=[roark])
+
+    assert roark.saw_end.is_set() and output.spoken == ["Hello", "there."]
+    events = stored_events(data_dir, "played-1")
+    facts = [e for e in events if not isinstance(e, ChunkRecorded)]
+    assert [e.text for e in facts if isinstance(e, BotText) and e.played] == output.spoken
+    assert [e for e in facts if isinstance(e, CallClosed)] == [facts[-1]], "one end, last"
+    assert max(e.at for e in facts) == facts[-1].at
+    ended = assemble_call_ended("played-1", events)
+    assert ended.call_ended_reason == "agent-ended"
+    assert [t.content for t in ended.transcript or []] == ["Hello there."]

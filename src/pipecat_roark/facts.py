@@ -195,7 +195,7 @@ class FrameFacts:
         self._recorder.open(now_us())
 
     def _on_terminal(self, data: FramePushed, frame: Frame) -> None:
-        self._recorder.terminal_frame(frame)
+        self._recorder.observed_terminal_frame(frame)
 
     def _on_transcription(self, data: FramePushed, frame: Frame) -> None:
         if not self._first(data, frame):

@@ -56,6 +56,10 @@ def _reason(frame: Frame, default: str) -> str:
     return clean_text(reason)
 
 
+def _end_reason(frame: Frame) -> str:
+    return "unknown" if isinstance(frame, StopFrame) else _reason(frame, "agent-ended")
+
+
 def _writer_or_refusal(
     call_id: str, directory: Path, max_spool_bytes: int, min_free_bytes: int, process: bool
 ) -> tuple[AnyWriter | None, str | None]:
@@ -121,6 +125,10 @@ class CallRecorder:
         """The observer has seen a frame: it, not the processor's cleanup, ends the call."""
         self._closed: tuple[int, str] | None = None
         """The end noted (wall time, reason); stored when the call is finalized."""
+        self._reason_heard: str | None = None
+        """An end's reason the observer saw coming, before our processor heard the end."""
+        self._hears_end_inline = False
+        """Our audio processor saw the StartFrame: it will hear the call's end inline."""
         self._closed_clock: int | None = None
         """The pipeline clock (ns) when the end was noted: later pushes are after the end."""
         self._finalized = False
@@ -227,17 +235,18 @@ class CallRecorder:
         return True
 
     def close(self, at: int, reason: str) -> None:
-        """Note the call's end and its reason; the first one heard wins.
+        """Note the call's end and its reason; the first reason heard wins.
 
         Stored at finalize, after every fact pushed before it (see the module).
         """
         if self._closed is not None:
             return
-        self._closed = (at, reason)
+        self._closed = (at, self._reason_heard or reason)
         self._closed_clock = self._pipeline_time()
 
     def processor_saw_start(self) -> None:
         """The StartFrame reached the audio processor: open, and check the observer later."""
+        self._hears_end_inline = True
         self.open(now_us())
         try:
             loop = asyncio.get_running_loop()
@@ -246,10 +255,22 @@ class CallRecorder:
         loop.call_later(NOT_ATTACHED_CHECK_S, self.hooks.guard, self._check_attached)
 
     def terminal_frame(self, frame: Frame) -> None:
-        """An End/Cancel/Stop frame: the call ends with its reason."""
-        reason = "unknown" if isinstance(frame, StopFrame) else _reason(frame, "agent-ended")
+        """An End/Cancel/Stop frame reached the audio processor: the call ends, now."""
         self.open(now_us())
-        self.close(now_us(), reason)
+        self.close(now_us(), _end_reason(frame))
+
+    def observed_terminal_frame(self, frame: Frame) -> None:
+        """The observer saw an End/Cancel/Stop frame pushed.
+
+        It sees the frame's first push, at the head of the pipeline, while the output
+        transport may still be playing the last words. Where our audio processor is in
+        the pipeline it hears the frame after them, inline, and that is the end; this
+        only says why. Elsewhere (a processor of the user's) this is the end.
+        """
+        if self._hears_end_inline:
+            self._reason_heard = self._reason_heard or _end_reason(frame)
+        else:
+            self.terminal_frame(frame)
 
     async def _on_audio_data(
         self, processor: Any, audio: bytes, sample_rate: int, num_channels: int
