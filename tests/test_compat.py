@@ -20,7 +20,7 @@ from pipecat.pipeline.task import PipelineParams
 from devserver_fixture import RunningDevServer
 from helpers import LogCapture, stored_events, without_times
 from pipecat_roark import RoarkObserver, compat
-from pipecat_roark.events import ChunkRecorded, RecordingStarted
+from pipecat_roark.events import CallClosed, ChunkRecorded, RecordingStarted
 from pipecat_roark.testing import Bot, ScriptedCall, User, run_pipeline
 from pipecat_roark.timeline import assemble_call_ended
 from pipecat_roark.wire import encode
@@ -135,7 +135,10 @@ async def test_events_delivered_after_cleanup_do_not_reopen_or_extend_a_finished
 ) -> None:
     """Pipecat < 1.0 calls an observer's cleanup while its queue is still being delivered;
     1.0+ stops delivery first. Either way the end is recorded once, from the inline EndFrame,
-    and nothing is written for the call after it was finalized."""
+    and nothing is written for the call after it was finalized. However far the observer
+    lags (the EndFrame is heard inline before it), what it is handed before the teardown
+    is stored before the end and stamped no later than it (test_late_facts.py pins the
+    interleaving itself)."""
     roark = LaggingObserver(**AGENT, pipecat_call_id="call-1", deliver=False)
     await run_pipeline([ScriptedCall(), roark.audio_processor], observers=[roark])
     if V < (1, 0):
@@ -159,6 +162,8 @@ async def test_events_delivered_after_cleanup_do_not_reopen_or_extend_a_finished
     assert timeline[-1] == ("CallClosed", {"reason": "agent-ended"})
     assert sum(isinstance(e, ChunkRecorded) for e in events) == chunks >= 1
     assert timeline == EXPECTED_DEFAULT_CALL[: len(timeline) - 1] + [timeline[-1]]
+    [closed] = [e for e in events if isinstance(e, CallClosed)]
+    assert max(e.at for e in events if not isinstance(e, ChunkRecorded)) == closed.at
 
 
 async def test_a_supplied_audio_processor_that_never_recorded_is_reported(

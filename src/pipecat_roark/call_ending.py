@@ -57,10 +57,10 @@ def finalize_orphans(
     Gone means: its pid is dead, as judged from inside its own PID namespace on the same
     boot; or, judged from anywhere else, its heartbeat is older than the grace (never
     less than three of the owner's own heartbeat intervals). While a call's heartbeat is
-    fresh, only a checker that can see the owner's pid die ends it. The call ends at its
-    last recorded event; the heartbeat is checked again under the write lock and the
-    conditional UPDATE in finalize_call makes this exactly-once however many drainers
-    look at the same call.
+    fresh, only a checker that can see the owner's pid die ends it. The call ends where
+    its owner stored its end, if it did, else at its last recorded event; the heartbeat
+    is checked again under the write lock and the conditional UPDATE in finalize_call
+    makes this exactly-once however many drainers look at the same call.
 
     Returns:
         The ids of the calls ended.
@@ -97,9 +97,28 @@ def _finalize_one(
         faultpoints.reached("drain:finalize-orphan", call_id)
         if fresh_after is not None and calls_table.fresh_heartbeat(conn, call_id, fresh_after):
             return False  # it heartbeated after we looked
+        heard = _stored_end(conn, call_id)
+        if heard is not None:  # its end was stored; the owner died before making it final
+            return finalize_call(conn, call_id, heard.at, heard.reason, add_event=False, now=now)
         last = events_table.last_event_body(conn, call_id)
         at = _event_time(last) if last is not None else None
         return finalize_call(conn, call_id, at or heartbeat_at, reason, add_event=True, now=now)
+
+
+def _stored_end(conn: sqlite3.Connection, call_id: str) -> CallClosed | None:
+    """The end already among the call's events, if its owner stored one and died.
+
+    The observer stores a call's end just before the call is made final (in a later
+    commit when the recording's last chunk file is still being written); older versions
+    stored it as soon as it was heard. Such a call ends there, with that reason, once.
+
+    Returns:
+        The first stored CallClosed, or None.
+    """
+    for event in events_table.load_events(conn, call_id):
+        if isinstance(event, CallClosed):
+            return event
+    return None
 
 
 def _event_time(body: bytes) -> int | None:

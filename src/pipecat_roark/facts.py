@@ -60,10 +60,10 @@ class PlayedTexts:
 
     Args:
         recorder: the call's recorder, whose pipeline clock stamps each note.
-        record: records one played text as a fact.
+        record: records one played text as a fact, with the pipeline time it was noted.
     """
 
-    def __init__(self, recorder: CallRecorder, record: Callable[[Frame], None]) -> None:
+    def __init__(self, recorder: CallRecorder, record: Callable[[Frame, int], None]) -> None:
         self._recorder = recorder
         self._record = record
         self.pending: deque[tuple[int, Frame]] = deque(maxlen=PLAYED_BACKLOG)
@@ -89,14 +89,18 @@ class PlayedTexts:
         """Record the noted texts pushed before the push stamped ``before`` (None: all)."""
         pending = self.pending
         while pending and (before is None or pending[0][0] < before):
-            self.record(pending.popleft()[1])
+            noted, frame = pending.popleft()
+            self.record(frame, noted)
 
-    def record(self, frame: Frame) -> None:
-        """Record ``frame`` as played, once (it may be seen both ways while the mode switched)."""
+    def record(self, frame: Frame, pushed: int) -> None:
+        """Record ``frame`` as played, once (it may be seen both ways while the mode switched).
+
+        ``pushed`` is when the output transport released it (pipeline clock).
+        """
         if frame.id in self._ids:
             return
         self._ids.append(frame.id)
-        self._record(frame)
+        self._record(frame, pushed)
 
 
 class FrameFacts:
@@ -191,7 +195,7 @@ class FrameFacts:
         self._recorder.open(now_us())
 
     def _on_terminal(self, data: FramePushed, frame: Frame) -> None:
-        self._recorder.terminal_frame(frame)
+        self._recorder.observed_terminal_frame(frame)
 
     def _on_transcription(self, data: FramePushed, frame: Frame) -> None:
         if not self._first(data, frame):
@@ -209,7 +213,8 @@ class FrameFacts:
                 language=None
                 if language is None
                 else clean_text(getattr(language, "value", language)),
-            )
+            ),
+            data.timestamp,
         )
 
     def _on_tts_text(self, data: FramePushed, frame: Frame) -> None:
@@ -217,11 +222,11 @@ class FrameFacts:
             data.direction == FrameDirection.DOWNSTREAM
         )
         if played:
-            self.played.record(frame)
+            self.played.record(frame, data.timestamp)
         elif self._first(data, frame):
-            self._bot_text(frame, played=False)
+            self._bot_text(frame, data.timestamp, played=False)
 
-    def _bot_text(self, frame: Frame, *, played: bool) -> None:
+    def _bot_text(self, frame: Frame, pushed: int, *, played: bool) -> None:
         text = clean_text(getattr(frame, "text", ""))
         if not text:
             return
@@ -233,7 +238,8 @@ class FrameFacts:
                 spaced=bool(getattr(frame, "includes_inter_frame_spaces", False)),
                 source="tts",
                 played=played,
-            )
+            ),
+            pushed,
         )
 
     def _on_llm_text(self, data: FramePushed, frame: Frame) -> None:
@@ -247,7 +253,8 @@ class FrameFacts:
                     text=text,
                     spaced=bool(getattr(frame, "includes_inter_frame_spaces", True)),
                     source="llm",
-                )
+                ),
+                data.timestamp,
             )
 
     def _on_user_speech(self, data: FramePushed, frame: Frame) -> None:
@@ -256,14 +263,14 @@ class FrameFacts:
         if started == self._user_speaking:
             return
         self._user_speaking = started
-        self._recorder.emit(UserSpeech(at=now_us(), started=started))
+        self._recorder.emit(UserSpeech(at=now_us(), started=started), data.timestamp)
 
     def _on_bot_speech(self, data: FramePushed, frame: Frame) -> None:
         started = isinstance(frame, BotStartedSpeakingFrame)
         if started == self._bot_speaking:
             return
         self._bot_speaking = started
-        self._recorder.emit(BotSpeech(at=now_us(), started=started))
+        self._recorder.emit(BotSpeech(at=now_us(), started=started), data.timestamp)
 
     def _on_interruption(self, data: FramePushed, frame: Frame) -> None:
         if not self._first(data, frame):
@@ -273,7 +280,7 @@ class FrameFacts:
             return
         self._recent_ids.append(frame.id)
         self._bot_speaking = False  # the bot's turn is cut; its next start is a new turn
-        self._recorder.emit(Interruption(at=now_us()))
+        self._recorder.emit(Interruption(at=now_us()), data.timestamp)
 
     def _on_tool_call(self, data: FramePushed, frame: Frame) -> None:
         tool_call_id = clean_text(getattr(frame, "tool_call_id", ""))
@@ -286,7 +293,8 @@ class FrameFacts:
                 tool_call_id=tool_call_id,
                 name=clean_text(getattr(frame, "function_name", "")),
                 arguments=arguments_json(getattr(frame, "arguments", None)),
-            )
+            ),
+            data.timestamp,
         )
 
     def _on_tool_result(self, data: FramePushed, frame: Frame) -> None:
@@ -303,8 +311,9 @@ class FrameFacts:
                 tool_call_id=tool_call_id,
                 name=clean_text(getattr(frame, "function_name", "")),
                 content=result_text(result),
-            )
+            ),
+            data.timestamp,
         )
 
-    def _record_played(self, frame: Frame) -> None:
-        self._bot_text(frame, played=True)
+    def _record_played(self, frame: Frame, pushed: int) -> None:
+        self._bot_text(frame, pushed, played=True)

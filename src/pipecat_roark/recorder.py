@@ -7,6 +7,13 @@ first end reason it hears, and finalizes it exactly once: at the end of the pipe
 when the watchdog finds the session vanished, or abruptly at process exit. Its end waits,
 bounded, for the recording's tail and for the commit, because Pipecat drops what is still
 queued for an observer at teardown.
+
+The end is heard inline (our audio processor sees the EndFrame) while the observer may
+still be behind: facts Pipecat pushed before the end can reach us after it. So the end
+is noted, with the pipeline clock's time, but stored only when the call is finalized:
+a fact pushed before the end is kept (stamped no later than the end), one pushed after
+it is refused, and the end is the call's last fact. A process killed in between leaves
+no end; the drainer finalizes the call as ``observer-lost`` at its last fact.
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ def _reason(frame: Frame, default: str) -> str:
     if reason is None or reason == "":
         return default
     return clean_text(reason)
+
+
+def _end_reason(frame: Frame) -> str:
+    return "unknown" if isinstance(frame, StopFrame) else _reason(frame, "agent-ended")
 
 
 def _writer_or_refusal(
@@ -113,6 +124,13 @@ class CallRecorder:
         self.attached = False
         """The observer has seen a frame: it, not the processor's cleanup, ends the call."""
         self._closed: tuple[int, str] | None = None
+        """The end noted (wall time, reason); stored when the call is finalized."""
+        self._reason_heard: str | None = None
+        """An end's reason the observer saw coming, before our processor heard the end."""
+        self._hears_end_inline = False
+        """Our audio processor saw the StartFrame: it will hear the call's end inline."""
+        self._closed_clock: int | None = None
+        """The pipeline clock (ns) when the end was noted: later pushes are after the end."""
         self._finalized = False
         self.finish_task: asyncio.Task[None] | None = None
         self.watchdog = IdleWatchdog(
@@ -158,10 +176,50 @@ class CallRecorder:
         self.watchdog.start()
         self._delivery.start()
 
-    def emit(self, event: Event) -> None:
-        """Append one fact to the open call's timeline (nothing before open or after the end)."""
-        if self.writer is not None and self._opened and not self._finalized:
-            self.writer.submit(EventOp(self.call_id, event))
+    def emit(self, event: Event, pushed: int | None = None) -> None:
+        """Append one fact to the open call's timeline (nothing before open or after the end).
+
+        ``pushed`` is when Pipecat pushed the frame it comes from (pipeline clock, ns): a
+        fact that reaches us after the end was noted is kept if it was pushed before it.
+        """
+        if self.writer is None or not self._opened or self._finalized:
+            return
+        if self._closed is not None:
+            late = self._pushed_before_end(event, pushed, self._closed[0])
+            if late is None:
+                return
+            event = late
+        self.writer.submit(EventOp(self.call_id, event))
+
+    def _pushed_before_end(self, event: Event, pushed: int | None, end_at: int) -> Event | None:
+        """A fact that reached us after the end was noted, as it is kept (None: refused).
+
+        A lagging observer hands us facts Pipecat produced before the end: kept, stamped
+        no later than the end, so they neither follow it nor extend the call. A frame
+        pushed after the end (a pipeline going on after ``aflush``) is not the call's.
+
+        Returns:
+            The event to store, or None if its frame was pushed after the end.
+        """
+        end_clock = self._closed_clock
+        if pushed is not None and end_clock is not None and pushed >= end_clock:
+            return None
+        if event.at > end_at:
+            event = msgspec.structs.replace(event, at=end_at)
+        return event
+
+    def _pipeline_time(self) -> int | None:
+        """The pipeline clock now, the clock Pipecat stamps each push with.
+
+        Returns:
+            Nanoseconds since the pipeline's clock started, or None before the pipeline
+            set our processor up (then the end is told by finalize alone).
+        """
+        try:
+            now = self._processor.get_clock().get_time() if self._processor is not None else 0
+        except Exception:  # not set up: no clock yet
+            return None
+        return now if isinstance(now, int) and now > 0 else None
 
     def recording_started(self) -> bool:
         """The recording's sample 0 passed now: note it (and open the call if need be).
@@ -177,15 +235,18 @@ class CallRecorder:
         return True
 
     def close(self, at: int, reason: str) -> None:
-        """Note the call's end and its reason; the first one heard wins."""
+        """Note the call's end and its reason; the first reason heard wins.
+
+        Stored at finalize, after every fact pushed before it (see the module).
+        """
         if self._closed is not None:
             return
-        self._closed = (at, reason)
-        if self._opened and self.writer is not None and not self._finalized:
-            self.writer.submit(EventOp(self.call_id, CallClosed(at=at, reason=reason)))
+        self._closed = (at, self._reason_heard or reason)
+        self._closed_clock = self._pipeline_time()
 
     def processor_saw_start(self) -> None:
         """The StartFrame reached the audio processor: open, and check the observer later."""
+        self._hears_end_inline = True
         self.open(now_us())
         try:
             loop = asyncio.get_running_loop()
@@ -194,10 +255,22 @@ class CallRecorder:
         loop.call_later(NOT_ATTACHED_CHECK_S, self.hooks.guard, self._check_attached)
 
     def terminal_frame(self, frame: Frame) -> None:
-        """An End/Cancel/Stop frame: the call ends with its reason."""
-        reason = "unknown" if isinstance(frame, StopFrame) else _reason(frame, "agent-ended")
+        """An End/Cancel/Stop frame reached the audio processor: the call ends, now."""
         self.open(now_us())
-        self.close(now_us(), reason)
+        self.close(now_us(), _end_reason(frame))
+
+    def observed_terminal_frame(self, frame: Frame) -> None:
+        """The observer saw an End/Cancel/Stop frame pushed.
+
+        It sees the frame's first push, at the head of the pipeline, while the output
+        transport may still be playing the last words. Where our audio processor is in
+        the pipeline it hears the frame after them, inline, and that is the end; this
+        only says why. Elsewhere (a processor of the user's) this is the end.
+        """
+        if self._hears_end_inline:
+            self._reason_heard = self._reason_heard or _end_reason(frame)
+        else:
+            self.terminal_frame(frame)
 
     async def _on_audio_data(
         self, processor: Any, audio: bytes, sample_rate: int, num_channels: int
@@ -311,6 +384,7 @@ class CallRecorder:
         self._finalized = True
         self.watchdog.cancel()
         at, reason = self._closed or (now_us(), "unknown")
+        self.writer.submit(EventOp(self.call_id, CallClosed(at=at, reason=reason)))
         self.writer.submit(FinalizeOp(self.call_id, at, reason))
         release_call_id(self.call_id, self)
         if not self._own_processor and not self._sample_zero_recorded:

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import msgspec
+
 from .events import (
     BotSpeech,
     BotText,
@@ -111,6 +113,7 @@ def assemble_call_ended(
         end_at = ended_at if ended_at is not None else max(e.at for e in events)
         reason = reason_if_open
 
+    events = _not_after(events, end_at)
     chunks = [e for e in events if isinstance(e, ChunkRecorded)]
     sample_zero = _sample_zero(events) if chunks else None
     turns = _Turns(events, sample_zero).build(end_at)
@@ -127,6 +130,28 @@ def assemble_call_ended(
         transcript=turns or None,
         tool_calls=tools or None,
     )
+
+
+def _not_after(events: Sequence[Event], end_at: int) -> Sequence[Event]:
+    """The call's events, none of them later than its end (chunk records aside).
+
+    The observer stores a fact that reached it after the end (a lagging observer, the
+    frame pushed before the end) stamped no later than the end, and before it. Versions
+    before that stored such facts after the end, stamped when they were observed: their
+    words are kept, at the end, so no turn or tool call lies after the call.
+
+    Returns:
+        ``events`` itself when none is later than ``end_at``, else a copy with those
+        stamped ``end_at``.
+    """
+    if all(e.at <= end_at or isinstance(e, ChunkRecorded) for e in events):
+        return events
+    return [
+        e
+        if e.at <= end_at or isinstance(e, ChunkRecorded)
+        else msgspec.structs.replace(e, at=end_at)
+        for e in events
+    ]
 
 
 def _opened(call_id: str, events: Sequence[Event]) -> CallOpened:
