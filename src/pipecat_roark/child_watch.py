@@ -48,8 +48,10 @@ __all__ = [
     "wait_for_last_word",
 ]
 
-STALL_S = 2.0
-"""How long a child that owes the bot an answer may say nothing before it is stuck."""
+STALL_S = 10.0
+"""How long a child that owes the bot an answer may say nothing before it is stuck: long
+enough for a cloud disk's stalled ``fsync`` of several seconds, which would otherwise cost
+the bot its child for the rest of its life."""
 START_S = 20.0
 """The same, before the child's first word (its interpreter starting, its database opening)."""
 _EXIT_WAIT_S = 2.0
@@ -156,7 +158,7 @@ def stalled() -> str:
     """``STALL_S`` for a log line.
 
     Returns:
-        ``"2 s"``, say.
+        ``"10 s"``, say.
     """
     return f"{STALL_S:.0f} s"
 
