@@ -11,7 +11,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from . import call_ending, metrics, outbox
+from . import call_ending, calls_table, metrics, outbox, owner_lock
 from .drain_policy import DrainPolicy
 from .maintenance import prune_delivered
 from .store import now_us
@@ -21,27 +21,52 @@ __all__ = ["finalize_orphans", "prune"]
 
 
 def finalize_orphans(
-    conn: sqlite3.Connection, policy: DrainPolicy, call_id: str | None = None
+    conn: sqlite3.Connection, directory: Path, policy: DrainPolicy, call_id: str | None = None
 ) -> list[str]:
     """Take back the leases of dead drainers and end the calls whose owner is gone.
+
+    A call whose owner's lock is held (``owner_lock``: a writer child of a bot that may
+    be dead still commits its records) is left open for a later pass, however the owner
+    is judged: ended now, its last records would land after its call-ended. The lock
+    files nobody holds any more are swept afterwards.
 
     Returns:
         The ids of the calls ended.
     """
     outbox.release_dead_owners(conn)
-    finalized = call_ending.finalize_orphans(
-        conn,
-        now=now_us(),
-        grace_us=int(policy.orphan_grace_s * 1e6),
-        call_id=call_id,
-    )
-    for call_id in finalized:
+    candidates = calls_table.open_calls(conn, call_id)
+    written = {token for *_, token, _ in candidates if owner_lock.is_held(directory, token)}
+    if written:
+        waiting = [row[0] for row in candidates if row[3] in written]
+        logger.debug(
+            f"pipecat-roark: {len(waiting)} call(s) of a writer process still running are "
+            f"left open for now: {', '.join(waiting[:5])}"
+        )
+    orphans = [call_id] if not written else [row[0] for row in candidates if row[3] not in written]
+    finalized: list[str] = []
+    if candidates and orphans:
+        for orphan in orphans:  # one at a time only when some calls are skipped
+            finalized += call_ending.finalize_orphans(
+                conn,
+                now=now_us(),
+                grace_us=int(policy.orphan_grace_s * 1e6),
+                call_id=orphan,
+            )
+    for ended in finalized:
         metrics.finalized(DEFAULT_RECOVERY_REASON)
         logger.warning(
-            f"pipecat-roark: call {call_id} never ended (its process is gone); finalized "
+            f"pipecat-roark: call {ended} never ended (its process is gone); finalized "
             f"from what was recorded with reason {DEFAULT_RECOVERY_REASON}"
         )
+    _sweep_lock_files(directory)
     return finalized
+
+
+def _sweep_lock_files(directory: Path) -> None:
+    try:
+        owner_lock.sweep(directory)
+    except OSError as exc:  # housekeeping: the next pass tries again
+        logger.debug(f"pipecat-roark: sweeping lock files in {directory} failed ({exc})")
 
 
 def prune(conn: sqlite3.Connection, directory: Path, policy: DrainPolicy) -> None:

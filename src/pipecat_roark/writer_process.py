@@ -43,6 +43,7 @@ from typing import Any
 
 from loguru import logger
 
+from . import owner_lock
 from .answer_reader import AnswerReader
 from .config import child_environment
 from .frame_feed import FrameFeed
@@ -72,13 +73,18 @@ _CHILD_GONE = object()
 
 
 def writer_child_command(
-    directory: Path, max_spool_bytes: int, min_free_bytes: int, answers_fd: int
+    directory: Path,
+    max_spool_bytes: int,
+    min_free_bytes: int,
+    answers_fd: int,
+    owner_lock_fd: int | None = None,
 ) -> list[str]:
     """The child's argv, with this interpreter.
 
     Returns:
         ``python -m pipecat_roark.writer_child --dir DIR ...``.
     """
+    lock = [] if owner_lock_fd is None else ["--owner-lock-fd", str(owner_lock_fd)]
     return [
         sys.executable,
         "-m",
@@ -91,6 +97,7 @@ def writer_child_command(
         str(min_free_bytes),
         "--answers-fd",
         str(answers_fd),
+        *lock,
     ]
 
 
@@ -100,7 +107,9 @@ def _spawn(
     """Start the writer child, with its answers on a pipe of their own.
 
     What the child's interpreter prints (a site hook, an import-time notice) goes to the
-    bot's stdout, never into the answers.
+    bot's stdout, never into the answers. The child gets the owner's lock (``owner_lock``)
+    taken here, before it can be sent a record: a drainer leaves the bot's calls open
+    while it lives, even once the bot is dead.
 
     Returns:
         The child, and the read end of its answers.
@@ -114,20 +123,25 @@ def _spawn(
     # It only writes the database: no key of the bot's, Roark's or another service's.
     env = child_environment()
     env[ENV_OWNER] = owner_to_env(owner)
+    lock_fd = owner_lock.take(directory, owner.token)
     read_fd, write_fd = os.pipe()
     try:
         child = subprocess.Popen(
-            writer_child_command(directory, max_spool_bytes, min_free_bytes, write_fd),
+            writer_child_command(directory, max_spool_bytes, min_free_bytes, write_fd, lock_fd),
             stdin=subprocess.PIPE,
             env=env,
             start_new_session=True,
-            pass_fds=(write_fd,),
+            pass_fds=(write_fd,) if lock_fd is None else (write_fd, lock_fd),
         )
     except BaseException:
         os.close(read_fd)
+        if lock_fd is not None:
+            owner_lock.release(directory, owner.token, lock_fd)
         raise
     finally:
         os.close(write_fd)
+    if lock_fd is not None:
+        os.close(lock_fd)  # the child's copy holds it now, for as long as the child lives
     return child, read_fd
 
 

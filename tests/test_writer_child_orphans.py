@@ -1,0 +1,199 @@
+"""A killed bot's writer child still commits its calls: no drainer may end them meanwhile.
+
+The bot (``tests/writer_process_bot.py``, ``writer_process=True``) is SIGKILLed while its
+writer child is stopped (SIGSTOP) with the rest of the call in its pipe. The bot's pid is
+dead, but the child lives and will commit those records once it runs again. A real
+``pipecat-roark drain`` runs meanwhile, then the child is let go (SIGCONT), then another
+drain: Roark must get everything the bot handed over, the call ended once, and nothing
+recorded after it was finalized and delivered. A child killed with SIGKILL holds nothing:
+its bot's call is finalized at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from devserver_fixture import RunningDevServer
+from test_drain import assert_arrived_whole
+from test_writer_process import (
+    BOT,
+    CHUNK_BYTES,
+    bot_env,
+    exit_status,
+    owners,
+    pipe_bytes,
+    reaper,
+    report,
+    tell,
+)
+
+pytestmark = pytest.mark.strict_order
+
+CALL = "killed-bot-child-writes"
+__all__ = ["reaper"]  # the fixture, imported for pytest to find
+
+
+@dataclass
+class KilledBot:
+    """A bot SIGKILLed mid-call whose writer child is stopped with records in its pipe."""
+
+    child: int
+    flushed: list[str]
+    """sha256 of the chunks the bot saw committed before it stopped the child."""
+    handed: list[str]
+    """sha256 of every chunk the bot handed to its child, in order."""
+
+
+@pytest.fixture
+def killed_bot(data_dir: Path, dev_server: RunningDevServer, reaper: None) -> Iterator[KilledBot]:
+    """Start the bot, stop its child after three committed steps, let the bot hand over the
+    rest (it waits in the pipe), then SIGKILL the bot. The child is stopped on return; the
+    test decides its fate, and a child still there at the end is killed."""
+    bot = subprocess.Popen(
+        [sys.executable, str(BOT), str(data_dir), CALL],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=bot_env(data_dir, dev_server),
+    )
+    child: int | None = None
+    try:
+        child = int(report(bot)["child"])
+        flushed: list[str] = []
+        for step in (1, 2, 3):
+            line = report(bot)
+            assert (line["step"], line["flushed"]) == (step, True)
+            flushed = line["chunks"]
+            if step < 3:
+                tell(bot, "go")
+        assert len(flushed) >= 2, "some chunks were committed before the stop"
+        os.kill(child, signal.SIGSTOP)
+        handed = flushed
+        pipe = os.open(f"/proc/{child}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # its stdin
+        try:
+            fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, 1 << 20)  # the rest fits: whole frames
+            tell(bot, "noflush")
+            for step in range(4, 13):
+                line = report(bot)
+                assert (line["step"], line["flushed"]) == (step, False)
+                handed = line["chunks"]
+            waiting = (len(handed) - len(flushed)) * CHUNK_BYTES
+            assert waiting >= 2 * CHUNK_BYTES
+            for _ in range(300):  # bounded: the bot's sender fills the pipe
+                if pipe_bytes(pipe) >= waiting:
+                    break
+                time.sleep(0.1)
+            assert pipe_bytes(pipe) >= waiting, "the bot sent its chunks to the child"
+        finally:
+            os.close(pipe)
+    finally:
+        bot.kill()
+        bot.wait(30)
+        for stream in (bot.stdin, bot.stdout):
+            if stream is not None:
+                stream.close()
+    assert bot.returncode == -signal.SIGKILL
+    yield KilledBot(child, flushed, handed)
+    if Path(f"/proc/{child}").exists():
+        os.kill(child, signal.SIGKILL)
+        exit_status(child)
+
+
+def drain(data_dir: Path, dev_server: RunningDevServer) -> subprocess.CompletedProcess[str]:
+    """One real ``pipecat-roark drain`` (a user's, after the bot died), to its end."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pipecat_roark.cli", "drain", "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        env=bot_env(data_dir, dev_server),
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def call_state(data_dir: Path) -> str:
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        (state,) = conn.execute("SELECT state FROM calls WHERE id = ?", (CALL,)).fetchone()
+    conn.close()
+    return str(state)
+
+
+def dead_deliveries(data_dir: Path) -> list[str]:
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        rows = conn.execute("SELECT idempotency_key FROM deliveries WHERE state = 'dead'")
+        dead = [str(key) for (key,) in rows]
+    conn.close()
+    return dead
+
+
+def delivered_shas(call: dict[str, object]) -> list[str]:
+    chunks = call["chunks"]
+    assert isinstance(chunks, dict)
+    return [chunks[str(i)]["sha256"] for i in range(len(chunks))]
+
+
+def lock_file(data_dir: Path, token: str) -> Path:
+    """The owner's lock file: named from a hash of its token, nothing else."""
+    return data_dir / f"owner-{hashlib.sha256(token.encode()).hexdigest()[:32]}.lock"
+
+
+def test_a_drain_waits_for_a_dead_bots_writer_child_and_roark_gets_all_it_was_handed(
+    data_dir: Path, dev_server: RunningDevServer, killed_bot: KilledBot
+) -> None:
+    drain(data_dir, dev_server)  # the bot's pid is dead; its child lives, stopped
+    assert call_state(data_dir) == "open", "not finalized while the child can still write it"
+    assert dev_server.call(CALL)["callEnded"] is None
+
+    ((_, _, token),) = owners(data_dir)
+    (lock,) = data_dir.glob("owner-*.lock")
+    assert lock == lock_file(data_dir, token), "named from a hash: no key, no token, no pid"
+    mode = stat.S_IMODE(lock.stat().st_mode)
+    assert mode == 0o600, oct(mode)
+
+    os.kill(killed_bot.child, signal.SIGCONT)
+    assert exit_status(killed_bot.child) == 0, "the child committed the rest and exited"
+    assert not lock.exists(), "the child removed its lock file at its clean exit"
+
+    drain(data_dir, dev_server)  # the child is gone: now the call is an orphan
+    # Once, in order, exactly as stored: the records the child committed late included.
+    call = assert_arrived_whole(dev_server, data_dir, CALL)
+    assert call["callEnded"]["callEndedReason"] == "observer-lost"
+    delivered = delivered_shas(call)
+    assert delivered[: len(killed_bot.flushed)] == killed_bot.flushed
+    assert delivered == killed_bot.handed[: len(delivered)], "what was handed, once, in order"
+    assert len(delivered) > len(killed_bot.flushed), "the child committed what was in its pipe"
+    assert not dead_deliveries(data_dir)
+
+
+def test_a_writer_child_killed_with_its_bot_holds_nothing_and_the_call_ends_at_once(
+    data_dir: Path, dev_server: RunningDevServer, killed_bot: KilledBot
+) -> None:
+    ((_, _, token),) = owners(data_dir)
+    assert lock_file(data_dir, token).exists()
+    os.kill(killed_bot.child, signal.SIGKILL)
+    assert exit_status(killed_bot.child) == -signal.SIGKILL
+
+    drain(data_dir, dev_server)  # one pass: the stale lock file holds no lock
+    assert call_state(data_dir) == "ended"
+    call = assert_arrived_whole(dev_server, data_dir, CALL)
+    assert call["callEnded"]["callEndedReason"] == "observer-lost"
+    delivered = delivered_shas(call)
+    assert delivered[: len(killed_bot.flushed)] == killed_bot.flushed
+    assert delivered == killed_bot.handed[: len(delivered)], "only what was handed, once"
+    assert not lock_file(data_dir, token).exists(), "the drainer swept the stale lock file"
