@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import select
 import signal
 import sqlite3
 import stat
@@ -23,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -55,32 +57,36 @@ class KilledBot:
     """sha256 of the chunks the bot saw committed before it stopped the child."""
     handed: list[str]
     """sha256 of every chunk the bot handed to its child, in order."""
+    delivery: int | None
+    """The bot's delivery child, if it had one."""
+    stderr: IO[str] | None
+    """The stderr the bot's children share, if the test reads it."""
 
 
-@pytest.fixture
-def killed_bot(data_dir: Path, dev_server: RunningDevServer, reaper: None) -> Iterator[KilledBot]:
-    """Start the bot, stop its child after three committed steps, let the bot hand over the
-    rest (it waits in the pipe), then SIGKILL the bot. The child is stopped on return; the
-    test decides its fate, and a child still there at the end is killed."""
+def kill_bot(data_dir: Path, server: RunningDevServer, *, delivery: bool) -> KilledBot:
+    """Start the bot, stop its writer child after three committed steps, let the bot hand
+    over the rest (it waits in the child's pipe), then SIGKILL the bot. The child is left
+    stopped. With ``delivery``, the bot delivers through its delivery child, whose stderr
+    (shared by the bot's children) is ``KilledBot.stderr``."""
     bot = subprocess.Popen(
-        [sys.executable, str(BOT), str(data_dir), CALL],
+        [sys.executable, str(BOT), str(data_dir), CALL, *(["delivery-process"] * delivery)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if delivery else subprocess.DEVNULL,
         text=True,
-        env=bot_env(data_dir, dev_server),
+        env=bot_env(data_dir, server),
     )
-    child: int | None = None
     try:
         child = int(report(bot)["child"])
         flushed: list[str] = []
         for step in (1, 2, 3):
             line = report(bot)
             assert (line["step"], line["flushed"]) == (step, True)
-            flushed = line["chunks"]
+            flushed, delivery_pid = line["chunks"], line["delivery"]
             if step < 3:
                 tell(bot, "go")
         assert len(flushed) >= 2, "some chunks were committed before the stop"
+        assert (delivery_pid is not None) == delivery
         os.kill(child, signal.SIGSTOP)
         handed = flushed
         pipe = os.open(f"/proc/{child}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # its stdin
@@ -107,10 +113,35 @@ def killed_bot(data_dir: Path, dev_server: RunningDevServer, reaper: None) -> It
             if stream is not None:
                 stream.close()
     assert bot.returncode == -signal.SIGKILL
-    yield KilledBot(child, flushed, handed)
-    if Path(f"/proc/{child}").exists():
-        os.kill(child, signal.SIGKILL)
-        exit_status(child)
+    return KilledBot(child, flushed, handed, delivery_pid, bot.stderr)
+
+
+def end_children(bot: KilledBot) -> None:
+    """Kill and reap what the test left of the bot's children."""
+    for pid in (bot.child, bot.delivery):
+        if pid is not None and Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+            exit_status(pid)
+    if bot.stderr is not None:
+        bot.stderr.close()
+
+
+@pytest.fixture
+def killed_bot(data_dir: Path, dev_server: RunningDevServer, reaper: None) -> Iterator[KilledBot]:
+    """A bot killed while its writer child, stopped, still had records to commit."""
+    bot = kill_bot(data_dir, dev_server, delivery=False)
+    yield bot
+    end_children(bot)
+
+
+@pytest.fixture
+def killed_delivering_bot(
+    data_dir: Path, dev_server: RunningDevServer, reaper: None
+) -> Iterator[KilledBot]:
+    """The same, with a delivery child (``delivery_process=True``) that saw the bot die."""
+    bot = kill_bot(data_dir, dev_server, delivery=True)
+    yield bot
+    end_children(bot)
 
 
 def drain(data_dir: Path, dev_server: RunningDevServer) -> subprocess.CompletedProcess[str]:
@@ -197,3 +228,41 @@ def test_a_writer_child_killed_with_its_bot_holds_nothing_and_the_call_ends_at_o
     assert delivered[: len(killed_bot.flushed)] == killed_bot.flushed
     assert delivered == killed_bot.handed[: len(delivered)], "only what was handed, once"
     assert not lock_file(data_dir, token).exists(), "the drainer swept the stale lock file"
+
+
+def said_it_waits(bot: KilledBot) -> bool:
+    """Read the children's stderr until the delivery child says it waits for the writer
+    child (True), or exits without saying so (False); bounded to 60 s."""
+    assert bot.stderr is not None and bot.delivery is not None
+    said = ""
+    for _ in range(600):
+        ready, _, _ = select.select([bot.stderr], [], [], 0.1)
+        if ready:
+            said += os.read(bot.stderr.fileno(), 65536).decode(errors="replace")
+        if "waiting up to" in said:
+            return True
+        done, _ = os.waitpid(bot.delivery, os.WNOHANG)
+        if done:
+            return False
+    return False
+
+
+def test_a_dead_bots_delivery_child_waits_for_its_writer_child_and_delivers_the_call_whole(
+    data_dir: Path, dev_server: RunningDevServer, killed_delivering_bot: KilledBot
+) -> None:
+    bot = killed_delivering_bot
+    assert bot.delivery is not None
+    assert said_it_waits(bot), "the last pass waits for the writer child instead of ending"
+    assert dev_server.call(CALL)["callEnded"] is None
+
+    os.kill(bot.child, signal.SIGCONT)
+    assert exit_status(bot.child) == 0
+    assert exit_status(bot.delivery) == 0, "its last pass delivered everything, then it exited"
+
+    call = assert_arrived_whole(dev_server, data_dir, CALL)  # no other drain ran
+    assert call["callEnded"]["callEndedReason"] == "observer-lost"
+    delivered = delivered_shas(call)
+    assert delivered[: len(bot.flushed)] == bot.flushed
+    assert delivered == bot.handed[: len(delivered)], "what was handed, once, in order"
+    assert len(delivered) > len(bot.flushed), "the child committed what was in its pipe"
+    assert not dead_deliveries(data_dir)

@@ -14,10 +14,11 @@ from loguru import logger
 from . import call_ending, calls_table, metrics, outbox, owner_lock
 from .drain_policy import DrainPolicy
 from .maintenance import prune_delivered
+from .owner import owner_is_gone
 from .store import now_us
 from .timeline import DEFAULT_RECOVERY_REASON
 
-__all__ = ["finalize_orphans", "prune"]
+__all__ = ["calls_awaiting_writers", "finalize_orphans", "prune"]
 
 
 def finalize_orphans(
@@ -60,6 +61,22 @@ def finalize_orphans(
         )
     _sweep_lock_files(directory)
     return finalized
+
+
+def calls_awaiting_writers(conn: sqlite3.Connection, directory: Path) -> list[str]:
+    """The open calls whose owner is dead but whose writer child still holds its lock.
+
+    A drainer leaves them open (``finalize_orphans``) until the child has committed
+    everything the dead bot handed it and exited.
+
+    Returns:
+        Their ids; empty when no dead bot's writer child is still at work here.
+    """
+    return [
+        call_id
+        for call_id, host, pid, token, _ in calls_table.open_calls(conn)
+        if owner_is_gone(host, pid, token) is True and owner_lock.is_held(directory, token)
+    ]
 
 
 def _sweep_lock_files(directory: Path) -> None:

@@ -218,7 +218,38 @@ async def _follow_parent(drainer: Drainer, stop: asyncio.Event, last_pass_s: flo
     finally:
         watcher.cancel()
     if parent_gone.is_set():  # deliver what the parent left, bounded, then exit 0
-        await drainer.run_once(budget_s=last_pass_s)
+        started = time.monotonic()
+        await _wait_for_writer_children(drainer.directory, last_pass_s / 2)
+        await drainer.run_once(budget_s=last_pass_s - (time.monotonic() - started))
+
+
+WRITER_POLL_S = 0.1
+"""How often the last pass looks again whether a dead bot's writer child is done."""
+
+
+async def _wait_for_writer_children(directory: Path, budget_s: float) -> None:
+    """Wait, at most ``budget_s``, for the writer child of a dead bot to finish.
+
+    A bot killed with ``writer_process=True`` leaves its writer child committing what
+    was still in its pipe (``owner_lock``); until it exits, its calls are not ended, so
+    the last pass would leave them open for the next drainer. Waiting here delivers them
+    whole now.
+    """
+    from ..drain_housekeeping import calls_awaiting_writers
+
+    said = False
+    with reading(directory) as conn:
+        for _ in range(max(1, round(budget_s / WRITER_POLL_S))):
+            awaiting = calls_awaiting_writers(conn, directory)
+            if not awaiting:
+                return
+            if not said:
+                err.print(
+                    f"waiting up to {budget_s:g} s for the writer process of call(s) "
+                    f"{shown(', '.join(awaiting[:5]))} to commit what the bot left it"
+                )
+                said = True
+            await asyncio.sleep(WRITER_POLL_S)
 
 
 class _Progress:
