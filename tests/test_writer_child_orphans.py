@@ -77,6 +77,15 @@ def kill_bot(data_dir: Path, server: RunningDevServer, *, delivery: bool) -> Kil
         env=bot_env(data_dir, server),
     )
     try:
+        return _stop_child_and_kill(bot, delivery=delivery)
+    except BaseException:
+        if bot.stderr is not None:
+            bot.stderr.close()
+        raise
+
+
+def _stop_child_and_kill(bot: subprocess.Popen[str], *, delivery: bool) -> KilledBot:
+    try:
         child = int(report(bot)["child"])
         flushed: list[str] = []
         for step in (1, 2, 3):
@@ -266,3 +275,45 @@ def test_a_dead_bots_delivery_child_waits_for_its_writer_child_and_delivers_the_
     assert delivered == bot.handed[: len(delivered)], "what was handed, once, in order"
     assert len(delivered) > len(bot.flushed), "the child committed what was in its pipe"
     assert not dead_deliveries(data_dir)
+
+
+def heartbeat(data_dir: Path) -> int:
+    with sqlite3.connect(data_dir / "wal.sqlite") as conn:
+        (beat,) = conn.execute("SELECT heartbeat_at FROM calls WHERE id = ?", (CALL,)).fetchone()
+    conn.close()
+    return int(beat)
+
+
+def test_the_writer_child_heartbeats_the_bots_calls_itself(
+    data_dir: Path, dev_server: RunningDevServer, reaper: None
+) -> None:
+    """A checker in another PID namespace judges by heartbeat: the child's own heartbeats
+    keep a call open while the child lives, whatever becomes of the bot (stopped here)."""
+    env = bot_env(data_dir, dev_server) | {"PIPECAT_ROARK_HEARTBEAT_S": "0.2"}
+    bot = subprocess.Popen(
+        [sys.executable, str(BOT), str(data_dir), CALL],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    child = None
+    try:
+        child = int(report(bot)["child"])
+        assert report(bot)["flushed"], "the call is open and committed"
+        os.kill(bot.pid, signal.SIGSTOP)  # the bot does nothing from here on
+        stopped_at = heartbeat(data_dir)
+        for _ in range(300):  # bounded: 0.2 s heartbeats
+            if heartbeat(data_dir) > stopped_at:
+                break
+            time.sleep(0.1)
+        assert heartbeat(data_dir) > stopped_at, "the child heartbeated the bot's call"
+    finally:
+        bot.kill()
+        bot.wait(30)
+        for stream in (bot.stdin, bot.stdout):
+            if stream is not None:
+                stream.close()
+    assert child is not None
+    assert exit_status(child) == 0
