@@ -64,8 +64,9 @@ if TYPE_CHECKING:
     is_flag=True,
     help="Follow while stdin, a pipe from the bot that started this drain, is open: each"
     " byte read wakes the drain; at EOF (the bot exited or was killed) one last pass of at"
-    " most --timeout, then exit 0. SIGTERM and SIGINT are ignored: it stops with the bot."
-    " Implies --follow (RoarkObserver(delivery_process=True)).",
+    " most --timeout, then exit 0; the pass first waits, for at most half of that, for a"
+    " dead bot's writer process to commit what it was sent. SIGTERM and SIGINT are"
+    " ignored: it stops with the bot. Implies --follow (RoarkObserver(delivery_process=True)).",
 )
 def drain(
     directory: Path,
