@@ -36,23 +36,25 @@ def finalize_orphans(
     """
     outbox.release_dead_owners(conn)
     candidates = calls_table.open_calls(conn, call_id)
-    written = {token for *_, token, _ in candidates if owner_lock.is_held(directory, token)}
-    if written:
-        waiting = [row[0] for row in candidates if row[3] in written]
-        logger.debug(
-            f"pipecat-roark: {len(waiting)} call(s) of a writer process still running are "
-            f"left open for now: {', '.join(waiting[:5])}"
+    tokens = {token for _, _, _, token, _ in candidates}
+    written = {token for token in tokens if owner_lock.is_held(directory, token)}
+    # All at once where no writer process holds any; else call by call, leaving those out.
+    orphans = [row[0] for row in candidates if row[3] not in written] if written else [call_id]
+    waiting = [
+        orphan
+        for orphan, host, pid, token, _ in candidates
+        if token in written and owner_is_gone(host, pid, token) is True
+    ]
+    if waiting:  # its bot is dead: say why the call stays open
+        logger.info(
+            f"pipecat-roark: {len(waiting)} call(s) left open while a writer process still "
+            f"commits them: {', '.join(waiting[:5])}"
         )
-    orphans = [call_id] if not written else [row[0] for row in candidates if row[3] not in written]
     finalized: list[str] = []
-    if candidates and orphans:
-        for orphan in orphans:  # one at a time only when some calls are skipped
-            finalized += call_ending.finalize_orphans(
-                conn,
-                now=now_us(),
-                grace_us=int(policy.orphan_grace_s * 1e6),
-                call_id=orphan,
-            )
+    for orphan in orphans if candidates else []:
+        finalized += call_ending.finalize_orphans(
+            conn, now=now_us(), grace_us=int(policy.orphan_grace_s * 1e6), call_id=orphan
+        )
     for ended in finalized:
         metrics.finalized(DEFAULT_RECOVERY_REASON)
         logger.warning(

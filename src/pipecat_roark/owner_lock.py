@@ -143,8 +143,10 @@ def is_held(directory: Path, token: str) -> bool:
 def sweep(directory: Path) -> int:
     """Remove the lock files that no process holds (their writer children were killed).
 
-    Each is removed while holding its lock, so a writer child cannot be starting on it
-    (``take`` checks that the file it locked is still the one at its path).
+    Each is removed under a shared lock: no writer child holds it, none can take it
+    meanwhile, and a drainer looking at the same moment still sees it free (a ``take``
+    that opened it before it went checks that the file it locked is still the one at its
+    path, and starts again).
 
     Returns:
         How many files were removed.
@@ -156,7 +158,7 @@ def sweep(directory: Path) -> int:
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             if _names(fd, path):
                 path.unlink()
                 removed += 1
