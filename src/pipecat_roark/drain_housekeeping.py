@@ -26,32 +26,29 @@ def finalize_orphans(
 ) -> list[str]:
     """Take back the leases of dead drainers and end the calls whose owner is gone.
 
-    A call whose owner's lock is held (``owner_lock``: a writer child of a bot that may
-    be dead still commits its records) is left open for a later pass, however the owner
-    is judged: ended now, its last records would land after its call-ended. The lock
-    files nobody holds any more are swept afterwards.
+    Except the calls of a dead bot whose writer child still holds the bot's lock
+    (``owner_lock``): the child still commits what the bot sent it, and ended now, those
+    records would land after the call-ended. They are left for a later pass. (Judged from
+    another PID namespace, by heartbeat, the child's own heartbeats keep them open.) The
+    lock files nobody holds any more are swept afterwards.
 
     Returns:
         The ids of the calls ended.
     """
     outbox.release_dead_owners(conn)
-    candidates = calls_table.open_calls(conn, call_id)
-    tokens = {token for _, _, _, token, _ in candidates}
-    written = {token for token in tokens if owner_lock.is_held(directory, token)}
-    # All at once where no writer process holds any; else call by call, leaving those out.
-    orphans = [row[0] for row in candidates if row[3] not in written] if written else [call_id]
-    waiting = [
-        orphan
-        for orphan, host, pid, token, _ in candidates
-        if token in written and owner_is_gone(host, pid, token) is True
-    ]
-    if waiting:  # its bot is dead: say why the call stays open
+    waiting = calls_awaiting_writers(conn, directory, call_id)
+    if waiting:
         logger.info(
-            f"pipecat-roark: {len(waiting)} call(s) left open while a writer process still "
-            f"commits them: {', '.join(waiting[:5])}"
+            f"pipecat-roark: {len(waiting)} call(s) of a dead bot left open while its writer "
+            f"process still commits them: {', '.join(waiting[:5])}"
         )
+    # All at once, unless some wait: then one by one, leaving those out.
+    orphans = [call_id]
+    if waiting:
+        orphans = [row[0] for row in calls_table.open_calls(conn, call_id)]
+        orphans = [orphan for orphan in orphans if orphan not in waiting]
     finalized: list[str] = []
-    for orphan in orphans if candidates else []:
+    for orphan in orphans:
         finalized += call_ending.finalize_orphans(
             conn, now=now_us(), grace_us=int(policy.orphan_grace_s * 1e6), call_id=orphan
         )
@@ -65,18 +62,21 @@ def finalize_orphans(
     return finalized
 
 
-def calls_awaiting_writers(conn: sqlite3.Connection, directory: Path) -> list[str]:
-    """The open calls whose owner is dead but whose writer child still holds its lock.
+def calls_awaiting_writers(
+    conn: sqlite3.Connection, directory: Path, call_id: str | None = None
+) -> list[str]:
+    """The open calls (or only ``call_id``) of a dead bot whose writer child holds its lock.
 
+    Dead as judged by pid, from the bot's own PID namespace (``owner.owner_is_gone``).
     A drainer leaves them open (``finalize_orphans``) until the child has committed
-    everything the dead bot handed it and exited.
+    everything the bot handed it and exited.
 
     Returns:
         Their ids; empty when no dead bot's writer child is still at work here.
     """
     return [
-        call_id
-        for call_id, host, pid, token, _ in calls_table.open_calls(conn)
+        orphan
+        for orphan, host, pid, token, _ in calls_table.open_calls(conn, call_id)
         if owner_is_gone(host, pid, token) is True and owner_lock.is_held(directory, token)
     ]
 
