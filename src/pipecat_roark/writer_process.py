@@ -21,7 +21,9 @@ Nothing acknowledged is lost, and nothing unacknowledged is either:
 - If the bot dies (even of SIGKILL), the child reads what is left in the pipe, commits it
   and exits: it keeps more of a killed bot's records than the thread would.
 
-The child records under the bot's owner identity, so orphan checks judge the bot.
+The child records under the bot's owner identity, so orphan checks judge the bot; it
+holds that identity's lock (``owner_lock``) while it lives, so no drainer ends the calls
+of a dead bot whose child still commits them.
 """
 
 from __future__ import annotations
