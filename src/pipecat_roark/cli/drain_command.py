@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import config
+from ..errors import StoreError
 from ..outbox import queued_count
 from ..scheduling import run_as_batch_work
 from ..store import connect
@@ -239,18 +241,21 @@ async def _wait_for_writer_children(directory: Path, budget_s: float) -> None:
     from ..drain_housekeeping import calls_awaiting_writers
 
     said = False
-    with reading(directory) as conn:
-        for _ in range(max(1, round(budget_s / WRITER_POLL_S))):
-            awaiting = calls_awaiting_writers(conn, directory)
-            if not awaiting:
-                return
-            if not said:
-                err.print(
-                    f"waiting up to {budget_s:g} s for the writer process of call(s) "
-                    f"{shown(', '.join(awaiting[:5]))} to commit what the bot left it"
-                )
-                said = True
-            await asyncio.sleep(WRITER_POLL_S)
+    try:
+        with reading(directory) as conn:
+            for _ in range(max(1, round(budget_s / WRITER_POLL_S))):
+                awaiting = calls_awaiting_writers(conn, directory)
+                if not awaiting:
+                    return
+                if not said:
+                    err.print(
+                        f"waiting up to {budget_s:g} s for the writer process of call(s) "
+                        f"{shown(', '.join(awaiting[:5]))} to commit what the bot left it"
+                    )
+                    said = True
+                await asyncio.sleep(WRITER_POLL_S)
+    except (OSError, sqlite3.Error, StoreError) as exc:  # the last pass meets it and says so
+        err.print(f"could not look for writer processes still at work ({shown(exc)})")
 
 
 class _Progress:
