@@ -14,12 +14,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import select
 import signal
 import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,15 +59,15 @@ class KilledBot:
     """sha256 of every chunk the bot handed to its child, in order."""
     delivery: int | None
     """The bot's delivery child, if it had one."""
-    stderr: IO[str] | None
-    """The stderr the bot's children share, if the test reads it."""
+    stderr: StderrReader | None
+    """What the bot and its children write to their shared stderr, if the test reads it."""
 
 
 def kill_bot(data_dir: Path, server: RunningDevServer, *, delivery: bool) -> KilledBot:
     """Start the bot, stop its writer child after three committed steps, let the bot hand
     over the rest (it waits in the child's pipe), then SIGKILL the bot. The child is left
     stopped. With ``delivery``, the bot delivers through its delivery child, whose stderr
-    (shared by the bot's children) is ``KilledBot.stderr``."""
+    (shared by the bot's children) is read into ``KilledBot.stderr``."""
     bot = subprocess.Popen(
         [sys.executable, str(BOT), str(data_dir), CALL, *(["delivery-process"] * delivery)],
         stdin=subprocess.PIPE,
@@ -76,15 +76,40 @@ def kill_bot(data_dir: Path, server: RunningDevServer, *, delivery: bool) -> Kil
         text=True,
         env=bot_env(data_dir, server),
     )
+    stderr = None if bot.stderr is None else StderrReader(bot.stderr)
     try:
-        return _stop_child_and_kill(bot, delivery=delivery)
+        return _stop_child_and_kill(bot, stderr)
     except BaseException:
-        if bot.stderr is not None:
-            bot.stderr.close()
+        if stderr is not None:
+            stderr.close(timeout=1.0)
         raise
 
 
-def _stop_child_and_kill(bot: subprocess.Popen[str], *, delivery: bool) -> KilledBot:
+class StderrReader:
+    """Reads a pipe to its end on a thread, so no writer ever blocks on a full pipe."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._chunks: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while chunk := os.read(self._stream.fileno(), 65536):
+            self._chunks.append(chunk.decode(errors="replace"))
+
+    def text(self) -> str:
+        return "".join(list(self._chunks))
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Once every writer is gone, the thread reads to EOF and the pipe is closed; a
+        writer still there (a failed test's) keeps the thread, which owns the pipe."""
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._stream.close()
+
+
+def _stop_child_and_kill(bot: subprocess.Popen[str], stderr: StderrReader | None) -> KilledBot:
     try:
         child = int(report(bot)["child"])
         flushed: list[str] = []
@@ -95,7 +120,7 @@ def _stop_child_and_kill(bot: subprocess.Popen[str], *, delivery: bool) -> Kille
             if step < 3:
                 tell(bot, "go")
         assert len(flushed) >= 2, "some chunks were committed before the stop"
-        assert (delivery_pid is not None) == delivery
+        assert (delivery_pid is not None) == (stderr is not None)
         os.kill(child, signal.SIGSTOP)
         handed = flushed
         pipe = os.open(f"/proc/{child}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # its stdin
@@ -122,7 +147,7 @@ def _stop_child_and_kill(bot: subprocess.Popen[str], *, delivery: bool) -> Kille
             if stream is not None:
                 stream.close()
     assert bot.returncode == -signal.SIGKILL
-    return KilledBot(child, flushed, handed, delivery_pid, bot.stderr)
+    return KilledBot(child, flushed, handed, delivery_pid, stderr)
 
 
 def end_children(bot: KilledBot) -> None:
@@ -243,16 +268,13 @@ def said_it_waits(bot: KilledBot) -> bool:
     """Read the children's stderr until the delivery child says it waits for the writer
     child (True), or exits without saying so (False); bounded to 60 s."""
     assert bot.stderr is not None and bot.delivery is not None
-    said = ""
     for _ in range(600):
-        ready, _, _ = select.select([bot.stderr], [], [], 0.1)
-        if ready:
-            said += os.read(bot.stderr.fileno(), 65536).decode(errors="replace")
-        if "waiting up to" in said:
+        if "waiting up to" in bot.stderr.text():
             return True
         done, _ = os.waitpid(bot.delivery, os.WNOHANG)
         if done:
             return False
+        time.sleep(0.1)
     return False
 
 
