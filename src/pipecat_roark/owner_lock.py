@@ -73,7 +73,7 @@ def take(directory: Path, token: str) -> int | None:
             _cannot_hold(path, f"it cannot be created ({exc})")
             return None
         try:
-            os.fchmod(fd, 0o600)  # a umask or an older file must not widen it
+            os.fchmod(fd, 0o600)  # a file left wider by someone else does not stay so
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
