@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "scheduling",
         },
     ),
-    ("storage", {"store", "spool", "timeline", "ops", "metrics"}),
+    ("storage", {"store", "spool", "owner_lock", "timeline", "ops", "metrics"}),
     ("tables", {"calls_table", "events_table", "chunks_table", "paused_keys", "outbox"}),
     ("table readers", {"call_ending", "inspection", "maintenance", "doctor", "row_payload"}),
     (

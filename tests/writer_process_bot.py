@@ -1,14 +1,16 @@
 """A bot process that records with ``writer_process=True`` and is killed mid-call.
 
-    python writer_process_bot.py DATA_DIR CALL_ID
+    python writer_process_bot.py DATA_DIR CALL_ID [delivery-process]
 
 Key from ROARK_API_KEY; nothing is delivered from here (``deliver=False``): a later
-``pipecat-roark drain`` does it. It prints one JSON line ``{"child": PID, "bot": PID}``
-once its writer child has committed a first record, then plays a call that never ends.
-After each step it reports one JSON line ``{"step", "flushed", "chunks"}``: ``chunks``
-is the sha256 of every chunk the AudioBufferProcessor handed to the recorder before the
-report, and ``flushed`` says whether the writer child acknowledged all of them as
-committed first. Then it waits for one line on stdin: ``go`` (flush after the next
+``pipecat-roark drain`` does it. With ``delivery-process``, its delivery child
+(``delivery_process=True``, to ROARK_BASE_URL) delivers instead. It prints one JSON line
+``{"child": PID, "bot": PID}`` once its writer child has committed a first record, then
+plays a call that never ends. After each step it reports one JSON line
+``{"step", "flushed", "chunks", "delivery"}``: ``chunks`` is the sha256 of every chunk
+the AudioBufferProcessor handed to the recorder before the report, ``flushed`` says
+whether the writer child acknowledged all of them as committed first, and ``delivery``
+is the delivery child's pid once it started, else null. Then it waits for one line on stdin: ``go`` (flush after the next
 step too) or ``noflush`` (from now on, report without waiting for the child: the
 parent stopped it, so what the bot hands over stays in the pipe).
 """
@@ -52,12 +54,22 @@ def say(line: dict[str, object]) -> None:
     sys.stdout.flush()
 
 
-async def main(directory: Path, call_id: str) -> None:
+def delivery_child() -> int | None:
+    """The pid of this process's delivery child, once a call started it."""
+    for child in lifecycle.PROCESS.delivery_processes.values():
+        pid = getattr(child, "pid", None)
+        if pid is not None:
+            return int(pid)
+    return None
+
+
+async def main(directory: Path, call_id: str, delivery: bool) -> None:
     roark = RoarkObserver(
         agent_id="writer-process-bot",
         pipecat_call_id=call_id,
         data_dir=directory,
-        deliver=False,
+        deliver=delivery,
+        delivery_process=delivery,
         chunk_bytes=8000,
         writer_process=True,
     )
@@ -77,7 +89,7 @@ async def main(directory: Path, call_id: str) -> None:
         nonlocal flushing
         before = list(handed)  # what a flush started now vouches for
         flushed = flushing and await writer.flush(FLUSH_S)
-        say({"step": step, "flushed": flushed, "chunks": before})
+        say({"step": step, "flushed": flushed, "chunks": before, "delivery": delivery_child()})
         if flushing:
             command = await asyncio.to_thread(sys.stdin.readline)
             flushing = command.strip() != "noflush"
@@ -87,4 +99,4 @@ async def main(directory: Path, call_id: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), sys.argv[2]))
+    asyncio.run(main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:] == ["delivery-process"]))

@@ -272,7 +272,7 @@ class Drainer:
         )
 
     def _finalize_orphans(self, call_id: str | None = None) -> list[str]:
-        return finalize_orphans(self._db.conn(), self.policy, call_id)
+        return finalize_orphans(self._db.conn(), self.directory, self.policy, call_id)
 
     def _prune(self) -> None:
         prune(self._db.conn(), self.directory, self.policy)

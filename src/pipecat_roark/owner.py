@@ -10,6 +10,11 @@ makes its pid meaningful: the boot id, the PID-namespace inode, the process star
 Only a checker on the same boot, in the same PID namespace, with a /proc of that
 namespace, judges by pid. Everyone else (another container, another host, an old row
 whose identity lacks these facts) judges by heartbeat age alone.
+
+A dead pid is not yet the end of its calls where a writer child recorded them for it
+(``writer_process=True``): the child may still be committing. It holds the owner's lock
+while it lives (``owner_lock``), and the drainer asks about that too
+(``drain_housekeeping``), since the lock lives in a data directory and this judges a pid.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ until then and, if this child dies, gives them to a writer of its own. At EOF (t
 closed the pipe, or died: the kernel closes it for a process killed with SIGKILL) the
 writer commits everything it was given and the child exits 0. It runs in a session of its
 own, so the terminal's Ctrl-C reaches only the bot, which then closes the pipe.
+
+While it lives it holds the bot's owner lock (``owner_lock``; the bot took it and passes
+it with ``--owner-lock-fd``), so no drainer ends the bot's calls while this child may still
+commit records of them; a clean exit removes the lock file once everything is committed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 from loguru import logger
 
+from . import owner_lock
 from .ops import BarrierOp
 from .owner import Owner
 from .scheduling import run_as_batch_work
@@ -218,18 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-spool-bytes", type=int, required=True)
     parser.add_argument("--min-free-bytes", type=int, required=True)
     parser.add_argument("--answers-fd", type=int, required=True)
+    parser.add_argument("--owner-lock-fd", type=int, default=None)
     args = parser.parse_args(argv)
     _leave_stopping_to_the_bot()
     run_as_batch_work()
     replies = _Replies(args.answers_fd)
     logger.remove()
     logger.add(replies.log, level="INFO", format="{message}")
+    owner = owner_from_env(os.environ.get(ENV_OWNER))
     try:
         writer = Writer(
             args.dir,
             max_spool_bytes=args.max_spool_bytes,
             min_free_bytes=args.min_free_bytes,
-            owner=owner_from_env(os.environ.get(ENV_OWNER)),
+            owner=owner,
         )
     except Exception as exc:
         logger.error(f"pipecat-roark: the writer process cannot open {args.dir} ({exc})")
@@ -246,11 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         code = 1
     finally:
-        if not writer.close(CLOSE_TIMEOUT_S):
+        closed = writer.close(CLOSE_TIMEOUT_S)
+        if not closed:
             logger.error(
                 f"pipecat-roark: the writer process for {args.dir} did not finish committing "
                 f"in {CLOSE_TIMEOUT_S:.0f} s; run `pipecat-roark status`"
             )
+        elif args.owner_lock_fd is not None and owner is not None:
+            # Everything is committed: nothing more of the bot's calls will come from here.
+            owner_lock.release(args.dir, owner.token, args.owner_lock_fd)
         replies.say_what_is_due(time.monotonic(), everything=True)
     return code
 

@@ -25,7 +25,9 @@ Nothing acknowledged is lost, and nothing unacknowledged is either:
   the pipe), and a child that owes answers (frames, or its exit at close) and says
   nothing for ``STALL_S`` (SIGSTOP, a deadlock) is killed and replaced as above.
 
-The child records under the bot's owner identity, so orphan checks judge the bot.
+The child records under the bot's owner identity, so orphan checks judge the bot; it
+holds that identity's lock (``owner_lock``) while it lives, so no drainer ends the calls
+of a dead bot whose child still commits them.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import Any
 
 from loguru import logger
 
-from . import child_watch
+from . import child_watch, owner_lock
 from .answer_reader import AnswerReader
 from .child_watch import START_S
 from .config import child_environment
@@ -78,13 +80,18 @@ _CHILD_STUCK = object()
 
 
 def writer_child_command(
-    directory: Path, max_spool_bytes: int, min_free_bytes: int, answers_fd: int
+    directory: Path,
+    max_spool_bytes: int,
+    min_free_bytes: int,
+    answers_fd: int,
+    owner_lock_fd: int | None = None,
 ) -> list[str]:
     """The child's argv, with this interpreter.
 
     Returns:
         ``python -m pipecat_roark.writer_child --dir DIR ...``.
     """
+    lock = [] if owner_lock_fd is None else ["--owner-lock-fd", str(owner_lock_fd)]
     return [
         sys.executable,
         "-m",
@@ -97,6 +104,7 @@ def writer_child_command(
         str(min_free_bytes),
         "--answers-fd",
         str(answers_fd),
+        *lock,
     ]
 
 
@@ -114,6 +122,9 @@ def _spawn(
     bot's stdout, never into the answers. The pipes' ends this process keeps are in
     ``hidden`` (the caller lets go once it holds them): a fork's copy of the answers'
     write end would hold their end back, and of the child's stdin its end of input.
+    The child gets the owner's lock (``owner_lock``) taken here, before it can be sent
+    a record: a drainer leaves the bot's calls open while it lives, even once the bot is
+    dead (a fork's copy of the lock would hold it too, so it is hidden the same way).
 
     Returns:
         The child, and ``reader(answers' read end, exited=whether the child exited)``.
@@ -127,17 +138,23 @@ def _spawn(
     # It only writes the database: no key of the bot's, Roark's or another service's.
     env = child_environment()
     env[ENV_OWNER] = owner_to_env(owner)
+    lock_fd = owner_lock.take(directory, owner.token)
+    if lock_fd is not None:
+        hidden.add(lock_fd)
     answers, answers_for_child = os.pipe()
     hidden.add(answers)
     hidden.add(answers_for_child)
+    child: subprocess.Popen[bytes] | None = None
     started: AnswerReader | None = None
     try:
         child = subprocess.Popen(
-            writer_child_command(directory, max_spool_bytes, min_free_bytes, answers_for_child),
+            writer_child_command(
+                directory, max_spool_bytes, min_free_bytes, answers_for_child, lock_fd
+            ),
             stdin=subprocess.PIPE,
             env=env,
             start_new_session=True,
-            pass_fds=(answers_for_child,),
+            pass_fds=(answers_for_child,) if lock_fd is None else (answers_for_child, lock_fd),
         )
         assert child.stdin is not None
         hidden.add(child.stdin.fileno())
@@ -146,6 +163,12 @@ def _spawn(
     finally:
         hidden.release(answers_for_child)
         os.close(answers_for_child)
+        if lock_fd is not None:
+            hidden.release(lock_fd)
+            if child is None:  # no child holds it: let go of it, and of its file
+                owner_lock.release(directory, owner.token, lock_fd)
+            else:  # the child's copy holds it now, for as long as the child lives
+                os.close(lock_fd)
         if started is None:
             hidden.release(answers)
             os.close(answers)

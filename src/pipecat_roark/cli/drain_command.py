@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import config
+from ..errors import StoreError
 from ..outbox import queued_count
 from ..scheduling import run_as_batch_work
 from ..store import connect
@@ -64,8 +66,9 @@ if TYPE_CHECKING:
     is_flag=True,
     help="Follow while stdin, a pipe from the bot that started this drain, is open: each"
     " byte read wakes the drain; at EOF (the bot exited or was killed) one last pass of at"
-    " most --timeout, then exit 0. SIGTERM and SIGINT are ignored: it stops with the bot."
-    " Implies --follow (RoarkObserver(delivery_process=True)).",
+    " most --timeout, then exit 0; the pass first waits, for at most half of that, for a"
+    " dead bot's writer process to commit what it was sent. SIGTERM and SIGINT are"
+    " ignored: it stops with the bot. Implies --follow (RoarkObserver(delivery_process=True)).",
 )
 def drain(
     directory: Path,
@@ -218,7 +221,41 @@ async def _follow_parent(drainer: Drainer, stop: asyncio.Event, last_pass_s: flo
     finally:
         watcher.cancel()
     if parent_gone.is_set():  # deliver what the parent left, bounded, then exit 0
-        await drainer.run_once(budget_s=last_pass_s)
+        started = time.monotonic()
+        await _wait_for_writer_children(drainer.directory, last_pass_s / 2)
+        await drainer.run_once(budget_s=last_pass_s - (time.monotonic() - started))
+
+
+WRITER_POLL_S = 0.1
+"""How often the last pass looks again whether a dead bot's writer child is done."""
+
+
+async def _wait_for_writer_children(directory: Path, budget_s: float) -> None:
+    """Wait, at most ``budget_s``, for the writer child of a dead bot to finish.
+
+    A bot killed with ``writer_process=True`` leaves its writer child committing what
+    was still in its pipe (``owner_lock``); until it exits, its calls are not ended, so
+    the last pass would leave them open for the next drainer. Waiting here delivers them
+    whole now.
+    """
+    from ..drain_housekeeping import calls_awaiting_writers
+
+    said = False
+    try:
+        with reading(directory) as conn:
+            for _ in range(max(1, round(budget_s / WRITER_POLL_S))):
+                awaiting = calls_awaiting_writers(conn, directory)
+                if not awaiting:
+                    return
+                if not said:
+                    err.print(
+                        f"waiting up to {budget_s:g} s for the writer process of call(s) "
+                        f"{shown(', '.join(awaiting[:5]))} to commit what the bot left it"
+                    )
+                    said = True
+                await asyncio.sleep(WRITER_POLL_S)
+    except (OSError, sqlite3.Error, StoreError) as exc:  # the last pass meets it and says so
+        err.print(f"could not look for writer processes still at work ({shown(exc)})")
 
 
 class _Progress:
