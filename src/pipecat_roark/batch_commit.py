@@ -108,9 +108,10 @@ class BatchCommitter:
         A full disk first gives up the files of the calls' newer chunks that wait behind
         the batch (``free_room``), then checkpoints the -wal once, then sheds the batch's
         newest chunks (a full disk must cost audio, not the call; a chunk whose file is
-        written is not shed while something newer, or stale, can give way for it). When the database itself refuses writes (locked, read-only,
-        I/O error on a probe write), everything is kept in memory and retried with
-        backoff, logging once per streak. Otherwise one op is bad: apply them one by
+        written is not shed while something newer, or stale, can give way for it). When
+        the database itself refuses writes (locked, read-only, I/O error on a probe
+        write), everything is kept in memory and retried with backoff, logging once per
+        streak. Otherwise one op is bad: apply them one by
         one and drop only what still fails.
 
         Returns:
