@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from helpers import LogCapture, skip_outside_ci, stored_events, without_times
 from pipecat_roark import RoarkObserver
 from pipecat_roark.capture import MAX_TEXT_CHARS
 from pipecat_roark.lifecycle import close_all_writers, writer_for
+from pipecat_roark.ops import BarrierOp
 from pipecat_roark.store import SCHEMA_VERSION
 from pipecat_roark.testing import Bot, Pause, ScriptedCall, User, run_pipeline
 from test_capture_pipeline import AGENT, EXPECTED_DEFAULT_CALL, timeline_without_audio
@@ -147,7 +149,7 @@ async def test_a_full_disk_stops_audio_without_gaps_and_keeps_the_call(
         pipecat_call_id="call-1",
         deliver=False,
         chunk_bytes=64 * 1024,
-        min_free_bytes=0,  # let the disk really fill: the ENOSPC path, not the floor
+        min_free_bytes=0,  # only the database's own reserve keeps audio off the last bytes
     )
     script = ScriptedCall([User("Hello?"), Pause(40_000), Bot(["Still", "here."])])
     await run_pipeline([script, roark.audio_processor], observers=[roark])
@@ -170,6 +172,49 @@ async def test_a_full_disk_stops_audio_without_gaps_and_keeps_the_call(
     [line] = logs.matching("no more audio is recorded for call 'call-1' (events still are)")
     assert "Free space or run `pipecat-roark drain` and `pipecat-roark prune`" in line
     assert not list(directory.rglob("*.tmp")), "no half-written chunk is left behind"
+
+
+async def test_a_whole_recording_taken_in_one_batch_keeps_what_fits_of_it_on_a_full_disk(
+    tiny_disk: Path, logs: LogCapture
+) -> None:
+    """What a loaded process does by chance, made the rule: the writer thread is held
+    until the pause has played, so it takes most of the recording in one batch and admits
+    those chunks before any file is written. Before, each was admitted on the same free
+    space, the spool threads filled the disk, and the call could keep no audio (the
+    flake of the test above; here 1 run in about 30, the spool threads' race deciding);
+    now only what fits above the database's reserve is admitted. The exact interleavings
+    are forced one by one in ``test_full_disk_audio``."""
+    directory = tiny_disk / "roark"
+    writer = writer_for(directory, min_free_bytes=0)
+    gate = threading.Event()
+    writer.submit(BarrierOp(lambda: gate.wait(30), "held"))
+    roark = RoarkObserver(
+        **AGENT,
+        data_dir=directory,
+        pipecat_call_id="call-1",
+        deliver=False,
+        chunk_bytes=64 * 1024,
+        min_free_bytes=0,
+    )
+
+    async def release(step: int) -> None:
+        if step == 2:  # the pause has played: its chunks are queued, none taken yet
+            gate.set()
+
+    script = ScriptedCall([User("Hello?"), Pause(40_000), Bot(["Still", "here."])], on_step=release)
+    try:
+        await run_pipeline([script, roark.audio_processor], observers=[roark])
+    finally:
+        gate.set()
+    assert await writer.flush(10)
+    with sqlite3.connect(directory / "wal.sqlite") as conn:
+        indexes = [i for (i,) in conn.execute("SELECT idx FROM chunks ORDER BY idx")]
+        state = conn.execute("SELECT state, end_reason FROM calls").fetchall()
+    assert indexes == list(range(len(indexes))) and indexes, "audio up to the full disk, no gaps"
+    assert state == [("ended", "agent-ended")]
+    files = sorted(p.name for p in (directory / "chunks" / "call-1").iterdir())
+    assert files == [f"{idx:06d}.pcm" for idx in indexes], "no stray or .tmp file"
+    assert len(logs.matching("no more audio is recorded for call 'call-1' (events still are)")) == 1
 
 
 async def test_the_free_space_floor_keeps_audio_off_a_nearly_full_disk(

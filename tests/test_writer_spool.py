@@ -318,9 +318,11 @@ class _Arrival(threading.Event):
 
 
 def test_a_chunk_shed_by_a_full_disk_leaves_no_later_chunk_recorded(tmp_path: Path) -> None:
-    """Chunk 0's row meets a full disk and is shed while chunk 1, admitted behind it, is
-    still being written: chunk 1 must not be recorded either (a gap Roark cannot
-    stitch); the call's end is still committed."""
+    """Chunk 0's row keeps meeting a full disk while chunk 1, admitted behind it, is
+    still being written: chunk 1's file is given up first, then chunk 0 is shed. Chunk 1
+    must not be recorded either (a gap Roark cannot stitch); the call's end is still
+    committed. (Once the disk has room again after chunk 1 is given up, chunk 0 is kept:
+    ``test_full_disk_audio``.)"""
     first, second = _Arrival(), threading.Event()
     faultpoints.inject("writer:chunk-file", faultpoints.Hold(first), call_id="a")
     writer = Writer(tmp_path, min_free_bytes=0)
@@ -330,7 +332,7 @@ def test_a_chunk_shed_by_a_full_disk_leaves_no_later_chunk_recorded(tmp_path: Pa
         writer.submit(ChunkOp("a", 0, CHUNK, 16000, 2, 2))
         assert first.arrived.wait(30)  # chunk 0's file is held, its row not yet tried
         full = OSError(errno.ENOSPC, "No space left on device")
-        faultpoints.inject("writer:chunk", full, call_id="a", times=1)
+        faultpoints.inject("writer:chunk", full, call_id="a")
         faultpoints.inject("writer:chunk-file", faultpoints.Hold(second), call_id="a")
         writer.submit(ChunkOp("a", 1, CHUNK, 16000, 2, 3))
         writer.submit(BarrierOp(sorted_.set, "z"))

@@ -3,8 +3,9 @@
 Every call of the process shares the writer thread, so each op is a bulkhead: a batch
 is committed as one transaction; when that fails, it is applied again one op per
 transaction, and an op that still fails is dropped with one log line naming the call
-and the cause. Brief OS hiccups are retried first; a full disk sheds the batch's newest
-chunks; a database that refuses writes altogether keeps everything and is retried.
+and the cause. Brief OS hiccups are retried first; a full disk costs the newest audio
+first (later chunk files of the batch's calls, then the batch's newest chunks); a
+database that refuses writes altogether keeps everything and is retried.
 """
 
 from __future__ import annotations
@@ -104,10 +105,13 @@ class BatchCommitter:
     def commit(self, batch: Batch) -> bool:
         """Commit the batch as one transaction; on failure, one op per transaction.
 
-        A full disk first sheds the batch's newest chunks (a full disk must cost audio,
-        not the call). When the database itself refuses writes (locked, read-only,
-        I/O error on a probe write), everything is kept in memory and retried with
-        backoff, logging once per streak. Otherwise one op is bad: apply them one by
+        A full disk first gives up the files of the calls' newer chunks that wait behind
+        the batch (``free_room``), then checkpoints the -wal once, then sheds the batch's
+        newest chunks (a full disk must cost audio, not the call; a chunk whose file is
+        written is not shed while something newer, or stale, can give way for it). When
+        the database itself refuses writes (locked, read-only, I/O error on a probe
+        write), everything is kept in memory and retried with backoff, logging once per
+        streak. Otherwise one op is bad: apply them one by
         one and drop only what still fails.
 
         Returns:
@@ -116,6 +120,7 @@ class BatchCommitter:
         delay = 0.05
         streak_logged = False
         added = False
+        wal_reclaimed = False  # once: a failed commit's frames would make it "shrink" forever
         while batch.work:
             try:
                 if batch.careful:
@@ -137,7 +142,12 @@ class BatchCommitter:
             except BaseException as exc:  # any class: one bad op must not end the thread
                 self._stats.failed_batches += 1
                 if is_disk_full(exc) and any(isinstance(op, SpooledChunkOp) for op in batch.work):
-                    if not self.free_room(batch.work):  # newer audio goes first, then the batch's
+                    # Newer audio goes first, then the -wal's stale pages, then the batch's audio.
+                    if self.free_room(batch.work):
+                        pass
+                    elif not wal_reclaimed and self._wal.reclaim_wal():
+                        wal_reclaimed = True
+                    else:
                         batch.work = self._spooler.shed(batch.work, str(exc))
                 elif self._wal.refuses_writes(exc):
                     streak_logged = self._wait_for_database(batch, exc, streak_logged, delay)

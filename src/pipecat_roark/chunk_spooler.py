@@ -94,6 +94,8 @@ class ChunkSpooler:
         self._stats = stats
         self._spool_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._writing: list[tuple[Future[_Written], int]] = []
+        """Files admitted and still being written, with their sizes: not yet in ``statvfs``."""
 
     def measure(self, conn: sqlite3.Connection) -> None:
         """Undelivered audio only: delivered chunks wait for retention, not against the cap."""
@@ -116,6 +118,7 @@ class ChunkSpooler:
         if not self._admit(op):
             return None
         written = self._submit(op)
+        self._writing.append((written, len(op.data)))
         written.add_done_callback(lambda _: on_written())
         return PendingChunk(op, written)
 
@@ -216,16 +219,14 @@ class ChunkSpooler:
         for retries, delay in enumerate((*OP_RETRY_DELAYS_S, None)):
             try:
                 faultpoints.reached("writer:chunk-file", op.call_id)
-                return (
-                    spool.write_chunk(self._directory, op.call_id, op.idx, op.data),
-                    None,
-                    retries,
-                )
+                chunk = spool.write_chunk(self._directory, op.call_id, op.idx, op.data)
             except BaseException as exc:
                 if delay is not None and is_transient(exc):
                     time.sleep(delay)
                     continue
                 return None, exc, retries
+            faultpoints.reached("writer:chunk-file-written", op.call_id)
+            return chunk, None, retries
         return None, None, 0  # pragma: no cover - the last delay is None
 
     def _spool_full(self, size: int) -> str | None:
@@ -235,11 +236,28 @@ class ChunkSpooler:
             stat = os.statvfs(self._directory)
         except OSError:
             return None
-        free = stat.f_bavail * stat.f_frsize
+        free = stat.f_bavail * stat.f_frsize - self._unwritten_bytes()
         floor = max(self._min_free_bytes, DATABASE_RESERVE_BYTES)
         if free - size < floor:
-            return f"free disk space is below {floor} bytes ({free} left)"
+            return (
+                f"free disk space is below {floor} bytes ({free} left beside the chunk files "
+                "being written)"
+            )
         return None
+
+    def _unwritten_bytes(self) -> int:
+        """Room already promised to chunk files that spool threads are still writing.
+
+        The disk does not show it yet: without it, a burst of chunks admitted in one batch
+        (a writer behind under load) each saw the same free space, and together their
+        files took the last of the disk; an earlier chunk's file, written last, then met
+        a full disk and its call kept no audio, the later files being discarded behind it.
+
+        Returns:
+            The bytes of the admitted chunks whose files are not written (or failed) yet.
+        """
+        self._writing = [(written, size) for written, size in self._writing if not written.done()]
+        return sum(size for _, size in self._writing)
 
     def stop_audio(self, call_id: str, reason: str) -> None:
         """No more audio for this call (a gap Roark cannot stitch), said once per call."""

@@ -11,7 +11,9 @@ proves the other calls do not wait for it. Nothing is armed in production, where
 Points (each is a step that handles one call's data):
 
 - writer: ``writer:open``, ``writer:event``, ``writer:chunk-file``, ``writer:chunk``,
-  ``writer:finalize``
+  ``writer:finalize``; and ``writer:chunk-file-written``, for a ``Hold`` only: a chunk's
+  file is durable on disk and its spool thread has not told the writer yet (what a
+  starved spool thread looks like to the writer)
 - drainer: ``drain:load``, ``drain:assemble``, ``drain:mint-url``, ``drain:read-chunk``,
   ``drain:put``, ``drain:post``, ``drain:mark-delivered``, ``drain:finalize-orphan``
 """
@@ -26,6 +28,7 @@ POINTS = (
     "writer:open",
     "writer:event",
     "writer:chunk-file",
+    "writer:chunk-file-written",
     "writer:chunk",
     "writer:finalize",
     "drain:load",

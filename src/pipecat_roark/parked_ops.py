@@ -79,8 +79,8 @@ class ParkedOps:
     def __bool__(self) -> bool:
         return bool(self._lines or self._flushes)
 
-    def written_after(self, call_id: str, idx: int) -> list[PendingChunk]:
-        """The call's parked chunks after ``idx`` whose files are already written.
+    def chunks_after(self, call_id: str, idx: int) -> list[PendingChunk]:
+        """The call's parked chunks after ``idx``: their files written or still being written.
 
         Returns:
             Those chunks, oldest first: what a full disk gives up before chunk ``idx``.
@@ -89,12 +89,7 @@ class ParkedOps:
         if line is None:
             return []
         return [
-            item
-            for _, item in line.items
-            if isinstance(item, PendingChunk)
-            and item.op.idx > idx
-            and item.written.done()
-            and item.written.result()[0] is not None
+            item for _, item in line.items if isinstance(item, PendingChunk) and item.op.idx > idx
         ]
 
     def must_wait(self, op: CallOp) -> bool:

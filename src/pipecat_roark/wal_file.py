@@ -204,7 +204,7 @@ class WalFile:
         Returns:
             True if either freed room; False if the disk is still as full.
         """
-        return self._release_reserve() or self._reclaim_wal()
+        return self._release_reserve() or self.reclaim_wal()
 
     def _release_reserve(self) -> bool:
         try:
@@ -218,7 +218,7 @@ class WalFile:
         )
         return True
 
-    def _reclaim_wal(self) -> bool:
+    def reclaim_wal(self) -> bool:
         """Copy the -wal into the database and truncate it.
 
         The -wal only shrinks at a checkpoint, and the automatic one waits for ~4 MB of

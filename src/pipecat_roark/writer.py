@@ -213,23 +213,33 @@ class Writer(WriterSurface):
         Files of later chunks of the same calls, written on spool threads while the batch
         waited, may be what filled the disk; without this, under load, the batch's older
         chunk was shed and they were then discarded behind it: a call kept no audio at all.
+        A file still being written is waited for (its spool thread holds its room until
+        then; ignored, it took the room the shed chunk had freed). Each file is given up
+        once: asked again, with nothing newer left, this says so and the batch is shed.
 
         Returns:
             True if files were given up (the commit is tried again as it was).
         """
-        freed = False
+        last: dict[str, int] = {}
         for op in work:
-            if not isinstance(op, SpooledChunkOp):
+            if isinstance(op, SpooledChunkOp):
+                last[op.call_id] = max(op.idx, last.get(op.call_id, op.idx))
+        freed = False
+        for call_id, idx in last.items():
+            newer = [
+                pending
+                for pending in self._parked.chunks_after(call_id, idx)
+                if not self._spooler.after_cut(call_id, pending.op.idx)
+            ]
+            if not newer:
                 continue
-            newer = self._parked.written_after(op.call_id, op.idx)
+            self._spooler.cut(call_id, idx)  # none after the batch's last is recorded
             for pending in newer:
-                chunk = pending.written.result()[0]
+                chunk = pending.written.result()[0]  # waits for a file still being written
                 if chunk is not None:
                     discard_unrecorded(self.directory, chunk.relpath)
-            if newer:
-                self._spooler.cut(op.call_id, newer[0].op.idx - 1)  # none after op is recorded
-                self._spooler.stop_audio(op.call_id, "disk full committing audio")
-                freed = True
+            self._spooler.stop_audio(call_id, "disk full committing audio")
+            freed = True
         return freed
 
     def _process(self, batch: Batch) -> None:
