@@ -253,8 +253,9 @@ class Writer(WriterSurface):
         added_deliveries = False
         if batch.work:
             started = time.perf_counter()
-            if any(isinstance(op, SpooledChunkOp) for op in batch.work):
-                crashpoints.reached("chunk-file-durable")
+            for op in batch.work:  # counted per chunk: the n-th chunk, whatever the batching
+                if isinstance(op, SpooledChunkOp):
+                    crashpoints.reached("chunk-file-durable")
             crashpoints.reached("before-commit")
             added_deliveries = self._committer.commit(batch)
             metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
