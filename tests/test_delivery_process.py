@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -280,34 +281,44 @@ def test_a_fork_of_the_bot_does_not_keep_the_delivery_child_from_its_last_pass(
     assert_arrived_whole(dev_server, data_dir, "forked-bot")
 
 
-def test_the_child_exits_when_its_parents_pipe_closes(
-    data_dir: Path, dev_server: RunningDevServer
-) -> None:
-    env = {**os.environ, "ROARK_API_KEY": KEY, "ROARK_BASE_URL": dev_server.base_url}
+@contextmanager
+def parent_pipe_drain(
+    directory: Path, server: RunningDevServer
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``drain --follow --parent-pipe`` as the bot starts it, with this test as its parent,
+    once it follows; killed (if need be) and its pipes closed at the end."""
+    env = {**os.environ, "ROARK_API_KEY": KEY, "ROARK_BASE_URL": server.base_url}
     child = subprocess.Popen(
         [sys.executable, "-m", "pipecat_roark.cli", "drain", "--follow", "--parent-pipe"]
-        + ["--dir", str(data_dir)],
+        + ["--dir", str(directory)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
     )
-    assert child.stdin is not None and child.stdout is not None
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     try:
         assert b"following new calls" in child.stdout.readline()
-        child.stdin.write(b"\0")  # a wake: it goes on following
-        child.stdin.flush()
-        assert child.poll() is None
-        child.stdin.close()  # the parent is gone
-        code = child.wait(60)
+        yield child
     finally:
         if child.poll() is None:
             child.kill()
             child.wait(30)
         child.stdout.close()
-        errors = child.stderr.read().decode() if child.stderr else ""
-        if child.stderr:
-            child.stderr.close()
+        child.stderr.close()
+
+
+def test_the_child_exits_when_its_parents_pipe_closes(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    with parent_pipe_drain(data_dir, dev_server) as child:
+        assert child.stdin is not None and child.stderr is not None
+        child.stdin.write(b"\0")  # a wake: it goes on following
+        child.stdin.flush()
+        assert child.poll() is None
+        child.stdin.close()  # the parent is gone
+        code = child.wait(60)
+        errors = child.stderr.read().decode()
     assert code == 0, errors
 
 
@@ -326,18 +337,8 @@ async def test_a_stop_signal_to_every_process_leaves_the_child_to_deliver_what_t
     """A service manager stops a unit by signalling all of its processes at once
     (systemd's control-group kill). The child is the bot's: it ignores the signal, and
     delivers the call the bot ends in its own shutdown once the bot's pipe closes."""
-    env = {**os.environ, "ROARK_API_KEY": KEY, "ROARK_BASE_URL": dev_server.base_url}
-    child = subprocess.Popen(
-        [sys.executable, "-m", "pipecat_roark.cli", "drain", "--follow", "--parent-pipe"]
-        + ["--dir", str(data_dir)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    assert child.stdin is not None and child.stdout is not None
-    try:
-        assert b"following new calls" in child.stdout.readline()
+    with parent_pipe_drain(data_dir, dev_server) as child:
+        assert child.stdin is not None and child.stderr is not None
         stops = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
         assert ignored_signals(child.pid) & stops == stops
         child.send_signal(signal.SIGTERM)
@@ -347,14 +348,7 @@ async def test_a_stop_signal_to_every_process_leaves_the_child_to_deliver_what_t
         assert writer is not None and await writer.flush(30), "the call is committed"
         child.stdin.close()  # then the bot exits
         code = await asyncio.to_thread(child.wait, 60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(30)
-        child.stdout.close()
-        errors = child.stderr.read().decode() if child.stderr else ""
-        if child.stderr:
-            child.stderr.close()
+        errors = child.stderr.read().decode()
     assert code == 0, errors
     assert_arrived_whole(dev_server, data_dir, "ended-in-shutdown")
 
