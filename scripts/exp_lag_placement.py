@@ -7,7 +7,9 @@ turns, the order reversed every other round, for the recording no-op and for
 - ``children``: as shipped (the children run ``SCHED_BATCH``: ``scheduling``);
 - ``children-other``: the children put back to the default policy (``SCHED_OTHER``), as
   before the fifth pass;
-- ``children-pinned``: this process on CPU 0; the children and the dev server on CPU 1.
+- ``children-pinned``: this process on CPU 0; the children and the dev server on CPU 1;
+- ``children-serverbatch``: the children as shipped, the dev server (standing in for Roark,
+  which runs on other machines) as batch work too, so its wake-ups never preempt the bot.
 
 A watcher thread applies the placement to every child of this process (and to each of
 its threads) as soon as it appears. Prints, per variant, the median bot CPU, the lag's
@@ -15,6 +17,7 @@ p99 over all rounds and its per-round median, and how many times the kernel pree
 this process (involuntary context switches, counted).
 
     uv run python scripts/exp_lag_placement.py noop,children,children-other,children-pinned 6
+    uv run python scripts/exp_lag_placement.py noop,children,children-serverbatch 6
 
 Not a benchmark: a profile of the scheduler's part in the lag rows of scripts/bench.
 """
@@ -65,6 +68,16 @@ def place(pid: int, variant: str) -> None:
             continue
 
 
+def server_policy(pid: int, batch: bool) -> None:
+    """The dev server's threads as batch work, or back to the default policy."""
+    policy = os.SCHED_BATCH if batch else os.SCHED_OTHER
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setscheduler(int(task.name), policy, os.sched_param(0))
+        except OSError:
+            continue
+
+
 def watch(variant: list[str], server_pid: int, stop: threading.Event) -> None:
     """Every 20 ms: the current variant's placement for each child that is not the server."""
     while not stop.wait(0.02):
@@ -92,6 +105,7 @@ def main() -> None:
                 pinned = mode == "children-pinned"
                 os.sched_setaffinity(0, {0} if pinned else everywhere)
                 os.sched_setaffinity(server.pid, {1} if pinned else everywhere)
+                server_policy(server.pid, mode == "children-serverbatch")
                 lags, cpu, _, _, preempted = asyncio.run(
                     bench.lag_probe(
                         "children" if mode.startswith("children") else mode,

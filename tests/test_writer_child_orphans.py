@@ -11,7 +11,6 @@ its bot's call is finalized at once.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import signal
@@ -32,11 +31,10 @@ from devserver_fixture import RunningDevServer
 from test_drain import assert_arrived_whole
 from test_writer_process import (
     BOT,
-    CHUNK_BYTES,
     bot_env,
     exit_status,
+    hand_the_rest_to_a_stopped_child,
     owners,
-    pipe_bytes,
     reaper,
     report,
     tell,
@@ -121,25 +119,7 @@ def _stop_child_and_kill(bot: subprocess.Popen[str], stderr: StderrReader | None
                 tell(bot, "go")
         assert len(flushed) >= 2, "some chunks were committed before the stop"
         assert (delivery_pid is not None) == (stderr is not None)
-        os.kill(child, signal.SIGSTOP)
-        handed = flushed
-        pipe = os.open(f"/proc/{child}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # its stdin
-        try:
-            fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, 1 << 20)  # the rest fits: whole frames
-            tell(bot, "noflush")
-            for step in range(4, 13):
-                line = report(bot)
-                assert (line["step"], line["flushed"]) == (step, False)
-                handed = line["chunks"]
-            waiting = (len(handed) - len(flushed)) * CHUNK_BYTES
-            assert waiting >= 2 * CHUNK_BYTES
-            for _ in range(300):  # bounded: the bot's sender fills the pipe
-                if pipe_bytes(pipe) >= waiting:
-                    break
-                time.sleep(0.1)
-            assert pipe_bytes(pipe) >= waiting, "the bot sent its chunks to the child"
-        finally:
-            os.close(pipe)
+        handed = hand_the_rest_to_a_stopped_child(bot, child, flushed)
     finally:
         bot.kill()
         bot.wait(30)

@@ -312,6 +312,37 @@ def report(bot: subprocess.Popen[str]) -> dict[str, Any]:
     return parsed
 
 
+def hand_the_rest_to_a_stopped_child(
+    bot: subprocess.Popen[str], child: int, flushed: list[str]
+) -> list[str]:
+    """Stop the child (SIGSTOP), then let the bot hand it the rest of the call unflushed:
+    the records wait in its pipe (widened first, so whole frames fit).
+
+    Returns:
+        Every chunk the bot handed over, the flushed ones first.
+    """
+    os.kill(child, signal.SIGSTOP)
+    handed = flushed
+    pipe = os.open(f"/proc/{child}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # its stdin
+    try:
+        fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, 1 << 20)
+        tell(bot, "noflush")
+        for step in range(4, 13):
+            line = report(bot)
+            assert (line["step"], line["flushed"]) == (step, False)
+            handed = line["chunks"]
+        waiting = (len(handed) - len(flushed)) * CHUNK_BYTES
+        assert waiting >= 2 * CHUNK_BYTES
+        for _ in range(300):  # bounded: the bot's sender thread fills the pipe
+            if pipe_bytes(pipe) >= waiting:
+                break
+            time.sleep(0.1)
+        assert pipe_bytes(pipe) >= waiting, "the bot sent its chunks to the child"
+    finally:
+        os.close(pipe)
+    return handed
+
+
 @pytest.mark.parametrize("child_state", ["running", "stopped"])
 def test_a_bot_killed_mid_call_leaves_what_it_sent_to_the_child_which_exits_0(
     data_dir: Path, dev_server: RunningDevServer, reaper: None, child_state: str
@@ -342,24 +373,7 @@ def test_a_bot_killed_mid_call_leaves_what_it_sent_to_the_child_which_exits_0(
         assert len(flushed) >= 2, "some chunks were committed before the kill"
         handed = flushed
         if child_state == "stopped":
-            os.kill(child, signal.SIGSTOP)
-            pipe = os.open(f"/proc/{child}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # its stdin
-            try:
-                fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, 1 << 20)  # the rest fits: whole frames
-                tell(bot, "noflush")
-                for step in range(4, 13):
-                    line = report(bot)
-                    assert (line["step"], line["flushed"]) == (step, False)
-                    handed = line["chunks"]
-                new = len(handed) - len(flushed)
-                assert new >= 2
-                for _ in range(300):  # bounded: the bot's sender thread fills the pipe
-                    if pipe_bytes(pipe) >= new * CHUNK_BYTES:
-                        break
-                    time.sleep(0.1)
-                assert pipe_bytes(pipe) >= new * CHUNK_BYTES, "the bot sent its chunks"
-            finally:
-                os.close(pipe)
+            handed = hand_the_rest_to_a_stopped_child(bot, child, flushed)
     finally:
         bot.kill()
         bot.wait(30)
