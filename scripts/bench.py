@@ -655,6 +655,22 @@ async def lag_probe(
     return lags, cpu, wall, child_cpu, preempted
 
 
+def close_delivery_children() -> None:
+    """Let this process's delivery children make their last pass and exit, as at shutdown.
+
+    Each lag probe's bot is done when it returns; left running, its delivery child went
+    on following its directory beside every later probe of the run (up to eight by the
+    last round), one more process to wake on the bot's two CPUs.
+    """
+    from pipecat_roark import lifecycle
+
+    with lifecycle.PROCESS.lock:
+        children = list(lifecycle.PROCESS.delivery_processes.values())
+        lifecycle.PROCESS.delivery_processes.clear()
+    for child in children:
+        child.close()
+
+
 def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> list[Row]:
     """Event-loop lag and bot CPU at the call count where the recording no-op uses ≤ ~70% of
     a core (starting from ``calls``): ours (delivering in the loop, or from a child
@@ -680,6 +696,7 @@ def lag_rows(base_url: str, tmp: Path, calls: int, turns: int, rounds: int) -> l
                 lag_probe(mode, base_url, tmp / f"lag-{mode}-{round_}", chosen, turns)
             )
             close_all_writers()
+            close_delivery_children()
             lags[mode] += got
             cpus[mode].append(cpu)
             with_children[mode].append(cpu + child_cpu)

@@ -116,6 +116,7 @@ def main() -> None:
                     )
                 )
                 close_all_writers()
+                bench.close_delivery_children()
                 results[mode].append((lags, cpu, preempted))
                 print(
                     f"{mode} round {n}: CPU {cpu:.2f} s, lag p99 {bench.p(lags, 0.99) * 1000:.2f}"
