@@ -34,6 +34,7 @@ from test_writer_process import (
     bot_env,
     exit_status,
     hand_the_rest_to_a_stopped_child,
+    kill_and_reap,
     owners,
     reaper,
     report,
@@ -121,11 +122,7 @@ def _stop_child_and_kill(bot: subprocess.Popen[str], stderr: StderrReader | None
         assert (delivery_pid is not None) == (stderr is not None)
         handed = hand_the_rest_to_a_stopped_child(bot, child, flushed)
     finally:
-        bot.kill()
-        bot.wait(30)
-        for stream in (bot.stdin, bot.stdout):
-            if stream is not None:
-                stream.close()
+        kill_and_reap(bot)
     assert bot.returncode == -signal.SIGKILL
     return KilledBot(child, flushed, handed, delivery_pid, stderr)
 
@@ -312,10 +309,6 @@ def test_the_writer_child_heartbeats_the_bots_calls_itself(
             time.sleep(0.1)
         assert heartbeat(data_dir) > stopped_at, "the child heartbeated the bot's call"
     finally:
-        bot.kill()
-        bot.wait(30)
-        for stream in (bot.stdin, bot.stdout):
-            if stream is not None:
-                stream.close()
+        kill_and_reap(bot)
     assert child is not None
     assert exit_status(child) == 0

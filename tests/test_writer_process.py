@@ -312,6 +312,15 @@ def report(bot: subprocess.Popen[str]) -> dict[str, Any]:
     return parsed
 
 
+def kill_and_reap(bot: subprocess.Popen[str]) -> None:
+    """SIGKILL the bot (a no-op if it is gone), reap it and close our ends of its pipes."""
+    bot.kill()
+    bot.wait(30)
+    for stream in (bot.stdin, bot.stdout):
+        if stream is not None:
+            stream.close()
+
+
 def hand_the_rest_to_a_stopped_child(
     bot: subprocess.Popen[str], child: int, flushed: list[str]
 ) -> list[str]:
@@ -375,11 +384,7 @@ def test_a_bot_killed_mid_call_leaves_what_it_sent_to_the_child_which_exits_0(
         if child_state == "stopped":
             handed = hand_the_rest_to_a_stopped_child(bot, child, flushed)
     finally:
-        bot.kill()
-        bot.wait(30)
-        for stream in (bot.stdin, bot.stdout):
-            if stream is not None:
-                stream.close()
+        kill_and_reap(bot)
         if child is not None and child_state == "stopped":
             os.kill(child, signal.SIGCONT)
     assert bot.returncode == -signal.SIGKILL
