@@ -1,0 +1,231 @@
+"""Experiment (issue 12): what kept the bot's event loop off its CPU in the lag rows.
+
+Runs ``bench.lag_probe`` (N real-time calls in this process, a 10 ms sleep probe) in
+turns, the order reversed every other round, with the kernel's scheduler events recorded
+system-wide around each probe (``perf sched record -a``; root, Linux). It then follows
+this process's main thread (the event loop) through the recording: every time it was
+ready to run but waited, from being woken or preempted until it ran again. Each wait is
+put down to what held the CPU it waited for:
+
+- ``children``: the writer or delivery child (processes this one started);
+- ``bot threads``: another thread of this process (a GIL hand-off is not a wait here: a
+  thread blocked on the GIL sleeps);
+- ``dev server``: the stand-in for Roark (batch work, as in ``scripts/bench``);
+- ``other (name)``: anything else on the machine (kernel threads, the sandbox's own
+  agents), by its command name;
+- ``idle``: nothing ran there, yet the loop waited (the kernel's wake-up itself).
+
+A mode is one of ``bench.lag_probe``'s (``noop``, ``children``, ...), optionally with
+``+childidle`` (this process's children made ``SCHED_IDLE``, from outside, as soon as
+they are seen, instead of the ``SCHED_BATCH`` they choose) and ``+serveridle`` (the dev
+server ``SCHED_IDLE`` rather than batch work).
+
+Prints, per mode: the probe's lag p99, the loop's CPU time, and its waits longer than
+1 ms by holder (count, and their sum). A p99 of about 800 samples per probe is its
+eighth-worst: a handful of such waits set it.
+
+    uv run python scripts/exp_lag_sched.py noop,children 4
+    uv run python scripts/exp_lag_sched.py noop,children,children+childidle,children+serveridle 4
+
+Not a benchmark: a profile of the scheduler's part in the lag rows of ``scripts/bench``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench
+from loguru import logger
+
+from pipecat_roark.devserver import spawn
+from pipecat_roark.lifecycle import close_all_writers
+
+_LINE = re.compile(r"^\s*(.*?)\s+(\d+)/(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+sched:(\w+):\s+(.*)$")
+_SWITCH = re.compile(r"prev_pid=(\d+) .*?prev_state=(\S+) ==> next_comm=.*? next_pid=(\d+)")
+_WAKING = re.compile(r" pid=(\d+) .*?target_cpu=(\d+)")
+LONG_S = 0.001
+"""A wait counted as long: a tenth of the probe's sleep."""
+
+
+def waits(data: Path, bot: int, children: set[int], server: int) -> list[tuple[float, str]]:
+    """Every wait of thread ``bot`` in ``data``, with what held the CPU it waited for.
+
+    Returns:
+        ``(seconds, holder)`` per wait, holder as in the module's docstring.
+    """
+    text = subprocess.run(
+        ["perf", "script", "-i", str(data), "-F", "comm,pid,tid,cpu,time,event,trace"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    process: dict[int, int] = {}
+    name: dict[int, str] = {}
+    events = []
+    for line in text.splitlines():
+        found = _LINE.match(line)
+        if found:
+            comm, pid, tid, cpu, at, kind, rest = found.groups()
+            process[int(tid)] = int(pid)
+            name[int(tid)] = comm
+            events.append((kind, int(cpu), float(at), rest))
+
+    def holder(tid: int) -> str:
+        owner = process.get(tid)
+        if tid == 0:
+            return "idle"
+        if owner == bot:
+            return "bot threads"
+        if owner in children:
+            return "children"
+        if owner == server:
+            return "dev server"
+        return f"other ({name.get(tid, '?').split('/')[0]})"
+
+    running: dict[int, int] = {}
+    found_waits: list[tuple[float, str]] = []
+    ready: tuple[float, str] | None = None
+    for kind, cpu, at, rest in events:
+        if kind == "sched_switch":
+            switch = _SWITCH.search(rest)
+            if switch is None:
+                continue
+            prev, state, nxt = int(switch[1]), switch[2], int(switch[3])
+            running[cpu] = nxt
+            if prev == bot:  # preempted, it waits for its CPU back; else it sleeps
+                ready = (at, holder(nxt)) if state.startswith("R") else None
+            elif nxt == bot and ready is not None:
+                found_waits.append((at - ready[0], ready[1]))
+                ready = None
+        elif kind == "sched_waking":
+            waking = _WAKING.search(rest)
+            if waking is not None and int(waking[1]) == bot and bot not in running.values():
+                ready = (at, holder(running.get(int(waking[2]), 0)))
+    return found_waits
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process started by ``pid`` or by one of its descendants."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo += kids - found
+            found |= kids
+    return found
+
+
+def set_policy(pid: int, policy: int) -> None:
+    """``policy`` for every thread of process ``pid`` (gone or refused: left as it is)."""
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(int(task.name), policy, os.sched_param(0))
+
+
+async def probed(
+    mode: str, base_url: str, directory: Path, calls: int, seen: set[int], server: int
+) -> tuple:
+    """``bench.lag_probe``, noting this process's children while it runs (they exit after).
+
+    With ``+childidle``, each child seen is made ``SCHED_IDLE`` (its first call, which
+    ``lag_probe`` runs unmeasured, starts it).
+    """
+    base, *options = mode.split("+")
+    set_policy(server, os.SCHED_IDLE if "serveridle" in options else os.SCHED_BATCH)
+    task = asyncio.create_task(bench.lag_probe(base, base_url, directory, calls, 2))
+    while not task.done():
+        seen |= descendants(os.getpid()) - {server}
+        if "childidle" in options:
+            for pid in seen:
+                set_policy(pid, os.SCHED_IDLE)
+        await asyncio.sleep(0.2)
+    return await task
+
+
+def main() -> None:
+    if shutil.which("perf") is None:
+        raise SystemExit("this experiment needs perf (linux-perf) and root")
+    modes = sys.argv[1].split(",")
+    rounds = int(sys.argv[2])
+    calls = int(sys.argv[3]) if len(sys.argv) > 3 else 50
+    logger.remove()
+    tmp = Path(tempfile.mkdtemp(prefix="exp-lag-sched-"))
+    server, base_url = spawn(tmp / "devserver")
+    lags: dict[str, list[float]] = {m: [] for m in modes}
+    cpus: dict[str, list[float]] = {m: [] for m in modes}
+    held: dict[str, list[tuple[float, str]]] = {m: [] for m in modes}
+    try:
+        asyncio.run(bench.lag_probe("noop", base_url, tmp / "warm", 5, 1))
+        for n in range(rounds):
+            for mode in modes if n % 2 == 0 else modes[::-1]:
+                data = tmp / f"{mode}-{n}.perf"
+                perf = subprocess.Popen(
+                    ["perf", "sched", "record", "-a", "-o", str(data)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                seen: set[int] = set()
+                try:
+                    got, cpu, *_ = asyncio.run(
+                        probed(
+                            mode,
+                            base_url,
+                            tmp / f"{mode.replace('+', '-')}-{n}",
+                            calls,
+                            seen,
+                            server.pid,
+                        )
+                    )
+                finally:
+                    perf.send_signal(signal.SIGINT)
+                    perf.wait(60)
+                close_all_writers()
+                bench.close_delivery_children()
+                lags[mode] += got
+                cpus[mode].append(cpu)
+                these = waits(data, os.getpid(), seen - {server.pid, perf.pid}, server.pid)
+                held[mode] += these
+                long = [w for w in these if w[0] > LONG_S]
+                print(
+                    f"{mode} round {n}: lag p99 {bench.p(got, 0.99) * 1000:.2f} ms, "
+                    f"{len(long)} waits > 1 ms ({sum(w for w, _ in long) * 1000:.1f} ms)",
+                    flush=True,
+                )
+    finally:
+        server.terminate()
+    print(f"\n{calls} real-time calls, {rounds} rounds; the event loop's waits for its CPU")
+    for mode in modes:
+        long = [w for w in held[mode] if w[0] > LONG_S]
+        by = collections.defaultdict(list)
+        for seconds, who in long:
+            by[who].append(seconds)
+        parts = ", ".join(
+            f"{who} {len(s)} ({sum(s) * 1000:.0f} ms)"
+            for who, s in sorted(by.items(), key=lambda kv: -sum(kv[1]))
+        )
+        print(
+            f"{mode:10s} lag p99 {bench.p(lags[mode], 0.99) * 1000:.2f} ms, CPU "
+            f"{statistics.median(cpus[mode]):.2f} s, {len(held[mode])} waits, "
+            f"{len(long)} > 1 ms: {parts or 'none'}"
+        )
+
+
+if __name__ == "__main__":
+    main()
