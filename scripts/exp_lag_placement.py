@@ -28,16 +28,14 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench
-from loguru import logger
+import exp_setup
 
-from pipecat_roark.devserver import spawn
 from pipecat_roark.lifecycle import close_all_writers
 
 
@@ -86,12 +84,7 @@ def watch(variant: list[str], server_pid: int, stop: threading.Event) -> None:
 
 
 def main() -> None:
-    modes = sys.argv[1].split(",")
-    rounds = int(sys.argv[2])
-    calls = int(sys.argv[3]) if len(sys.argv) > 3 else 50
-    logger.remove()
-    tmp = Path(tempfile.mkdtemp(prefix="exp-lag-placement-"))
-    server, base_url = spawn(tmp / "devserver")
+    modes, rounds, calls, tmp, server, base_url = exp_setup.start("exp-lag-placement-")
     variant = [""]
     stop = threading.Event()
     threading.Thread(target=watch, args=(variant, server.pid, stop), daemon=True).start()

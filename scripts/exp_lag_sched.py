@@ -42,15 +42,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench
-from loguru import logger
+import exp_setup
 
-from pipecat_roark.devserver import spawn
 from pipecat_roark.lifecycle import close_all_writers
 
 _LINE = re.compile(r"^\s*(.*?)\s+(\d+)/(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+sched:(\w+):\s+(.*)$")
@@ -162,12 +160,7 @@ async def probed(
 def main() -> None:
     if shutil.which("perf") is None:
         raise SystemExit("this experiment needs perf (linux-perf) and root")
-    modes = sys.argv[1].split(",")
-    rounds = int(sys.argv[2])
-    calls = int(sys.argv[3]) if len(sys.argv) > 3 else 50
-    logger.remove()
-    tmp = Path(tempfile.mkdtemp(prefix="exp-lag-sched-"))
-    server, base_url = spawn(tmp / "devserver")
+    modes, rounds, calls, tmp, server, base_url = exp_setup.start("exp-lag-sched-")
     lags: dict[str, list[float]] = {m: [] for m in modes}
     cpus: dict[str, list[float]] = {m: [] for m in modes}
     held: dict[str, list[tuple[float, str]]] = {m: [] for m in modes}
