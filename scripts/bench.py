@@ -1394,7 +1394,7 @@ SERVER_AS_IDLE_WORK = ("event-loop lag",)
 the bot's event loop, which the server must never take a CPU from. Every other group's
 server runs as batch work (``SCHED_BATCH``): where the server's speed is part of what is
 measured (a backlog drained to it), an idle server got only what the drainer under test
-left it (a full run with an idle server for every group, 12:37 UTC: the 1,000-call
+left it (a full run with an idle server for every group, 12:35 UTC: the 1,000-call
 drain fell from 0.82× to 0.64× of the bare requests)."""
 
 
@@ -1404,10 +1404,11 @@ def with_fresh_server(
     """Run one group of rows against a dev server of its own, stopped after it.
 
     The dev server stands in for Roark, which runs on other machines; here it shares the
-    bot's two CPUs (as idle work if ``idle``, else as batch work: ``run_server_as``). One server for the whole run
-    let each group pay for what the groups before it had sent (the server's received
-    state grew to megabytes, and its upkeep competed with the bot only in the modes that
-    deliver), so each group starts from an empty server, as the first did.
+    bot's two CPUs (as idle work if ``idle``, else as batch work: ``run_server_as``). One
+    server for the whole run let each group pay for what the groups before it had sent
+    (the server's received state grew to megabytes, and its upkeep competed with the bot
+    only in the modes that deliver), so each group starts from an empty server, as the
+    first did.
     """
     server, base_url = spawn(directory)
     run_server_as(server.pid, idle=idle)
