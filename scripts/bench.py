@@ -1365,8 +1365,9 @@ def kept_profile(out: Path) -> str:
     return "" if at < 0 else "\n" + old[at:]
 
 
-def run_server_as(pid: int, *, idle: bool) -> None:
-    """Run the dev server as Linux idle work (``SCHED_IDLE``), else as batch work.
+def run_as(pid: int, *, idle: bool) -> None:
+    """Run process ``pid`` (the dev server) as Linux idle work (``SCHED_IDLE``), else as
+    batch work.
 
     It stands in for Roark, which runs on other machines; here it shares the bot's two
     CPUs. At its normal priority each request it received woke it on the bot's own CPU
@@ -1404,14 +1405,14 @@ def with_fresh_server(
     """Run one group of rows against a dev server of its own, stopped after it.
 
     The dev server stands in for Roark, which runs on other machines; here it shares the
-    bot's two CPUs (as idle work if ``idle``, else as batch work: ``run_server_as``). One
+    bot's two CPUs (as idle work if ``idle``, else as batch work: ``run_as``). One
     server for the whole run let each group pay for what the groups before it had sent
     (the server's received state grew to megabytes, and its upkeep competed with the bot
     only in the modes that deliver), so each group starts from an empty server, as the
     first did.
     """
     server, base_url = spawn(directory)
-    run_server_as(server.pid, idle=idle)
+    run_as(server.pid, idle=idle)
     try:
         return step(base_url)
     finally:

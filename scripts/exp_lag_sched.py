@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import os
 import re
 import shutil
@@ -130,29 +129,24 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def set_policy(pid: int, policy: int) -> None:
-    """``policy`` for every thread of process ``pid`` (gone or refused: left as it is)."""
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(int(task.name), policy, os.sched_param(0))
-
-
 async def probed(
-    mode: str, base_url: str, directory: Path, calls: int, seen: set[int], server: int
+    mode: str, base_url: str, directory: Path, calls: int, seen: set[int], server: int, perf: int
 ) -> tuple:
-    """``bench.lag_probe``, noting this process's children while it runs (they exit after).
+    """``bench.lag_probe``, noting the bot's children while it runs (they exit after).
 
-    With ``+childidle``, each child seen is made ``SCHED_IDLE`` (its first call, which
+    The dev server and ``perf`` are this process's children too, not the bot's. With
+    ``+childidle``, each child seen is made ``SCHED_IDLE`` (its first call, which
     ``lag_probe`` runs unmeasured, starts it).
     """
     base, *options = mode.split("+")
-    set_policy(server, os.SCHED_IDLE if "serveridle" in options else os.SCHED_BATCH)
+    others = {server, perf}
+    bench.run_as(server, idle="serveridle" in options)
     task = asyncio.create_task(bench.lag_probe(base, base_url, directory, calls, 2))
     while not task.done():
-        seen |= descendants(os.getpid()) - {server}
+        seen |= descendants(os.getpid()) - others
         if "childidle" in options:
             for pid in seen:
-                set_policy(pid, os.SCHED_IDLE)
+                bench.run_as(pid, idle=True)
         await asyncio.sleep(0.2)
     return await task
 
@@ -184,6 +178,7 @@ def main() -> None:
                             calls,
                             seen,
                             server.pid,
+                            perf.pid,
                         )
                     )
                 finally:
@@ -193,7 +188,7 @@ def main() -> None:
                 bench.close_delivery_children()
                 lags[mode] += got
                 cpus[mode].append(cpu)
-                these = waits(data, os.getpid(), seen - {server.pid, perf.pid}, server.pid)
+                these = waits(data, os.getpid(), seen, server.pid)
                 held[mode] += these
                 long = [w for w in these if w[0] > LONG_S]
                 print(
