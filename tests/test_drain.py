@@ -434,3 +434,18 @@ async def test_chunks_wait_for_call_started_and_call_ended_waits_for_every_chunk
     report = await Drainer(data_dir, KEY, dev_server.base_url, one_by_one).run_once(budget_s=60)
     assert report.complete and report.retried == 2, str(report)
     assert_arrived_whole(dev_server, data_dir, "order-1")  # in order, nothing refused
+
+
+async def test_a_backlog_is_delivered_by_several_workers_at_once(
+    data_dir: Path, dev_server: RunningDevServer
+) -> None:
+    # One worker starts and the rest join once a claim comes back full. The server holds
+    # the first three requests until all three are in flight (else 30 s): a drainer that
+    # never brought in more workers would run out of its 20 s with the backlog undelivered.
+    for n in range(12):
+        await record(data_dir, f"backlog-{n}", n)
+    dev_server.configure(rendezvous=3)
+    report = await Drainer(data_dir, KEY, dev_server.base_url, QUICK).run_once(budget_s=20)
+    assert report.complete and not report.out_of_time, str(report)
+    for n in range(12):
+        assert_arrived_whole(dev_server, data_dir, f"backlog-{n}")

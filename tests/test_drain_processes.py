@@ -170,8 +170,16 @@ async def test_a_drainer_killed_mid_delivery_is_finished_by_the_next_with_the_sa
     if crash_at.startswith("after-call-ended"):
         assert keys["killed-1:call-ended"] == 2, "sent again with the same key, recorded once"
     else:
-        assert call["chunks"]["2"]["puts"] == 2, "the third chunk was PUT again to the same object"
-        assert keys["killed-1:chunk:2:url:0"] == 2, "its URL was asked for again with the same key"
+        # The third upload's chunk (with others of the same claim, their uploads in flight
+        # when the drainer died: which ones depends on how its workers took turns).
+        again = sorted(n for n, chunk in call["chunks"].items() if chunk["puts"] == 2)
+        assert again, "the chunk uploaded when the drainer died was PUT again"
+        assert {n: chunk["puts"] for n, chunk in call["chunks"].items()} == {
+            n: 2 if n in again else 1 for n in call["chunks"]
+        }, "to the same object, and no other chunk twice"
+        assert all(keys[f"killed-1:chunk:{n}:url:0"] == 2 for n in again), (
+            "its URL was asked for again with the same key"
+        )
 
 
 @pytest.mark.anyio

@@ -213,9 +213,17 @@ class Drainer:
 
         While they work, the leases they hold are renewed every third of a lease: a row
         is never claimed by another drainer while this one is still sending it.
+
+        One worker starts; the others only once a claim comes back full (a backlog). A
+        follower is woken for every commit that adds deliveries, usually to find a row
+        or two: eight workers each claiming was eight trips to the database's thread,
+        most of them finding nothing, and each trip wakes a thread on the bot's CPUs
+        (issue 12, eighth pass).
         """
+        spread = False
 
         async def worker() -> None:
+            nonlocal spread
             while not report.paused and (deadline is None or time.monotonic() < deadline):
                 try:
                     rows = await self._db.run(self._claim, call_id)
@@ -226,6 +234,10 @@ class Drainer:
                     return
                 if not rows:
                     return
+                if not spread and len(rows) >= self.policy.claim_batch:
+                    spread = True  # more are likely waiting: the rest of the workers start
+                    for _ in range(max(1, self.policy.concurrency) - 1):
+                        working.start_soon(worker)
                 claimed_at = time.monotonic()
                 for n, row in enumerate(rows):
                     # Hand the rest back if the key was refused, or before their leases
@@ -244,8 +256,7 @@ class Drainer:
         async with anyio.create_task_group() as renewing:
             renewing.start_soon(self._renew_leases)
             async with anyio.create_task_group() as working:
-                for _ in range(max(1, self.policy.concurrency)):
-                    working.start_soon(worker)
+                working.start_soon(worker)
             renewing.cancel_scope.cancel()
 
     async def _renew_leases(self) -> None:
