@@ -17,7 +17,8 @@ put down to what held the CPU it waited for:
 
 A mode is one of ``bench.lag_probe``'s (``noop``, ``children``, ...), optionally with
 ``+childidle`` (this process's children made ``SCHED_IDLE``, from outside, as soon as
-they are seen, instead of the ``SCHED_BATCH`` they choose) and ``+serveridle`` (the dev
+they are seen, instead of the ``SCHED_BATCH`` they choose), ``+childniceN`` (the
+children's threads given nice ``N``, kept batch work) and ``+serveridle`` (the dev
 server ``SCHED_IDLE`` rather than batch work).
 
 Prints, per mode: the probe's lag p99, the loop's CPU time, and its waits longer than
@@ -26,6 +27,7 @@ eighth-worst: a handful of such waits set it.
 
     uv run python scripts/exp_lag_sched.py noop,children 4
     uv run python scripts/exp_lag_sched.py noop,children,children+childidle,children+serveridle 4
+    uv run python scripts/exp_lag_sched.py noop+serveridle,children+serveridle,children+serveridle+childnice19 4
 
 Not a benchmark: a profile of the scheduler's part in the lag rows of ``scripts/bench``.
 """
@@ -147,8 +149,21 @@ async def probed(
         if "childidle" in options:
             for pid in seen:
                 bench.run_as(pid, idle=True)
+        for option in options:
+            if option.startswith("childnice"):
+                for pid in seen:
+                    renice(pid, int(option.removeprefix("childnice")))
         await asyncio.sleep(0.2)
     return await task
+
+
+def renice(pid: int, niceness: int) -> None:
+    """Give every thread of ``pid`` the nice value ``niceness`` (Linux: per thread)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
+        except (OSError, ValueError):  # gone meanwhile
+            continue
 
 
 def main() -> None:
