@@ -1,12 +1,12 @@
-"""Experiment (issue 12): how often each thread of the bot's children woke, and its CPU.
+"""Experiment (issue 12): how often each thread of the bot and its children woke, and its CPU.
 
 Runs ``bench.lag_probe`` (N real-time calls in this process, the dev server as idle work
 as in the bench's lag rows) once per mode, and reads every thread of this process's
 children from ``/proc`` at the start and the end of the probe's measured window (the two
-times ``lag_probe`` reads its own CPU). Per thread it prints the wake-ups (voluntary
-context switches: it slept, and was woken), the times the kernel preempted it, and its
-CPU. Every wake-up of a child is a scheduling event on the two CPUs the bot shares with
-it.
+times ``lag_probe`` reads its own CPU), and the bot's own threads the same way. Per
+thread it prints the wake-ups (voluntary context switches: it slept, and was woken), the
+times the kernel preempted it, and its CPU. Every wake-up of a child is a scheduling
+event on the two CPUs the bot shares with it.
 
     uv run python scripts/exp_child_wakes.py children,children 1
 
@@ -43,7 +43,10 @@ def threads_of(pids: set[int]) -> Threads:
             command = Path(f"/proc/{pid}/cmdline").read_text()
         except OSError:
             continue
-        child = "writer child" if "writer_child" in command else "delivery child"
+        if pid == os.getpid():
+            child = "bot"
+        else:
+            child = "writer child" if "writer_child" in command else "delivery child"
         for task in Path(f"/proc/{pid}/task").glob("*"):
             try:
                 status = (task / "status").read_text()
@@ -66,7 +69,7 @@ def main() -> None:
     process_time = time.process_time
 
     def marked() -> float:  # lag_probe reads its CPU at the window's start and end
-        marks.append(threads_of(descendants(os.getpid()) - {server.pid}))
+        marks.append(threads_of(descendants(os.getpid()) - {server.pid} | {os.getpid()}))
         return process_time()
 
     bench.time.process_time = marked
@@ -87,7 +90,10 @@ def main() -> None:
             woke = 0
             for key, (child, wakes, preempts, cpu_s) in sorted(end.items()):
                 _, wakes0, preempts0, cpu0 = start.get(key, ("", 0, 0, 0.0))
-                woke += wakes - wakes0
+                if not child.startswith("bot"):
+                    woke += wakes - wakes0
+                elif wakes == wakes0 and cpu_s == cpu0:
+                    continue  # a thread of the bot that did nothing meanwhile
                 print(
                     f"  {child:22s} thread {key[1]:7d}: woke {wakes - wakes0:5d}, "
                     f"preempted {preempts - preempts0:4d}, CPU {cpu_s - cpu0:.2f} s"
