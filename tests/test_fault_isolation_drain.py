@@ -17,6 +17,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -450,3 +451,40 @@ async def test_an_exception_at_any_drain_step_touches_only_its_own_call(
         # Its dead row settled its place in the order, so the rest went on without it and
         # the retried row came later: whole, but not in Roark's order.
         assert_arrived_whole(server, data_dir, "victim", in_order=False)
+
+
+async def test_a_chunk_read_held_by_a_slow_disk_holds_up_no_other_call(
+    three_calls: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    # The victim's first chunk read waits (a stalled disk under that one file) while the
+    # bystanders' rows are claimed, sent and marked: the read is not on the drainer's
+    # database thread, so their statements never queue behind it. A row per claim, so
+    # every worker joins and none holds a bystander's row behind the victim's.
+    shutil.copytree(three_calls, data_dir)
+    policy = dataclasses.replace(QUICK, claim_batch=1, concurrency=4)
+    gate = threading.Event()
+    bystanders = ("bystander-1", "bystander-2")
+
+    def bystanders_ended(server: RunningDevServer) -> bool:
+        return {c["pipecatCallId"] for c in server.calls() if c["ended"]} >= set(bystanders)
+
+    with running_dev_server(tmp_path) as server:
+        faultpoints.inject("drain:read-chunk", faultpoints.Hold(gate), call_id="victim", times=1)
+        try:
+            drain = asyncio.ensure_future(
+                Drainer(data_dir, KEY, server.base_url, policy).run_once(budget_s=60)
+            )
+            # Bounded below the hold's own limit (30 s), so a held statement fails here.
+            arrived = await asyncio.to_thread(
+                server.wait_until, lambda: bystanders_ended(server), 20.0
+            )
+            victim_ended_meanwhile = server.call("victim")["callEnded"] is not None
+        finally:
+            gate.set()
+            faultpoints.clear()
+        report = await drain
+        assert arrived, "the bystanders arrived while the victim's chunk read was held"
+        assert not victim_ended_meanwhile, "the victim's end waited for its held chunk"
+        assert report.complete, str(report)
+        for call_id in ("victim", *bystanders):
+            assert_arrived_whole(server, data_dir, call_id)

@@ -214,16 +214,23 @@ class Drainer:
         While they work, the leases they hold are renewed every third of a lease: a row
         is never claimed by another drainer while this one is still sending it.
 
-        One worker starts; the others only once a claim comes back full (a backlog). A
-        follower is woken for every commit that adds deliveries, usually to find a row
-        or two: eight workers each claiming was eight trips to the database's thread,
-        most of them finding nothing, and each trip wakes a thread on the bot's CPUs
-        (issue 12, eighth pass).
+        One worker starts; more join, up to ``concurrency``, whenever a claim comes back
+        full (a backlog, or a burst of calls ending). A follower is woken for every
+        commit that adds deliveries, usually to find a row or two: eight workers each
+        claiming was eight trips to the database's thread, most of them finding nothing,
+        and each trip wakes a thread on the bot's CPUs (issue 12, eighth pass).
         """
-        spread = False
+        working_now = 1
 
         async def worker() -> None:
-            nonlocal spread
+            nonlocal working_now
+            try:
+                await deliver_claimed()
+            finally:
+                working_now -= 1
+
+        async def deliver_claimed() -> None:
+            nonlocal working_now
             while not report.paused and (deadline is None or time.monotonic() < deadline):
                 try:
                     rows = await self._db.run(self._claim, call_id)
@@ -234,9 +241,9 @@ class Drainer:
                     return
                 if not rows:
                     return
-                if not spread and len(rows) >= self.policy.claim_batch:
-                    spread = True  # more are likely waiting: the rest of the workers start
-                    for _ in range(max(1, self.policy.concurrency) - 1):
+                if len(rows) >= self.policy.claim_batch:  # more are likely waiting
+                    while working_now < self.policy.concurrency:
+                        working_now += 1
                         working.start_soon(worker)
                 claimed_at = time.monotonic()
                 for n, row in enumerate(rows):

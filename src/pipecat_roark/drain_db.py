@@ -1,18 +1,18 @@
 """The drainer's one database connection: opened lazily, serialized, off the event loop.
 
-Every sqlite3 call runs in the drainer's own worker thread under one lock (a
+Every sqlite3 call runs in the drainer's own database thread under one lock (a
 ``sqlite3.Connection`` serves one statement at a time), so the bot's loop never waits on
-the disk. One thread, not the loop's default pool: the statements take turns anyway, and
-at 50 real-time calls the pool's six threads woke 2,500 times in 6 s to take them,
-contending for the lock (issue 12, eighth pass). The exit drain runs it inline instead:
-its loop is its own and serves nothing else, and no thread may be started at
-interpreter exit.
+the disk. One thread, not the loop's default pool: the statements take turns at the lock
+anyway, and at 50 real-time calls the pool's six threads woke 2,500 times in 6 s to take
+them (issue 12, eighth pass). Work without the connection (reading a chunk file) stays
+on the pool, so one slow file never holds up the statements. The exit drain runs it
+inline instead: its loop is its own and serves nothing else, and no thread may be
+started at interpreter exit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -46,7 +46,10 @@ class DrainDatabase:
         self._thread: ThreadPoolExecutor | None = None
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
-        """``function(*args)`` under the lock, off the loop; it may use ``conn()``.
+        """``function(*args)`` under the lock, in the drainer's database thread.
+
+        It may use ``conn()``. Inline in the exit drain instead, whose loop is its own and which must start no
+        threads at interpreter exit.
 
         Returns:
             What ``function`` returned; what it raises propagates.
@@ -56,23 +59,27 @@ class DrainDatabase:
             with self._lock:
                 return function(*args)
 
-        return await self.blocking(locked)
+        if self._inline:
+            return locked()
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="pipecat-roark-drain-db")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, locked)
 
     async def blocking(self, function: Callable[..., T], *args: Any) -> T:
-        """Blocking work off the event loop, in the drainer's worker thread.
+        """Blocking work that needs no connection (a chunk file read and hashed), off the loop.
 
-        Inline in the exit drain instead, whose loop is its own and which must start no
-        threads at interpreter exit.
+        Not on the database thread: a slow disk under one call's file holds up neither the
+        other calls' statements nor the renewal of this drainer's leases.
+
+        Inline in the exit drain instead (see ``run``).
 
         Returns:
             What ``function`` returned; what it raises propagates.
         """
         if self._inline:
             return function(*args)
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="pipecat-roark-drain-db")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, functools.partial(function, *args))
+        return await asyncio.to_thread(function, *args)
 
     async def guarded(self, what: str, function: Callable[..., object], *args: Any) -> bool:
         """Bookkeeping whose failure must not stop delivery: run, and logged if it fails.

@@ -107,6 +107,8 @@ class _Replies:
         self._deliveries = False
         self._deliveries_said_at = 0.0
         self._due = threading.Event()
+        self._sooner = threading.Event()
+        """Something may be due before the pump's sleep ends (deliveries were added)."""
         self._saying = threading.Lock()
         threading.Thread(target=self._pump, name="pipecat-roark-answers", daemon=True).start()
 
@@ -122,6 +124,7 @@ class _Replies:
         if self.say_what_is_due(time.monotonic()) is None:
             return
         self._due.set()
+        self._sooner.set()  # a pump asleep until a later answer is due wakes for this one
 
     def say_what_is_due(self, now: float, *, everything: bool = False) -> float | None:
         """Send what is due by ``now`` (``everything``: all of it, the last word at exit).
@@ -154,10 +157,11 @@ class _Replies:
             time.sleep(_PUMP_S)  # what else comes meanwhile goes in the same answer
             while True:
                 self._due.clear()  # (before saying: what comes after it wakes us again)
+                self._sooner.clear()
                 wait = self.say_what_is_due(time.monotonic())
                 if wait is None:
                     break
-                time.sleep(wait)
+                self._sooner.wait(wait)
 
     def send(self, kind: bytes, number: int, payload: bytes = b"") -> None:
         with self._lock:
