@@ -48,8 +48,8 @@ class DrainDatabase:
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` under the lock, in the drainer's database thread.
 
-        It may use ``conn()``. Inline in the exit drain instead, whose loop is its own and which must start no
-        threads at interpreter exit.
+        It may use ``conn()``. Inline in the exit drain instead, whose loop is its own and
+        which must start no threads at interpreter exit.
 
         Returns:
             What ``function`` returned; what it raises propagates.
@@ -118,7 +118,7 @@ class DrainDatabase:
     def close(self) -> None:
         """Close the connection, if open, once no statement is running.
 
-        The worker thread ends once what was already handed to it has run.
+        The database thread ends once what was already handed to it has run.
         """
         with self._lock:
             if self._conn is not None:
