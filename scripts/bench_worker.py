@@ -182,11 +182,17 @@ def make_observer(mode: str, base_url: str, directory: Path, call_id: str) -> An
     return None
 
 
+def stat_cpu_s(stat: str) -> float:
+    """CPU seconds (user + system) in the text of a /proc ``stat`` file (a process's, or
+    one thread's under ``task/``)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def child_cpu_s(pid: int) -> float:
     """CPU seconds (user + system, every thread) a live process has used so far, from
     /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu_s(Path(f"/proc/{pid}/stat").read_text())
 
 
 def delivery_child(directory: Path) -> Any:

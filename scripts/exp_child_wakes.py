@@ -25,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bench
 import exp_setup
+from bench_worker import stat_cpu_s
 from exp_lag_sched import descendants
 
 from pipecat_roark.lifecycle import close_all_writers
-
-_TICK = os.sysconf("SC_CLK_TCK")
 
 Threads = dict[tuple[int, int], tuple[str, int, int, float]]
 """(pid, tid) → (which child, wake-ups, preemptions, CPU s)."""
@@ -53,12 +52,11 @@ def threads_of(pids: set[int]) -> Threads:
                 stat = (task / "stat").read_text()
             except OSError:
                 continue
-            fields = stat[stat.rindex(")") + 2 :].split()
             found[(pid, int(task.name))] = (
                 f"{child} {pid}",
                 int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0]),
                 int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0]),
-                (int(fields[11]) + int(fields[12])) / _TICK,
+                stat_cpu_s(stat),
             )
     return found
 

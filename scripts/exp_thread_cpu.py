@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_worker
 from loguru import logger
 
-TICKS = os.sysconf("SC_CLK_TCK")
 CALLS = 3
 
 
@@ -46,8 +45,7 @@ def thread_cpu() -> dict[str, tuple[str, float]]:
             stat = (task / "stat").read_text()
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        out[tid] = (names.get(tid, "other"), (int(fields[11]) + int(fields[12])) / TICKS)
+        out[tid] = (names.get(tid, "other"), bench_worker.stat_cpu_s(stat))
     return out
 
 
