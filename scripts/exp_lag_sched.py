@@ -18,7 +18,9 @@ put down to what held the CPU it waited for:
 A mode is one of ``bench.lag_probe``'s (``noop``, ``children``, ...), optionally with
 ``+childidle`` (this process's children made ``SCHED_IDLE``, from outside, as soon as
 they are seen, instead of the ``SCHED_BATCH`` they choose), ``+childniceN`` (the
-children's threads given nice ``N``, kept batch work) and ``+serveridle`` (the dev
+children's threads given nice ``N``, kept batch work), ``+childsliceN`` (the children's
+threads ask for a time slice of ``N`` ms, kept batch work: Linux 6.12+ lets a waking task
+whose slice is shorter than the running one's preempt it) and ``+serveridle`` (the dev
 server ``SCHED_IDLE`` rather than batch work).
 
 Prints, per mode: the probe's lag p99, the loop's CPU time, and its waits longer than
@@ -28,6 +30,7 @@ eighth-worst: a handful of such waits set it.
     uv run python scripts/exp_lag_sched.py noop,children 4
     uv run python scripts/exp_lag_sched.py noop,children,children+childidle,children+serveridle 4
     uv run python scripts/exp_lag_sched.py noop+serveridle,children+serveridle,children+serveridle+childnice19 4
+    uv run python scripts/exp_lag_sched.py noop+serveridle,children+serveridle,children+serveridle+childslice20 4
 
 Not a benchmark: a profile of the scheduler's part in the lag rows of ``scripts/bench``.
 """
@@ -36,11 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import ctypes
 import os
 import re
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +159,9 @@ async def probed(
             if option.startswith("childnice"):
                 for pid in seen:
                     renice(pid, int(option.removeprefix("childnice")))
+            if option.startswith("childslice"):
+                for pid in seen:
+                    reslice(pid, int(option.removeprefix("childslice")))
         await asyncio.sleep(0.2)
     return await task
 
@@ -164,6 +173,23 @@ def renice(pid: int, niceness: int) -> None:
             os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
         except (OSError, ValueError):  # gone meanwhile
             continue
+
+
+_SCHED_SETATTR = 314
+"""``sched_setattr``'s number on x86_64."""
+
+
+def reslice(pid: int, ms: int) -> None:
+    """Ask a time slice of ``ms`` for every thread of ``pid``, as batch work at nice 0.
+
+    ``sched_setattr`` with ``sched_runtime`` (Linux 6.12+; x86_64 here); Python has no call
+    for it. ``0`` gives the kernel's default back.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = struct.pack("IIQiIQQQII", 56, os.SCHED_BATCH, 0, 0, 0, ms * 1_000_000, 0, 0, 0, 0)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ValueError):  # a thread gone meanwhile fails quietly
+            libc.syscall(_SCHED_SETATTR, int(task.name), ctypes.create_string_buffer(attr), 0)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -389,4 +390,69 @@ async def test_a_child_that_dies_is_replaced_by_the_in_loop_drainer(
     assert await arrived(dev_server, "after-death"), "delivered from the bot's loop"
     assert_arrived_whole(dev_server, data_dir, "after-death")
     assert_arrived_whole(dev_server, data_dir, "before-death")
+    await stop_background_drainers()
+
+
+# ---- the switch in the environment ----
+
+
+async def play_call(
+    dev_server: RunningDevServer, directory: Path, call_id: str, **kwargs: Any
+) -> None:
+    """One short call of ``RoarkObserver(**kwargs)`` into ``directory``, through a pipeline."""
+    roark = RoarkObserver(
+        agent_id="child-bot",
+        api_key=KEY,
+        base_url=dev_server.base_url,
+        pipecat_call_id=call_id,
+        data_dir=directory,
+        chunk_bytes=8000,
+        **kwargs,
+    )
+    await run_pipeline([ScriptedCall(short_script(1)), roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_the_environment_turns_delivery_from_a_child_on_and_the_argument_wins(
+    tmp_path: Path, dev_server: RunningDevServer, children: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIPECAT_ROARK_DELIVERY_PROCESS", " Yes ")
+    by_child, by_loop = tmp_path / "by-child", tmp_path / "by-loop"
+
+    await play_call(dev_server, by_child, "env-child")
+    child = child_of(by_child)
+    assert child.pid is not None and not gone(child.pid), "the variable started a child"
+    assert registry_key(by_child) not in lifecycle.PROCESS.drainers, "none in the bot's loop"
+    assert await arrived(dev_server, "env-child")
+
+    await play_call(dev_server, by_loop, "env-overridden", delivery_process=False)
+    assert registry_key(by_loop) not in lifecycle.PROCESS.delivery_processes, "no child"
+    assert registry_key(by_loop) in lifecycle.PROCESS.drainers, "delivered from the loop"
+    assert await arrived(dev_server, "env-overridden")
+
+    assert_arrived_whole(dev_server, by_child, "env-child")
+    assert_arrived_whole(dev_server, by_loop, "env-overridden")
+    await stop_background_drainers()
+
+
+@pytest.mark.anyio
+async def test_an_unreadable_delivery_process_variable_warns_once_and_delivers_from_the_loop(
+    data_dir: Path,
+    dev_server: RunningDevServer,
+    children: None,
+    logs: LogCapture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PIPECAT_ROARK_DELIVERY_PROCESS", "child please")
+    for call_id in ("first", "second"):
+        await play_call(dev_server, data_dir, call_id)
+        assert registry_key(data_dir) not in lifecycle.PROCESS.delivery_processes, "no child"
+        assert registry_key(data_dir) in lifecycle.PROCESS.drainers, "the bot's own drainer"
+        assert await arrived(dev_server, call_id)
+        assert_arrived_whole(dev_server, data_dir, call_id)
+    assert logs.matching("PIPECAT_ROARK_DELIVERY_PROCESS") == [
+        "pipecat-roark: PIPECAT_ROARK_DELIVERY_PROCESS='child please' is not 1 or 0; "
+        "delivering from this process"
+    ]
+    assert not logs.messages("ERROR")
     await stop_background_drainers()

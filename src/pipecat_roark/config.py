@@ -24,6 +24,7 @@ __all__ = [
     "ENV_API_KEY",
     "ENV_BASE_URL",
     "ENV_DIR",
+    "ENV_DELIVERY_PROCESS",
     "ENV_WRITER_PROCESS",
     "child_environment",
     "key_fingerprint",
@@ -31,6 +32,7 @@ __all__ = [
     "resolve_api_key",
     "resolve_base_url",
     "resolve_dir",
+    "resolve_delivery_process",
     "resolve_writer_process",
 ]
 
@@ -39,6 +41,7 @@ ENV_API_KEY = "ROARK_API_KEY"
 ENV_BASE_URL = "ROARK_BASE_URL"
 ENV_DIR = "PIPECAT_ROARK_DIR"
 ENV_WRITER_PROCESS = "PIPECAT_ROARK_WRITER_PROCESS"
+ENV_DELIVERY_PROCESS = "PIPECAT_ROARK_DELIVERY_PROCESS"
 DEFAULT_MIN_FREE_BYTES = 64 << 20
 """Free disk space to leave alone (64 MiB): below it new audio is not recorded, so the
 events of every call can still commit; ``doctor`` warns below it."""
@@ -87,15 +90,33 @@ def resolve_writer_process(explicit: bool | None = None) -> bool:
         Whether calls are recorded from a writer child process; a value it cannot read
         is said once in the log and means no.
     """
+    return _switch(explicit, ENV_WRITER_PROCESS, "recording in this process")
+
+
+def resolve_delivery_process(explicit: bool | None = None) -> bool:
+    """The argument, else ``PIPECAT_ROARK_DELIVERY_PROCESS`` (``1``/``true``/``yes``).
+
+    Returns:
+        Whether calls are delivered from a delivery child process; a value it cannot
+        read is said once in the log and means no.
+    """
+    return _switch(explicit, ENV_DELIVERY_PROCESS, "delivering from this process")
+
+
+def _switch(explicit: bool | None, name: str, otherwise: str) -> bool:
+    """A yes/no setting: ``explicit``, else environment variable ``name``, else no.
+
+    Returns:
+        The setting; a value of ``name`` that is neither yes nor no is said once (with
+        ``otherwise``, what the process does instead) and means no.
+    """
     if explicit is not None:
         return explicit
-    raw = os.environ.get(ENV_WRITER_PROCESS, "").strip().lower()
+    raw = os.environ.get(name, "").strip().lower()
     if raw in ("1", "true", "yes", "on"):
         return True
     if raw not in ("", "0", "false", "no", "off"):
-        _warn_once(
-            f"pipecat-roark: {ENV_WRITER_PROCESS}={raw!r} is not 1 or 0; recording in this process"
-        )
+        _warn_once(f"pipecat-roark: {name}={raw!r} is not 1 or 0; {otherwise}")
     return False
 
 

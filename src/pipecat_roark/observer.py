@@ -75,7 +75,7 @@ class RoarkObserver(BaseObserver):
         base_url: Roark base URL; falls back to ``ROARK_BASE_URL``, then https://api.roark.ai.
         deliver: Start this process's background drainer (default True).
         delivery_process: Deliver from a child process instead of the bot's event loop
-            (default False): the first observer of a data directory and key starts one
+            (default False; falls back to ``PIPECAT_ROARK_DELIVERY_PROCESS``): the first observer of a data directory and key starts one
             ``pipecat-roark drain --follow`` child, woken on every commit, that outlives
             the bot only for one last bounded pass. The HTTP and the drainer's SQL then
             cost the child's CPU, not the bot's; it costs a second process and its
@@ -127,7 +127,7 @@ class RoarkObserver(BaseObserver):
         exit_drain_s: float = DEFAULT_EXIT_DRAIN_S,
         keep_delivered_audio: bool = False,
         metrics_port: int | None = None,
-        delivery_process: bool = False,
+        delivery_process: bool | None = None,
         writer_process: bool | None = None,
     ) -> None:
         super().__init__()
@@ -141,7 +141,7 @@ class RoarkObserver(BaseObserver):
             deliver,
             exit_drain_s,
             keep_delivered_audio,
-            delivery_process,
+            config.resolve_delivery_process(delivery_process),
         )
         self._recorder = recorder = CallRecorder(
             name=str(self),
