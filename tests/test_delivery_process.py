@@ -115,6 +115,25 @@ def wait_gone(pid: int) -> bool:
     return gone(pid)
 
 
+async def play_call(
+    dev_server: RunningDevServer, directory: Path, call_id: str, turns: int = 1, **kwargs: Any
+) -> None:
+    """A short call of ``turns`` turns by ``RoarkObserver(**kwargs)`` into ``directory``,
+    through a pipeline."""
+    roark = RoarkObserver(
+        agent_id="child-bot",
+        api_key=KEY,
+        base_url=dev_server.base_url,
+        pipecat_call_id=call_id,
+        data_dir=directory,
+        chunk_bytes=8000,
+        **kwargs,
+    )
+    await run_pipeline(
+        [ScriptedCall(short_script(turns)), roark.audio_processor], observers=[roark]
+    )  # type: ignore[arg-type]
+
+
 @pytest.mark.anyio
 async def test_a_call_is_delivered_by_the_child_and_its_key_is_never_in_argv(
     data_dir: Path, dev_server: RunningDevServer, children: None
@@ -358,22 +377,7 @@ async def test_a_stop_signal_to_every_process_leaves_the_child_to_deliver_what_t
 async def test_a_child_that_dies_is_replaced_by_the_in_loop_drainer(
     data_dir: Path, dev_server: RunningDevServer, children: None, logs: LogCapture
 ) -> None:
-    async def call(call_id: str) -> None:
-        roark = RoarkObserver(
-            agent_id="child-bot",
-            api_key=KEY,
-            base_url=dev_server.base_url,
-            pipecat_call_id=call_id,
-            data_dir=data_dir,
-            chunk_bytes=8000,
-            delivery_process=True,
-        )
-        await run_pipeline(
-            [ScriptedCall(short_script(2)), roark.audio_processor],  # type: ignore[arg-type]
-            observers=[roark],
-        )
-
-    await call("before-death")
+    await play_call(dev_server, data_dir, "before-death", 2, delivery_process=True)
     child = child_of(data_dir)
     assert child.pid is not None
     os.kill(child.pid, signal.SIGKILL)
@@ -386,7 +390,7 @@ async def test_a_child_that_dies_is_replaced_by_the_in_loop_drainer(
         await asyncio.sleep(0.01)
     assert registry_key(data_dir) in lifecycle.PROCESS.drainers, "the bot's own drainer took over"
 
-    await call("after-death")
+    await play_call(dev_server, data_dir, "after-death", 2, delivery_process=True)
     assert await arrived(dev_server, "after-death"), "delivered from the bot's loop"
     assert_arrived_whole(dev_server, data_dir, "after-death")
     assert_arrived_whole(dev_server, data_dir, "before-death")
@@ -394,22 +398,6 @@ async def test_a_child_that_dies_is_replaced_by_the_in_loop_drainer(
 
 
 # ---- the switch in the environment ----
-
-
-async def play_call(
-    dev_server: RunningDevServer, directory: Path, call_id: str, **kwargs: Any
-) -> None:
-    """One short call of ``RoarkObserver(**kwargs)`` into ``directory``, through a pipeline."""
-    roark = RoarkObserver(
-        agent_id="child-bot",
-        api_key=KEY,
-        base_url=dev_server.base_url,
-        pipecat_call_id=call_id,
-        data_dir=directory,
-        chunk_bytes=8000,
-        **kwargs,
-    )
-    await run_pipeline([ScriptedCall(short_script(1)), roark.audio_processor], observers=[roark])  # type: ignore[arg-type]
 
 
 @pytest.mark.anyio
