@@ -130,8 +130,9 @@ async def play_call(
         **kwargs,
     )
     await run_pipeline(
-        [ScriptedCall(short_script(turns)), roark.audio_processor], observers=[roark]
-    )  # type: ignore[arg-type]
+        [ScriptedCall(short_script(turns)), roark.audio_processor],  # type: ignore[arg-type]
+        observers=[roark],
+    )
 
 
 @pytest.mark.anyio

@@ -75,7 +75,8 @@ class RoarkObserver(BaseObserver):
         base_url: Roark base URL; falls back to ``ROARK_BASE_URL``, then https://api.roark.ai.
         deliver: Start this process's background drainer (default True).
         delivery_process: Deliver from a child process instead of the bot's event loop
-            (default False; falls back to ``PIPECAT_ROARK_DELIVERY_PROCESS``): the first observer of a data directory and key starts one
+            (default False; falls back to ``PIPECAT_ROARK_DELIVERY_PROCESS``): the first
+            observer of a data directory and key starts one
             ``pipecat-roark drain --follow`` child, woken on every commit, that outlives
             the bot only for one last bounded pass. The HTTP and the drainer's SQL then
             cost the child's CPU, not the bot's; it costs a second process and its
